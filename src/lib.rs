@@ -1,0 +1,6 @@
+//! Model-level tracing of transformer inference.
+
+pub mod stats;
+
+#[cfg(feature = "reference-model")]
+pub mod reference;

@@ -1,0 +1,5 @@
+//! A LLaMA-family reference decoder.
+
+pub mod gguf;
+pub mod quant;
+pub mod tokenizer;

@@ -1,0 +1,1 @@
+//! Single-pass reductions over `&[f32]`.
