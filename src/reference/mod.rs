@@ -1,5 +1,6 @@
 //! A LLaMA-family reference decoder.
 
+pub mod dtype;
 pub mod gguf;
 pub mod quant;
 pub mod tokenizer;
