@@ -1,6 +1,78 @@
 //! Model-level tracing of transformer inference.
+//!
+//! `model-tracer` shows what a model computes, token by token: the health of
+//! every layer's activations (and the first place a NaN appears), where
+//! attention goes, at which layer the chosen token won, what quantization
+//! costs each matmul, and how the KV cache behaves.
+//!
+//! Tracing is chosen at compile time. A model generic over
+//! `C: TraceConfig` owns a [`ModelTracer<C>`] and calls its hooks; with
+//! [`Disabled`] the tracer is zero-sized and every hook compiles to nothing,
+//! with [`Lightweight`] it records activations and the KV cache, with
+//! [`Full`] all five systems.
+//!
+//! ```
+//! use model_tracer::{ModelTracer, Stage, TraceConfig, Lightweight};
+//!
+//! struct Model<C: TraceConfig> {
+//!     tracer: ModelTracer<C>,
+//! }
+//!
+//! impl<C: TraceConfig> Model<C> {
+//!     fn forward(&mut self, pos: usize, x: &mut [f32]) {
+//!         self.tracer.begin_forward(pos);
+//!         for layer in 0..2 {
+//!             self.tracer.activation(layer, Stage::Input, x);
+//!             for v in x.iter_mut() {
+//!                 *v = v.tanh(); // stands in for attention and FFN
+//!             }
+//!             self.tracer.activation(layer, Stage::Output, x);
+//!         }
+//!         if let Some(anomaly) = self.tracer.end_forward() {
+//!             eprintln!("anomaly: {anomaly}");
+//!         }
+//!     }
+//! }
+//!
+//! let mut model = Model { tracer: ModelTracer::new(Lightweight) };
+//! model.forward(0, &mut [0.5, -1.0, 2.0]);
+//! model.forward(1, &mut [0.5, f32::NAN, 2.0]);
+//! let summary = model.tracer.summary();
+//! assert_eq!(summary.forwards, 2);
+//! assert_eq!(summary.first_anomaly.unwrap().position, 1);
+//! ```
+//!
+//! See `features.md` for the cargo features (`trace-lightweight`,
+//! `trace-full`, `serde`, `reference-model`) and measured overheads.
 
+pub mod activation;
+pub mod anomaly;
+pub mod attention;
+pub mod config;
+pub mod kv_cache;
+pub mod logit;
+pub mod quant;
 pub mod stats;
+pub mod summary;
+pub mod tracer;
 
 #[cfg(feature = "reference-model")]
 pub mod reference;
+
+pub use activation::{residual_ratio, LayerActivationTrace, ModelActivationTrace, Stage};
+pub use anomaly::{Anomaly, AnomalyKind, Origin};
+pub use attention::{AttentionTraceConfig, AttentionWeightTrace};
+pub use config::{
+    DefaultTrace, Disabled, Full, Lightweight, ModelTracerConfig, TraceConfig, TraceOptions,
+};
+pub use kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
+pub use logit::{LogitEvolutionTrace, TokenLogitEvolution};
+pub use quant::{
+    BrickId, ModelQuantizationError, QuantTraceError, QuantType, QuantizationErrorTrace, Severity,
+};
+pub use stats::{StatsAccumulator, TensorStats};
+pub use summary::{SessionAggregates, TraceSummary};
+pub use tracer::{ForwardTrace, ModelTracer, QuantSampling, Recorder, Storage};
+
+static_assertions::assert_eq_size!(ModelTracer<Disabled>, ());
+static_assertions::const_assert!(!<Disabled as TraceConfig>::ANY);

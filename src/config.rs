@@ -1,0 +1,379 @@
+//! What to trace: compile-time marker configs and the runtime config of the seed API.
+//!
+//! Every hook of [`ModelTracer`](crate::ModelTracer) starts with a test of an
+//! associated `const` of its [`TraceConfig`]. For the marker types
+//! [`Disabled`], [`Lightweight`] and [`Full`] that test is a literal, so a
+//! disabled hook is dead code the compiler removes together with the
+//! arguments it would have consumed. [`ModelTracerConfig`] is the runtime
+//! variant: its consts say "may trace" and its methods read its fields.
+
+use crate::attention::AttentionTraceConfig;
+use crate::tracer::{Recorder, Storage};
+
+/// Forwards whose detailed records a tracer keeps by default (older ones are
+/// folded into the session aggregates and dropped).
+pub const DEFAULT_HISTORY: usize = 64;
+
+/// Layers exempt from the vanishing-activation rule by default: the first
+/// layers of a model legitimately carry small, low-variance activations.
+pub const DEFAULT_WARMUP_LAYERS: usize = 2;
+
+/// Final top-k tokens whose logit-lens trajectory is recorded when no
+/// tokens are tracked explicitly.
+pub const DEFAULT_LENS_TOP_K: usize = 3;
+
+/// Chooses, at compile time, which of the five trace systems may run.
+///
+/// A decision is made in two steps: the associated `const` (known to the
+/// compiler), then the method of the same name (read at run time). The marker
+/// types return their const from the method, so both steps fold away; the
+/// runtime [`ModelTracerConfig`] sets every const to `true` and answers from
+/// its fields.
+///
+/// # Writing your own config
+///
+/// ```
+/// use model_tracer::{ModelTracer, Recorder, TraceConfig};
+///
+/// /// Activations and attention only.
+/// #[derive(Debug, Clone, Copy, Default)]
+/// struct AttentionDebug;
+///
+/// impl TraceConfig for AttentionDebug {
+///     const ACTIVATIONS: bool = true;
+///     const ATTENTION: bool = true;
+///     const LOGITS: bool = false;
+///     const QUANT_ERROR: bool = false;
+///     const KV_CACHE: bool = false;
+///     type Storage = Recorder; // `()` only when every const is false
+/// }
+///
+/// let tracer = ModelTracer::new(AttentionDebug);
+/// assert!(tracer.is_enabled());
+/// ```
+pub trait TraceConfig: Clone + Send + Sync + 'static {
+    /// Per-layer activation statistics and anomaly detection may run.
+    const ACTIVATIONS: bool;
+    /// Attention-weight summaries may run.
+    const ATTENTION: bool;
+    /// Logit lens and logit ranks may run.
+    const LOGITS: bool;
+    /// Quantization error against an f32 reference may run.
+    const QUANT_ERROR: bool;
+    /// KV cache state may be recorded.
+    const KV_CACHE: bool;
+    /// Any system may run; `false` means the tracer is inert.
+    const ANY: bool =
+        Self::ACTIVATIONS || Self::ATTENTION || Self::LOGITS || Self::QUANT_ERROR || Self::KV_CACHE;
+
+    /// Where the tracer keeps its records: [`Recorder`] for any config that
+    /// traces something, `()` for one that never does (the tracer is then
+    /// zero-sized).
+    type Storage: Storage;
+
+    /// Activation statistics are on (called only when [`Self::ACTIVATIONS`]).
+    #[inline(always)]
+    fn activations(&self) -> bool {
+        Self::ACTIVATIONS
+    }
+    /// Attention summaries are on (called only when [`Self::ATTENTION`]).
+    #[inline(always)]
+    fn attention(&self) -> bool {
+        Self::ATTENTION
+    }
+    /// Logit tracing is on (called only when [`Self::LOGITS`]).
+    #[inline(always)]
+    fn logits(&self) -> bool {
+        Self::LOGITS
+    }
+    /// Quantization error is on (called only when [`Self::QUANT_ERROR`]).
+    #[inline(always)]
+    fn quant_error(&self) -> bool {
+        Self::QUANT_ERROR
+    }
+    /// KV cache recording is on (called only when [`Self::KV_CACHE`]).
+    #[inline(always)]
+    fn kv_cache(&self) -> bool {
+        Self::KV_CACHE
+    }
+    /// The knobs the systems run with (top-k, selected layers and heads,
+    /// tracked tokens, retention). Read once, when the tracer is built.
+    fn options(&self) -> TraceOptions {
+        TraceOptions::default()
+    }
+}
+
+/// Traces nothing. `ModelTracer<Disabled>` is zero-sized and every hook on it
+/// compiles to nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Disabled;
+
+/// Production tracing: activation statistics (with anomaly detection) and KV
+/// cache state. Costs a few statistics passes per layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lightweight;
+
+/// Debug tracing: all five systems, including the logit lens on every layer
+/// and sampled quantization-error references.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Full;
+
+impl TraceConfig for Disabled {
+    const ACTIVATIONS: bool = false;
+    const ATTENTION: bool = false;
+    const LOGITS: bool = false;
+    const QUANT_ERROR: bool = false;
+    const KV_CACHE: bool = false;
+    type Storage = ();
+}
+
+impl TraceConfig for Lightweight {
+    const ACTIVATIONS: bool = true;
+    const ATTENTION: bool = false;
+    const LOGITS: bool = false;
+    const QUANT_ERROR: bool = false;
+    const KV_CACHE: bool = true;
+    type Storage = Recorder;
+}
+
+impl TraceConfig for Full {
+    const ACTIVATIONS: bool = true;
+    const ATTENTION: bool = true;
+    const LOGITS: bool = true;
+    const QUANT_ERROR: bool = true;
+    const KV_CACHE: bool = true;
+    type Storage = Recorder;
+}
+
+cfg_if::cfg_if! {
+    if #[cfg(feature = "trace-full")] {
+        /// The config chosen by cargo features: `Full` (feature `trace-full`).
+        pub type DefaultTrace = Full;
+    } else if #[cfg(feature = "trace-lightweight")] {
+        /// The config chosen by cargo features: `Lightweight` (feature `trace-lightweight`).
+        pub type DefaultTrace = Lightweight;
+    } else {
+        /// The config chosen by cargo features: `Disabled` (no `trace-*` feature).
+        pub type DefaultTrace = Disabled;
+    }
+}
+
+/// Knobs of the trace systems, independent of which systems are on.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct TraceOptions {
+    /// Which attention heads to summarize and how.
+    pub attention_config: AttentionTraceConfig,
+    /// Token ids whose logit-lens trajectory is recorded every forward. Empty:
+    /// the final top-[`lens_top_k`](Self::lens_top_k) tokens of each forward.
+    pub tracked_tokens: Vec<u32>,
+    /// Final top-k tokens tracked when `tracked_tokens` is empty.
+    pub lens_top_k: usize,
+    /// Layers `0..warmup_layers` are exempt from the vanishing rule.
+    pub warmup_layers: usize,
+    /// Forwards whose detailed records are kept (at least 1).
+    pub max_forwards: usize,
+}
+
+impl Default for TraceOptions {
+    fn default() -> Self {
+        Self {
+            attention_config: AttentionTraceConfig::default(),
+            tracked_tokens: Vec::new(),
+            lens_top_k: DEFAULT_LENS_TOP_K,
+            warmup_layers: DEFAULT_WARMUP_LAYERS,
+            max_forwards: DEFAULT_HISTORY,
+        }
+    }
+}
+
+/// Runtime choice of trace systems (the seed API).
+///
+/// `ModelTracer::new(ModelTracerConfig::lightweight())` traces what the
+/// fields say; the choice costs one predictable branch per hook. For tracing
+/// that vanishes from the binary use the marker types instead.
+///
+/// ```
+/// use model_tracer::ModelTracerConfig;
+///
+/// assert!(!ModelTracerConfig::default().is_enabled());
+/// let config = ModelTracerConfig {
+///     trace_activations: true,
+///     trace_kv_cache: true,
+///     ..Default::default()
+/// };
+/// assert!(config.is_enabled());
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ModelTracerConfig {
+    /// Per-layer activation statistics and anomaly detection.
+    pub trace_activations: bool,
+    /// Attention-weight summaries.
+    pub trace_attention: bool,
+    /// Logit lens and logit ranks.
+    pub trace_logits: bool,
+    /// Quantization error against an f32 reference.
+    pub trace_quant_error: bool,
+    /// KV cache state.
+    pub trace_kv_cache: bool,
+    /// Which attention heads to summarize and how.
+    pub attention_config: AttentionTraceConfig,
+    /// Token ids whose logit-lens trajectory is recorded (see [`TraceOptions::tracked_tokens`]).
+    pub tracked_tokens: Vec<u32>,
+    /// Final top-k tokens tracked when `tracked_tokens` is empty.
+    pub lens_top_k: usize,
+    /// Layers exempt from the vanishing rule.
+    pub warmup_layers: usize,
+    /// Forwards whose detailed records are kept.
+    pub max_forwards: usize,
+}
+
+impl Default for ModelTracerConfig {
+    /// Everything off.
+    fn default() -> Self {
+        let o = TraceOptions::default();
+        Self {
+            trace_activations: false,
+            trace_attention: false,
+            trace_logits: false,
+            trace_quant_error: false,
+            trace_kv_cache: false,
+            attention_config: o.attention_config,
+            tracked_tokens: o.tracked_tokens,
+            lens_top_k: o.lens_top_k,
+            warmup_layers: o.warmup_layers,
+            max_forwards: o.max_forwards,
+        }
+    }
+}
+
+impl ModelTracerConfig {
+    /// Activations and KV cache: what [`Lightweight`] traces.
+    pub fn lightweight() -> Self {
+        Self {
+            trace_activations: true,
+            trace_kv_cache: true,
+            ..Self::default()
+        }
+    }
+
+    /// All five systems: what [`Full`] traces.
+    pub fn full() -> Self {
+        Self {
+            trace_activations: true,
+            trace_attention: true,
+            trace_logits: true,
+            trace_quant_error: true,
+            trace_kv_cache: true,
+            ..Self::default()
+        }
+    }
+
+    /// At least one system is on.
+    pub fn is_enabled(&self) -> bool {
+        self.trace_activations
+            || self.trace_attention
+            || self.trace_logits
+            || self.trace_quant_error
+            || self.trace_kv_cache
+    }
+}
+
+impl TraceConfig for ModelTracerConfig {
+    const ACTIVATIONS: bool = true;
+    const ATTENTION: bool = true;
+    const LOGITS: bool = true;
+    const QUANT_ERROR: bool = true;
+    const KV_CACHE: bool = true;
+    type Storage = Recorder;
+
+    #[inline(always)]
+    fn activations(&self) -> bool {
+        self.trace_activations
+    }
+    #[inline(always)]
+    fn attention(&self) -> bool {
+        self.trace_attention
+    }
+    #[inline(always)]
+    fn logits(&self) -> bool {
+        self.trace_logits
+    }
+    #[inline(always)]
+    fn quant_error(&self) -> bool {
+        self.trace_quant_error
+    }
+    #[inline(always)]
+    fn kv_cache(&self) -> bool {
+        self.trace_kv_cache
+    }
+    fn options(&self) -> TraceOptions {
+        TraceOptions {
+            attention_config: self.attention_config.clone(),
+            tracked_tokens: self.tracked_tokens.clone(),
+            lens_top_k: self.lens_top_k,
+            warmup_layers: self.warmup_layers,
+            max_forwards: self.max_forwards,
+        }
+    }
+}
+
+/// Short name of a config's set of systems, for reports (`"disabled"`,
+/// `"lightweight"`, `"full"` or a `+`-joined list).
+pub fn describe<C: TraceConfig>(config: &C) -> String {
+    let on = [
+        (C::ACTIVATIONS && config.activations(), "activations"),
+        (C::ATTENTION && config.attention(), "attention"),
+        (C::LOGITS && config.logits(), "logits"),
+        (C::QUANT_ERROR && config.quant_error(), "quant_error"),
+        (C::KV_CACHE && config.kv_cache(), "kv_cache"),
+    ];
+    let names: Vec<&str> = on.iter().filter(|(b, _)| *b).map(|(_, n)| *n).collect();
+    match names.as_slice() {
+        [] => "disabled".to_string(),
+        ["activations", "kv_cache"] => "lightweight".to_string(),
+        [_, _, _, _, _] => "full".to_string(),
+        _ => names.join("+"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_turn_on_what_they_promise() {
+        let l = ModelTracerConfig::lightweight();
+        assert!(l.trace_activations && l.trace_kv_cache);
+        assert!(!l.trace_attention && !l.trace_logits && !l.trace_quant_error);
+        let f = ModelTracerConfig::full();
+        assert!(f.trace_attention && f.trace_logits && f.trace_quant_error);
+        assert!(!ModelTracerConfig::default().is_enabled());
+        assert_eq!(describe(&l), "lightweight");
+        assert_eq!(describe(&f), "full");
+        assert_eq!(describe(&ModelTracerConfig::default()), "disabled");
+        assert_eq!(describe(&Lightweight), "lightweight");
+        assert_eq!(describe(&Full), "full");
+        assert_eq!(describe(&Disabled), "disabled");
+    }
+
+    #[test]
+    fn marker_consts_match_runtime_presets() {
+        const { assert!(!Disabled::ANY) };
+        const { assert!(Lightweight::ACTIVATIONS && Lightweight::KV_CACHE && !Lightweight::LOGITS) };
+        const { assert!(Full::ACTIVATIONS && Full::ATTENTION && Full::LOGITS && Full::QUANT_ERROR) };
+    }
+
+    #[test]
+    fn default_trace_follows_features() {
+        let name = std::any::type_name::<DefaultTrace>();
+        if cfg!(feature = "trace-full") {
+            assert!(name.ends_with("::Full"), "{name}");
+        } else if cfg!(feature = "trace-lightweight") {
+            assert!(name.ends_with("::Lightweight"), "{name}");
+        } else {
+            assert!(name.ends_with("::Disabled"), "{name}");
+        }
+    }
+}

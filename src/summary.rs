@@ -1,0 +1,560 @@
+//! Session aggregates and the human- and machine-readable summary.
+//!
+//! Aggregates cost O(layers × stages + layers × heads + bricks), never
+//! O(tokens): the summary stays true after old forwards are dropped.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::activation::Stage;
+use crate::anomaly::{Anomaly, AnomalyKind};
+use crate::kv_cache::KvCacheSessionTrace;
+use crate::quant::{BrickId, QuantizationErrorTrace};
+use crate::stats::TensorStats;
+use crate::tracer::ForwardTrace;
+
+/// Attention weight on the first token above which a head counts as a sink.
+pub const SINK_THRESHOLD: f32 = 0.3;
+/// Window (positions) of the recency rule.
+pub const RECENCY_WINDOW: usize = 5;
+/// Weight within the recency window above which a head counts as recency-biased.
+pub const RECENCY_THRESHOLD: f32 = 0.7;
+
+/// Per-layer activation aggregates.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct LayerAggregate {
+    /// Layer index.
+    pub layer: usize,
+    /// Merged statistics of each layer stage, in [`Stage::LAYER_STAGES`] order.
+    pub stages: [TensorStats; 6],
+    /// Forwards that measured the residual ratio.
+    pub residual_samples: usize,
+    /// Mean residual ratio.
+    pub residual_ratio_mean: f32,
+    /// Largest residual ratio.
+    pub residual_ratio_max: f32,
+}
+
+impl LayerAggregate {
+    /// Merged statistics of `stage`.
+    pub fn stage(&self, stage: Stage) -> Option<&TensorStats> {
+        Stage::LAYER_STAGES
+            .iter()
+            .position(|&s| s == stage)
+            .map(|i| &self.stages[i])
+    }
+}
+
+/// Per-(layer, head) attention aggregates.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct HeadAggregate {
+    /// Layer index.
+    pub layer: usize,
+    /// Head index.
+    pub head: usize,
+    /// Summaries folded in.
+    pub records: usize,
+    /// Summaries whose first-token weight exceeded [`SINK_THRESHOLD`].
+    pub sink_records: usize,
+    /// Summaries with recency bias ([`RECENCY_WINDOW`], [`RECENCY_THRESHOLD`]).
+    pub recency_records: usize,
+    /// Mean first-token weight.
+    pub mean_sink_weight: f32,
+    /// Mean entropy, nats.
+    pub mean_entropy: f32,
+    /// Mean normalized entropy in `[0, 1]`.
+    pub mean_normalized_entropy: f32,
+    /// Mean tail mass.
+    pub mean_tail_mass: f32,
+}
+
+impl HeadAggregate {
+    /// Share of summaries where the head was a sink.
+    pub fn sink_share(&self) -> f32 {
+        share(self.sink_records, self.records)
+    }
+    /// Share of summaries where the head was recency-biased.
+    pub fn recency_share(&self) -> f32 {
+        share(self.recency_records, self.records)
+    }
+}
+
+fn share(a: usize, b: usize) -> f32 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f32 / b as f32
+    }
+}
+
+fn running_mean(mean: &mut f32, n: usize, x: f32) {
+    if x.is_finite() {
+        *mean += (x - *mean) / n as f32;
+    }
+}
+
+/// Per-brick quantization aggregates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct BrickAggregate {
+    /// The brick.
+    pub brick: BrickId,
+    /// Measurements folded in.
+    pub samples: usize,
+    /// Mean cosine similarity (finite samples).
+    pub mean_cosine: f32,
+    /// Mean MSE (finite samples).
+    pub mean_mse: f32,
+    /// Mean SNR in dB (finite samples).
+    pub mean_snr_db: f32,
+    /// Samples that were critical (cosine ≤ 0.99 or NaN).
+    pub critical: usize,
+    /// The worst measurement.
+    pub worst: QuantizationErrorTrace,
+}
+
+/// Running aggregates over every forward of a session.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct SessionAggregates {
+    /// Completed forwards.
+    pub forwards: usize,
+    /// Position of the first completed forward.
+    pub first_position: Option<usize>,
+    /// Position of the last completed forward.
+    pub last_position: Option<usize>,
+    /// Merged embedding statistics.
+    pub embedding: TensorStats,
+    /// Per-layer aggregates, by layer index.
+    pub layers: Vec<LayerAggregate>,
+    /// Merged final-norm statistics.
+    pub final_norm: TensorStats,
+    /// Merged logits statistics.
+    pub logits: TensorStats,
+    /// Forwards with an anomaly of each kind, by [`AnomalyKind`] index.
+    pub anomaly_counts: [usize; AnomalyKind::COUNT],
+    /// The first anomaly of the session.
+    pub first_anomaly: Option<Anomaly>,
+    /// The most recent anomaly of the session.
+    pub last_anomaly: Option<Anomaly>,
+    /// Attention aggregates by (layer, head).
+    pub heads: BTreeMap<(usize, usize), HeadAggregate>,
+    /// How often each layer was a tracked token's decisive layer.
+    pub decisive_layers: BTreeMap<usize, usize>,
+    /// How often the selected token won (stayed top-1 from) each layer.
+    pub won_at_layers: BTreeMap<usize, usize>,
+    /// Forwards with logit-lens records.
+    pub lens_forwards: usize,
+    /// Quantization aggregates by brick.
+    pub bricks: BTreeMap<BrickId, BrickAggregate>,
+    /// LM-head comparisons folded in.
+    pub logit_comparisons: usize,
+    /// Mean KL divergence of the output distributions (nats).
+    pub mean_kl_divergence: f32,
+    /// LM-head comparisons whose top-1 tokens agreed.
+    pub top1_agreements: usize,
+}
+
+impl SessionAggregates {
+    pub(crate) fn absorb(&mut self, f: &ForwardTrace) {
+        self.forwards += 1;
+        self.first_position.get_or_insert(f.position);
+        self.last_position = Some(f.position);
+        let a = &f.activations;
+        self.embedding = self.embedding.merge(&a.embedding_stats);
+        self.final_norm = self.final_norm.merge(&a.final_norm_stats);
+        self.logits = self.logits.merge(&a.logits_stats);
+        for l in &a.layers {
+            let touched = Stage::LAYER_STAGES
+                .iter()
+                .any(|&s| l.stats(s).is_some_and(|st| st.count > 0))
+                || l.residual_ratio > 0.0;
+            if !touched {
+                continue;
+            }
+            if self.layers.len() <= l.layer_idx {
+                let start = self.layers.len();
+                self.layers
+                    .extend((start..=l.layer_idx).map(|layer| LayerAggregate {
+                        layer,
+                        ..LayerAggregate::default()
+                    }));
+            }
+            let agg = &mut self.layers[l.layer_idx];
+            for (i, &s) in Stage::LAYER_STAGES.iter().enumerate() {
+                if let Some(st) = l.stats(s).filter(|st| st.count > 0) {
+                    agg.stages[i] = agg.stages[i].merge(st);
+                }
+            }
+            if l.residual_ratio > 0.0 {
+                agg.residual_samples += 1;
+                running_mean(
+                    &mut agg.residual_ratio_mean,
+                    agg.residual_samples,
+                    l.residual_ratio,
+                );
+                agg.residual_ratio_max = agg.residual_ratio_max.max(l.residual_ratio);
+            }
+        }
+        for an in &f.anomalies {
+            self.anomaly_counts[an.kind as usize] += 1;
+        }
+        if let Some(p) = f.primary_anomaly() {
+            self.first_anomaly.get_or_insert(*p);
+            self.last_anomaly = Some(*p);
+        }
+        for t in &f.attention {
+            let h = self
+                .heads
+                .entry((t.layer_idx, t.head_idx))
+                .or_insert(HeadAggregate {
+                    layer: t.layer_idx,
+                    head: t.head_idx,
+                    ..HeadAggregate::default()
+                });
+            h.records += 1;
+            h.sink_records += usize::from(t.is_attention_sink(SINK_THRESHOLD));
+            h.recency_records += usize::from(t.has_recency_bias(RECENCY_WINDOW, RECENCY_THRESHOLD));
+            running_mean(&mut h.mean_sink_weight, h.records, t.sink_weight);
+            running_mean(&mut h.mean_entropy, h.records, t.entropy);
+            running_mean(
+                &mut h.mean_normalized_entropy,
+                h.records,
+                t.normalized_entropy(),
+            );
+            running_mean(&mut h.mean_tail_mass, h.records, t.tail_mass);
+        }
+        if let Some(lt) = &f.logits {
+            self.lens_forwards += 1;
+            for tok in &lt.tokens {
+                if let Some(l) = tok.decisive_layer() {
+                    *self.decisive_layers.entry(l).or_default() += 1;
+                }
+                if Some(tok.token_id) == lt.selected_token {
+                    if let Some(l) = tok.won_at_layer() {
+                        *self.won_at_layers.entry(l).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let q = &f.quantization;
+        for t in &q.traces {
+            let b = self.bricks.entry(t.brick).or_insert(BrickAggregate {
+                brick: t.brick,
+                samples: 0,
+                mean_cosine: 0.0,
+                mean_mse: 0.0,
+                mean_snr_db: 0.0,
+                critical: 0,
+                worst: *t,
+            });
+            b.samples += 1;
+            running_mean(&mut b.mean_cosine, b.samples, t.cosine_similarity);
+            running_mean(&mut b.mean_mse, b.samples, t.mse);
+            running_mean(&mut b.mean_snr_db, b.samples, t.snr_db);
+            b.critical += usize::from(t.is_critical());
+            if t.badness() > b.worst.badness() {
+                b.worst = *t;
+            }
+        }
+        if let (Some(kl), Some(agree)) = (q.kl_divergence, q.top1_agrees) {
+            self.logit_comparisons += 1;
+            running_mean(&mut self.mean_kl_divergence, self.logit_comparisons, kl);
+            self.top1_agreements += usize::from(agree);
+        }
+    }
+
+    /// Forwards with at least one anomaly of `kind`.
+    pub fn anomalies_of(&self, kind: AnomalyKind) -> usize {
+        self.anomaly_counts[kind as usize]
+    }
+
+    /// The worst quantization measurement of the session.
+    pub fn worst_brick(&self) -> Option<&QuantizationErrorTrace> {
+        self.bricks
+            .values()
+            .map(|b| &b.worst)
+            .max_by(|a, b| a.badness().total_cmp(&b.badness()))
+    }
+}
+
+/// A summary of a tracing session, built from its aggregates.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct TraceSummary {
+    /// The systems that were on (`"disabled"`, `"lightweight"`, `"full"`, ...).
+    pub config: String,
+    /// Completed forwards.
+    pub forwards: usize,
+    /// First and last position traced.
+    pub positions: Option<(usize, usize)>,
+    /// Forwards with an anomaly of each kind, by [`AnomalyKind`] index.
+    pub anomaly_counts: [usize; AnomalyKind::COUNT],
+    /// The first anomaly of the session.
+    pub first_anomaly: Option<Anomaly>,
+    /// Per-layer activation health.
+    pub layers: Vec<LayerSummary>,
+    /// Attention heads, by (layer, head).
+    pub heads: Vec<HeadAggregate>,
+    /// `(layer, count)`: how often each layer was decisive for a tracked token.
+    pub decisive_layers: Vec<(usize, usize)>,
+    /// `(layer, count)`: from which layer the selected token stayed top-1.
+    pub won_at_layers: Vec<(usize, usize)>,
+    /// Quantization error per brick.
+    pub bricks: Vec<BrickAggregate>,
+    /// The worst quantization measurement.
+    pub worst_brick: Option<QuantizationErrorTrace>,
+    /// Mean KL divergence of quantized vs reference output distributions (nats).
+    pub mean_kl_divergence: Option<f32>,
+    /// Share of LM-head comparisons whose top-1 tokens agreed.
+    pub top1_agreement: Option<f32>,
+    /// KV cache totals (recent steps omitted).
+    pub kv_cache: Option<KvSummary>,
+}
+
+/// Activation health of one layer over the session.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct LayerSummary {
+    /// Layer index.
+    pub layer: usize,
+    /// Merged statistics of the layer input.
+    pub input: TensorStats,
+    /// Merged statistics of the layer output.
+    pub output: TensorStats,
+    /// Largest |x| over every stage.
+    pub max_abs: f32,
+    /// NaN and Inf values over every stage.
+    pub non_finite: usize,
+    /// Mean residual ratio (0 when not measured).
+    pub residual_ratio: f32,
+}
+
+/// KV cache totals of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct KvSummary {
+    /// Steps recorded.
+    pub steps: usize,
+    /// Capacity in positions (last step).
+    pub max_positions: usize,
+    /// Valid positions (last step).
+    pub valid_positions: usize,
+    /// Largest utilization.
+    pub peak_utilization: f32,
+    /// Largest size, bytes.
+    pub peak_memory_bytes: usize,
+    /// Evictions.
+    pub total_evictions: usize,
+    /// Mean hit rate.
+    pub avg_hit_rate: f32,
+    /// Positions reused.
+    pub total_reused: usize,
+    /// Positions computed.
+    pub total_computed: usize,
+}
+
+impl TraceSummary {
+    pub(crate) fn build(
+        config: String,
+        recorder: Option<(&SessionAggregates, &KvCacheSessionTrace)>,
+        kv_on: bool,
+    ) -> Self {
+        let Some((agg, kv)) = recorder else {
+            return Self {
+                config,
+                ..Self::default()
+            };
+        };
+        let layers = agg
+            .layers
+            .iter()
+            .map(|l| LayerSummary {
+                layer: l.layer,
+                input: l.stages[0],
+                output: l.stages[5],
+                max_abs: l
+                    .stages
+                    .iter()
+                    .filter(|s| s.finite_count() > 0)
+                    .map(TensorStats::max_abs)
+                    .fold(0.0, f32::max),
+                non_finite: l.stages.iter().map(|s| s.nan_count + s.inf_count).sum(),
+                residual_ratio: l.residual_ratio_mean,
+            })
+            .collect();
+        let kv_cache = (kv_on && kv.total_steps > 0).then(|| {
+            let last = kv.last().copied().unwrap_or_default();
+            KvSummary {
+                steps: kv.total_steps,
+                max_positions: last.max_positions,
+                valid_positions: last.valid_positions,
+                peak_utilization: kv.peak_utilization,
+                peak_memory_bytes: kv.peak_memory_bytes,
+                total_evictions: kv.total_evictions,
+                avg_hit_rate: kv.avg_hit_rate,
+                total_reused: kv.total_reused,
+                total_computed: kv.total_computed,
+            }
+        });
+        Self {
+            config,
+            forwards: agg.forwards,
+            positions: agg.first_position.zip(agg.last_position),
+            anomaly_counts: agg.anomaly_counts,
+            first_anomaly: agg.first_anomaly,
+            layers,
+            heads: agg.heads.values().copied().collect(),
+            decisive_layers: agg.decisive_layers.iter().map(|(&l, &c)| (l, c)).collect(),
+            won_at_layers: agg.won_at_layers.iter().map(|(&l, &c)| (l, c)).collect(),
+            bricks: agg.bricks.values().copied().collect(),
+            worst_brick: agg.worst_brick().copied(),
+            mean_kl_divergence: (agg.logit_comparisons > 0).then_some(agg.mean_kl_divergence),
+            top1_agreement: (agg.logit_comparisons > 0)
+                .then(|| share(agg.top1_agreements, agg.logit_comparisons)),
+            kv_cache,
+        }
+    }
+
+    /// Total anomalies of every kind.
+    pub fn total_anomalies(&self) -> usize {
+        self.anomaly_counts.iter().sum()
+    }
+
+    /// The summary as pretty-printed JSON.
+    #[cfg(feature = "serde")]
+    pub fn to_json(&self) -> String {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for TraceSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "model trace summary ({})", self.config)?;
+        match self.positions {
+            Some((a, b)) => writeln!(f, "  forwards: {} (positions {a}..={b})", self.forwards)?,
+            None => writeln!(f, "  forwards: {}", self.forwards)?,
+        }
+        if self.forwards == 0 {
+            return Ok(());
+        }
+        if self.total_anomalies() == 0 {
+            writeln!(f, "  anomalies: none")?;
+        } else {
+            write!(f, "  anomalies:")?;
+            for k in AnomalyKind::ALL {
+                let n = self.anomaly_counts[k as usize];
+                if n > 0 {
+                    write!(f, " {k} in {n} forwards;")?;
+                }
+            }
+            writeln!(f)?;
+            if let Some(a) = &self.first_anomaly {
+                writeln!(f, "  first anomaly: {a}")?;
+            }
+        }
+        if !self.layers.is_empty() {
+            writeln!(
+                f,
+                "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
+                "layer", "in mean", "in std", "out std", "max |x|", "non-fin", "resid"
+            )?;
+            for l in &self.layers {
+                writeln!(
+                    f,
+                    "  {:>5} {:>10.4} {:>10.4} {:>10.4} {:>10.3e} {:>10} {:>8.4}",
+                    l.layer,
+                    l.input.mean,
+                    l.input.std,
+                    l.output.std,
+                    l.max_abs,
+                    l.non_finite,
+                    l.residual_ratio
+                )?;
+            }
+        }
+        if !self.heads.is_empty() {
+            let sinks = self.heads.iter().filter(|h| h.sink_share() > 0.5).count();
+            let recency = self
+                .heads
+                .iter()
+                .filter(|h| h.recency_share() > 0.5)
+                .count();
+            writeln!(
+                f,
+                "  attention: {} heads traced; {sinks} are sinks (>{:.0}% on the first token in most steps), {recency} recency-biased",
+                self.heads.len(),
+                SINK_THRESHOLD * 100.0
+            )?;
+        }
+        if !self.won_at_layers.is_empty() || !self.decisive_layers.is_empty() {
+            let fmt_hist = |h: &[(usize, usize)]| {
+                h.iter()
+                    .map(|(l, c)| format!("L{l}×{c}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            writeln!(
+                f,
+                "  logit lens: chosen token won at {}",
+                fmt_hist(&self.won_at_layers)
+            )?;
+            writeln!(
+                f,
+                "              decisive layers {}",
+                fmt_hist(&self.decisive_layers)
+            )?;
+        }
+        if !self.bricks.is_empty() {
+            writeln!(
+                f,
+                "  {:>16} {:>7} {:>10} {:>12} {:>9} {:>8}",
+                "brick", "samples", "mean cos", "mean mse", "snr dB", "critical"
+            )?;
+            for b in &self.bricks {
+                writeln!(
+                    f,
+                    "  {:>16} {:>7} {:>10.6} {:>12.4e} {:>9.1} {:>8}",
+                    b.brick.name(),
+                    b.samples,
+                    b.mean_cosine,
+                    b.mean_mse,
+                    b.mean_snr_db,
+                    b.critical
+                )?;
+            }
+            if let Some(w) = &self.worst_brick {
+                writeln!(
+                    f,
+                    "  worst brick: {} layer {} ({}), cosine {:.6}, SNR {:.1} dB",
+                    w.brick, w.layer_idx, w.quant_type, w.cosine_similarity, w.snr_db
+                )?;
+            }
+            if let (Some(kl), Some(top1)) = (self.mean_kl_divergence, self.top1_agreement) {
+                writeln!(
+                    f,
+                    "  output distribution: mean KL {kl:.3e} nats, top-1 agreement {:.1}%",
+                    top1 * 100.0
+                )?;
+            }
+        }
+        if let Some(kv) = &self.kv_cache {
+            writeln!(
+                f,
+                "  kv cache: {}/{} positions, peak {:.1}% ({:.1} KiB), {} evictions, hit rate {:.1}% ({} reused, {} computed)",
+                kv.valid_positions,
+                kv.max_positions,
+                kv.peak_utilization * 100.0,
+                kv.peak_memory_bytes as f64 / 1024.0,
+                kv.total_evictions,
+                kv.avg_hit_rate * 100.0,
+                kv.total_reused,
+                kv.total_computed
+            )?;
+        }
+        Ok(())
+    }
+}

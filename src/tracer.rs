@@ -1,0 +1,947 @@
+//! The unified tracer: one generic type, two faces (record API and hooks).
+//!
+//! `ModelTracer<C>` keeps its records in `C::Storage`: a [`Recorder`] for a
+//! config that may trace, `()` for [`Disabled`](crate::Disabled), which makes
+//! `ModelTracer<Disabled>` zero-sized. Each hook is `#[inline(always)]` and
+//! starts with `if C::SYSTEM && self.config.system()`: for the marker configs
+//! both are constants, so a disabled hook, its closure and the buffers it
+//! would read vanish from the caller's code; the work of an enabled hook
+//! happens in an out-of-line method of the recorder.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use crate::activation::{ratio_of_norms, LayerActivationTrace, ModelActivationTrace, Stage};
+use crate::anomaly::Anomaly;
+use crate::attention::AttentionWeightTrace;
+use crate::config::{TraceConfig, TraceOptions};
+use crate::kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
+use crate::logit::LogitEvolutionTrace;
+use crate::quant::{BrickId, ModelQuantizationError, QuantType, QuantizationErrorTrace};
+use crate::stats::{self, TensorStats};
+use crate::summary::{SessionAggregates, TraceSummary};
+
+/// Where a tracer keeps its records. Implemented by [`Recorder`] and by `()`
+/// (nothing is ever recorded); other implementations are not expected.
+pub trait Storage: Clone + fmt::Debug + Send + Sync + 'static {
+    /// Builds the storage for a tracer with `options`.
+    fn create(options: TraceOptions) -> Self;
+    /// The recorder, if this storage records.
+    fn recorder(&self) -> Option<&Recorder>;
+    /// The recorder, if this storage records.
+    fn recorder_mut(&mut self) -> Option<&mut Recorder>;
+}
+
+impl Storage for () {
+    #[inline(always)]
+    fn create(_: TraceOptions) -> Self {}
+    #[inline(always)]
+    fn recorder(&self) -> Option<&Recorder> {
+        None
+    }
+    #[inline(always)]
+    fn recorder_mut(&mut self) -> Option<&mut Recorder> {
+        None
+    }
+}
+
+/// How often the quantization-error hook runs its f32 reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum QuantSampling {
+    /// Every brick of every layer of every forward (costs a second, f32
+    /// matmul for each).
+    Every,
+    /// One brick kind per forward, rotating with the position through
+    /// [`BrickId::ALL`]; every layer of that kind is measured. Amortized cost:
+    /// about one f32 matmul per layer per forward.
+    RotateBrick,
+    /// Every brick, on one forward in `n` (by position).
+    EveryNth(usize),
+}
+
+impl Default for QuantSampling {
+    fn default() -> Self {
+        QuantSampling::RotateBrick
+    }
+}
+
+impl QuantSampling {
+    /// Whether `brick` is measured at token `position`.
+    pub fn selects(self, brick: BrickId, position: usize) -> bool {
+        match self {
+            QuantSampling::Every => true,
+            QuantSampling::RotateBrick => {
+                // The embedding lookup has no matmul to compare: skip it in the rotation.
+                let kinds = &BrickId::ALL[1..];
+                kinds[position % kinds.len()] == brick
+            }
+            QuantSampling::EveryNth(n) => position % n.max(1) == 0,
+        }
+    }
+}
+
+/// Everything traced in one forward pass.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ForwardTrace {
+    /// Token position.
+    pub position: usize,
+    /// Activation statistics.
+    pub activations: ModelActivationTrace,
+    /// Attention summaries, in recording order.
+    pub attention: Vec<AttentionWeightTrace>,
+    /// Logit-lens trajectories of the tracked tokens.
+    pub logits: Option<LogitEvolutionTrace>,
+    /// Quantization errors measured in this forward.
+    pub quantization: ModelQuantizationError,
+    /// KV cache state after this forward.
+    pub kv_cache: Option<KvCacheStateTrace>,
+    /// Broken rules, at most one per kind, in forward order.
+    pub anomalies: Vec<Anomaly>,
+}
+
+impl ForwardTrace {
+    fn reset(&mut self, position: usize, warmup_layers: usize) {
+        self.position = position;
+        self.activations.reset(warmup_layers);
+        self.attention.clear();
+        if let Some(l) = &mut self.logits {
+            l.tokens.clear();
+            l.position = position;
+            l.selected_token = None;
+        }
+        self.quantization.clear();
+        self.kv_cache = None;
+        self.anomalies.clear();
+    }
+
+    /// The anomaly that matters most: the first non-finite one, else the first.
+    pub fn primary_anomaly(&self) -> Option<&Anomaly> {
+        self.anomalies
+            .iter()
+            .find(|a| a.kind.is_non_finite())
+            .or(self.anomalies.first())
+    }
+}
+
+/// The records of an enabled tracer: the forward in flight, the last few
+/// forwards in detail, and running aggregates over the whole session.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    options: TraceOptions,
+    quant_sampling: QuantSampling,
+    in_forward: bool,
+    current: ForwardTrace,
+    history: VecDeque<ForwardTrace>,
+    aggregates: SessionAggregates,
+    kv_session: KvCacheSessionTrace,
+    // Per-layer `(‖residual‖, Σ‖update‖)` of the forward in flight.
+    residual_norms: Vec<Option<(f32, f32)>>,
+    topk_scratch: Vec<(usize, f32)>,
+    // Logit-lens rows of the forward in flight: `lens_layers.len()` rows of `lens_vocab`.
+    lens: Vec<f32>,
+    lens_layers: Vec<usize>,
+    lens_vocab: usize,
+    tracked: Vec<usize>,
+    ranks: Vec<usize>,
+    reference: Vec<f32>,
+    max_layer_seen: Option<usize>,
+}
+
+impl Storage for Recorder {
+    fn create(options: TraceOptions) -> Self {
+        Recorder::new(options)
+    }
+    #[inline(always)]
+    fn recorder(&self) -> Option<&Recorder> {
+        Some(self)
+    }
+    #[inline(always)]
+    fn recorder_mut(&mut self) -> Option<&mut Recorder> {
+        Some(self)
+    }
+}
+
+impl Recorder {
+    fn new(mut options: TraceOptions) -> Self {
+        options.max_forwards = options.max_forwards.max(1);
+        Self {
+            history: VecDeque::with_capacity(options.max_forwards),
+            options,
+            quant_sampling: QuantSampling::default(),
+            in_forward: false,
+            current: ForwardTrace::default(),
+            aggregates: SessionAggregates::default(),
+            kv_session: KvCacheSessionTrace::default(),
+            residual_norms: Vec::new(),
+            topk_scratch: Vec::new(),
+            lens: Vec::new(),
+            lens_layers: Vec::new(),
+            lens_vocab: 0,
+            tracked: Vec::new(),
+            ranks: Vec::new(),
+            reference: Vec::new(),
+            max_layer_seen: None,
+        }
+    }
+
+    fn begin(&mut self, position: usize) {
+        if self.in_forward {
+            self.end();
+        }
+        self.in_forward = true;
+        if self.history.len() >= self.options.max_forwards {
+            if let Some(old) = self.history.pop_front() {
+                self.current = old;
+            }
+        }
+        self.current.reset(position, self.options.warmup_layers);
+        self.residual_norms.iter_mut().for_each(|r| *r = None);
+        self.lens_layers.clear();
+        self.max_layer_seen = None;
+    }
+
+    fn see_layer(&mut self, layer: usize) {
+        self.max_layer_seen = Some(self.max_layer_seen.map_or(layer, |m| m.max(layer)));
+    }
+
+    #[inline(never)]
+    fn activation(&mut self, layer: usize, stage: Stage, x: &[f32]) {
+        if stage.is_layer_stage() {
+            self.see_layer(layer);
+        }
+        *self.current.activations.stats_mut(layer, stage) = TensorStats::from_slice(x);
+    }
+
+    #[inline(never)]
+    fn residual(&mut self, layer: usize, residual: &[f32], update: &[f32]) {
+        self.see_layer(layer);
+        if self.residual_norms.len() <= layer {
+            self.residual_norms.resize(layer + 1, None);
+        }
+        let u = stats::l2_norm(update);
+        let (r, sum) = match self.residual_norms[layer] {
+            Some((r, sum)) => (r, sum + u),
+            None => (stats::l2_norm(residual), u),
+        };
+        self.residual_norms[layer] = Some((r, sum));
+        self.current.activations.layer_mut(layer).residual_ratio = ratio_of_norms(r, sum);
+    }
+
+    fn wants_attention(&self, layer: usize, head: usize) -> bool {
+        let c = &self.options.attention_config;
+        c.should_trace_layer(layer) && c.should_trace_head(head)
+    }
+
+    #[inline(never)]
+    fn attention(&mut self, layer: usize, head: usize, query_pos: usize, weights: &[f32]) {
+        if !self.wants_attention(layer, head) {
+            return;
+        }
+        self.see_layer(layer);
+        let c = &self.options.attention_config;
+        let mut t = AttentionWeightTrace::default();
+        t.fill(
+            layer,
+            head,
+            query_pos,
+            weights,
+            c.top_k,
+            c.weight_threshold,
+            &mut self.topk_scratch,
+        );
+        self.current.attention.push(t);
+    }
+
+    #[inline(never)]
+    fn logit_lens(&mut self, layer: usize, vocab: usize, fill: &mut dyn FnMut(&mut [f32])) {
+        if self.lens_layers.is_empty() {
+            self.lens_vocab = vocab;
+        } else if vocab != self.lens_vocab {
+            // A lens of another width cannot be ranked against the others.
+            return;
+        }
+        self.see_layer(layer);
+        let row = self.lens_layers.len();
+        let end = (row + 1) * vocab;
+        if self.lens.len() < end {
+            self.lens.resize(end, 0.0);
+        }
+        fill(&mut self.lens[row * vocab..end]);
+        self.lens_layers.push(layer);
+    }
+
+    #[inline(never)]
+    fn final_logits(&mut self, logits: &[f32], activations: bool, lens: bool) {
+        if activations {
+            self.current.activations.logits_stats = TensorStats::from_slice(logits);
+        }
+        if !lens {
+            return;
+        }
+        self.tracked.clear();
+        if self.options.tracked_tokens.is_empty() {
+            stats::top_k(logits, self.options.lens_top_k, &mut self.topk_scratch);
+            self.tracked
+                .extend(self.topk_scratch.iter().map(|&(i, _)| i));
+        } else {
+            self.tracked
+                .extend(self.options.tracked_tokens.iter().map(|&t| t as usize));
+        }
+        let position = self.current.position;
+        let trace = self
+            .current
+            .logits
+            .get_or_insert_with(|| LogitEvolutionTrace::new(position, 1.0, 1.0));
+        trace.position = position;
+        trace.selected_token = stats::argmax(logits).map(|i| i as u32);
+        trace.tokens.clear();
+        for &t in &self.tracked {
+            trace.tokens.push(crate::logit::TokenLogitEvolution::new(
+                u32::try_from(t).unwrap_or(u32::MAX),
+                String::new(),
+            ));
+        }
+        self.ranks.resize(self.tracked.len(), 0);
+        let rows = self.lens_layers.len().max(1);
+        for row in 0..rows {
+            let (layer, values) = match self.lens_layers.get(row) {
+                Some(&l) => (
+                    l,
+                    &self.lens[row * self.lens_vocab..(row + 1) * self.lens_vocab],
+                ),
+                // No lens: the output logits are the only "layer", after the last one seen.
+                None => (self.max_layer_seen.map_or(0, |m| m + 1), logits),
+            };
+            stats::ranks_of(values, &self.tracked, &mut self.ranks);
+            for ((tok, &id), &rank) in trace.tokens.iter_mut().zip(&self.tracked).zip(&self.ranks) {
+                tok.record_layer(values.get(id).copied().unwrap_or(f32::NAN), rank);
+                tok.layers.push(layer);
+            }
+        }
+    }
+
+    fn wants_quant_error(&self, brick: BrickId) -> bool {
+        self.quant_sampling.selects(brick, self.current.position)
+    }
+
+    #[inline(never)]
+    fn quant_error(
+        &mut self,
+        brick: BrickId,
+        layer: usize,
+        quant_type: QuantType,
+        quantized: &[f32],
+        reference: &mut dyn FnMut(&mut [f32]),
+    ) {
+        self.reference.clear();
+        self.reference.resize(quantized.len(), 0.0);
+        reference(&mut self.reference);
+        let t =
+            QuantizationErrorTrace::compute(brick, layer, quantized, &self.reference, quant_type);
+        if brick == BrickId::LmHead {
+            self.current
+                .quantization
+                .compare_logits(quantized, &self.reference);
+        }
+        self.current.quantization.add(t);
+    }
+
+    fn kv_state(&mut self, state: KvCacheStateTrace) {
+        self.current.kv_cache = Some(state);
+        self.kv_session.add_step(state);
+    }
+
+    fn end(&mut self) -> Option<Anomaly> {
+        if !self.in_forward {
+            return None;
+        }
+        self.in_forward = false;
+        let position = self.current.position;
+        let mut anomalies = std::mem::take(&mut self.current.anomalies);
+        self.current
+            .activations
+            .detect_anomalies(position, &mut anomalies);
+        self.current.activations.has_anomaly = !anomalies.is_empty();
+        self.current.anomalies = anomalies;
+        self.aggregates.absorb(&self.current);
+        let primary = self.current.primary_anomaly().copied();
+        let done = std::mem::take(&mut self.current);
+        self.history.push_back(done);
+        primary
+    }
+
+    fn clear(&mut self) {
+        let options = self.options.clone();
+        let sampling = self.quant_sampling;
+        *self = Recorder::new(options);
+        self.quant_sampling = sampling;
+    }
+}
+
+/// The tracer a model owns: `ModelTracer<Disabled>` is zero-sized and inert,
+/// `ModelTracer<Lightweight>` and `ModelTracer<Full>` record.
+///
+/// # A decoder layer with hooks
+///
+/// ```
+/// use model_tracer::{BrickId, Full, ModelTracer, QuantType, Stage, TraceConfig};
+///
+/// fn layer<C: TraceConfig>(t: &mut ModelTracer<C>, l: usize, pos: usize, x: &mut [f32]) {
+///     t.activation(l, Stage::Input, x);
+///     let normed: Vec<f32> = x.iter().map(|v| v * 0.5).collect(); // rmsnorm
+///     t.activation(l, Stage::PostNorm, &normed);
+///     let weights = [0.7, 0.2, 0.1]; // softmax row of head 0
+///     t.attention(l, 0, pos, &weights);
+///     let attn_out: Vec<f32> = normed.iter().map(|v| v * 0.1).collect();
+///     // Runs the f32 reference only when tracing quantization error.
+///     t.quant_error(BrickId::AttentionOutput, l, QuantType::Q8_0, &attn_out, |reference| {
+///         for (r, v) in reference.iter_mut().zip(&normed) {
+///             *r = v * 0.1;
+///         }
+///     });
+///     t.activation(l, Stage::PostAttn, &attn_out);
+///     t.residual(l, x, &attn_out);
+///     for (a, b) in x.iter_mut().zip(&attn_out) {
+///         *a += b;
+///     }
+///     t.activation(l, Stage::Output, x);
+/// }
+///
+/// let mut tracer = ModelTracer::new(Full);
+/// let mut x = vec![1.0f32; 8];
+/// tracer.begin_forward(2);
+/// layer(&mut tracer, 0, 2, &mut x);
+/// assert!(tracer.end_forward().is_none());
+/// let last = tracer.last_forward().unwrap();
+/// assert_eq!(last.activations.layers[0].input_stats.count, 8);
+/// assert_eq!(last.attention[0].top_k_positions[0], 0);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ModelTracer<C: TraceConfig = crate::DefaultTrace> {
+    config: C,
+    storage: C::Storage,
+}
+
+impl<C: TraceConfig + Default> Default for ModelTracer<C> {
+    fn default() -> Self {
+        Self::new(C::default())
+    }
+}
+
+impl<C: TraceConfig> ModelTracer<C> {
+    /// A tracer for `config`, with the config's [`TraceOptions`].
+    pub fn new(config: C) -> Self {
+        let options = config.options();
+        Self::with_options(config, options)
+    }
+
+    /// A tracer for `config` with explicit options (for the marker configs,
+    /// whose options are otherwise the defaults).
+    pub fn with_options(config: C, options: TraceOptions) -> Self {
+        Self {
+            storage: C::Storage::create(options),
+            config,
+        }
+    }
+
+    /// Sets how often quantization-error references run (default:
+    /// [`QuantSampling::RotateBrick`]).
+    pub fn set_quant_sampling(&mut self, sampling: QuantSampling) {
+        if let Some(r) = self.storage.recorder_mut() {
+            r.quant_sampling = sampling;
+        }
+    }
+
+    /// The config.
+    pub fn config(&self) -> &C {
+        &self.config
+    }
+
+    /// The options in force (`None` for a tracer that never records).
+    pub fn options(&self) -> Option<&TraceOptions> {
+        self.storage.recorder().map(|r| &r.options)
+    }
+
+    /// Whether any system is on.
+    #[inline(always)]
+    pub fn is_enabled(&self) -> bool {
+        self.activations_on()
+            || self.attention_on()
+            || self.logits_on()
+            || self.quant_on()
+            || self.kv_on()
+    }
+
+    #[inline(always)]
+    fn activations_on(&self) -> bool {
+        C::ACTIVATIONS && self.config.activations()
+    }
+    #[inline(always)]
+    fn attention_on(&self) -> bool {
+        C::ATTENTION && self.config.attention()
+    }
+    #[inline(always)]
+    fn logits_on(&self) -> bool {
+        C::LOGITS && self.config.logits()
+    }
+    #[inline(always)]
+    fn quant_on(&self) -> bool {
+        C::QUANT_ERROR && self.config.quant_error()
+    }
+    #[inline(always)]
+    fn kv_on(&self) -> bool {
+        C::KV_CACHE && self.config.kv_cache()
+    }
+
+    // ---- hooks -------------------------------------------------------------
+
+    /// Starts the forward pass of the token at `position`. A forward still
+    /// open is ended first.
+    #[inline(always)]
+    pub fn begin_forward(&mut self, position: usize) {
+        if C::ANY {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.begin(position);
+            }
+        }
+    }
+
+    /// Records the statistics of activation `x` at `(layer, stage)`. For
+    /// [`Stage::Embedding`], [`Stage::FinalNorm`] and [`Stage::Logits`] the
+    /// layer is ignored.
+    #[inline(always)]
+    pub fn activation(&mut self, layer: usize, stage: Stage, x: &[f32]) {
+        if self.activations_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.activation(layer, stage, x);
+            }
+        }
+    }
+
+    /// Records one residual add `residual + update` of `layer`: the layer's
+    /// residual ratio is `‖residual‖ / (‖residual‖ + Σ‖update‖)`, with the
+    /// residual taken at the layer's first add. Call before adding.
+    #[inline(always)]
+    pub fn residual(&mut self, layer: usize, residual: &[f32], update: &[f32]) {
+        if self.activations_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.residual(layer, residual, update);
+            }
+        }
+    }
+
+    /// Whether `(layer, head)` is summarized: lets model code skip
+    /// preparing weights that would not be recorded.
+    #[inline(always)]
+    pub fn wants_attention(&self, layer: usize, head: usize) -> bool {
+        self.attention_on()
+            && self
+                .storage
+                .recorder()
+                .is_some_and(|r| r.wants_attention(layer, head))
+    }
+
+    /// Records one head's softmax row for the query at `query_pos`, if the
+    /// attention config selects `(layer, head)`.
+    #[inline(always)]
+    pub fn attention(&mut self, layer: usize, head: usize, query_pos: usize, weights: &[f32]) {
+        if self.attention_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.attention(layer, head, query_pos, weights);
+            }
+        }
+    }
+
+    /// Whether the logit lens runs: when false, model code should not even
+    /// prepare the lens input.
+    #[inline(always)]
+    pub fn wants_logit_lens(&self) -> bool {
+        self.logits_on()
+    }
+
+    /// Records the logit lens at `layer`: `fill` writes the `vocab` logits
+    /// that the final norm and LM head give for this layer's hidden state.
+    /// `fill` runs only when logit tracing is on.
+    #[inline(always)]
+    pub fn logit_lens(&mut self, layer: usize, vocab: usize, mut fill: impl FnMut(&mut [f32])) {
+        if self.logits_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.logit_lens(layer, vocab, &mut fill);
+            }
+        }
+    }
+
+    /// Records the output logits: their statistics (activations) and the
+    /// ranks of the tracked tokens at every lens layer (logits). The tracked
+    /// tokens are the configured ones, or else the top-k of these logits.
+    #[inline(always)]
+    pub fn final_logits(&mut self, logits: &[f32]) {
+        let (a, l) = (self.activations_on(), self.logits_on());
+        if a || l {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.final_logits(logits, a, l);
+            }
+        }
+    }
+
+    /// Sets the token chosen at this position (defaults to the argmax of the
+    /// final logits).
+    #[inline(always)]
+    pub fn selected_token(&mut self, token: u32) {
+        if self.logits_on() {
+            if let Some(l) = self
+                .storage
+                .recorder_mut()
+                .and_then(|r| r.current.logits.as_mut())
+            {
+                l.selected_token = Some(token);
+            }
+        }
+    }
+
+    /// Whether the quantization error of `brick` is measured in this forward
+    /// (tracing on and selected by the sampling policy).
+    #[inline(always)]
+    pub fn wants_quant_error(&self, brick: BrickId) -> bool {
+        self.quant_on()
+            && self
+                .storage
+                .recorder()
+                .is_some_and(|r| r.wants_quant_error(brick))
+    }
+
+    /// Compares a brick's quantized output with its f32 reference, which
+    /// `reference` writes into the buffer it is given (same length as
+    /// `quantized`). `reference` runs only when [`wants_quant_error`](Self::wants_quant_error).
+    /// For [`BrickId::LmHead`] the output distributions are compared too
+    /// (KL divergence, top-1 agreement).
+    #[inline(always)]
+    pub fn quant_error(
+        &mut self,
+        brick: BrickId,
+        layer: usize,
+        quant_type: QuantType,
+        quantized: &[f32],
+        mut reference: impl FnMut(&mut [f32]),
+    ) {
+        if self.wants_quant_error(brick) {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.quant_error(brick, layer, quant_type, quantized, &mut reference);
+            }
+        }
+    }
+
+    /// Records the KV cache state that `state` builds; `state` runs only
+    /// when KV tracing is on.
+    #[inline(always)]
+    pub fn kv_state(&mut self, state: impl FnOnce() -> KvCacheStateTrace) {
+        if self.kv_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.kv_state(state());
+            }
+        }
+    }
+
+    /// Ends the forward pass: applies the anomaly rules, folds the forward
+    /// into the session aggregates, and returns the anomaly that matters
+    /// most (the first non-finite value, else the first broken rule).
+    #[inline(always)]
+    pub fn end_forward(&mut self) -> Option<Anomaly> {
+        if C::ANY {
+            if let Some(r) = self.storage.recorder_mut() {
+                return r.end();
+            }
+        }
+        None
+    }
+
+    // ---- record API --------------------------------------------------------
+
+    /// Records a layer's activation trace built by hand (replaces the
+    /// layer's entry in the forward in flight).
+    pub fn record_layer_activation(&mut self, trace: LayerActivationTrace) {
+        if self.activations_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                let layer = trace.layer_idx;
+                r.see_layer(layer);
+                *r.current.activations.layer_mut(layer) = trace;
+            }
+        }
+    }
+
+    /// Records an attention summary built by hand.
+    pub fn record_attention(&mut self, trace: AttentionWeightTrace) {
+        if self.attention_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.current.attention.push(trace);
+            }
+        }
+    }
+
+    /// Records the logit trajectories of the forward in flight.
+    pub fn record_logits(&mut self, trace: LogitEvolutionTrace) {
+        if self.logits_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.current.logits = Some(trace);
+            }
+        }
+    }
+
+    /// Records a quantization-error trace built by hand.
+    pub fn record_quant_error(&mut self, trace: QuantizationErrorTrace) {
+        if self.quant_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.current.quantization.add(trace);
+            }
+        }
+    }
+
+    /// Records a KV cache state built by hand.
+    pub fn record_kv_state(&mut self, trace: KvCacheStateTrace) {
+        if self.kv_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.kv_state(trace);
+            }
+        }
+    }
+
+    // ---- results -----------------------------------------------------------
+
+    /// The most recent completed forward.
+    pub fn last_forward(&self) -> Option<&ForwardTrace> {
+        self.storage.recorder().and_then(|r| r.history.back())
+    }
+
+    /// The retained completed forwards, oldest first.
+    pub fn forwards(&self) -> impl Iterator<Item = &ForwardTrace> + '_ {
+        self.storage
+            .recorder()
+            .into_iter()
+            .flat_map(|r| r.history.iter())
+    }
+
+    /// The KV cache session (`None` when KV tracing is off).
+    pub fn kv_session(&self) -> Option<&KvCacheSessionTrace> {
+        if self.kv_on() {
+            self.storage.recorder().map(|r| &r.kv_session)
+        } else {
+            None
+        }
+    }
+
+    /// Session aggregates over every completed forward, including those no
+    /// longer retained.
+    pub fn aggregates(&self) -> Option<&SessionAggregates> {
+        self.storage.recorder().map(|r| &r.aggregates)
+    }
+
+    /// A summary of the whole session, from the aggregates.
+    pub fn summary(&self) -> TraceSummary {
+        TraceSummary::build(
+            crate::config::describe(&self.config),
+            self.storage
+                .recorder()
+                .map(|r| (&r.aggregates, &r.kv_session)),
+            self.kv_on(),
+        )
+    }
+
+    /// Forgets every record and aggregate; the config and options stay.
+    pub fn clear(&mut self) {
+        if let Some(r) = self.storage.recorder_mut() {
+            r.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Disabled, Full, Lightweight, ModelTracerConfig};
+    use crate::AnomalyKind;
+
+    static_assertions::assert_eq_size!(ModelTracer<Disabled>, ());
+    static_assertions::assert_impl_all!(ModelTracer<Disabled>: Send, Sync, Clone);
+    static_assertions::assert_impl_all!(ModelTracer<Lightweight>: Send, Sync, Clone);
+    static_assertions::assert_impl_all!(ModelTracer<Full>: Send, Sync, Clone);
+    static_assertions::assert_impl_all!(ModelTracer<ModelTracerConfig>: Send, Sync, Clone);
+
+    fn run_layer<C: TraceConfig>(t: &mut ModelTracer<C>, layer: usize, x: &[f32]) {
+        for s in Stage::LAYER_STAGES {
+            t.activation(layer, s, x);
+        }
+    }
+
+    #[test]
+    fn test_f251_nan_detection_through_the_tracer() {
+        let mut t = ModelTracer::new(Lightweight);
+        let clean: Vec<f32> = (0..64).map(|i| (i as f32 * 0.3).cos()).collect();
+        for bad_layer in 0..8 {
+            for (stage_idx, bad_stage) in Stage::LAYER_STAGES.iter().enumerate() {
+                t.begin_forward(bad_layer * 10 + stage_idx);
+                t.activation(0, Stage::Embedding, &clean);
+                for layer in 0..8 {
+                    for s in Stage::LAYER_STAGES {
+                        let past = layer > bad_layer || (layer == bad_layer && s >= *bad_stage);
+                        let mut x = clean.clone();
+                        if past {
+                            x[layer] = f32::NAN;
+                        }
+                        t.activation(layer, s, &x);
+                    }
+                }
+                let a = t.end_forward().expect("a NaN must be reported");
+                assert_eq!(a.kind, AnomalyKind::NaN);
+                assert_eq!(a.layer, Some(bad_layer));
+                assert_eq!(a.stage, *bad_stage);
+                assert_eq!(a.origin, crate::Origin::Produced);
+            }
+        }
+        let s = t.summary();
+        assert_eq!(s.anomaly_counts[AnomalyKind::NaN as usize], 48);
+    }
+
+    #[test]
+    fn test_f252_explosion_detection_through_the_tracer() {
+        let mut t = ModelTracer::new(ModelTracerConfig::lightweight());
+        t.begin_forward(0);
+        run_layer(&mut t, 0, &[1.0, 2.0, 3.0]);
+        run_layer(&mut t, 1, &[1.0, 2e7, 3.0]);
+        let a = t.end_forward().unwrap();
+        assert_eq!(
+            (a.kind, a.layer, a.stage),
+            (AnomalyKind::Explosion, Some(1), Stage::Input)
+        );
+    }
+
+    #[test]
+    fn disabled_tracer_never_runs_closures() {
+        let mut t = ModelTracer::new(Disabled);
+        let mut ran = false;
+        t.begin_forward(0);
+        t.logit_lens(0, 4, |_| ran = true);
+        t.quant_error(BrickId::FfnUp, 0, QuantType::Q4_0, &[1.0], |_| ran = true);
+        t.kv_state(|| {
+            ran = true;
+            KvCacheStateTrace::new(0, 1)
+        });
+        assert!(t.end_forward().is_none());
+        assert!(!ran);
+        assert!(!t.is_enabled());
+        assert!(t.last_forward().is_none());
+        let mut rt = ModelTracer::new(ModelTracerConfig::default());
+        rt.begin_forward(0);
+        rt.logit_lens(0, 4, |_| ran = true);
+        rt.kv_state(|| {
+            ran = true;
+            KvCacheStateTrace::new(0, 1)
+        });
+        rt.end_forward();
+        assert!(
+            !ran,
+            "a runtime config with everything off runs nothing either"
+        );
+    }
+
+    #[test]
+    fn lightweight_skips_the_expensive_systems() {
+        let mut t = ModelTracer::new(Lightweight);
+        let mut lens_ran = false;
+        t.begin_forward(3);
+        t.attention(0, 0, 3, &[0.5, 0.5]);
+        t.logit_lens(0, 2, |_| lens_ran = true);
+        t.final_logits(&[1.0, 2.0]);
+        t.kv_state(|| KvCacheStateTrace::new(3, 8));
+        t.end_forward();
+        let f = t.last_forward().unwrap();
+        assert!(!lens_ran && f.attention.is_empty() && f.logits.is_none());
+        assert_eq!(f.activations.logits_stats.count, 2);
+        assert_eq!(f.kv_cache.unwrap().step, 3);
+    }
+
+    #[test]
+    fn logit_lens_ranks_tracked_tokens_at_every_layer() {
+        let mut t = ModelTracer::new(Full);
+        t.begin_forward(0);
+        let rows = [[3.0, 1.0, 2.0], [1.0, 3.0, 2.0], [0.0, 5.0, 1.0]];
+        for (l, row) in rows.iter().enumerate() {
+            t.logit_lens(l, 3, |out| out.copy_from_slice(row));
+        }
+        t.final_logits(&rows[2]);
+        t.end_forward();
+        let lt = t.last_forward().unwrap().logits.as_ref().unwrap();
+        assert_eq!(lt.selected_token, Some(1));
+        let top = lt.token(1).unwrap();
+        assert_eq!(top.ranks, vec![2, 0, 0]);
+        assert_eq!(top.layers, vec![0, 1, 2]);
+        assert_eq!(top.won_at_layer(), Some(1));
+        assert_eq!(top.decisive_layer(), Some(1));
+        assert_eq!(lt.tokens.len(), 3, "default tracks the final top-3");
+    }
+
+    #[test]
+    fn quant_sampling_rotates_bricks() {
+        let mut t = ModelTracer::new(Full);
+        let mut measured = Vec::new();
+        for pos in 0..6 {
+            t.begin_forward(pos);
+            for b in BrickId::ALL {
+                if t.wants_quant_error(b) {
+                    measured.push((pos, b));
+                }
+                t.quant_error(b, 0, QuantType::Q8_0, &[1.0, 2.0], |r| {
+                    r.copy_from_slice(&[1.0, 2.0])
+                });
+            }
+            t.end_forward();
+            assert_eq!(t.last_forward().unwrap().quantization.traces.len(), 1);
+        }
+        assert_eq!(measured.len(), 6);
+        assert!(measured.iter().all(|(_, b)| *b != BrickId::Embedding));
+        t.set_quant_sampling(QuantSampling::Every);
+        t.begin_forward(9);
+        t.quant_error(BrickId::LmHead, 0, QuantType::Q8_0, &[1.0, 3.0], |r| {
+            r.copy_from_slice(&[1.0, 2.0])
+        });
+        t.end_forward();
+        let q = &t.last_forward().unwrap().quantization;
+        assert_eq!(q.top1_agrees, Some(true));
+        assert!(q.kl_divergence.unwrap() > 0.0);
+    }
+
+    #[test]
+    fn history_is_bounded_and_summary_survives_it() {
+        let options = TraceOptions {
+            max_forwards: 4,
+            ..TraceOptions::default()
+        };
+        let mut t = ModelTracer::with_options(Lightweight, options);
+        for pos in 0..100 {
+            t.begin_forward(pos);
+            run_layer(&mut t, 0, &[pos as f32, 1.0]);
+            t.end_forward();
+        }
+        assert_eq!(t.forwards().count(), 4);
+        assert_eq!(t.forwards().next().unwrap().position, 96);
+        let s = t.summary();
+        assert_eq!(s.forwards, 100);
+        assert_eq!(s.layers[0].input.count, 200);
+        t.clear();
+        assert_eq!(t.summary().forwards, 0);
+        assert_eq!(t.forwards().count(), 0);
+    }
+
+    #[test]
+    fn residual_ratio_accumulates_over_both_adds() {
+        let mut t = ModelTracer::new(Lightweight);
+        t.begin_forward(0);
+        t.residual(0, &[3.0, 4.0], &[0.0, 1.0]);
+        t.residual(0, &[3.0, 5.0], &[0.0, 4.0]);
+        t.end_forward();
+        let r = t.last_forward().unwrap().activations.layers[0].residual_ratio;
+        assert!((r - 0.5).abs() < 1e-6, "{r}");
+    }
+}
