@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 /// Steps whose state a [`KvCacheSessionTrace`] keeps by default; older steps
 /// live on in the session totals only.
-pub const DEFAULT_RETAINED_STEPS: usize = 4096;
+pub const DEFAULT_RETAINED_STEPS: usize = 1024;
 
 /// The KV cache after one decode step.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -86,11 +86,13 @@ impl Default for KvCacheSessionTrace {
 }
 
 impl KvCacheSessionTrace {
-    /// An empty session keeping the last `max_retained_steps` steps (at least 1).
+    /// An empty session keeping the last `max_retained_steps` steps (at
+    /// least 1). Their room is reserved now, so adding steps never allocates.
     pub fn with_retention(max_retained_steps: usize) -> Self {
+        let max_retained_steps = max_retained_steps.max(1);
         Self {
-            steps: VecDeque::new(),
-            max_retained_steps: max_retained_steps.max(1),
+            steps: VecDeque::with_capacity(max_retained_steps),
+            max_retained_steps,
             total_steps: 0,
             total_evictions: 0,
             peak_memory_bytes: 0,
