@@ -1,0 +1,322 @@
+//! Dot products of one weight row with a quantized activation vector, in the
+//! integer-then-scale form of llama.cpp's `ggml_vec_dot_*_q8_*`.
+//!
+//! Activations are kept as i16 lanes (see `QuantizedActivations`), so a block
+//! product is a handful of widening loads and `i16x16::dot` (pairwise
+//! multiply-add into i32) per 32 weights: exact integer sums, then one f32
+//! fused multiply-add per block with the two scales.
+
+use wide::{f32x8, i16x16, i32x8, i8x16, u8x16};
+
+use super::blocks::{f16_at, k4_scale_min, u32_at};
+use super::float::{bf16_to_f32, f16_to_f32};
+
+#[inline(always)]
+fn load_u8x16(bytes: &[u8]) -> u8x16 {
+    let mut lanes = [0u8; 16];
+    lanes.copy_from_slice(&bytes[..16]);
+    u8x16::new(lanes)
+}
+
+#[inline(always)]
+fn load_i8x16(bytes: &[u8]) -> i8x16 {
+    let mut lanes = [0i8; 16];
+    for (lane, byte) in lanes.iter_mut().zip(&bytes[..16]) {
+        *lane = *byte as i8;
+    }
+    i8x16::new(lanes)
+}
+
+/// Lane j holds bit j of a 16-bit mask.
+const BIT_OF_LANE: i16x16 = i16x16::new([
+    1,
+    2,
+    4,
+    8,
+    16,
+    32,
+    64,
+    128,
+    256,
+    512,
+    1024,
+    2048,
+    4096,
+    8192,
+    16384,
+    i16::MIN,
+]);
+
+/// 16 for each lane whose bit is set in `bits`, else 0.
+#[inline(always)]
+fn fifth_bits(bits: u16) -> i16x16 {
+    let set = (i16x16::splat(bits as i16) & BIT_OF_LANE).simd_eq(BIT_OF_LANE);
+    set & i16x16::splat(16)
+}
+
+/// Low and high nibbles of 16 bytes, as two vectors of 16 lanes.
+#[inline(always)]
+fn nibbles(bytes: &[u8]) -> (i16x16, i16x16) {
+    let wide = i16x16::from(load_u8x16(bytes));
+    (wide & i16x16::splat(0x0f), wide >> 4)
+}
+
+/// Σ q·a over a Q4_0 block (codes minus 8), as eight partial sums.
+#[inline(always)]
+pub(super) fn q4_0_block(qs: &[u8], a: &[i16x16]) -> i32x8 {
+    let (lo, hi) = nibbles(qs);
+    let eight = i16x16::splat(8);
+    (lo - eight).dot(a[0]) + (hi - eight).dot(a[1])
+}
+
+/// Σ q·a over a Q4_1 block (unsigned codes).
+#[inline(always)]
+pub(super) fn q4_1_block(qs: &[u8], a: &[i16x16]) -> i32x8 {
+    let (lo, hi) = nibbles(qs);
+    lo.dot(a[0]) + hi.dot(a[1])
+}
+
+/// Σ q·a over a Q5 block; `offset` is 16 for Q5_0 and 0 for Q5_1.
+#[inline(always)]
+pub(super) fn q5_block(qh: u32, qs: &[u8], a: &[i16x16], offset: i16) -> i32x8 {
+    let (lo, hi) = nibbles(qs);
+    let offset = i16x16::splat(offset);
+    let lo = (lo | fifth_bits(qh as u16)) - offset;
+    let hi = (hi | fifth_bits((qh >> 16) as u16)) - offset;
+    lo.dot(a[0]) + hi.dot(a[1])
+}
+
+/// Σ q·a over a Q8_0 block.
+#[inline(always)]
+pub(super) fn q8_0_block(qs: &[u8], a: &[i16x16]) -> i32x8 {
+    let lo = i16x16::from_i8x16(load_i8x16(&qs[..16]));
+    let hi = i16x16::from_i8x16(load_i8x16(&qs[16..32]));
+    lo.dot(a[0]) + hi.dot(a[1])
+}
+
+/// Scale-weighted Σ sc·q·a over a Q4_K super-block (without the minimums).
+#[inline(always)]
+pub(super) fn q4_k_block(scales: &[u8], qs: &[u8], a: &[i16x16]) -> i32x8 {
+    let mut sum = i32x8::ZERO;
+    for (pair, (qs, a)) in qs.chunks_exact(32).zip(a.chunks_exact(4)).enumerate() {
+        let (sc_lo, _) = k4_scale_min(scales, 2 * pair);
+        let (sc_hi, _) = k4_scale_min(scales, 2 * pair + 1);
+        let (sc_lo, sc_hi) = (
+            i16x16::splat(i16::from(sc_lo)),
+            i16x16::splat(i16::from(sc_hi)),
+        );
+        let (lo0, hi0) = nibbles(&qs[..16]);
+        let (lo1, hi1) = nibbles(&qs[16..32]);
+        // Scales (< 64) times codes (< 16) stay well inside i16.
+        sum += (lo0 * sc_lo).dot(a[0]) + (lo1 * sc_lo).dot(a[1]);
+        sum += (hi0 * sc_hi).dot(a[2]) + (hi1 * sc_hi).dot(a[3]);
+    }
+    sum
+}
+
+/// Σ m_j · (sum of activation codes of sub-block j) for a Q4_K super-block.
+#[inline(always)]
+pub(super) fn q4_k_min_sum(scales: &[u8], bsums: &[i16]) -> i32 {
+    let mut sum = 0i32;
+    for (j, pair) in bsums.chunks_exact(2).enumerate() {
+        let (_, m) = k4_scale_min(scales, j);
+        sum += i32::from(m) * (i32::from(pair[0]) + i32::from(pair[1]));
+    }
+    sum
+}
+
+/// Scale-weighted Σ sc·q·a over a Q6_K super-block (codes minus 32).
+#[inline(always)]
+pub(super) fn q6_k_block(block: &[u8], a: &[i16x16]) -> i32x8 {
+    let mut sum = i32x8::ZERO;
+    let thirty_two = i16x16::splat(32);
+    let three = i16x16::splat(3);
+    for half in 0..2 {
+        let ql = &block[64 * half..64 * half + 64];
+        let qh = &block[128 + 32 * half..128 + 32 * half + 32];
+        let scales = &block[192 + 8 * half..192 + 8 * half + 8];
+        let a = &a[8 * half..8 * half + 8];
+        for h in 0..2 {
+            let high = i16x16::from(load_u8x16(&qh[16 * h..]));
+            let (lo_a, hi_a) = nibbles(&ql[16 * h..]);
+            let (lo_b, hi_b) = nibbles(&ql[32 + 16 * h..]);
+            let parts = [lo_a, lo_b, hi_a, hi_b];
+            for (quarter, low) in parts.into_iter().enumerate() {
+                let group = 2 * quarter + h;
+                let top: i16x16 = ((high >> (2 * quarter as u32)) & three) << 4u32;
+                let q: i16x16 = (low | top) - thirty_two;
+                // |q| <= 32 and |scale| <= 128: the product fits in i16.
+                let scale = i16x16::splat(i16::from(scales[group] as i8));
+                sum += (q * scale).dot(a[group]);
+            }
+        }
+    }
+    sum
+}
+
+/// Sums two f32x8 accumulators and a scalar.
+#[inline(always)]
+fn finish(acc: [f32x8; 2], scalar: f32) -> f32 {
+    (acc[0] + acc[1]).reduce_add() + scalar
+}
+
+pub(super) fn dot_q4_0(row: &[u8], quants: &[i16x16], scales: &[f32]) -> f32 {
+    let mut acc = [f32x8::ZERO; 2];
+    let mut blocks = row.chunks_exact(18).zip(quants.chunks_exact(2)).zip(scales);
+    while let Some(((b0, a0), d0)) = blocks.next() {
+        let s0 = f32x8::splat(f16_at(b0, 0) * d0);
+        acc[0] = f32x8::from_i32x8(q4_0_block(&b0[2..18], a0)).mul_add(s0, acc[0]);
+        if let Some(((b1, a1), d1)) = blocks.next() {
+            let s1 = f32x8::splat(f16_at(b1, 0) * d1);
+            acc[1] = f32x8::from_i32x8(q4_0_block(&b1[2..18], a1)).mul_add(s1, acc[1]);
+        }
+    }
+    finish(acc, 0.0)
+}
+
+pub(super) fn dot_q4_1(row: &[u8], quants: &[i16x16], scales: &[f32], sums: &[f32]) -> f32 {
+    let mut acc = [f32x8::ZERO; 2];
+    let mut mins = [0.0f32; 2];
+    let mut blocks = row
+        .chunks_exact(20)
+        .zip(quants.chunks_exact(2))
+        .zip(scales.iter().zip(sums));
+    while let Some(((b0, a0), (d0, s0))) = blocks.next() {
+        let scale = f32x8::splat(f16_at(b0, 0) * d0);
+        acc[0] = f32x8::from_i32x8(q4_1_block(&b0[4..20], a0)).mul_add(scale, acc[0]);
+        mins[0] += f16_at(b0, 2) * s0;
+        if let Some(((b1, a1), (d1, s1))) = blocks.next() {
+            let scale = f32x8::splat(f16_at(b1, 0) * d1);
+            acc[1] = f32x8::from_i32x8(q4_1_block(&b1[4..20], a1)).mul_add(scale, acc[1]);
+            mins[1] += f16_at(b1, 2) * s1;
+        }
+    }
+    finish(acc, mins[0] + mins[1])
+}
+
+pub(super) fn dot_q5_0(row: &[u8], quants: &[i16x16], scales: &[f32]) -> f32 {
+    let mut acc = f32x8::ZERO;
+    for ((b, a), d) in row.chunks_exact(22).zip(quants.chunks_exact(2)).zip(scales) {
+        let scale = f32x8::splat(f16_at(b, 0) * d);
+        acc = f32x8::from_i32x8(q5_block(u32_at(b, 2), &b[6..22], a, 16)).mul_add(scale, acc);
+    }
+    acc.reduce_add()
+}
+
+pub(super) fn dot_q5_1(row: &[u8], quants: &[i16x16], scales: &[f32], sums: &[f32]) -> f32 {
+    let mut acc = f32x8::ZERO;
+    let mut mins = 0.0f32;
+    let blocks = row.chunks_exact(24).zip(quants.chunks_exact(2));
+    for ((b, a), (d, s)) in blocks.zip(scales.iter().zip(sums)) {
+        let scale = f32x8::splat(f16_at(b, 0) * d);
+        acc = f32x8::from_i32x8(q5_block(u32_at(b, 4), &b[8..24], a, 0)).mul_add(scale, acc);
+        mins += f16_at(b, 2) * s;
+    }
+    acc.reduce_add() + mins
+}
+
+pub(super) fn dot_q8_0(row: &[u8], quants: &[i16x16], scales: &[f32]) -> f32 {
+    let mut acc = [f32x8::ZERO; 2];
+    let mut blocks = row.chunks_exact(34).zip(quants.chunks_exact(2)).zip(scales);
+    while let Some(((b0, a0), d0)) = blocks.next() {
+        let s0 = f32x8::splat(f16_at(b0, 0) * d0);
+        acc[0] = f32x8::from_i32x8(q8_0_block(&b0[2..34], a0)).mul_add(s0, acc[0]);
+        if let Some(((b1, a1), d1)) = blocks.next() {
+            let s1 = f32x8::splat(f16_at(b1, 0) * d1);
+            acc[1] = f32x8::from_i32x8(q8_0_block(&b1[2..34], a1)).mul_add(s1, acc[1]);
+        }
+    }
+    finish(acc, 0.0)
+}
+
+pub(super) fn dot_q4_k(row: &[u8], quants: &[i16x16], scales: &[f32], bsums: &[i16]) -> f32 {
+    let mut acc = f32x8::ZERO;
+    let mut mins = 0.0f32;
+    let blocks = row.chunks_exact(144).zip(quants.chunks_exact(16));
+    for ((b, a), (d, bsums)) in blocks.zip(scales.iter().zip(bsums.chunks_exact(16))) {
+        let sub_scales = &b[4..16];
+        let sum = q4_k_block(sub_scales, &b[16..144], a);
+        acc = f32x8::from_i32x8(sum).mul_add(f32x8::splat(f16_at(b, 0) * d), acc);
+        mins += f16_at(b, 2) * d * q4_k_min_sum(sub_scales, bsums) as f32;
+    }
+    acc.reduce_add() - mins
+}
+
+pub(super) fn dot_q6_k(row: &[u8], quants: &[i16x16], scales: &[f32]) -> f32 {
+    let mut acc = f32x8::ZERO;
+    for ((b, a), d) in row
+        .chunks_exact(210)
+        .zip(quants.chunks_exact(16))
+        .zip(scales)
+    {
+        let sum = q6_k_block(b, a);
+        acc = f32x8::from_i32x8(sum).mul_add(f32x8::splat(f16_at(b, 208) * d), acc);
+    }
+    acc.reduce_add()
+}
+
+#[inline(always)]
+fn f32x8_of(values: &[f32]) -> f32x8 {
+    let mut lanes = [0f32; 8];
+    lanes.copy_from_slice(&values[..8]);
+    f32x8::new(lanes)
+}
+
+/// Dot product of a row of blocks with f32 activations: each block is
+/// decoded into a stack buffer of `LEN` values and multiplied in f32 lanes.
+#[inline(always)]
+pub(super) fn dot_f32_blocks<const LEN: usize>(
+    row: &[u8],
+    block_bytes: usize,
+    x: &[f32],
+    decode: impl Fn(&[u8], &mut [f32]),
+) -> f32 {
+    let mut acc = [f32x8::ZERO; 2];
+    let mut buf = [0f32; LEN];
+    for (block, x) in row.chunks_exact(block_bytes).zip(x.chunks_exact(LEN)) {
+        decode(block, &mut buf);
+        for (w, x) in buf.chunks_exact(16).zip(x.chunks_exact(16)) {
+            acc[0] = f32x8_of(&w[..8]).mul_add(f32x8_of(&x[..8]), acc[0]);
+            acc[1] = f32x8_of(&w[8..]).mul_add(f32x8_of(&x[8..]), acc[1]);
+        }
+    }
+    finish(acc, 0.0)
+}
+
+/// Dot product of a row of plain floats (`elem` bytes each, decoded by
+/// `decode`) with f32 activations, eight lanes at a time; any length.
+#[inline(always)]
+pub(super) fn dot_f32_plain(
+    row: &[u8],
+    elem: usize,
+    x: &[f32],
+    decode: impl Fn(&[u8]) -> f32,
+) -> f32 {
+    let mut acc = f32x8::ZERO;
+    let mut rows = row.chunks(8 * elem);
+    for (bytes, x) in (&mut rows).zip(x.chunks(8)) {
+        let mut w = [0f32; 8];
+        let mut xs = [0f32; 8];
+        for (w, b) in w.iter_mut().zip(bytes.chunks_exact(elem)) {
+            *w = decode(b);
+        }
+        xs[..x.len()].copy_from_slice(x);
+        acc = f32x8::new(w).mul_add(f32x8::new(xs), acc);
+    }
+    acc.reduce_add()
+}
+
+#[inline(always)]
+pub(super) fn decode_f32(b: &[u8]) -> f32 {
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+#[inline(always)]
+pub(super) fn decode_f16(b: &[u8]) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+}
+
+#[inline(always)]
+pub(super) fn decode_bf16(b: &[u8]) -> f32 {
+    bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+}

@@ -1,0 +1,273 @@
+//! Row-major quantized matrices and their matrix-vector products.
+
+use std::ops::Range;
+
+use super::activations::{activation_type, QuantizedActivations};
+use super::blocks::*;
+use super::dot::*;
+use super::{dequantize, quantize, QuantError};
+use crate::reference::dtype::GgmlType;
+
+/// A row-major matrix of ggml blocks: `rows` rows of `cols` elements, each
+/// row `ty.bytes_for(cols)` bytes. `cols` is a GGUF tensor's `dims[0]`, so the
+/// product with an activation vector of length `cols` has length `rows`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: Vec<u8>,
+}
+
+impl QMatrix {
+    /// Wraps raw tensor bytes.
+    ///
+    /// # Errors
+    /// [`QuantError::Unsupported`] for a type without a matrix-vector kernel
+    /// (see [`activation_type`]), [`QuantError::NotWholeBlocks`] when `cols` is
+    /// not a multiple of the block length, [`QuantError::TooLarge`] when the
+    /// size overflows, and [`QuantError::ByteLength`] when `data` is not
+    /// exactly `rows` rows long.
+    pub fn from_bytes(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Self, QuantError> {
+        if activation_type(ty).is_none() {
+            return Err(QuantError::Unsupported(ty));
+        }
+        let row_bytes = ty.bytes_for(cols).ok_or(if cols % ty.block_len() != 0 {
+            QuantError::NotWholeBlocks { ty, elements: cols }
+        } else {
+            QuantError::TooLarge { rows, cols }
+        })?;
+        let total = row_bytes
+            .checked_mul(rows)
+            .ok_or(QuantError::TooLarge { rows, cols })?;
+        if data.len() != total {
+            return Err(QuantError::ByteLength {
+                ty,
+                elements: rows.saturating_mul(cols),
+                expected: total,
+                actual: data.len(),
+            });
+        }
+        Ok(Self {
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            data,
+        })
+    }
+
+    /// Quantizes the row-major `rows` x `cols` values `w` to `ty` with ggml's
+    /// reference rounding (an F32 matrix is a plain copy).
+    ///
+    /// # Errors
+    /// As [`from_bytes`](Self::from_bytes) and [`quantize`], plus
+    /// [`QuantError::ValueCount`] when `w.len() != rows * cols`.
+    pub fn from_f32(ty: GgmlType, rows: usize, cols: usize, w: &[f32]) -> Result<Self, QuantError> {
+        let expected = rows
+            .checked_mul(cols)
+            .ok_or(QuantError::TooLarge { rows, cols })?;
+        if w.len() != expected {
+            return Err(QuantError::ValueCount {
+                rows,
+                cols,
+                expected,
+                actual: w.len(),
+            });
+        }
+        if activation_type(ty).is_none() {
+            return Err(QuantError::Unsupported(ty));
+        }
+        if cols % ty.block_len() != 0 {
+            return Err(QuantError::NotWholeBlocks { ty, elements: cols });
+        }
+        let mut data = Vec::new();
+        quantize(ty, w, &mut data)?;
+        Self::from_bytes(ty, rows, cols, data)
+    }
+
+    /// Element type of the weights.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Number of rows (length of a matrix-vector product).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns (length of the activation vector).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The raw blocks, row after row.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The raw blocks of row `r`.
+    ///
+    /// # Panics
+    /// If `r >= self.rows()`.
+    pub fn row_bytes(&self, r: usize) -> &[u8] {
+        assert!(r < self.rows, "row {r} out of range for {} rows", self.rows);
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Decodes row `r` into `out`.
+    ///
+    /// # Panics
+    /// If `r >= self.rows()` or `out.len() != self.cols()`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), self.cols, "output length must equal cols");
+        let row = self.row_bytes(r);
+        // Sizes were validated at construction; a failure here is a bug.
+        if let Err(e) = dequantize(self.ty, row, out) {
+            panic!(
+                "row of a validated {} matrix failed to decode: {e}",
+                self.ty
+            );
+        }
+    }
+
+    /// The whole matrix decoded to f32, row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, row) in out
+            .chunks_exact_mut(self.cols.max(1))
+            .enumerate()
+            .take(self.rows)
+        {
+            self.dequantize_row(r, row);
+        }
+        out
+    }
+
+    /// Quantized product: `out[r] = dot(row r, x)` with integer block dot
+    /// products scaled in f32, as llama.cpp's `ggml_vec_dot_*_q8_*` compute it
+    /// (the summation order of the f32 partial sums differs from llama.cpp's).
+    /// For float matrices `x` holds plain f32 values.
+    ///
+    /// # Panics
+    /// If `x` was not quantized for this matrix's type (its format is not
+    /// [`activation_type`]`(self.ty())`), `x.len() != self.cols()`, or
+    /// `out.len() != self.rows()`.
+    pub fn matvec(&self, x: &QuantizedActivations, out: &mut [f32]) {
+        self.matvec_rows(0..self.rows, x, out);
+    }
+
+    /// [`matvec`](Self::matvec) restricted to the rows in `rows`:
+    /// `out[i] = dot(row rows.start + i, x)`.
+    ///
+    /// # Panics
+    /// As [`matvec`](Self::matvec), and if `rows` is not inside `0..self.rows()`
+    /// or `out.len() != rows.len()`.
+    pub fn matvec_rows(&self, rows: Range<usize>, x: &QuantizedActivations, out: &mut [f32]) {
+        assert!(
+            rows.start <= rows.end && rows.end <= self.rows,
+            "row range {rows:?} outside a matrix of {} rows",
+            self.rows
+        );
+        assert_eq!(
+            out.len(),
+            rows.len(),
+            "output length must equal the number of rows"
+        );
+        assert_eq!(x.len(), self.cols, "activation length must equal cols");
+        assert_eq!(
+            Some(x.format()),
+            activation_type(self.ty),
+            "activations quantized as {} cannot multiply {} weights",
+            x.format(),
+            self.ty
+        );
+        if self.row_bytes == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let data = &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes];
+        let q = &x.quants[..];
+        let d = &x.scales[..];
+        let rows_iter = data.chunks_exact(self.row_bytes).zip(out.iter_mut());
+        match self.ty {
+            GgmlType::Q4_0 => rows_iter.for_each(|(row, o)| *o = dot_q4_0(row, q, d)),
+            GgmlType::Q4_1 => rows_iter.for_each(|(row, o)| *o = dot_q4_1(row, q, d, &x.sums)),
+            GgmlType::Q5_0 => rows_iter.for_each(|(row, o)| *o = dot_q5_0(row, q, d)),
+            GgmlType::Q5_1 => rows_iter.for_each(|(row, o)| *o = dot_q5_1(row, q, d, &x.sums)),
+            GgmlType::Q8_0 => rows_iter.for_each(|(row, o)| *o = dot_q8_0(row, q, d)),
+            GgmlType::Q4_K => rows_iter.for_each(|(row, o)| *o = dot_q4_k(row, q, d, &x.bsums)),
+            GgmlType::Q6_K => rows_iter.for_each(|(row, o)| *o = dot_q6_k(row, q, d)),
+            _ => self.matvec_f32_rows(rows, &x.values[..x.len()], out),
+        }
+    }
+
+    /// Reference product in f32: each row is decoded block by block into a
+    /// stack buffer and multiplied with the unquantized `x` in f32 lanes.
+    /// Allocates nothing.
+    ///
+    /// # Panics
+    /// If `x.len() != self.cols()` or `out.len() != self.rows()`.
+    pub fn matvec_f32(&self, x: &[f32], out: &mut [f32]) {
+        self.matvec_f32_rows(0..self.rows, x, out);
+    }
+
+    /// [`matvec_f32`](Self::matvec_f32) restricted to the rows in `rows`.
+    ///
+    /// # Panics
+    /// If `rows` is not inside `0..self.rows()`, `out.len() != rows.len()` or
+    /// `x.len() != self.cols()`.
+    pub fn matvec_f32_rows(&self, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
+        assert!(
+            rows.start <= rows.end && rows.end <= self.rows,
+            "row range {rows:?} outside a matrix of {} rows",
+            self.rows
+        );
+        assert_eq!(
+            out.len(),
+            rows.len(),
+            "output length must equal the number of rows"
+        );
+        assert_eq!(x.len(), self.cols, "activation length must equal cols");
+        if self.row_bytes == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let data = &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes];
+        let rows_iter = data.chunks_exact(self.row_bytes).zip(out.iter_mut());
+        let bb = self.ty.block_bytes();
+        match self.ty {
+            GgmlType::F32 => {
+                rows_iter.for_each(|(row, o)| *o = dot_f32_plain(row, 4, x, decode_f32))
+            }
+            GgmlType::F16 => {
+                rows_iter.for_each(|(row, o)| *o = dot_f32_plain(row, 2, x, decode_f16))
+            }
+            GgmlType::BF16 => {
+                rows_iter.for_each(|(row, o)| *o = dot_f32_plain(row, 2, x, decode_bf16))
+            }
+            GgmlType::Q4_0 => rows_iter
+                .for_each(|(row, o)| *o = dot_f32_blocks::<32>(row, bb, x, dequantize_q4_0)),
+            GgmlType::Q4_1 => rows_iter
+                .for_each(|(row, o)| *o = dot_f32_blocks::<32>(row, bb, x, dequantize_q4_1)),
+            GgmlType::Q5_0 => rows_iter
+                .for_each(|(row, o)| *o = dot_f32_blocks::<32>(row, bb, x, dequantize_q5_0)),
+            GgmlType::Q5_1 => rows_iter
+                .for_each(|(row, o)| *o = dot_f32_blocks::<32>(row, bb, x, dequantize_q5_1)),
+            GgmlType::Q8_0 => rows_iter
+                .for_each(|(row, o)| *o = dot_f32_blocks::<32>(row, bb, x, dequantize_q8_0)),
+            GgmlType::Q4_K => rows_iter
+                .for_each(|(row, o)| *o = dot_f32_blocks::<256>(row, bb, x, dequantize_q4_k)),
+            GgmlType::Q6_K => rows_iter
+                .for_each(|(row, o)| *o = dot_f32_blocks::<256>(row, bb, x, dequantize_q6_k)),
+            // Construction admits only the types above.
+            other => panic!("no f32 kernel for {other} weights"),
+        }
+    }
+}

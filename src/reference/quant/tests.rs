@@ -1,0 +1,673 @@
+//! Checks of the SIMD kernels against plain scalar transcriptions of ggml's
+//! reference `ggml_vec_dot_*` loops, and of the matrix and activation types.
+
+use wide::i16x16;
+
+use super::blocks::{f16_at, k4_scale_min, u32_at};
+use super::dot::{
+    q4_0_block, q4_1_block, q4_k_block, q4_k_min_sum, q5_block, q6_k_block, q8_0_block,
+};
+use super::*;
+
+/// Small deterministic generator (PCG-style LCG with xorshift output).
+struct Rng(u64);
+
+impl Rng {
+    fn next_u32(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let x = self.0 ^ (self.0 >> 29);
+        (x >> 32) as u32
+    }
+    fn byte(&mut self) -> u8 {
+        self.next_u32() as u8
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next_u32() >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+    }
+    /// Roughly normal (sum of uniforms).
+    fn normal(&mut self) -> f32 {
+        (0..4).map(|_| self.unit()).sum::<f32>() * 0.87
+    }
+    fn f16_in(&mut self, lo: f32, hi: f32) -> [u8; 2] {
+        let t = (self.unit() + 1.0) / 2.0;
+        f32_to_f16(lo + (hi - lo) * t).to_le_bytes()
+    }
+}
+
+/// Random blocks of `ty` with every code pattern possible but scales in a
+/// sane range (the way real weights look).
+fn random_blocks(rng: &mut Rng, ty: GgmlType, blocks: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..blocks {
+        let mut b: Vec<u8> = (0..ty.block_bytes()).map(|_| rng.byte()).collect();
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
+                b[0..2].copy_from_slice(&rng.f16_in(1e-3, 2e-2));
+            }
+            GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                b[0..2].copy_from_slice(&rng.f16_in(1e-3, 2e-2));
+                b[2..4].copy_from_slice(&rng.f16_in(-0.2, 0.0));
+            }
+            GgmlType::Q4_K => {
+                b[0..2].copy_from_slice(&rng.f16_in(1e-4, 1e-3));
+                b[2..4].copy_from_slice(&rng.f16_in(1e-4, 1e-3));
+            }
+            GgmlType::Q6_K => b[208..210].copy_from_slice(&rng.f16_in(1e-4, 1e-3)),
+            _ => {}
+        }
+        out.extend(b);
+    }
+    out
+}
+
+fn random_vec(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.normal()).collect()
+}
+
+/// Codes of one weight block as ggml's scalar loops see them (signed, with
+/// offsets applied; minimum-type codes unsigned).
+fn weight_codes(ty: GgmlType, b: &[u8]) -> Vec<i32> {
+    let nib = |qs: &[u8], j: usize| -> i32 {
+        if j < 16 {
+            i32::from(qs[j] & 15)
+        } else {
+            i32::from(qs[j - 16] >> 4)
+        }
+    };
+    match ty {
+        GgmlType::Q4_0 => (0..32).map(|j| nib(&b[2..18], j) - 8).collect(),
+        GgmlType::Q4_1 => (0..32).map(|j| nib(&b[4..20], j)).collect(),
+        GgmlType::Q5_0 => {
+            let qh = u32_at(b, 2);
+            (0..32)
+                .map(|j| nib(&b[6..22], j) + (((qh >> j) & 1) as i32) * 16 - 16)
+                .collect()
+        }
+        GgmlType::Q5_1 => {
+            let qh = u32_at(b, 4);
+            (0..32)
+                .map(|j| nib(&b[8..24], j) + (((qh >> j) & 1) as i32) * 16)
+                .collect()
+        }
+        GgmlType::Q8_0 => b[2..34].iter().map(|&q| i32::from(q as i8)).collect(),
+        _ => unreachable!(),
+    }
+}
+
+/// Scalar `ggml_vec_dot_<ty>_q8_<0|1>` for one row, on ggml byte layouts.
+/// Returns (dot, Σ|terms|) with the sum in f64 so the SIMD result can be
+/// compared to a tight tolerance.
+fn reference_dot_32(ty: GgmlType, row: &[u8], act: &[u8]) -> (f64, f64) {
+    let act_type = activation_type(ty).unwrap_or(GgmlType::F32);
+    let (mut sum, mut mag) = (0.0f64, 0.0f64);
+    for (w, a) in row
+        .chunks_exact(ty.block_bytes())
+        .zip(act.chunks_exact(act_type.block_bytes()))
+    {
+        let a_off = if act_type == GgmlType::Q8_1 { 4 } else { 2 };
+        let codes = weight_codes(ty, w);
+        let sumi: i32 = codes
+            .iter()
+            .zip(&a[a_off..a_off + 32])
+            .map(|(w, &a)| w * i32::from(a as i8))
+            .sum();
+        let term = f64::from(f16_at(w, 0)) * f64::from(f16_at(a, 0)) * f64::from(sumi);
+        sum += term;
+        mag += term.abs();
+        if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+            let min_term = f64::from(f16_at(w, 2)) * f64::from(f16_at(a, 2));
+            sum += min_term;
+            mag += min_term.abs();
+        }
+    }
+    (sum, mag)
+}
+
+/// Scalar `ggml_vec_dot_q4_K_q8_K` / `ggml_vec_dot_q6_K_q8_K` for one row.
+fn reference_dot_k(ty: GgmlType, row: &[u8], act: &[u8]) -> (f64, f64) {
+    let (mut sum, mut mag) = (0.0f64, 0.0f64);
+    for (w, a) in row
+        .chunks_exact(ty.block_bytes())
+        .zip(act.chunks_exact(292))
+    {
+        let d_a = f64::from(f32::from_le_bytes([a[0], a[1], a[2], a[3]]));
+        let q8: Vec<i32> = a[4..260].iter().map(|&q| i32::from(q as i8)).collect();
+        let bsum = |g: usize| i32::from(i16::from_le_bytes([a[260 + 2 * g], a[261 + 2 * g]]));
+        if ty == GgmlType::Q4_K {
+            let mut sumi = 0i32;
+            let mut mins = 0i32;
+            for j in 0..8 {
+                let (sc, m) = k4_scale_min(&w[4..16], j);
+                let qs = &w[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+                for l in 0..32 {
+                    let q = if j % 2 == 0 { qs[l] & 15 } else { qs[l] >> 4 };
+                    sumi += i32::from(sc) * i32::from(q) * q8[32 * j + l];
+                }
+                mins += i32::from(m) * (bsum(2 * j) + bsum(2 * j + 1));
+            }
+            let main = f64::from(f16_at(w, 0)) * d_a * f64::from(sumi);
+            let min = f64::from(f16_at(w, 2)) * d_a * f64::from(mins);
+            sum += main - min;
+            mag += main.abs() + min.abs();
+        } else {
+            let mut sumi = 0i32;
+            for half in 0..2 {
+                let (ql, qh, sc) = (&w[64 * half..], &w[128 + 32 * half..], &w[192 + 8 * half..]);
+                for l in 0..32 {
+                    let q = [
+                        i32::from((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32,
+                        i32::from((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32,
+                        i32::from((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32,
+                        i32::from((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32,
+                    ];
+                    for (t, q) in q.iter().enumerate() {
+                        let scale = i32::from(sc[l / 16 + 2 * t] as i8);
+                        sumi += scale * q * q8[128 * half + 32 * t + l];
+                    }
+                }
+            }
+            let main = f64::from(f16_at(w, 208)) * d_a * f64::from(sumi);
+            sum += main;
+            mag += main.abs();
+        }
+    }
+    (sum, mag)
+}
+
+const ALL_KERNEL_TYPES: [GgmlType; 7] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+];
+
+#[test]
+fn integer_block_sums_equal_the_scalar_sums_exactly() {
+    let mut rng = Rng(1);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
+        for _ in 0..200 {
+            let w = random_blocks(&mut rng, ty, 1);
+            let codes: [i16; 32] = std::array::from_fn(|_| i16::from(rng.byte() as i8));
+            let a = [
+                i16x16::new(codes[..16].try_into().unwrap()),
+                i16x16::new(codes[16..].try_into().unwrap()),
+            ];
+            let want: i32 = weight_codes(ty, &w)
+                .iter()
+                .zip(codes)
+                .map(|(w, a)| w * i32::from(a))
+                .sum();
+            let got = match ty {
+                GgmlType::Q4_0 => q4_0_block(&w[2..18], &a),
+                GgmlType::Q4_1 => q4_1_block(&w[4..20], &a),
+                GgmlType::Q5_0 => q5_block(u32_at(&w, 2), &w[6..22], &a, 16),
+                GgmlType::Q5_1 => q5_block(u32_at(&w, 4), &w[8..24], &a, 0),
+                _ => q8_0_block(&w[2..34], &a),
+            };
+            assert_eq!(got.reduce_add(), want, "{ty}");
+        }
+    }
+}
+
+#[test]
+fn k_quant_integer_sums_equal_the_scalar_sums_exactly() {
+    let mut rng = Rng(2);
+    for _ in 0..50 {
+        let x = random_vec(&mut rng, 256);
+        let mut acts = QuantizedActivations::new();
+        acts.quantize_from(&x, GgmlType::Q4_K).unwrap();
+        let bytes = acts.to_ggml_bytes();
+        let q8: Vec<i32> = bytes[4..260].iter().map(|&q| i32::from(q as i8)).collect();
+
+        let w = random_blocks(&mut rng, GgmlType::Q4_K, 1);
+        let mut want = 0i32;
+        let mut want_min = 0i32;
+        for j in 0..8 {
+            let (sc, m) = k4_scale_min(&w[4..16], j);
+            for l in 0..32 {
+                let byte = w[16 + 32 * (j / 2) + l];
+                let q = if j % 2 == 0 { byte & 15 } else { byte >> 4 };
+                want += i32::from(sc) * i32::from(q) * q8[32 * j + l];
+                want_min += i32::from(m) * q8[32 * j + l];
+            }
+        }
+        assert_eq!(
+            q4_k_block(&w[4..16], &w[16..144], &acts.quants).reduce_add(),
+            want
+        );
+        assert_eq!(q4_k_min_sum(&w[4..16], &acts.bsums), want_min);
+
+        let w = random_blocks(&mut rng, GgmlType::Q6_K, 1);
+        let mut decoded = [0f32; 256];
+        dequantize(GgmlType::Q6_K, &w, &mut decoded).unwrap();
+        let d = f16_at(&w, 208);
+        // Each decoded weight is d * scale * q exactly; recover scale * q.
+        let want: i64 = decoded
+            .iter()
+            .zip(&q8)
+            .map(|(v, &a)| (v / d).round() as i64 * i64::from(a))
+            .sum();
+        assert_eq!(i64::from(q6_k_block(&w, &acts.quants).reduce_add()), want);
+    }
+}
+
+#[test]
+fn matvec_equals_the_scalar_reference_kernels() {
+    let mut rng = Rng(3);
+    for ty in ALL_KERNEL_TYPES {
+        let per_block = ty.block_len();
+        let max_blocks = if per_block == 256 { 3 } else { 8 };
+        for blocks in 1..=max_blocks {
+            let cols = blocks * per_block;
+            let rows = 5;
+            let m = QMatrix::from_bytes(ty, rows, cols, random_blocks(&mut rng, ty, rows * blocks))
+                .unwrap();
+            let x = random_vec(&mut rng, cols);
+            let mut acts = QuantizedActivations::new();
+            acts.quantize_from(&x, ty).unwrap();
+            let act_bytes = acts.to_ggml_bytes();
+            let mut out = vec![0f32; rows];
+            m.matvec(&acts, &mut out);
+            for (r, got) in out.iter().enumerate() {
+                let (want, mag) = if per_block == 256 {
+                    reference_dot_k(ty, m.row_bytes(r), &act_bytes)
+                } else {
+                    reference_dot_32(ty, m.row_bytes(r), &act_bytes)
+                };
+                let err = (f64::from(*got) - want).abs();
+                assert!(
+                    err <= 1e-5 * mag + 1e-30,
+                    "{ty} cols {cols} row {r}: {got} vs {want} (mag {mag})"
+                );
+            }
+        }
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn matvec_f32_equals_a_plain_loop_over_dequantized_weights() {
+    let mut rng = Rng(4);
+    for ty in ALL_KERNEL_TYPES
+        .into_iter()
+        .chain([GgmlType::F32, GgmlType::F16, GgmlType::BF16])
+    {
+        let cols = if ty.block_len() == 256 { 512 } else { 96 };
+        let rows = 7;
+        let w = random_vec(&mut rng, rows * cols);
+        let m = match ty {
+            GgmlType::Q4_K | GgmlType::Q6_K => QMatrix::from_bytes(
+                ty,
+                rows,
+                cols,
+                random_blocks(&mut rng, ty, rows * cols / 256),
+            )
+            .unwrap(),
+            _ => QMatrix::from_f32(ty, rows, cols, &w).unwrap(),
+        };
+        let x = random_vec(&mut rng, cols);
+        let mut out = vec![0f32; rows];
+        m.matvec_f32(&x, &mut out);
+        let dense = m.to_f32();
+        for r in 0..rows {
+            let row = &dense[r * cols..(r + 1) * cols];
+            let want: f64 = row
+                .iter()
+                .zip(&x)
+                .map(|(w, x)| f64::from(*w) * f64::from(*x))
+                .sum();
+            let mag: f64 = row
+                .iter()
+                .zip(&x)
+                .map(|(w, x)| (f64::from(*w) * f64::from(*x)).abs())
+                .sum();
+            assert!(
+                (f64::from(out[r]) - want).abs() <= 1e-5 * mag,
+                "{ty} row {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn plain_float_matrices_accept_any_length_and_use_f32_activations() {
+    let mut rng = Rng(5);
+    for cols in [1usize, 7, 8, 13, 33] {
+        let w = random_vec(&mut rng, 3 * cols);
+        let m = QMatrix::from_f32(GgmlType::F32, 3, cols, &w).unwrap();
+        let x = random_vec(&mut rng, cols);
+        let mut acts = QuantizedActivations::new();
+        acts.quantize_from(&x, GgmlType::F32).unwrap();
+        assert_eq!(acts.format(), GgmlType::F32);
+        let mut out = [0f32; 3];
+        m.matvec(&acts, &mut out);
+        for r in 0..3 {
+            let want: f32 = w[r * cols..(r + 1) * cols]
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| a * b)
+                .sum();
+            assert!(
+                (out[r] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "cols {cols}"
+            );
+        }
+    }
+}
+
+#[test]
+fn quantized_and_f32_products_agree_on_random_matrices() {
+    let mut rng = Rng(6);
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+    ] {
+        let (rows, cols) = (64, 576);
+        let w = random_vec(&mut rng, rows * cols);
+        let m = QMatrix::from_f32(ty, rows, cols, &w).unwrap();
+        let x = random_vec(&mut rng, cols);
+        let mut acts = QuantizedActivations::new();
+        acts.quantize_from(&x, ty).unwrap();
+        let mut quantized = vec![0f32; rows];
+        let mut reference = vec![0f32; rows];
+        m.matvec(&acts, &mut quantized);
+        m.matvec_f32(&x, &mut reference);
+        let cos = cosine(&quantized, &reference);
+        assert!(cos > 0.999, "{ty}: cosine {cos}");
+        let err: f64 = quantized
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum();
+        let norm: f64 = reference.iter().map(|v| f64::from(*v).powi(2)).sum();
+        let rel = (err / norm).sqrt();
+        assert!(rel < 0.02, "{ty}: relative error {rel}");
+
+        let mut again = vec![0f32; rows];
+        m.matvec(&acts, &mut again);
+        assert_eq!(
+            quantized.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            again.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{ty}: not deterministic"
+        );
+    }
+}
+
+#[test]
+fn row_ranges_match_the_full_product() {
+    let mut rng = Rng(7);
+    let (rows, cols) = (10, 64);
+    let m = QMatrix::from_f32(
+        GgmlType::Q8_0,
+        rows,
+        cols,
+        &random_vec(&mut rng, rows * cols),
+    )
+    .unwrap();
+    let x = random_vec(&mut rng, cols);
+    let mut acts = QuantizedActivations::new();
+    acts.quantize_from(&x, GgmlType::Q8_0).unwrap();
+    let mut full = vec![0f32; rows];
+    m.matvec(&acts, &mut full);
+    let mut part = vec![0f32; 4];
+    m.matvec_rows(3..7, &acts, &mut part);
+    assert_eq!(part, full[3..7]);
+    let mut full_f32 = vec![0f32; rows];
+    m.matvec_f32(&x, &mut full_f32);
+    let mut part_f32 = vec![0f32; 3];
+    m.matvec_f32_rows(7..10, &x, &mut part_f32);
+    assert_eq!(part_f32, full_f32[7..10]);
+}
+
+#[test]
+fn activations_match_the_reference_quantizers_byte_for_byte() {
+    let mut rng = Rng(8);
+    for (weights, format) in [
+        (GgmlType::Q8_0, GgmlType::Q8_0),
+        (GgmlType::Q4_1, GgmlType::Q8_1),
+        (GgmlType::Q6_K, GgmlType::Q8_K),
+    ] {
+        let mut x = random_vec(&mut rng, 512);
+        x[40..72].fill(0.0);
+        let mut acts = QuantizedActivations::new();
+        acts.quantize_from(&x, weights).unwrap();
+        assert_eq!(acts.format(), format);
+        assert_eq!(acts.len(), 512);
+        let mut bytes = Vec::new();
+        quantize(format, &x, &mut bytes).unwrap();
+        assert_eq!(acts.to_ggml_bytes(), bytes, "{format}");
+        let mut decoded = vec![0f32; 512];
+        dequantize(format, &bytes, &mut decoded).unwrap();
+        assert_eq!(acts.to_f32(), decoded, "{format}");
+        let worst = x
+            .iter()
+            .zip(&decoded)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 0.03, "{format}: error {worst}");
+    }
+}
+
+#[test]
+fn q8_1_sums_are_scale_times_code_sum() {
+    let x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) / 10.0).collect();
+    let mut acts = QuantizedActivations::new();
+    acts.quantize_from(&x, GgmlType::Q5_1).unwrap();
+    let bytes = acts.to_ggml_bytes();
+    for block in bytes.chunks_exact(36) {
+        let codes: i32 = block[4..].iter().map(|&q| i32::from(q as i8)).sum();
+        let d = f16_at(block, 0);
+        let s = f16_at(block, 2);
+        assert!(
+            (s - d * codes as f32).abs() <= 1e-3 * s.abs().max(1e-3),
+            "{s} vs {}",
+            d * codes as f32
+        );
+    }
+}
+
+#[test]
+fn activation_buffers_are_reused_when_not_growing() {
+    let mut acts = QuantizedActivations::new();
+    acts.quantize_from(&[0.5; 1024], GgmlType::Q4_1).unwrap();
+    let (q, s) = (acts.quants.as_ptr(), acts.scales.as_ptr());
+    acts.quantize_from(&[0.25; 512], GgmlType::Q8_0).unwrap();
+    // 127 is exactly representable: scale 1, every code 127.
+    acts.quantize_from(&[127.0; 1024], GgmlType::Q4_1).unwrap();
+    assert_eq!((acts.quants.as_ptr(), acts.scales.as_ptr()), (q, s));
+    assert!(acts.to_f32().iter().all(|&v| v == 127.0));
+    assert_eq!(acts.len(), 1024);
+}
+
+#[test]
+fn non_finite_activations_make_their_outputs_non_finite() {
+    let mut rng = Rng(9);
+    let m = QMatrix::from_f32(GgmlType::Q4_1, 2, 64, &random_vec(&mut rng, 128)).unwrap();
+    let mut x = random_vec(&mut rng, 64);
+    x[3] = f32::INFINITY;
+    let mut acts = QuantizedActivations::new();
+    acts.quantize_from(&x, GgmlType::Q4_1).unwrap();
+    let mut out = [0f32; 2];
+    m.matvec(&acts, &mut out);
+    assert!(out.iter().all(|v| !v.is_finite()), "{out:?}");
+    x[3] = f32::NAN;
+    acts.quantize_from(&x, GgmlType::Q4_1).unwrap();
+    m.matvec(&acts, &mut out);
+    assert!(out.iter().all(|v| v.is_nan()), "{out:?}");
+}
+
+#[test]
+fn bad_shapes_and_types_are_errors() {
+    let mut acts = QuantizedActivations::new();
+    assert_eq!(
+        acts.quantize_from(&[0.0; 48], GgmlType::Q4_0),
+        Err(QuantError::NotWholeBlocks {
+            ty: GgmlType::Q8_0,
+            elements: 48
+        })
+    );
+    assert_eq!(
+        acts.quantize_from(&[0.0; 256], GgmlType::Q2_K),
+        Err(QuantError::Unsupported(GgmlType::Q2_K))
+    );
+    assert_eq!(
+        QMatrix::from_bytes(GgmlType::Q4_1, 2, 64, vec![0; 79]),
+        Err(QuantError::ByteLength {
+            ty: GgmlType::Q4_1,
+            elements: 128,
+            expected: 80,
+            actual: 79
+        })
+    );
+    assert_eq!(
+        QMatrix::from_bytes(GgmlType::Q4_1, 2, 48, vec![0; 60]),
+        Err(QuantError::NotWholeBlocks {
+            ty: GgmlType::Q4_1,
+            elements: 48
+        })
+    );
+    assert_eq!(
+        QMatrix::from_bytes(GgmlType::Q4_1, usize::MAX, 64, vec![]),
+        Err(QuantError::TooLarge {
+            rows: usize::MAX,
+            cols: 64
+        })
+    );
+    assert_eq!(
+        QMatrix::from_bytes(GgmlType::Q3_K, 1, 256, vec![0; 110]),
+        Err(QuantError::Unsupported(GgmlType::Q3_K))
+    );
+    assert_eq!(
+        QMatrix::from_f32(GgmlType::Q8_0, 2, 32, &[0.0; 63]),
+        Err(QuantError::ValueCount {
+            rows: 2,
+            cols: 32,
+            expected: 64,
+            actual: 63
+        })
+    );
+    assert_eq!(
+        QMatrix::from_f32(GgmlType::Q4_K, 1, 256, &[0.0; 256]),
+        Err(QuantError::Unsupported(GgmlType::Q4_K))
+    );
+    let mut out = [0f32; 32];
+    assert_eq!(
+        dequantize(GgmlType::Q8_0, &[0; 33], &mut out),
+        Err(QuantError::ByteLength {
+            ty: GgmlType::Q8_0,
+            elements: 32,
+            expected: 34,
+            actual: 33
+        })
+    );
+    assert_eq!(
+        dequantize(GgmlType::Q4_0, &[0; 18], &mut out[..20]),
+        Err(QuantError::NotWholeBlocks {
+            ty: GgmlType::Q4_0,
+            elements: 20
+        })
+    );
+    assert_eq!(
+        dequantize(GgmlType::Q5_K, &[0; 176], &mut [0f32; 256]),
+        Err(QuantError::Unsupported(GgmlType::Q5_K))
+    );
+    let mut bytes = vec![1, 2, 3];
+    let mut src = [0.5f32; 32];
+    src[9] = f32::NAN;
+    assert_eq!(
+        quantize(GgmlType::Q4_1, &src, &mut bytes),
+        Err(QuantError::NonFinite { index: 9 })
+    );
+    assert!(bytes.is_empty());
+    assert_eq!(
+        quantize(GgmlType::Q6_K, &[0.0; 256], &mut bytes),
+        Err(QuantError::Unsupported(GgmlType::Q6_K))
+    );
+    assert!(!QuantError::Unsupported(GgmlType::Q2_K)
+        .to_string()
+        .is_empty());
+}
+
+#[test]
+#[should_panic(expected = "cannot multiply")]
+fn matvec_rejects_activations_quantized_for_another_type() {
+    let m = QMatrix::from_f32(GgmlType::Q4_1, 1, 32, &[0.5; 32]).unwrap();
+    let mut acts = QuantizedActivations::new();
+    acts.quantize_from(&[0.5; 32], GgmlType::Q8_0).unwrap();
+    m.matvec(&acts, &mut [0.0]);
+}
+
+#[test]
+#[should_panic(expected = "activation length")]
+fn matvec_rejects_a_wrong_activation_length() {
+    let m = QMatrix::from_f32(GgmlType::Q8_0, 1, 64, &[0.5; 64]).unwrap();
+    let mut acts = QuantizedActivations::new();
+    acts.quantize_from(&[0.5; 32], GgmlType::Q8_0).unwrap();
+    m.matvec(&acts, &mut [0.0]);
+}
+
+#[test]
+fn quantize_round_trip_error_is_within_half_a_step() {
+    let mut rng = Rng(10);
+    let x = random_vec(&mut rng, 256);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
+        let mut bytes = Vec::new();
+        quantize(ty, &x, &mut bytes).unwrap();
+        let mut back = vec![0f32; 256];
+        dequantize(ty, &bytes, &mut back).unwrap();
+        for (b, (block, orig)) in bytes
+            .chunks_exact(ty.block_bytes())
+            .zip(x.chunks_exact(32))
+            .enumerate()
+        {
+            let d = f16_at(block, 0).abs();
+            for (j, v) in orig.iter().enumerate() {
+                let err = (back[32 * b + j] - v).abs();
+                // Half a step, plus slack for the f16 rounding of d and m;
+                // the symmetric types clamp the far side's top code, which
+                // costs up to a whole step.
+                let steps = if matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0) {
+                    1.0
+                } else {
+                    0.5
+                };
+                assert!(
+                    err <= steps * d + 0.02 * v.abs() + 2e-3,
+                    "{ty} block {b} elem {j}: {err} (d {d})"
+                );
+            }
+        }
+    }
+}
