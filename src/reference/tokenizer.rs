@@ -334,15 +334,23 @@ fn byte_alphabet() -> [char; 256] {
     table
 }
 
-/// The byte an alphabet character stands for.
-fn alphabet_byte(c: char, alphabet: &[char; 256]) -> Option<u8> {
-    let cp = c as u32;
-    if cp > 0x143 {
-        return None;
+/// Code points the byte alphabet uses: U+0021 to U+0143.
+const ALPHABET_SPAN: usize = 0x144;
+
+/// The inverse of [`byte_alphabet`], indexed by code point.
+fn alphabet_inverse(alphabet: &[char; 256]) -> [Option<u8>; ALPHABET_SPAN] {
+    let mut inverse = [None; ALPHABET_SPAN];
+    for (b, &c) in (0u8..=255).zip(alphabet) {
+        if let Some(slot) = inverse.get_mut(c as usize) {
+            *slot = Some(b);
+        }
     }
-    // The alphabet is a bijection onto a small range; a direct search of 256
-    // entries is cheap enough for the one-time table build.
-    (0u8..=255).find(|&b| alphabet[b as usize] == c)
+    inverse
+}
+
+/// The byte an alphabet character stands for.
+fn alphabet_byte(c: char, inverse: &[Option<u8>; ALPHABET_SPAN]) -> Option<u8> {
+    inverse.get(c as usize).copied().flatten()
 }
 
 /// Character classes of the GPT-2 pattern, as llama.cpp defines them.
@@ -646,6 +654,7 @@ impl Tokenizer {
             }
         }
 
+        let inverse = alphabet_inverse(&alphabet);
         let mut specials: Vec<u32> = (0u32..)
             .zip(&types)
             .filter(|(_, t)| t.is_special())
@@ -657,7 +666,7 @@ impl Tokenizer {
         let mut piece_starts = Vec::with_capacity(tokens.len() + 1);
         for (text, ty) in tokens.iter().zip(&types) {
             piece_starts.push(piece_bytes.len());
-            decode_piece(text, *ty, &alphabet, &mut piece_bytes);
+            decode_piece(text, *ty, &inverse, &mut piece_bytes);
         }
         piece_starts.push(piece_bytes.len());
 
@@ -985,14 +994,19 @@ impl Tokenizer {
 }
 
 /// Appends the bytes token text `text` of type `ty` stands for.
-fn decode_piece(text: &str, ty: TokenType, alphabet: &[char; 256], out: &mut Vec<u8>) {
+fn decode_piece(
+    text: &str,
+    ty: TokenType,
+    inverse: &[Option<u8>; ALPHABET_SPAN],
+    out: &mut Vec<u8>,
+) {
     match ty {
         TokenType::Control | TokenType::UserDefined | TokenType::Unknown => {
             out.extend_from_slice(text.as_bytes())
         }
         TokenType::Normal => {
             for c in text.chars() {
-                match alphabet_byte(c, alphabet) {
+                match alphabet_byte(c, inverse) {
                     Some(b) => out.push(b),
                     // Outside the byte alphabet: kept as written (llama.cpp
                     // prints an "[UNK_BYTE_..]" marker instead).
@@ -1253,10 +1267,12 @@ mod tests {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), 256);
+        let inv = alphabet_inverse(&a);
         for b in 0..=255u8 {
-            assert_eq!(alphabet_byte(a[b as usize], &a), Some(b));
+            assert_eq!(alphabet_byte(a[b as usize], &inv), Some(b));
         }
-        assert_eq!(alphabet_byte('€', &a), None);
+        assert_eq!(alphabet_byte('€', &inv), None);
+        assert_eq!(alphabet_byte(' ', &inv), None);
     }
 
     #[test]
