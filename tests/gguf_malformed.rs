@@ -3,6 +3,8 @@
 //! malformed file must give an error value, never a panic or a huge
 //! allocation.
 
+#![cfg(feature = "reference-model")]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
