@@ -3,4 +3,5 @@
 pub mod dtype;
 pub mod gguf;
 pub mod quant;
+pub mod model;
 pub mod tokenizer;
