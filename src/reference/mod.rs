@@ -2,6 +2,6 @@
 
 pub mod dtype;
 pub mod gguf;
-pub mod quant;
 pub mod model;
+pub mod quant;
 pub mod tokenizer;

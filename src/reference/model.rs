@@ -348,6 +348,33 @@ pub struct Weights {
     pub output: Linear,
 }
 
+impl Weights {
+    /// Every linear layer, LM head included.
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> + '_ {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.attn_q,
+                    &mut l.attn_k,
+                    &mut l.attn_v,
+                    &mut l.attn_output,
+                    &mut l.ffn_gate,
+                    &mut l.ffn_up,
+                    &mut l.ffn_down,
+                ]
+            })
+            .chain(std::iter::once(&mut self.output))
+    }
+
+    /// Forgets the f32 master weights: the reference path then multiplies
+    /// the dequantized weights, and measures what activation quantization
+    /// alone costs.
+    pub fn drop_masters(&mut self) {
+        self.linears_mut().for_each(|l| l.master = None);
+    }
+}
+
 /// A fault to inject into the forward pass, to watch the anomaly detector
 /// find it at its origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,7 +416,11 @@ impl Fault {
             "nan" => FaultKind::NaN,
             "inf" => FaultKind::Inf,
             "explode" => FaultKind::Explode,
-            other => return Err(format!("fault kind {other:?}: expected nan, inf or explode")),
+            other => {
+                return Err(format!(
+                    "fault kind {other:?}: expected nan, inf or explode"
+                ))
+            }
         };
         let layer = layer
             .parse()
@@ -425,9 +456,9 @@ pub struct KvCache {
     capacity: usize,
     kv_dim: usize,
     sinks: usize,
-    len: usize,           // valid positions
-    ring_start: usize,    // chronological start of the ring region, as an offset into it
-    tokens: Vec<u32>,     // token of each slot
+    len: usize,            // valid positions
+    ring_start: usize,     // chronological start of the ring region, as an offset into it
+    tokens: Vec<u32>,      // token of each slot
     positions: Vec<usize>, // absolute position of each slot
     next_position: usize,
     total_evictions: usize,
@@ -606,15 +637,31 @@ pub struct Llama<C: TraceConfig = crate::DefaultTrace> {
     state: RunState,
     tracer: ModelTracer<C>,
     fault: Option<Fault>,
+    exact: bool,
     steps: usize,
 }
 
-/// Quantizes `x` for weights of type `ty`. The types and lengths were checked
-/// when the weights were built, so this cannot fail.
+/// Quantizes `x` for weights of type `ty` (nothing to do on the exact f32
+/// path). The types and lengths were checked when the weights were built, so
+/// this cannot fail.
 #[inline]
-fn quantize(xq: &mut QuantizedActivations, x: &[f32], ty: GgmlType) {
+fn quantize(xq: &mut QuantizedActivations, x: &[f32], ty: GgmlType, exact: bool) {
+    if exact {
+        return;
+    }
     if let Err(e) = xq.quantize_from(x, ty) {
         unreachable!("activation shapes are validated at load: {e}");
+    }
+}
+
+/// `out = W x`: on the quantized path (weights times 8-bit activations) or
+/// the exact f32 path.
+#[inline]
+fn matmul(w: &Linear, xq: &QuantizedActivations, x: &[f32], out: &mut [f32], exact: bool) {
+    if exact {
+        w.reference(x, out);
+    } else {
+        w.forward(xq, out);
     }
 }
 
@@ -677,6 +724,7 @@ impl<C: TraceConfig> Llama<C> {
             cache,
             state,
             fault: None,
+            exact: false,
             steps: 0,
         })
     }
@@ -718,6 +766,15 @@ impl<C: TraceConfig> Llama<C> {
         self.fault = fault;
     }
 
+    /// Runs every matmul on the f32 reference path (master or dequantized
+    /// weights times unquantized activations) instead of the quantized one.
+    /// The cache is cleared: positions computed one way must not be mixed
+    /// with the other.
+    pub fn set_exact(&mut self, exact: bool) {
+        self.exact = exact;
+        self.cache.clear();
+    }
+
     /// Forgets the conversation: call between independent conversations.
     pub fn clear_kv_cache(&mut self) {
         self.cache.clear();
@@ -742,10 +799,16 @@ impl<C: TraceConfig> Llama<C> {
             state: s,
             tracer,
             fault,
+            exact,
             steps,
             ..
         } = self;
-        let token = if (token as usize) < c.vocab_size { token } else { 0 };
+        let exact = *exact;
+        let token = if (token as usize) < c.vocab_size {
+            token
+        } else {
+            0
+        };
         let pos = cache.next_position();
         let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
         let kv_mul = c.n_heads / c.n_kv_heads;
@@ -770,16 +833,16 @@ impl<C: TraceConfig> Llama<C> {
             {
                 let (q, kv) = s.qkv.split_at_mut(dim);
                 let (k, v) = kv.split_at_mut(kv_dim);
-                quantize(&mut s.xq, &s.xb, lw.attn_q.weight.ty());
-                lw.attn_q.forward(&s.xq, q);
+                quantize(&mut s.xq, &s.xb, lw.attn_q.weight.ty(), exact);
+                matmul(&lw.attn_q, &s.xq, &s.xb, q, exact);
                 if lw.attn_k.weight.ty() != lw.attn_q.weight.ty() {
-                    quantize(&mut s.xq, &s.xb, lw.attn_k.weight.ty());
+                    quantize(&mut s.xq, &s.xb, lw.attn_k.weight.ty(), exact);
                 }
-                lw.attn_k.forward(&s.xq, k);
+                matmul(&lw.attn_k, &s.xq, &s.xb, k, exact);
                 if lw.attn_v.weight.ty() != lw.attn_k.weight.ty() {
-                    quantize(&mut s.xq, &s.xb, lw.attn_v.weight.ty());
+                    quantize(&mut s.xq, &s.xb, lw.attn_v.weight.ty(), exact);
                 }
-                lw.attn_v.forward(&s.xq, v);
+                matmul(&lw.attn_v, &s.xq, &s.xb, v, exact);
             }
             tracer.quant_error(
                 BrickId::QkvProjection,
@@ -833,8 +896,8 @@ impl<C: TraceConfig> Llama<C> {
             }
 
             // output projection
-            quantize(&mut s.xq, &s.xb, lw.attn_output.weight.ty());
-            lw.attn_output.forward(&s.xq, &mut s.xb2);
+            quantize(&mut s.xq, &s.xb, lw.attn_output.weight.ty(), exact);
+            matmul(&lw.attn_output, &s.xq, &s.xb, &mut s.xb2, exact);
             tracer.quant_error(
                 BrickId::AttentionOutput,
                 l,
@@ -856,12 +919,12 @@ impl<C: TraceConfig> Llama<C> {
             tracer.activation(l, Stage::PostFfnNorm, &s.xb);
 
             // gate and up projections
-            quantize(&mut s.xq, &s.xb, lw.ffn_gate.weight.ty());
-            lw.ffn_gate.forward(&s.xq, &mut s.hb);
+            quantize(&mut s.xq, &s.xb, lw.ffn_gate.weight.ty(), exact);
+            matmul(&lw.ffn_gate, &s.xq, &s.xb, &mut s.hb, exact);
             if lw.ffn_up.weight.ty() != lw.ffn_gate.weight.ty() {
-                quantize(&mut s.xq, &s.xb, lw.ffn_up.weight.ty());
+                quantize(&mut s.xq, &s.xb, lw.ffn_up.weight.ty(), exact);
             }
-            lw.ffn_up.forward(&s.xq, &mut s.hb2);
+            matmul(&lw.ffn_up, &s.xq, &s.xb, &mut s.hb2, exact);
             tracer.quant_error(BrickId::FfnGate, l, lw.ffn_gate.quant_type(), &s.hb, |r| {
                 lw.ffn_gate.reference(&s.xb, r)
             });
@@ -875,8 +938,8 @@ impl<C: TraceConfig> Llama<C> {
             }
 
             // down projection
-            quantize(&mut s.xq, &s.hb, lw.ffn_down.weight.ty());
-            lw.ffn_down.forward(&s.xq, &mut s.xb2);
+            quantize(&mut s.xq, &s.hb, lw.ffn_down.weight.ty(), exact);
+            matmul(&lw.ffn_down, &s.xq, &s.hb, &mut s.xb2, exact);
             tracer.quant_error(BrickId::FfnDown, l, lw.ffn_down.quant_type(), &s.xb2, |r| {
                 lw.ffn_down.reference(&s.hb, r)
             });
@@ -897,8 +960,8 @@ impl<C: TraceConfig> Llama<C> {
                 let (lens_x, lens_q, x) = (&mut s.lens_x, &mut s.lens_q, &s.x);
                 tracer.logit_lens(l, c.vocab_size, |out| {
                     rmsnorm(lens_x, x, &w.output_norm, c.rms_eps);
-                    quantize(lens_q, lens_x, w.output.weight.ty());
-                    w.output.forward(lens_q, out);
+                    quantize(lens_q, lens_x, w.output.weight.ty(), exact);
+                    matmul(&w.output, lens_q, lens_x, out, exact);
                 });
             }
         }
@@ -908,8 +971,8 @@ impl<C: TraceConfig> Llama<C> {
         tracer.activation(0, Stage::FinalNorm, &s.xb);
 
         // classifier into logits
-        quantize(&mut s.xq, &s.xb, w.output.weight.ty());
-        w.output.forward(&s.xq, &mut s.logits);
+        quantize(&mut s.xq, &s.xb, w.output.weight.ty(), exact);
+        matmul(&w.output, &s.xq, &s.xb, &mut s.logits, exact);
         tracer.quant_error(BrickId::LmHead, 0, w.output.quant_type(), &s.logits, |r| {
             w.output.reference(&s.xb, r)
         });
@@ -1156,12 +1219,21 @@ impl SplitMix64 {
 /// Each matrix is drawn in f32 (uniform, scaled by `1/sqrt(fan_in)` so that
 /// activations keep their size through the layers), kept as the master
 /// weights of the f32 reference path, and quantized to `weight_type`.
-pub fn synthetic_weights(c: &Config, weight_type: GgmlType, seed: u64) -> Result<Weights, ModelError> {
+pub fn synthetic_weights(
+    c: &Config,
+    weight_type: GgmlType,
+    seed: u64,
+) -> Result<Weights, ModelError> {
     let mut rng = SplitMix64::new(seed);
     let mut draw = |rows: usize, cols: usize, scale: f32| -> Vec<f32> {
-        (0..rows * cols).map(|_| rng.next_signed() * scale).collect()
+        (0..rows * cols)
+            .map(|_| rng.next_signed() * scale)
+            .collect()
     };
-    let linear = |name: &str, rows: usize, cols: usize, draw: &mut dyn FnMut(usize, usize, f32) -> Vec<f32>| {
+    let linear = |name: &str,
+                  rows: usize,
+                  cols: usize,
+                  draw: &mut dyn FnMut(usize, usize, f32) -> Vec<f32>| {
         let scale = (3.0 / cols as f32).sqrt();
         let master = draw(rows, cols, scale);
         let q = QMatrix::from_f32(weight_type, rows, cols, &master).map_err(|error| {
@@ -1181,12 +1253,13 @@ pub fn synthetic_weights(c: &Config, weight_type: GgmlType, seed: u64) -> Result
         Ok::<Linear, ModelError>(l)
     };
     let embd = draw(c.vocab_size, c.dim, 1.0);
-    let token_embd = QMatrix::from_f32(GgmlType::Q8_0, c.vocab_size, c.dim, &embd).map_err(
-        |error| ModelError::Quant {
-            tensor: "token_embd.weight".into(),
-            error,
-        },
-    )?;
+    let token_embd =
+        QMatrix::from_f32(GgmlType::Q8_0, c.vocab_size, c.dim, &embd).map_err(|error| {
+            ModelError::Quant {
+                tensor: "token_embd.weight".into(),
+                error,
+            }
+        })?;
     let kv = c.kv_dim();
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
