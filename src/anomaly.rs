@@ -39,6 +39,14 @@ impl AnomalyKind {
         matches!(self, AnomalyKind::NaN | AnomalyKind::Inf)
     }
 
+    /// Whether the kind is a fault (NaN, Inf, explosion) rather than a
+    /// diagnostic of how the model uses its layers (vanishing, residual
+    /// dominance), which healthy models can show: SmolLM2's first token,
+    /// for one, carries activations so large that some layers barely move it.
+    pub fn is_fault(self) -> bool {
+        matches!(self, AnomalyKind::NaN | AnomalyKind::Inf | AnomalyKind::Explosion)
+    }
+
     /// Short name (`"NaN"`, `"explosion"`, ...).
     pub fn name(self) -> &'static str {
         match self {

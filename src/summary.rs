@@ -423,6 +423,15 @@ impl TraceSummary {
         self.anomaly_counts.iter().sum()
     }
 
+    /// Anomalies that are faults: NaN, Inf, explosion.
+    pub fn total_faults(&self) -> usize {
+        AnomalyKind::ALL
+            .iter()
+            .filter(|k| k.is_fault())
+            .map(|&k| self.anomaly_counts[k as usize])
+            .sum()
+    }
+
     /// The summary as pretty-printed JSON.
     #[cfg(feature = "serde")]
     pub fn to_json(&self) -> String {

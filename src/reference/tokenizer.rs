@@ -497,6 +497,7 @@ struct Symbol {
 }
 
 /// A byte-level BPE tokenizer with its vocabulary, merges and chat template.
+#[derive(Clone)]
 pub struct Tokenizer {
     /// Vocabulary texts, by id (in GPT-2's byte alphabet for normal tokens).
     tokens: Vec<String>,
