@@ -1,117 +1,442 @@
-//! Traces a small hand-written model with every trace system on, injects a
-//! NaN at one layer, and prints what the tracer saw.
+//! Traces a LLaMA-family model end to end with the five trace systems.
 //!
-//! Run: `cargo run --release --example model_tracing`
+//! With no arguments it runs offline on a synthetic model shaped like
+//! SmolLM2-135M; `--gguf PATH` traces a real GGUF file. See `--help`.
 
-use model_tracer::{BrickId, Full, KvCacheStateTrace, ModelTracer, QuantType, Stage, TraceConfig};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::Instant;
 
-const DIM: usize = 64;
-const LAYERS: usize = 4;
+use model_tracer::reference::dtype::GgmlType;
+use model_tracer::reference::model::{Config, Fault, KvCacheOptions, Llama};
+use model_tracer::reference::tokenizer::ChatMessage;
+use model_tracer::{
+    AttentionTraceConfig, Disabled, Full, Lightweight, ModelTracer, TraceConfig, TraceOptions,
+};
 
-/// A toy residual network shaped like a decoder: per layer a "norm", a
-/// mixing matmul whose weights are rounded to 1/16 (the "quantized" path),
-/// and a residual add.
-struct Toy<C: TraceConfig> {
-    weights: Vec<Vec<f32>>, // (layers, DIM * DIM)
-    tracer: ModelTracer<C>,
-    history: Vec<Vec<f32>>, // per position, the hidden state (stands in for the KV cache)
+const HELP: &str = "\
+model_tracing: trace what a transformer computes, token by token
+
+USAGE:
+    cargo run --release --example model_tracing -- [OPTIONS]
+
+MODEL (default: a synthetic model shaped like SmolLM2-135M, Q4_1 weights, seed 1):
+    --gguf PATH          trace a GGUF file (llama architecture), with its tokenizer
+    --synthetic SHAPE    synthetic model shape: smollm2 (default) or tiny
+    --seed N             seed of the synthetic weights (default 1)
+
+INPUT:
+    --prompt TEXT        raw prompt; special-token text like <|im_start|> is parsed
+    --chat TEXT          a user message, wrapped in the model's chat template
+                         (synthetic models have no tokenizer: prompt bytes are token ids)
+    --max-tokens N       tokens to generate, greedily (default 16)
+    --ctx N              KV cache capacity in positions; smaller than the
+                         sequence to see StreamingLLM evictions (default 4096)
+
+TRACING:
+    --trace LEVEL        off | lightweight | full (default full): three
+                         monomorphized models, Llama<Disabled|Lightweight|Full>
+    --inject FAULT       nan@LAYER | inf@LAYER | explode@LAYER: inject a fault
+                         into every forward pass and watch it be found
+    --json PATH          write the whole trace as JSON (prompt and generated
+                         ids, summary, every retained forward)
+    -h, --help           this text
+";
+
+#[derive(Debug, Clone)]
+struct Args {
+    gguf: Option<String>,
+    synthetic: String,
+    seed: u64,
+    prompt: Option<String>,
+    chat: Option<String>,
+    max_tokens: usize,
+    ctx: usize,
+    trace: String,
+    inject: Option<Fault>,
+    json: Option<String>,
 }
 
-impl<C: TraceConfig> Toy<C> {
-    fn new(config: C) -> Self {
-        let mut seed = 0x9e37_79b9u32;
-        let mut rand = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            (seed as f32 / u32::MAX as f32 - 0.5) * 0.3
+fn parse_args() -> Result<Option<Args>, String> {
+    let mut a = Args {
+        gguf: None,
+        synthetic: "smollm2".into(),
+        seed: 1,
+        prompt: None,
+        chat: None,
+        max_tokens: 16,
+        ctx: 4096,
+        trace: "full".into(),
+        inject: None,
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "-h" || flag == "--help" {
+            return Ok(None);
+        }
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        let number = |v: String| -> Result<usize, String> {
+            v.parse()
+                .map_err(|_| format!("{flag}: {v:?} is not a number"))
         };
-        let weights = (0..LAYERS)
-            .map(|_| (0..DIM * DIM).map(|_| rand()).collect())
-            .collect();
-        Self {
-            weights,
-            tracer: ModelTracer::new(config),
-            history: Vec::new(),
+        match flag.as_str() {
+            "--gguf" => a.gguf = Some(value()?),
+            "--synthetic" => a.synthetic = value()?,
+            "--seed" => a.seed = number(value()?)? as u64,
+            "--prompt" => a.prompt = Some(value()?),
+            "--chat" => a.chat = Some(value()?),
+            "--max-tokens" => a.max_tokens = number(value()?)?,
+            "--ctx" => a.ctx = number(value()?)?,
+            "--trace" => a.trace = value()?,
+            "--inject" => a.inject = Some(Fault::parse(&value()?)?),
+            "--json" => a.json = Some(value()?),
+            other => return Err(format!("unknown option {other:?} (see --help)")),
         }
     }
+    if !matches!(a.trace.as_str(), "off" | "lightweight" | "full") {
+        return Err(format!(
+            "--trace {:?}: expected off, lightweight or full",
+            a.trace
+        ));
+    }
+    if !matches!(a.synthetic.as_str(), "smollm2" | "tiny") {
+        return Err(format!(
+            "--synthetic {:?}: expected smollm2 or tiny",
+            a.synthetic
+        ));
+    }
+    Ok(Some(a))
+}
 
-    fn forward(&mut self, pos: usize, inject_nan_at: Option<usize>) -> Vec<f32> {
-        let t = &mut self.tracer;
-        t.begin_forward(pos);
-        let mut x: Vec<f32> = (0..DIM).map(|i| ((i + pos) as f32 * 0.37).sin()).collect();
-        t.activation(0, Stage::Embedding, &x);
-        for (l, w) in self.weights.iter().enumerate() {
-            t.activation(l, Stage::Input, &x);
-            let rms = (x.iter().map(|v| v * v).sum::<f32>() / DIM as f32 + 1e-5).sqrt();
-            let normed: Vec<f32> = x.iter().map(|v| v / rms).collect();
-            t.activation(l, Stage::PostNorm, &normed);
-            let matvec = |round: bool, out: &mut [f32]| {
-                for (r, o) in out.iter_mut().enumerate() {
-                    let row = &w[r * DIM..(r + 1) * DIM];
-                    *o = row
-                        .iter()
-                        .zip(&normed)
-                        .map(|(a, b)| {
-                            if round {
-                                (a * 16.0).round() / 16.0 * b
-                            } else {
-                                a * b
-                            }
-                        })
-                        .sum();
-                }
-            };
-            let mut update = vec![0.0; DIM];
-            matvec(true, &mut update);
-            if inject_nan_at == Some(l) {
-                update[7] = f32::NAN;
-            }
-            t.quant_error(BrickId::FfnDown, l, QuantType::Q4_0, &update, |r| {
-                matvec(false, r)
-            });
-            t.activation(l, Stage::PostFfn, &update);
-            // Attention over earlier positions: softmax of dot products.
-            let scores: Vec<f32> = self
-                .history
-                .iter()
-                .map(|h| h[l] * x[l])
-                .chain([1.0])
-                .collect();
-            let m = scores.iter().cloned().fold(f32::MIN, f32::max);
-            let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
-            let z: f32 = e.iter().sum();
-            let p: Vec<f32> = e.iter().map(|v| v / z).collect();
-            t.attention(l, 0, pos, &p);
-            t.residual(l, &x, &update);
-            x.iter_mut().zip(&update).for_each(|(a, b)| *a += b);
-            t.activation(l, Stage::Output, &x);
-            t.logit_lens(l, DIM, |out| out.copy_from_slice(&x));
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
         }
-        t.final_logits(&x);
-        self.history.push(x.clone());
-        let n = self.history.len();
-        t.kv_state(|| {
-            let mut s = KvCacheStateTrace::new(pos, 64);
-            s.valid_positions = n;
-            s.cache_size_bytes = n * DIM * 4;
-            s.computed_positions = 1;
-            s.reused_positions = n - 1;
-            s.cache_hit_rate = (n - 1) as f32 / n as f32;
-            s
-        });
-        if let Some(anomaly) = t.end_forward() {
-            println!("anomaly: {anomaly}");
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
         }
-        x
+    };
+    // One branch, three monomorphized models.
+    let result = match args.trace.as_str() {
+        "off" => run(&args, Disabled),
+        "lightweight" => run(&args, Lightweight),
+        _ => run(&args, Full),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
-fn main() {
-    let mut model = Toy::new(Full);
-    for pos in 0..12 {
-        let inject = (pos == 9).then_some(2);
-        model.forward(pos, inject);
+/// Printable form of a token: control characters and quotes escaped.
+fn shown(text: &str) -> String {
+    let mut s = String::new();
+    for c in text.chars() {
+        match c {
+            '\n' => s.push_str("\\n"),
+            '\t' => s.push_str("\\t"),
+            '"' => s.push_str("\\\""),
+            c if c.is_control() => {
+                let _ = write!(s, "\\u{{{:x}}}", c as u32);
+            }
+            c => s.push(c),
+        }
     }
-    println!("{}", model.tracer.summary());
+    format!("\"{s}\"")
+}
+
+fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
+    let started = Instant::now();
+    let cache = KvCacheOptions {
+        capacity: args.ctx,
+        sinks: 4,
+    };
+    let mut model: Llama<C> = match &args.gguf {
+        Some(path) => {
+            Llama::from_gguf(path, Some(cache), trace).map_err(|e| format!("{path}: {e}"))?
+        }
+        None => {
+            let config = if args.synthetic == "tiny" {
+                Config::tiny()
+            } else {
+                Config::smollm2_135m()
+            };
+            let weights = model_tracer::reference::model::synthetic_weights(
+                &config,
+                GgmlType::Q4_1,
+                args.seed,
+            )
+            .map_err(|e| e.to_string())?;
+            Llama::new(config, weights, None, cache, trace).map_err(|e| e.to_string())?
+        }
+    };
+    let c = model.config.clone();
+    let source = match &args.gguf {
+        Some(p) => p.clone(),
+        None => format!(
+            "synthetic {} (Q4_1 weights, seed {})",
+            args.synthetic, args.seed
+        ),
+    };
+    println!(
+        "model: {source}\n  {} layers, hidden {}, {} heads / {} KV heads, vocab {}, KV capacity {} positions; loaded in {:.2} s",
+        c.n_layers,
+        c.dim,
+        c.n_heads,
+        c.n_kv_heads,
+        c.vocab_size,
+        model.cache().capacity(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(f) = args.inject {
+        if f.layer >= c.n_layers {
+            return Err(format!(
+                "--inject layer {} but the model has {} layers",
+                f.layer, c.n_layers
+            ));
+        }
+        model.set_fault(Some(f));
+        println!(
+            "  injecting {:?} at layer {} (shows at stage {})",
+            f.kind,
+            f.layer,
+            f.stage()
+        );
+    }
+
+    // The prompt.
+    let default_prompt = "The capital of France is";
+    let prompt_ids: Vec<u32> = match &model.tokenizer {
+        Some(tok) => match (&args.chat, &args.prompt) {
+            (Some(msg), _) => {
+                let text = tok
+                    .apply_chat_template(&[ChatMessage::user(msg.as_str())], true)
+                    .map_err(|e| e.to_string())?;
+                tok.encode(&text)
+            }
+            (None, Some(p)) => tok.encode(p),
+            (None, None) => tok.encode(default_prompt),
+        },
+        None => {
+            let text = args
+                .chat
+                .as_deref()
+                .or(args.prompt.as_deref())
+                .unwrap_or(default_prompt);
+            text.bytes().map(u32::from).collect()
+        }
+    };
+    if prompt_ids.is_empty() {
+        return Err("the prompt encodes to no tokens".into());
+    }
+    let total = prompt_ids.len() + args.max_tokens;
+    // Keep every forward of this run in detail: the report below reads them.
+    let options = TraceOptions {
+        max_forwards: total.max(1),
+        attention_config: AttentionTraceConfig {
+            top_k: 8,
+            ..AttentionTraceConfig::default()
+        },
+        ..TraceOptions::default()
+    };
+    let config = model.tracer().config().clone();
+    *model.tracer_mut() = ModelTracer::with_options(config, options);
+    println!(
+        "trace: {} | prompt: {} tokens | generating up to {} tokens",
+        args.trace,
+        prompt_ids.len(),
+        args.max_tokens
+    );
+
+    let t0 = Instant::now();
+    let mut done = 0usize;
+    let generation = model.generate(&prompt_ids, args.max_tokens, |_| {
+        done += 1;
+        eprint!(
+            "\r  generated {done}/{} tokens ({:.1} s)",
+            args.max_tokens,
+            t0.elapsed().as_secs_f64()
+        );
+        let _ = std::io::stderr().flush();
+    });
+    eprintln!();
+    let secs = t0.elapsed().as_secs_f64();
+    let forwards = generation.computed_prompt_positions + generation.tokens.len().saturating_sub(1);
+    println!(
+        "ran {forwards} forward passes in {secs:.2} s ({:.1} ms per token)",
+        1e3 * secs / forwards.max(1) as f64
+    );
+    let text = |ids: &[u32]| match &model.tokenizer {
+        Some(t) => t.decode(ids),
+        None => ids.iter().map(|i| format!("<{i}>")).collect(),
+    };
+    println!("prompt:    {}", shown(&text(&prompt_ids)));
+    println!("generated: {}", shown(&text(&generation.tokens)));
+    println!();
+
+    let tracer = model.tracer();
+    if !tracer.is_enabled() {
+        println!("tracing is off: Llama<Disabled> contains no tracing code.");
+        return Ok(());
+    }
+    let summary = tracer.summary();
+    print!("{summary}");
+    report_attention(&summary);
+    report_lens(&model, &prompt_ids, &generation.tokens);
+    report_quant(&summary);
+
+    if let Some(path) = &args.json {
+        write_json(path, &model, &prompt_ids, &generation.tokens, &summary)?;
+        println!("\nwrote the whole trace to {path}");
+    }
+    Ok(())
+}
+
+fn report_attention(summary: &model_tracer::TraceSummary) {
+    if summary.heads.is_empty() {
+        return;
+    }
+    let mut heads = summary.heads.clone();
+    heads.sort_by(|a, b| b.mean_sink_weight.total_cmp(&a.mean_sink_weight));
+    println!("\nattention sinks (heads with the most weight on the first token):");
+    println!(
+        "  {:>5} {:>4} {:>10} {:>10} {:>12} {:>9}",
+        "layer", "head", "sink wt", "sink share", "entropy/max", "recency"
+    );
+    for h in heads.iter().take(6) {
+        println!(
+            "  {:>5} {:>4} {:>9.1}% {:>9.1}% {:>12.3} {:>8.1}%",
+            h.layer,
+            h.head,
+            100.0 * h.mean_sink_weight,
+            100.0 * h.sink_share(),
+            h.mean_normalized_entropy,
+            100.0 * h.recency_share()
+        );
+    }
+    heads.sort_by(|a, b| b.recency_share().total_cmp(&a.recency_share()));
+    let recent: Vec<String> = heads
+        .iter()
+        .filter(|h| h.recency_share() > 0.5)
+        .take(8)
+        .map(|h| {
+            format!(
+                "L{}H{} ({:.0}%)",
+                h.layer,
+                h.head,
+                100.0 * h.recency_share()
+            )
+        })
+        .collect();
+    if recent.is_empty() {
+        println!(
+            "  recency: no head puts >70% of its weight on the last 5 positions in most steps"
+        );
+    } else {
+        println!(
+            "  recency-biased heads (>70% on the last 5 positions): {}",
+            recent.join(", ")
+        );
+    }
+}
+
+fn report_lens<C: TraceConfig>(model: &Llama<C>, prompt: &[u32], generated: &[u32]) {
+    let tracer = model.tracer();
+    let start = prompt.len() - 1; // the forward whose logits chose generated[0]
+    let rows: Vec<_> = tracer
+        .forwards()
+        .filter(|f| f.position >= start)
+        .filter_map(|f| f.logits.as_ref().map(|l| (f.position, l)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!("\nlogit lens: each generated token's rank through the layers (0 = top)");
+    let layers = model.config.n_layers;
+    let step = layers.div_ceil(10).max(1);
+    let mut head = format!(
+        "  {:>5} {:<16} {:>5} {:>8} |",
+        "pos", "token", "won@", "decisive"
+    );
+    for l in (0..layers).step_by(step) {
+        let _ = write!(head, " L{l:<5}");
+    }
+    println!("{head}");
+    for (pos, lt) in rows {
+        let Some(chosen) = generated.get(pos - start) else {
+            continue;
+        };
+        let Some(tok) = lt.token(*chosen) else {
+            continue;
+        };
+        let mut line = format!(
+            "  {:>5} {:<16} {:>5} {:>8} |",
+            pos,
+            shown(&model.token_text(*chosen)),
+            tok.won_at_layer().map_or("-".into(), |l| l.to_string()),
+            tok.decisive_layer().map_or("-".into(), |l| l.to_string())
+        );
+        for (i, rank) in tok.ranks.iter().enumerate() {
+            if tok.layer_at(i) % step == 0 {
+                let _ = write!(line, " {rank:<6}");
+            }
+        }
+        println!("{line}");
+    }
+}
+
+fn report_quant(summary: &model_tracer::TraceSummary) {
+    if let Some(w) = &summary.worst_brick {
+        println!(
+            "\nworst quantized brick: {} of layer {} ({} weights, 8-bit activations): cosine {:.6}, SNR {:.1} dB, max |err| {:.3e}",
+            w.brick, w.layer_idx, w.quant_type, w.cosine_similarity, w.snr_db, w.max_abs_error
+        );
+    }
+}
+
+#[cfg(feature = "serde")]
+fn write_json<C: TraceConfig>(
+    path: &str,
+    model: &Llama<C>,
+    prompt: &[u32],
+    generated: &[u32],
+    summary: &model_tracer::TraceSummary,
+) -> Result<(), String> {
+    let forwards: Vec<_> = model.tracer().forwards().collect();
+    let doc = serde_json::json!({
+        "model": {
+            "layers": model.config.n_layers,
+            "dim": model.config.dim,
+            "heads": model.config.n_heads,
+            "kv_heads": model.config.n_kv_heads,
+            "vocab": model.config.vocab_size,
+        },
+        "prompt_ids": prompt,
+        "generated_ids": generated,
+        "generated_text": model.tokenizer.as_ref().map(|t| t.decode(generated)),
+        "summary": summary,
+        "forwards": forwards,
+    });
+    let file = std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?;
+    serde_json::to_writer(std::io::BufWriter::new(file), &doc).map_err(|e| format!("{path}: {e}"))
+}
+
+#[cfg(not(feature = "serde"))]
+fn write_json<C: TraceConfig>(
+    _: &str,
+    _: &Llama<C>,
+    _: &[u32],
+    _: &[u32],
+    _: &model_tracer::TraceSummary,
+) -> Result<(), String> {
+    Err("--json needs the `serde` feature".into())
 }

@@ -44,7 +44,10 @@ impl AnomalyKind {
     /// dominance), which healthy models can show: SmolLM2's first token,
     /// for one, carries activations so large that some layers barely move it.
     pub fn is_fault(self) -> bool {
-        matches!(self, AnomalyKind::NaN | AnomalyKind::Inf | AnomalyKind::Explosion)
+        matches!(
+            self,
+            AnomalyKind::NaN | AnomalyKind::Inf | AnomalyKind::Explosion
+        )
     }
 
     /// Short name (`"NaN"`, `"explosion"`, ...).

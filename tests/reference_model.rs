@@ -321,7 +321,10 @@ fn smollm2_chat_run_completes_clean() {
     let g = m.generate(&ids, 12, |_| {});
     assert_eq!(g.tokens.len(), 12);
     let text = m.tokenizer.as_ref().unwrap().decode(&g.tokens);
-    assert!(text.chars().filter(|c| c.is_alphabetic()).count() > 10, "{text:?}");
+    assert!(
+        text.chars().filter(|c| c.is_alphabetic()).count() > 10,
+        "{text:?}"
+    );
     let s = m.tracer().summary();
     assert_eq!(s.total_faults(), 0, "{s}");
     assert_eq!(s.forwards, ids.len() + 11);
