@@ -1,6 +1,8 @@
 //! The decoder: configuration, weights, KV cache, run state and the forward
 //! pass, laid out so that it reads in one sitting. The tracer hooks are the
 //! only additions to the arithmetic.
+// Without hooks (the benchmarks' baseline) the tracer's inputs go unused.
+#![cfg_attr(model_tracer_no_hooks, allow(unused_imports, unused_variables, dead_code))]
 
 use std::fmt;
 use std::path::Path;
@@ -641,6 +643,18 @@ pub struct Llama<C: TraceConfig = crate::DefaultTrace> {
     steps: usize,
 }
 
+/// Calls a tracer hook, or compiles to nothing at all when the crate is
+/// built with `RUSTFLAGS="--cfg model_tracer_no_hooks"`: "the same model,
+/// never instrumented", the baseline of the instruction-count benchmarks.
+macro_rules! hook {
+    ($($call:tt)*) => {
+        #[cfg(not(model_tracer_no_hooks))]
+        {
+            $($call)*;
+        }
+    };
+}
+
 /// Quantizes `x` for weights of type `ty` (nothing to do on the exact f32
 /// path). The types and lengths were checked when the weights were built, so
 /// this cannot fail.
@@ -817,17 +831,17 @@ impl<C: TraceConfig> Llama<C> {
         let slot = cache.push(token, pos);
         let n_ctx = cache.len;
         let fault = fault.filter(|f| f.position.is_none_or(|p| p == pos));
-        tracer.begin_forward(pos);
+        hook!(tracer.begin_forward(pos));
 
         // token embedding
         w.token_embd.dequantize_row(token as usize, &mut s.x);
-        tracer.activation(0, Stage::Embedding, &s.x);
+        hook!(tracer.activation(0, Stage::Embedding, &s.x));
 
         for (l, lw) in w.layers.iter().enumerate() {
-            tracer.activation(l, Stage::Input, &s.x);
+            hook!(tracer.activation(l, Stage::Input, &s.x));
             // attention rmsnorm
             rmsnorm(&mut s.xb, &s.x, &lw.attn_norm, c.rms_eps);
-            tracer.activation(l, Stage::PostNorm, &s.xb);
+            hook!(tracer.activation(l, Stage::PostNorm, &s.xb));
 
             // q, k, v projections into one buffer [q | k | v]
             {
@@ -844,7 +858,7 @@ impl<C: TraceConfig> Llama<C> {
                 }
                 matmul(&lw.attn_v, &s.xq, &s.xb, v, exact);
             }
-            tracer.quant_error(
+            hook!(tracer.quant_error(
                 BrickId::QkvProjection,
                 l,
                 lw.attn_q.quant_type(),
@@ -856,7 +870,7 @@ impl<C: TraceConfig> Llama<C> {
                     lw.attn_k.reference(&s.xb, k);
                     lw.attn_v.reference(&s.xb, v);
                 },
-            );
+            ));
 
             // RoPE relative positional encoding on q and k
             {
@@ -884,7 +898,7 @@ impl<C: TraceConfig> Llama<C> {
                     *a = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
                 }
                 softmax(att);
-                tracer.attention(l, h, pos, att);
+                hook!(tracer.attention(l, h, pos, att));
                 let out = &mut s.xb[h * hd..(h + 1) * hd];
                 out.fill(0.0);
                 for (t, &a) in att.iter().enumerate() {
@@ -898,25 +912,25 @@ impl<C: TraceConfig> Llama<C> {
             // output projection
             quantize(&mut s.xq, &s.xb, lw.attn_output.weight.ty(), exact);
             matmul(&lw.attn_output, &s.xq, &s.xb, &mut s.xb2, exact);
-            tracer.quant_error(
+            hook!(tracer.quant_error(
                 BrickId::AttentionOutput,
                 l,
                 lw.attn_output.quant_type(),
                 &s.xb2,
                 |r| lw.attn_output.reference(&s.xb, r),
-            );
+            ));
             if let Some(f) = fault.filter(|f| f.layer == l && f.kind == FaultKind::NaN) {
                 s.xb2[f.layer % dim] = f32::NAN;
             }
-            tracer.activation(l, Stage::PostAttn, &s.xb2);
+            hook!(tracer.activation(l, Stage::PostAttn, &s.xb2));
 
             // residual connection
-            tracer.residual(l, &s.x, &s.xb2);
+            hook!(tracer.residual(l, &s.x, &s.xb2));
             s.x.iter_mut().zip(&s.xb2).for_each(|(x, d)| *x += d);
 
             // ffn rmsnorm
             rmsnorm(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps);
-            tracer.activation(l, Stage::PostFfnNorm, &s.xb);
+            hook!(tracer.activation(l, Stage::PostFfnNorm, &s.xb));
 
             // gate and up projections
             quantize(&mut s.xq, &s.xb, lw.ffn_gate.weight.ty(), exact);
@@ -925,12 +939,16 @@ impl<C: TraceConfig> Llama<C> {
                 quantize(&mut s.xq, &s.xb, lw.ffn_up.weight.ty(), exact);
             }
             matmul(&lw.ffn_up, &s.xq, &s.xb, &mut s.hb2, exact);
-            tracer.quant_error(BrickId::FfnGate, l, lw.ffn_gate.quant_type(), &s.hb, |r| {
-                lw.ffn_gate.reference(&s.xb, r)
-            });
-            tracer.quant_error(BrickId::FfnUp, l, lw.ffn_up.quant_type(), &s.hb2, |r| {
-                lw.ffn_up.reference(&s.xb, r)
-            });
+            hook!(
+                tracer.quant_error(BrickId::FfnGate, l, lw.ffn_gate.quant_type(), &s.hb, |r| {
+                    lw.ffn_gate.reference(&s.xb, r)
+                })
+            );
+            hook!(
+                tracer.quant_error(BrickId::FfnUp, l, lw.ffn_up.quant_type(), &s.hb2, |r| {
+                    lw.ffn_up.reference(&s.xb, r)
+                })
+            );
 
             // SwiGLU non-linearity
             for (g, &u) in s.hb.iter_mut().zip(&s.hb2) {
@@ -940,48 +958,52 @@ impl<C: TraceConfig> Llama<C> {
             // down projection
             quantize(&mut s.xq, &s.hb, lw.ffn_down.weight.ty(), exact);
             matmul(&lw.ffn_down, &s.xq, &s.hb, &mut s.xb2, exact);
-            tracer.quant_error(BrickId::FfnDown, l, lw.ffn_down.quant_type(), &s.xb2, |r| {
-                lw.ffn_down.reference(&s.hb, r)
-            });
+            hook!(
+                tracer.quant_error(BrickId::FfnDown, l, lw.ffn_down.quant_type(), &s.xb2, |r| {
+                    lw.ffn_down.reference(&s.hb, r)
+                })
+            );
             match fault.filter(|f| f.layer == l).map(|f| f.kind) {
                 Some(FaultKind::Inf) => s.xb2[l % dim] = f32::INFINITY,
                 Some(FaultKind::Explode) => s.xb2.iter_mut().for_each(|v| *v *= 1e8),
                 _ => {}
             }
-            tracer.activation(l, Stage::PostFfn, &s.xb2);
+            hook!(tracer.activation(l, Stage::PostFfn, &s.xb2));
 
             // residual connection
-            tracer.residual(l, &s.x, &s.xb2);
+            hook!(tracer.residual(l, &s.x, &s.xb2));
             s.x.iter_mut().zip(&s.xb2).for_each(|(x, d)| *x += d);
-            tracer.activation(l, Stage::Output, &s.x);
+            hook!(tracer.activation(l, Stage::Output, &s.x));
 
             // logit lens: what the model would predict if it stopped here
-            if tracer.wants_logit_lens() {
+            hook!(if tracer.wants_logit_lens() {
                 let (lens_x, lens_q, x) = (&mut s.lens_x, &mut s.lens_q, &s.x);
                 tracer.logit_lens(l, c.vocab_size, |out| {
                     rmsnorm(lens_x, x, &w.output_norm, c.rms_eps);
                     quantize(lens_q, lens_x, w.output.weight.ty(), exact);
                     matmul(&w.output, lens_q, lens_x, out, exact);
                 });
-            }
+            });
         }
 
         // final rmsnorm
         rmsnorm(&mut s.xb, &s.x, &w.output_norm, c.rms_eps);
-        tracer.activation(0, Stage::FinalNorm, &s.xb);
+        hook!(tracer.activation(0, Stage::FinalNorm, &s.xb));
 
         // classifier into logits
         quantize(&mut s.xq, &s.xb, w.output.weight.ty(), exact);
         matmul(&w.output, &s.xq, &s.xb, &mut s.logits, exact);
-        tracer.quant_error(BrickId::LmHead, 0, w.output.quant_type(), &s.logits, |r| {
-            w.output.reference(&s.xb, r)
-        });
-        tracer.final_logits(&s.logits);
+        hook!(
+            tracer.quant_error(BrickId::LmHead, 0, w.output.quant_type(), &s.logits, |r| {
+                w.output.reference(&s.xb, r)
+            })
+        );
+        hook!(tracer.final_logits(&s.logits));
 
         // KV cache bookkeeping
         let step = *steps;
         *steps += 1;
-        tracer.kv_state(|| {
+        hook!(tracer.kv_state(|| {
             let reused = n_ctx - 1;
             let looked_up = pos + 1;
             KvCacheStateTrace {
@@ -994,8 +1016,8 @@ impl<C: TraceConfig> Llama<C> {
                 reused_positions: reused,
                 computed_positions: 1,
             }
-        });
-        tracer.end_forward();
+        }));
+        hook!(tracer.end_forward());
         &s.logits
     }
 
