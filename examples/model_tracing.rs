@@ -295,7 +295,7 @@ fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
     report_quant(&summary);
 
     if let Some(path) = &args.json {
-        write_json(path, &model, &prompt_ids, &generation.tokens, &summary)?;
+        write_json(path, &model, &prompt_ids, &generation.tokens)?;
         println!("\nwrote the whole trace to {path}");
     }
     Ok(())
@@ -409,34 +409,13 @@ fn write_json<C: TraceConfig>(
     model: &Llama<C>,
     prompt: &[u32],
     generated: &[u32],
-    summary: &model_tracer::TraceSummary,
 ) -> Result<(), String> {
-    let forwards: Vec<_> = model.tracer().forwards().collect();
-    let doc = serde_json::json!({
-        "model": {
-            "layers": model.config.n_layers,
-            "dim": model.config.dim,
-            "heads": model.config.n_heads,
-            "kv_heads": model.config.n_kv_heads,
-            "vocab": model.config.vocab_size,
-        },
-        "prompt_ids": prompt,
-        "generated_ids": generated,
-        "generated_text": model.tokenizer.as_ref().map(|t| t.decode(generated)),
-        "summary": summary,
-        "forwards": forwards,
-    });
+    let doc = model_tracer::reference::export::trace_json(model, prompt, generated);
     let file = std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?;
     serde_json::to_writer(std::io::BufWriter::new(file), &doc).map_err(|e| format!("{path}: {e}"))
 }
 
 #[cfg(not(feature = "serde"))]
-fn write_json<C: TraceConfig>(
-    _: &str,
-    _: &Llama<C>,
-    _: &[u32],
-    _: &[u32],
-    _: &model_tracer::TraceSummary,
-) -> Result<(), String> {
+fn write_json<C: TraceConfig>(_: &str, _: &Llama<C>, _: &[u32], _: &[u32]) -> Result<(), String> {
     Err("--json needs the `serde` feature".into())
 }

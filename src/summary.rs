@@ -115,6 +115,26 @@ pub struct BrickAggregate {
     pub worst: QuantizationErrorTrace,
 }
 
+/// What-if aggregates of one (target type, brick, layer).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct WhatIfAggregate {
+    /// The type the weights were re-quantized to.
+    pub quant_type: crate::quant::QuantType,
+    /// The brick.
+    pub brick: BrickId,
+    /// Layer index.
+    pub layer: usize,
+    /// Comparisons folded in.
+    pub samples: usize,
+    /// Mean cosine similarity against the model's own weights.
+    pub mean_cosine: f32,
+    /// Lowest cosine similarity seen (NaN if any was NaN).
+    pub min_cosine: f32,
+    /// Mean SNR in dB (finite samples).
+    pub mean_snr_db: f32,
+}
+
 /// Running aggregates over every forward of a session.
 #[derive(Debug, Clone, PartialEq, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -155,6 +175,8 @@ pub struct SessionAggregates {
     pub mean_kl_divergence: f32,
     /// LM-head comparisons whose top-1 tokens agreed.
     pub top1_agreements: usize,
+    /// What-if comparisons by (target type, brick, layer).
+    pub what_if: BTreeMap<(crate::quant::QuantType, BrickId, usize), WhatIfAggregate>,
 }
 
 impl SessionAggregates {
@@ -259,6 +281,28 @@ impl SessionAggregates {
                 b.worst = *t;
             }
         }
+        for t in &f.what_if {
+            let w = self
+                .what_if
+                .entry((t.quant_type, t.brick, t.layer_idx))
+                .or_insert(WhatIfAggregate {
+                    quant_type: t.quant_type,
+                    brick: t.brick,
+                    layer: t.layer_idx,
+                    samples: 0,
+                    mean_cosine: 0.0,
+                    min_cosine: f32::INFINITY,
+                    mean_snr_db: 0.0,
+                });
+            w.samples += 1;
+            running_mean(&mut w.mean_cosine, w.samples, t.cosine_similarity);
+            running_mean(&mut w.mean_snr_db, w.samples, t.snr_db);
+            w.min_cosine = if t.cosine_similarity.is_nan() || w.min_cosine.is_nan() {
+                f32::NAN
+            } else {
+                w.min_cosine.min(t.cosine_similarity)
+            };
+        }
         if let (Some(kl), Some(agree)) = (q.kl_divergence, q.top1_agrees) {
             self.logit_comparisons += 1;
             running_mean(&mut self.mean_kl_divergence, self.logit_comparisons, kl);
@@ -312,6 +356,8 @@ pub struct TraceSummary {
     pub top1_agreement: Option<f32>,
     /// KV cache totals (recent steps omitted).
     pub kv_cache: Option<KvSummary>,
+    /// What-if re-quantization, by (target type, brick, layer).
+    pub what_if: Vec<WhatIfAggregate>,
 }
 
 /// Activation health of one layer over the session.
@@ -415,6 +461,7 @@ impl TraceSummary {
             top1_agreement: (agg.logit_comparisons > 0)
                 .then(|| share(agg.top1_agreements, agg.logit_comparisons)),
             kv_cache,
+            what_if: agg.what_if.values().copied().collect(),
         }
     }
 
@@ -548,6 +595,31 @@ impl fmt::Display for TraceSummary {
                     "  output distribution: mean KL {kl:.3e} nats, top-1 agreement {:.1}%",
                     top1 * 100.0
                 )?;
+            }
+        }
+        if !self.what_if.is_empty() {
+            writeln!(f, "  what-if re-quantization (cosine vs the model's own weights, mean over layers; worst layer):")?;
+            let mut types: Vec<_> = self.what_if.iter().map(|w| w.quant_type).collect();
+            types.dedup();
+            for qt in types {
+                write!(f, "  {:>6}", qt.name())?;
+                for b in BrickId::ALL {
+                    let rows: Vec<_> = self
+                        .what_if
+                        .iter()
+                        .filter(|w| w.quant_type == qt && w.brick == b)
+                        .collect();
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let mean = rows.iter().map(|w| w.mean_cosine as f64).sum::<f64>() / rows.len() as f64;
+                    let worst = rows
+                        .iter()
+                        .min_by(|a, b| a.min_cosine.total_cmp(&b.min_cosine))
+                        .map_or(0, |w| w.layer);
+                    write!(f, " {}={mean:.5} (L{worst})", b.name())?;
+                }
+                writeln!(f)?;
             }
         }
         if let Some(kv) = &self.kv_cache {

@@ -91,6 +91,9 @@ pub struct ForwardTrace {
     pub logits: Option<LogitEvolutionTrace>,
     /// Quantization errors measured in this forward.
     pub quantization: ModelQuantizationError,
+    /// What-if comparisons: each brick's output with its weights
+    /// re-quantized to another type, against the model's own weights.
+    pub what_if: Vec<QuantizationErrorTrace>,
     /// KV cache state after this forward.
     pub kv_cache: Option<KvCacheStateTrace>,
     /// Broken rules, at most one per kind, in forward order.
@@ -108,6 +111,7 @@ impl ForwardTrace {
             l.selected_token = None;
         }
         self.quantization.clear();
+        self.what_if.clear();
         self.kv_cache = None;
         self.anomalies.clear();
     }
@@ -142,6 +146,7 @@ pub struct Recorder {
     tracked: Vec<usize>,
     ranks: Vec<usize>,
     reference: Vec<f32>,
+    candidate: Vec<f32>,
     max_layer_seen: Option<usize>,
 }
 
@@ -178,6 +183,7 @@ impl Recorder {
             tracked: Vec::new(),
             ranks: Vec::new(),
             reference: Vec::new(),
+            candidate: Vec::new(),
             max_layer_seen: None,
         }
     }
@@ -342,6 +348,30 @@ impl Recorder {
                 .compare_logits(quantized, &self.reference);
         }
         self.current.quantization.add(t);
+    }
+
+    #[inline(never)]
+    fn what_if(
+        &mut self,
+        brick: BrickId,
+        layer: usize,
+        quant_type: QuantType,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [f32], &mut [f32]),
+    ) {
+        self.candidate.clear();
+        self.candidate.resize(len, 0.0);
+        self.reference.clear();
+        self.reference.resize(len, 0.0);
+        fill(&mut self.candidate, &mut self.reference);
+        let t = QuantizationErrorTrace::compute(
+            brick,
+            layer,
+            &self.candidate,
+            &self.reference,
+            quant_type,
+        );
+        self.current.what_if.push(t);
     }
 
     fn kv_state(&mut self, state: KvCacheStateTrace) {
@@ -625,6 +655,34 @@ impl<C: TraceConfig> ModelTracer<C> {
         if self.wants_quant_error(brick) {
             if let Some(r) = self.storage.recorder_mut() {
                 r.quant_error(brick, layer, quant_type, quantized, &mut reference);
+            }
+        }
+    }
+
+    /// Whether what-if comparisons are recorded (quantization-error tracing on).
+    #[inline(always)]
+    pub fn wants_what_if(&self) -> bool {
+        self.quant_on()
+    }
+
+    /// Records a what-if comparison: `fill(candidate, reference)` writes
+    /// `len` outputs of `brick` computed with its weights re-quantized to
+    /// `quant_type` (candidate) and with the model's own weights
+    /// (reference). Runs only when quantization-error tracing is on; unlike
+    /// [`quant_error`](Self::quant_error) it is not sampled: what-if mode is
+    /// an analysis the caller switches on.
+    #[inline(always)]
+    pub fn what_if(
+        &mut self,
+        brick: BrickId,
+        layer: usize,
+        quant_type: QuantType,
+        len: usize,
+        mut fill: impl FnMut(&mut [f32], &mut [f32]),
+    ) {
+        if self.quant_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.what_if(brick, layer, quant_type, len, &mut fill);
             }
         }
     }

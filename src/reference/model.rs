@@ -256,6 +256,8 @@ pub struct Linear {
     /// f32 weights the f32 reference path multiplies instead of the
     /// dequantized `weight`, when known.
     pub master: Option<QMatrix>,
+    /// What-if copies: the reference weights re-quantized to other types.
+    pub what_if: Vec<QMatrix>,
 }
 
 impl Linear {
@@ -266,6 +268,7 @@ impl Linear {
             Some(b) if weight.cols() % b == 0 => Ok(Self {
                 weight,
                 master: None,
+                what_if: Vec::new(),
             }),
             _ => Err(ModelError::Quant {
                 tensor: name.to_string(),
@@ -291,6 +294,57 @@ impl Linear {
     /// Storage format of the quantized weights, as the trace names it.
     pub fn quant_type(&self) -> QuantType {
         quant_type_of(self.weight.ty())
+    }
+
+    /// Output rows.
+    pub fn rows(&self) -> usize {
+        self.weight.rows()
+    }
+
+    /// Re-quantizes the reference weights (master if known, else the
+    /// dequantized weights) to each of `targets`, for what-if tracing.
+    pub fn build_what_if(&mut self, targets: &[GgmlType]) -> Result<(), QuantError> {
+        let reference = match &self.master {
+            Some(m) => m.to_f32(),
+            None => self.weight.to_f32(),
+        };
+        self.what_if = targets
+            .iter()
+            .map(|&t| QMatrix::from_f32(t, self.weight.rows(), self.weight.cols(), &reference))
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+}
+
+/// Compares, for each what-if type, the output of `linears` (stacked, as
+/// `[q | k | v]` for the QKV brick) computed with re-quantized weights against
+/// the reference weights, on the f32 input `x`.
+#[cfg_attr(model_tracer_no_hooks, allow(dead_code))]
+#[inline(always)]
+fn trace_what_if<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    brick: BrickId,
+    layer: usize,
+    linears: &[&Linear],
+    x: &[f32],
+) {
+    if !tracer.wants_what_if() {
+        return;
+    }
+    let Some(first) = linears.first() else { return };
+    let len = linears.iter().map(|l| l.rows()).sum();
+    for (i, target) in first.what_if.iter().enumerate() {
+        tracer.what_if(brick, layer, quant_type_of(target.ty()), len, |cand, refr| {
+            let mut at = 0;
+            for l in linears {
+                let rows = at..at + l.rows();
+                if let Some(w) = l.what_if.get(i) {
+                    w.matvec_f32(x, &mut cand[rows.clone()]);
+                }
+                l.reference(x, &mut refr[rows]);
+                at += l.rows();
+            }
+        });
     }
 }
 
@@ -780,6 +834,25 @@ impl<C: TraceConfig> Llama<C> {
         self.fault = fault;
     }
 
+    /// Turns on what-if tracing: every linear layer (LM head included) gets
+    /// copies of its reference weights re-quantized to each of `targets`,
+    /// and every forward pass records, per brick and layer, how far the
+    /// re-quantized output is from the reference one (quantization-error
+    /// tracing must be on). An empty list turns it off and frees the copies.
+    ///
+    /// With a GGUF file the reference is the file's own weights, so the
+    /// table shows what moving each brick to another type would cost; with
+    /// a synthetic model it is the f32 master weights.
+    pub fn set_what_if(&mut self, targets: &[GgmlType]) -> Result<(), ModelError> {
+        for (i, l) in self.weights.linears_mut().enumerate() {
+            l.build_what_if(targets).map_err(|error| ModelError::Quant {
+                tensor: format!("what-if copy {i}"),
+                error,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Runs every matmul on the f32 reference path (master or dequantized
     /// weights times unquantized activations) instead of the quantized one.
     /// The cache is cleared: positions computed one way must not be mixed
@@ -871,6 +944,13 @@ impl<C: TraceConfig> Llama<C> {
                     lw.attn_v.reference(&s.xb, v);
                 },
             ));
+            hook!(trace_what_if(
+                tracer,
+                BrickId::QkvProjection,
+                l,
+                &[&lw.attn_q, &lw.attn_k, &lw.attn_v],
+                &s.xb
+            ));
 
             // RoPE relative positional encoding on q and k
             {
@@ -919,6 +999,7 @@ impl<C: TraceConfig> Llama<C> {
                 &s.xb2,
                 |r| lw.attn_output.reference(&s.xb, r),
             ));
+            hook!(trace_what_if(tracer, BrickId::AttentionOutput, l, &[&lw.attn_output], &s.xb));
             if let Some(f) = fault.filter(|f| f.layer == l && f.kind == FaultKind::NaN) {
                 s.xb2[f.layer % dim] = f32::NAN;
             }
