@@ -2,9 +2,10 @@
 //! data: a scalar `f64` Welford loop that skips NaN/Inf (the baseline the
 //! kernel replaces) and a plain `f32x8` sum (the floor: one add per element).
 //!
-//! Run with `cargo bench --bench stats_throughput`. Each measurement repeats
-//! the call until about `WORK` elements are processed; rounds interleave the
-//! three functions and the median round is reported.
+//! Run with `cargo bench --bench stats_throughput`. Each sample repeats the
+//! call until about `WORK` elements are processed (short samples, so that on a
+//! shared machine many of them run without being descheduled); rounds
+//! interleave the three functions and the median round is reported.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -13,9 +14,11 @@ use model_tracer::stats::TensorStats;
 use wide::f32x8;
 
 /// Elements processed per timed sample of the vectorised functions.
-const WORK: usize = 1 << 25;
+const WORK: usize = 1 << 21;
 /// Timed samples per function and size; the median is reported.
-const ROUNDS: usize = 9;
+const ROUNDS: usize = 41;
+/// Timed samples for inputs larger than `WORK` (one call per sample).
+const LARGE_ROUNDS: usize = 11;
 
 /// Result of the scalar baseline, mirroring `TensorStats`.
 #[derive(Debug, Clone, Copy)]
@@ -145,7 +148,8 @@ fn measure(data: &[f32]) -> Row {
     sample(data, reps.min(64), &TensorStats::from_slice);
     sample(data, slow_reps.min(4), &welford);
     sample(data, reps.min(64), &plain_sum);
-    for _ in 0..ROUNDS {
+    let rounds = if n > WORK { LARGE_ROUNDS } else { ROUNDS };
+    for _ in 0..rounds {
         a.push(sample(data, reps, &TensorStats::from_slice));
         b.push(sample(data, slow_reps, &welford));
         c.push(sample(data, reps, &plain_sum));
@@ -182,6 +186,7 @@ fn main() {
         cfg!(target_feature = "fma"),
         ROUNDS
     );
+    println!("(inputs larger than {WORK} elements: {LARGE_ROUNDS} rounds)");
     println!(
         "{:>10} | {:>14} | {:>14} | {:>14} | {:>12} | {:>12}",
         "n", "from_slice", "welford", "plain sum", "vs welford", "vs sum"

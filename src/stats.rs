@@ -66,8 +66,10 @@ pub const EXPLOSION_STD: f32 = 1e4;
 /// values counts as vanishing (same unit as the tensor).
 pub const VANISHING_STD: f32 = 1e-6;
 
-/// Elements per step of the kernel: four native vectors.
-const STEP: usize = 4 * LANES;
+/// Native vectors per step of the kernel.
+const VECS: usize = 8;
+/// Elements per step of the kernel.
+const STEP: usize = VECS * LANES;
 
 /// Elements after which the `f32` lane sums are widened into `f64`: no lane
 /// sum takes more than 32 steps.
@@ -267,7 +269,8 @@ impl Moments {
             };
         }
         let std = if self.n >= 2 {
-            (self.m2.max(0.0) / (self.n - 1) as f64).sqrt() as f32
+            let inv_dof = 1.0 / (self.n - 1) as f64;
+            sqrt_to_f32(self.m2 * inv_dof)
         } else {
             0.0
         };
@@ -277,10 +280,23 @@ impl Moments {
             max: self.max,
             mean: (self.mean as f32).clamp(self.min, self.max),
             std,
-            l2_norm: self.sumsq.max(0.0).sqrt() as f32,
+            l2_norm: sqrt_to_f32(self.sumsq),
             nan_count,
             inf_count,
         }
+    }
+}
+
+/// `sqrt(x)` rounded to `f32`, for `x ≥ 0` (negative rounding noise gives 0).
+/// Uses the faster `f32` square root when `x` is a normal `f32` value; the
+/// double rounding stays within one `f32` ulp.
+#[inline(always)]
+fn sqrt_to_f32(x: f64) -> f32 {
+    let x = x.max(0.0);
+    if (f32::MIN_POSITIVE as f64..=f32::MAX as f64).contains(&x) {
+        (x as f32).sqrt()
+    } else {
+        x.sqrt() as f32
     }
 }
 
@@ -304,6 +320,21 @@ enum Verdict {
 #[inline(always)]
 fn load(c: &[f32]) -> V {
     V::from(c)
+}
+
+/// Pairwise reduction of eight vectors: depth three, so the loop-carried
+/// accumulator sees one operation per step.
+#[inline(always)]
+fn tree8(v: [V; 8], op: impl Fn(V, V) -> V) -> V {
+    op(
+        op(op(v[0], v[1]), op(v[2], v[3])),
+        op(op(v[4], v[5]), op(v[6], v[7])),
+    )
+}
+
+#[inline(always)]
+fn tree4(v: [V; 4], op: impl Fn(V, V) -> V) -> V {
+    op(op(v[0], v[1]), op(v[2], v[3]))
 }
 
 #[inline(always)]
@@ -362,29 +393,34 @@ fn scan_block<const SHIFTED: bool, const MASKED: bool>(block: &[f32], shift: f32
         let mut acc_sq = V::ZERO;
         let mut steps = sub.chunks_exact(STEP);
         for c in &mut steps {
-            let (c01, c23) = c.split_at(2 * LANES);
-            let (c0, c1) = c01.split_at(LANES);
-            let (c2, c3) = c23.split_at(LANES);
-            let (y0, lo0, hi0) = prep(load(c0), &mut finite, &mut nan);
-            let (y1, lo1, hi1) = prep(load(c1), &mut finite, &mut nan);
-            let (y2, lo2, hi2) = prep(load(c2), &mut finite, &mut nan);
-            let (y3, lo3, hi3) = prep(load(c3), &mut finite, &mut nan);
-            acc_sum += (y0 + y1) + (y2 + y3);
-            acc_sq += y3.mul_add(y3, y2.mul_add(y2, y1.mul_add(y1, y0 * y0)));
+            let mut y = [V::ZERO; VECS];
+            let mut lo = [V::ZERO; VECS];
+            let mut hi = [V::ZERO; VECS];
+            for (i, ci) in c.chunks_exact(LANES).enumerate() {
+                (y[i], lo[i], hi[i]) = prep(load(ci), &mut finite, &mut nan);
+            }
+            acc_sum += tree8(y, |a, b| a + b);
+            let squares_lo =
+                y[3].mul_add(y[3], y[2].mul_add(y[2], y[1].mul_add(y[1], y[0] * y[0])));
+            let squares_hi =
+                y[7].mul_add(y[7], y[6].mul_add(y[6], y[5].mul_add(y[5], y[4] * y[4])));
+            acc_sq += squares_lo + squares_hi;
             if MASKED {
-                acc_min = acc_min.fast_min(lo0.fast_min(lo1).fast_min(lo2.fast_min(lo3)));
-                acc_max = acc_max.fast_max(hi0.fast_max(hi1).fast_max(hi2.fast_max(hi3)));
+                acc_min = acc_min.fast_min(tree8(lo, V::fast_min));
+                acc_max = acc_max.fast_max(tree8(hi, V::fast_max));
             } else {
                 // `fast_min` returns one of its operands bit for bit, so XOR
                 // with both yields the other one: the larger of each pair costs
-                // two logic operations instead of a comparison, which shares
-                // the execution ports of the additions.
-                let lo01 = lo0.fast_min(lo1);
-                let lo23 = lo2.fast_min(lo3);
-                let hi01 = (hi0 ^ hi1) ^ lo01;
-                let hi23 = (hi2 ^ hi3) ^ lo23;
-                acc_min = acc_min.fast_min(lo01.fast_min(lo23));
-                acc_max = acc_max.fast_max(hi01.fast_max(hi23));
+                // two logic operations instead of a comparison, which would
+                // share the execution ports of the additions.
+                let mut pair_lo = [V::ZERO; VECS / 2];
+                let mut pair_hi = [V::ZERO; VECS / 2];
+                for i in 0..VECS / 2 {
+                    pair_lo[i] = lo[2 * i].fast_min(lo[2 * i + 1]);
+                    pair_hi[i] = (hi[2 * i] ^ hi[2 * i + 1]) ^ pair_lo[i];
+                }
+                acc_min = acc_min.fast_min(tree4(pair_lo, V::fast_min));
+                acc_max = acc_max.fast_max(tree4(pair_hi, V::fast_max));
             }
         }
         let mut vectors = steps.remainder().chunks_exact(LANES);
@@ -460,6 +496,8 @@ fn judge(raw: &LaneSums, shift: f32) -> Verdict {
         return Verdict::Fallback;
     }
     let nf = n as f64;
+    // Independent of the sums, so it overlaps the end of the scan.
+    let inv_n = 1.0 / nf;
     let (min, max) = (raw.min, raw.max);
     if min == max {
         let c = min as f64;
@@ -477,7 +515,7 @@ fn judge(raw: &LaneSums, shift: f32) -> Verdict {
     if spread < TINY_SPREAD {
         return Verdict::Fallback;
     }
-    let mean_y = raw.sum / nf;
+    let mean_y = raw.sum * inv_n;
     let m2 = raw.sq - raw.sum * mean_y;
     let mean = (sh + mean_y).clamp(min as f64, max as f64);
     if 4.0 * m2 < raw.sq {
@@ -562,26 +600,24 @@ fn masked_block(block: &[f32], shift: f32) -> (Moments, usize, usize) {
 /// Number of leading elements that choose the shift of the first block.
 const PILOT_LEN: usize = 8;
 
-/// The shift for the first block, from its first few finite elements: zero
-/// when their mean is within one standard deviation of zero (no subtraction
+/// The shift for the first block, from its first few elements: zero when
+/// their mean is no farther from zero than their range (no subtraction
 /// needed), their mean otherwise, so that data far from zero does not need a
-/// second attempt at its first block.
+/// second attempt at its first block. Any non-finite element among them
+/// gives zero.
 fn pilot_shift(data: &[f32]) -> f32 {
-    let (mut n, mut sum, mut sq) = (0u32, 0.0f64, 0.0f64);
-    for &x in data.iter().take(PILOT_LEN).filter(|x| x.is_finite()) {
-        n += 1;
-        sum += x as f64;
-        sq += (x as f64) * (x as f64);
+    let head = &data[..data.len().min(PILOT_LEN)];
+    let (mut sum, mut lo, mut hi) = (0.0f32, f32::INFINITY, f32::NEG_INFINITY);
+    for &x in head {
+        sum += x;
+        lo = if x < lo { x } else { lo };
+        hi = if x > hi { x } else { hi };
     }
-    if n == 0 {
-        return 0.0;
-    }
-    let mean = sum / n as f64;
-    let var = sq / n as f64 - mean * mean;
-    if mean * mean <= var {
+    let mean = sum / head.len().max(1) as f32;
+    if !(hi - lo).is_finite() || !mean.is_finite() || mean.abs() <= hi - lo {
         0.0
     } else {
-        mean as f32
+        mean.clamp(lo, hi)
     }
 }
 
@@ -616,27 +652,48 @@ impl StatsAccumulator {
             } else {
                 scan_block::<true, false>(block, self.shift)
             };
-            let m = if raw.sq.is_finite() {
-                match judge(&raw, self.shift) {
-                    Verdict::Accept(m) => m,
-                    Verdict::Retry(s) => retry_block(block, s, false),
-                    Verdict::Fallback => f64_block(block),
+            if raw.sq.is_finite() {
+                if let Verdict::Accept(m) = judge(&raw, self.shift) {
+                    self.absorb(m);
+                    continue;
                 }
-            } else {
-                let (m, nan, inf) = masked_block(block, self.shift);
-                self.nan += nan;
-                self.inf += inf;
-                m
-            };
-            if m.n > 0 {
-                self.shift = if m.n as f64 * m.mean * m.mean <= m.m2 {
-                    0.0
-                } else {
-                    m.mean as f32
-                };
             }
-            self.moments = self.moments.merge(m);
+            self.absorb_hard_block(block, &raw);
         }
+    }
+
+    /// Blocks that need a second look: non-finite values, overflow,
+    /// underflow or cancellation. Kept out of line so that the common path
+    /// holds its block moments in registers.
+    #[cold]
+    #[inline(never)]
+    fn absorb_hard_block(&mut self, block: &[f32], raw: &LaneSums) {
+        let m = if raw.sq.is_finite() {
+            match judge(raw, self.shift) {
+                Verdict::Accept(m) => m,
+                Verdict::Retry(s) => retry_block(block, s, false),
+                Verdict::Fallback => f64_block(block),
+            }
+        } else {
+            let (m, nan, inf) = masked_block(block, self.shift);
+            self.nan += nan;
+            self.inf += inf;
+            m
+        };
+        self.absorb(m);
+    }
+
+    /// Merges one block's moments and picks the shift of the next block.
+    #[inline(always)]
+    fn absorb(&mut self, m: Moments) {
+        if m.n > 0 {
+            self.shift = if m.n as f64 * m.mean * m.mean <= m.m2 {
+                0.0
+            } else {
+                m.mean as f32
+            };
+        }
+        self.moments = self.moments.merge(m);
     }
 
     /// Adds a tensor that is already summarised.
