@@ -3,44 +3,57 @@
 //!
 //! # How [`TensorStats::from_slice`] stays fast and accurate
 //!
-//! The slice is cut into blocks of [`BLOCK_LEN`] elements. Each block is read
-//! once with `wide::V` lanes (four vectors per step, combined as a small
-//! tree so that each loop-carried accumulator sees one operation per step),
-//! followed by a scalar tail of fewer than eight elements. Per lane the block
-//! keeps, in `f32`, the sum of `y = x - shift`, the sum of `y²`, and the
-//! minimum and maximum of `x`. The lane sums are widened to `f64` at the end
-//! of the block, turned into that block's count, mean and centred second
-//! moment `M2 = Σy² - (Σy)²/n`, and merged into the running totals with
-//! Chan's pairwise update in `f64`. A lane sum never spans more than
-//! `BLOCK_LEN / 32` steps, which bounds the `f32` rounding error.
+//! The data is read once with `wide` vectors of the native width (`f32x4`
+//! with SSE, `f32x8` with AVX), eight vectors per step. Each step is reduced
+//! as a small tree, so every loop-carried accumulator sees one operation per
+//! step, and the accumulators stay in registers. Per lane the kernel keeps,
+//! in `f32`, the sum of `y = x - shift`, the sum of `y²`, and the minimum and
+//! maximum of `x`. Elements after the last whole vector go through a scalar
+//! tail with the same meaning.
 //!
-//! The shift is zero unless the data is far from zero relative to its spread:
-//! after every block the next shift is chosen from that block's mean (zero
-//! when `n·mean² ≤ M2`, the block mean otherwise). Zero-shift blocks run a
-//! kernel without the subtraction.
+//! Minimum and maximum are found pairwise: one `fast_min` per pair of
+//! vectors, and the larger element recovered bit for bit as `a ^ b ^ min`,
+//! because on common x86 cores comparisons compete with the additions for the
+//! same two execution ports while logic operations do not.
 //!
-//! Everything that the common path does not pay for is detected per block
-//! from values it computes anyway:
+//! **Blocks in `f64`.** Every 32 steps the `f32` lane sums are widened into
+//! `f64`, so no `f32` lane sum takes more than 32 additions. Every
+//! [`BLOCK_LEN`] elements the `f64` sums become the block's count, mean and
+//! centred second moment `M2 = Σy² - (Σy)²/n`, which are merged into the
+//! running totals with Chan's pairwise update (`δ = mean_b - mean_a`,
+//! `M2 = M2_a + M2_b + δ²·n_a·n_b/n`). The L2 norm is summed per block as
+//! `M2 + n·mean²` (two non-negative terms, no cancellation).
+//!
+//! **Shift.** The first block's shift comes from its first eight elements:
+//! zero when their mean is no farther from zero than their range, their mean
+//! otherwise. Each later block takes the previous block's mean, or zero when
+//! `n·mean² ≤ M2`; zero-shift blocks run a kernel without the subtraction.
+//!
+//! Everything the common path does not pay for is detected per block from
+//! values it computes anyway:
 //!
 //! * **NaN / ±Inf / overflow.** `Σy²` is a sum of non-negative terms, so it is
 //!   finite exactly when every element is finite and no square or partial sum
 //!   overflowed. Only then is the block accepted; otherwise it is re-read with
 //!   a masked kernel that counts NaN and Inf and excludes them. If that sum
-//!   still overflows (values whose squares exceed `f32::MAX`), the block is
-//!   redone in `f64`, which holds the square of any `f32`.
+//!   still overflows (squares beyond `f32::MAX`), the block is redone in
+//!   `f64`, which holds the square of any `f32`.
 //! * **Cancellation.** The block is accepted only if `4·M2 ≥ Σy²`, i.e. the
 //!   shift is within about two standard deviations of the block mean, which
 //!   bounds the relative error of `M2` by a small multiple of the `f32` lane
-//!   error. Otherwise the block is re-read once with its own mean as shift,
-//!   and if that still fails, redone in `f64` (two passes over the block).
+//!   error. Otherwise the block is re-read once with its own mean as shift
+//!   (from L1 cache: a block is 16 KiB), and if that still fails, redone in
+//!   `f64` with two passes.
 //! * **Underflow.** If the largest `|x - shift|` of a block is below `2^-50`,
 //!   squares would lose precision to `f32` underflow (denormal inputs), so the
 //!   block is redone in `f64`.
 //! * **Constant blocks** (`min == max`) have `M2 = 0` and `mean = min` exactly,
 //!   so an all-equal tensor has a standard deviation of exactly zero.
 //!
-//! The L2 norm is derived per block as `M2 + n·mean²` (two non-negative terms,
-//! no cancellation) and summed in `f64`.
+//! With at most 32 `f32` additions per lane sum plus a three-level tree and
+//! the factor-4 cancellation bound, the typical relative error of mean, std
+//! and L2 is around `1e-7` and stays below `1e-5` on the adversarial inputs of
+//! the accuracy tests.
 
 cfg_if::cfg_if! {
     // The native register width: one `V` is one hardware vector, so the
@@ -1219,13 +1232,22 @@ mod tests {
 
     #[test]
     fn test_f251_nan_detection_full_recall() {
-        let lengths: Vec<usize> = (1..=70).chain([576, 1024, 1025, 2100]).collect();
+        let lengths: Vec<usize> = (1..=70).chain([576, 1025, 4100]).collect();
         for n in lengths {
             let base: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
             for pos in 0..n {
                 let mut v = base.clone();
                 v[pos] = f32::NAN;
                 let s = TensorStats::from_slice(&v);
+                let mut rest = base.clone();
+                rest.remove(pos);
+                let r = TensorStats::from_slice(&rest);
+                assert_eq!((s.min, s.max), (r.min, r.max), "n={n} pos={pos}");
+                assert!(
+                    (s.mean - r.mean).abs() <= 1e-6 * (r.mean.abs() + r.std),
+                    "n={n} pos={pos}"
+                );
+                assert!((s.std - r.std).abs() <= 1e-6 * r.std, "n={n} pos={pos}");
                 assert_eq!(s.nan_count, 1, "n={n} pos={pos}");
                 assert_eq!(s.inf_count, 0, "n={n} pos={pos}");
                 assert_eq!(s.finite_count(), n - 1);
@@ -1359,6 +1381,76 @@ mod tests {
             s.std,
             var.sqrt()
         );
+    }
+
+    fn f64_mean_std(v: &[f32]) -> (f64, f64) {
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let m2: f64 = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum();
+        (mean, (m2 / (n - 1.0)).sqrt())
+    }
+
+    #[test]
+    fn cancelling_block_is_retried_with_its_mean() {
+        // The first elements are near zero, so the pilot picks no shift, but
+        // the block as a whole sits far from zero relative to its spread.
+        let mut v: Vec<f32> = (0..BLOCK_LEN)
+            .map(|i| 1e4 + (i as f32 * 0.3).sin())
+            .collect();
+        for (i, x) in v.iter_mut().take(PILOT_LEN).enumerate() {
+            *x = if i % 2 == 0 { 0.25 } else { -0.25 };
+        }
+        assert_eq!(pilot_shift(&v), 0.0);
+        let raw = scan_block::<false, false>(&v, 0.0);
+        assert!(matches!(judge(&raw, 0.0), Verdict::Retry(_)));
+        let s = TensorStats::from_slice(&v);
+        let (mean, std) = f64_mean_std(&v);
+        assert!(close(s.mean, mean, 1e-6), "{} vs {mean}", s.mean);
+        assert!(close(s.std, std, 1e-5), "{} vs {std}", s.std);
+    }
+
+    #[test]
+    fn pilot_shift_follows_the_first_elements() {
+        assert_eq!(pilot_shift(&[]), 0.0);
+        assert_eq!(pilot_shift(&[0.5, -0.5, 1.0, -2.0]), 0.0);
+        assert_eq!(pilot_shift(&[100.0, 101.0, 99.0]), 100.0);
+        assert_eq!(pilot_shift(&[7.0; 20]), 7.0);
+        assert_eq!(pilot_shift(&[100.0, f32::NAN, 99.0]), 0.0);
+        assert_eq!(pilot_shift(&[f32::MAX, -f32::MAX]), 0.0);
+    }
+
+    #[test]
+    fn tiny_and_huge_blocks_fall_back_to_f64() {
+        let tiny: Vec<f32> = (1..100).map(|i| f32::from_bits(i * 3)).collect();
+        let raw = scan_block::<false, false>(&tiny, 0.0);
+        assert!(matches!(judge(&raw, 0.0), Verdict::Fallback));
+        let huge: Vec<f32> = (0..100).map(|i| 1e30 * (1 + i % 3) as f32).collect();
+        assert!(!scan_block::<false, false>(&huge, 0.0).sq.is_finite());
+        assert!(!scan_block::<false, true>(&huge, 0.0).sq.is_finite());
+        for v in [&tiny, &huge] {
+            let s = TensorStats::from_slice(v);
+            let (mean, std) = f64_mean_std(v);
+            assert!(
+                close(s.mean, mean, 1e-6) && close(s.std, std, 1e-6),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn masked_scan_counts_and_excludes() {
+        let mut v: Vec<f32> = (0..100).map(|i| i as f32).collect();
+        v[3] = f32::NAN;
+        v[50] = f32::INFINITY;
+        v[99] = f32::NEG_INFINITY;
+        let raw = scan_block::<false, true>(&v, 0.0);
+        assert_eq!((raw.finite, raw.nan), (97, 1));
+        assert_eq!((raw.min, raw.max), (0.0, 98.0));
+        let want: f64 = (0..99)
+            .filter(|&i| i != 3 && i != 50)
+            .map(|i| i as f64)
+            .sum();
+        assert_eq!(raw.sum, want);
     }
 
     #[test]
