@@ -41,6 +41,9 @@ TRACING:
                          into every forward pass and watch it be found
     --json PATH          write the whole trace as JSON (prompt and generated
                          ids, summary, every retained forward)
+    --jsonl PATH         stream every forward as it completes, one JSON object
+                         per line (pandas.read_json(PATH, lines=True))
+    --html PATH          write the HTML report: one self-contained file
     -h, --help           this text
 ";
 
@@ -56,6 +59,8 @@ struct Args {
     trace: String,
     inject: Option<Fault>,
     json: Option<String>,
+    jsonl: Option<String>,
+    html: Option<String>,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
@@ -70,6 +75,8 @@ fn parse_args() -> Result<Option<Args>, String> {
         trace: "full".into(),
         inject: None,
         json: None,
+        jsonl: None,
+        html: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -92,6 +99,8 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--trace" => a.trace = value()?,
             "--inject" => a.inject = Some(Fault::parse(&value()?)?),
             "--json" => a.json = Some(value()?),
+            "--jsonl" => a.jsonl = Some(value()?),
+            "--html" => a.html = Some(value()?),
             other => return Err(format!("unknown option {other:?} (see --help)")),
         }
     }
@@ -250,6 +259,9 @@ fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
     };
     let config = model.tracer().config().clone();
     *model.tracer_mut() = ModelTracer::with_options(config, options);
+    if let Some(path) = &args.jsonl {
+        open_jsonl(&mut model, path)?;
+    }
     println!(
         "trace: {} | prompt: {} tokens | generating up to {} tokens",
         args.trace,
@@ -298,7 +310,40 @@ fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
         write_json(path, &model, &prompt_ids, &generation.tokens)?;
         println!("\nwrote the whole trace to {path}");
     }
+    if let (Some(path), Some(sink)) = (&args.jsonl, model.tracer().sink()) {
+        let status = sink.status();
+        match status.failure {
+            Some(f) => return Err(format!("{path}: {f}")),
+            None => println!("streamed {} forwards to {path}", status.forwards_written),
+        }
+    }
+    if let Some(path) = &args.html {
+        let mut tokens = prompt_ids.clone();
+        tokens.extend(&generation.tokens);
+        let input = model_tracer::reference::report::report_input(&model, &tokens, &source);
+        let file = std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?;
+        let mut out = std::io::BufWriter::new(file);
+        model_tracer::write_html(&mut out, &input)
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("{path}: {e}"))?;
+        println!("wrote the HTML report to {path}");
+    }
     Ok(())
+}
+
+#[cfg(feature = "serde")]
+fn open_jsonl<C: TraceConfig>(model: &mut Llama<C>, path: &str) -> Result<(), String> {
+    let file = std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?;
+    let sink = model_tracer::JsonlSink::new(std::io::BufWriter::new(file));
+    model
+        .tracer_mut()
+        .set_sink(Some(model_tracer::SinkHandle::new(sink)));
+    Ok(())
+}
+
+#[cfg(not(feature = "serde"))]
+fn open_jsonl<C: TraceConfig>(_: &mut Llama<C>, _: &str) -> Result<(), String> {
+    Err("--jsonl needs the `serde` feature".into())
 }
 
 fn report_attention(summary: &model_tracer::TraceSummary) {

@@ -95,6 +95,7 @@ pub struct LayerActivationTrace {
     /// `[0, 1]`: `‖x_in‖ / (‖x_in‖ + Σ‖update‖)` over the layer's residual
     /// adds (see [`residual_ratio`]). Above 0.99 the layer barely changes
     /// the stream. 0 when not measured.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub residual_ratio: f32,
 }
 

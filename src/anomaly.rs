@@ -11,6 +11,7 @@ use crate::activation::Stage;
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum AnomalyKind {
     /// At least one NaN.
+    #[cfg_attr(feature = "serde", serde(rename = "nan"))]
     NaN = 0,
     /// At least one +Inf or -Inf.
     Inf = 1,
@@ -99,6 +100,7 @@ pub struct Anomaly {
     pub total: usize,
     /// The measured value that broke the rule: max |x| or std (explosion),
     /// std (vanishing), the ratio (residual dominance); NaN/Inf for those kinds.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub value: f32,
 }
 

@@ -13,6 +13,7 @@ pub struct AttentionTraceConfig {
     /// Heads to trace; `None` traces every head.
     pub heads: Option<Vec<usize>>,
     /// Top-k entries below this weight are not kept (they count in the tail mass).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub weight_threshold: f32,
 }
 
@@ -60,12 +61,16 @@ pub struct AttentionWeightTrace {
     /// Positions of the largest weights, largest first (ties: lower position first).
     pub top_k_positions: Vec<usize>,
     /// The weights at `top_k_positions`.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float::vec"))]
     pub top_k_weights: Vec<f32>,
     /// Finite weight outside the kept top-k entries.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub tail_mass: f32,
     /// Shannon entropy of the weights, in nats (`ln(context_len)` when uniform).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub entropy: f32,
     /// Weight on position 0 (the first token, where sinks form).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub sink_weight: f32,
     /// Non-finite weights (ignored by every other field).
     pub nan_count: usize,

@@ -20,6 +20,7 @@ pub struct KvCacheStateTrace {
     pub cache_size_bytes: usize,
     /// Share of the positions this step looked up that were served from the
     /// cache rather than recomputed, in `[0, 1]`.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub cache_hit_rate: f32,
     /// Positions evicted during this step.
     pub evictions_this_step: usize,
@@ -70,8 +71,10 @@ pub struct KvCacheSessionTrace {
     /// Largest `cache_size_bytes` seen.
     pub peak_memory_bytes: usize,
     /// Largest utilization seen.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub peak_utilization: f32,
     /// Mean `cache_hit_rate` over every step.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub avg_hit_rate: f32,
     /// Positions reused over the session.
     pub total_reused: usize,

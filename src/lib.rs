@@ -52,9 +52,18 @@ pub mod config;
 pub mod kv_cache;
 pub mod logit;
 pub mod quant;
+pub mod report;
+#[cfg(feature = "serde")]
+pub mod serde_float;
+#[cfg(feature = "serde")]
+mod serde_keyed;
+pub mod sink;
 pub mod stats;
 pub mod summary;
 pub mod tracer;
+
+#[cfg(any(feature = "log", feature = "tracing"))]
+pub mod events;
 
 #[cfg(feature = "reference-model")]
 pub mod reference;
@@ -70,6 +79,10 @@ pub use logit::{LogitEvolutionTrace, TokenLogitEvolution};
 pub use quant::{
     BrickId, ModelQuantizationError, QuantTraceError, QuantType, QuantizationErrorTrace, Severity,
 };
+pub use report::{write_html, ModelInfo, ReportInput};
+#[cfg(feature = "serde")]
+pub use sink::JsonlSink;
+pub use sink::{ForwardSink, SinkFailure, SinkHandle, SinkStatus};
 pub use stats::{StatsAccumulator, TensorStats};
 pub use summary::{SessionAggregates, TraceSummary};
 pub use tracer::{ForwardTrace, ModelTracer, QuantSampling, Recorder, Storage};

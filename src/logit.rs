@@ -11,6 +11,7 @@ pub struct TokenLogitEvolution {
     /// Text of the token, for display.
     pub token_text: String,
     /// Logit at each recorded layer, in recording order.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float::vec"))]
     pub logits: Vec<f32>,
     /// Rank at each recorded layer (0 = the highest logit).
     pub ranks: Vec<usize>,
@@ -84,8 +85,10 @@ pub struct LogitEvolutionTrace {
     /// Token position of the forward pass.
     pub position: usize,
     /// Sampling temperature in use (informational).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub temperature: f32,
     /// Nucleus (top-p) threshold in use (informational).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub top_p: f32,
     /// Tracked tokens.
     pub tokens: Vec<TokenLogitEvolution>,

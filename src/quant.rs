@@ -214,14 +214,18 @@ pub struct QuantizationErrorTrace {
     /// Weight format of the quantized path.
     pub quant_type: QuantType,
     /// Mean squared error.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mse: f32,
     /// Largest absolute difference.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub max_abs_error: f32,
     /// Cosine similarity in `[-1, 1]` (1 when both are zero; NaN when either
     /// holds a non-finite value).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub cosine_similarity: f32,
     /// Signal-to-noise ratio in dB: `10 log10(Σ ref² / Σ (q - ref)²)`
     /// (+inf when identical).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub snr_db: f32,
     /// Compared elements.
     pub element_count: usize,
@@ -325,6 +329,7 @@ pub struct ModelQuantizationError {
     pub traces: Vec<QuantizationErrorTrace>,
     /// `KL(reference || quantized)` of the output token distributions, in
     /// nats, when both logit vectors were compared.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float::option"))]
     pub kl_divergence: Option<f32>,
     /// Whether the quantized and reference logits pick the same top token.
     pub top1_agrees: Option<bool>,

@@ -113,15 +113,20 @@ pub struct TensorStats {
     /// Number of elements in the slice, including NaN and ±Inf.
     pub count: usize,
     /// Smallest finite element.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub min: f32,
     /// Largest finite element.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub max: f32,
     /// Arithmetic mean of the finite elements.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean: f32,
     /// Sample standard deviation (divisor `n - 1`) of the finite elements;
     /// `0.0` when fewer than two elements are finite.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub std: f32,
     /// Euclidean norm `sqrt(Σ x²)` of the finite elements.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub l2_norm: f32,
     /// Number of NaN elements.
     pub nan_count: usize,
@@ -737,15 +742,19 @@ impl StatsAccumulator {
 pub struct ErrorMetrics {
     /// Mean squared error `Σ(q - r)² / n` (unit of the values, squared);
     /// `0.0` for empty inputs.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mse: f32,
     /// Largest `|q - r|` (unit of the values); `0.0` for empty inputs.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub max_abs_error: f32,
     /// Cosine similarity of the two vectors in `[-1, 1]`; `1.0` when both are
     /// all-zero (or empty), `0.0` when exactly one is.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub cosine_similarity: f32,
     /// Signal-to-noise ratio `10·log10(Σr² / Σ(q - r)²)` in decibels;
     /// `+Inf` when the noise is exactly zero, `-Inf` when the reference is
     /// all-zero and the noise is not.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub snr_db: f32,
 }
 

@@ -31,8 +31,10 @@ pub struct LayerAggregate {
     /// Forwards that measured the residual ratio.
     pub residual_samples: usize,
     /// Mean residual ratio.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub residual_ratio_mean: f32,
     /// Largest residual ratio.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub residual_ratio_max: f32,
 }
 
@@ -61,12 +63,16 @@ pub struct HeadAggregate {
     /// Summaries with recency bias ([`RECENCY_WINDOW`], [`RECENCY_THRESHOLD`]).
     pub recency_records: usize,
     /// Mean first-token weight.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_sink_weight: f32,
     /// Mean entropy, nats.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_entropy: f32,
     /// Mean normalized entropy in `[0, 1]`.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_normalized_entropy: f32,
     /// Mean tail mass.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_tail_mass: f32,
 }
 
@@ -104,10 +110,13 @@ pub struct BrickAggregate {
     /// Measurements folded in.
     pub samples: usize,
     /// Mean cosine similarity (finite samples).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_cosine: f32,
     /// Mean MSE (finite samples).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_mse: f32,
     /// Mean SNR in dB (finite samples).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_snr_db: f32,
     /// Samples that were critical (cosine ≤ 0.99 or NaN).
     pub critical: usize,
@@ -128,10 +137,13 @@ pub struct WhatIfAggregate {
     /// Comparisons folded in.
     pub samples: usize,
     /// Mean cosine similarity against the model's own weights.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_cosine: f32,
     /// Lowest cosine similarity seen (NaN if any was NaN).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub min_cosine: f32,
     /// Mean SNR in dB (finite samples).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_snr_db: f32,
 }
 
@@ -160,6 +172,7 @@ pub struct SessionAggregates {
     /// The most recent anomaly of the session.
     pub last_anomaly: Option<Anomaly>,
     /// Attention aggregates by (layer, head).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_keyed"))]
     pub heads: BTreeMap<(usize, usize), HeadAggregate>,
     /// How often each layer was a tracked token's decisive layer.
     pub decisive_layers: BTreeMap<usize, usize>,
@@ -172,11 +185,105 @@ pub struct SessionAggregates {
     /// LM-head comparisons folded in.
     pub logit_comparisons: usize,
     /// Mean KL divergence of the output distributions (nats).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_kl_divergence: f32,
     /// LM-head comparisons whose top-1 tokens agreed.
     pub top1_agreements: usize,
     /// What-if comparisons by (target type, brick, layer).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_keyed"))]
     pub what_if: BTreeMap<(crate::quant::QuantType, BrickId, usize), WhatIfAggregate>,
+    /// Where anomalies first appeared, by (layer, stage).
+    #[cfg_attr(feature = "serde", serde(default, with = "crate::serde_keyed"))]
+    pub anomaly_sites: BTreeMap<(Option<usize>, Stage), AnomalySite>,
+    /// Quantization error by (brick, layer).
+    #[cfg_attr(feature = "serde", serde(default, with = "crate::serde_keyed"))]
+    pub brick_layers: BTreeMap<(BrickId, usize), BrickLayerAggregate>,
+}
+
+/// How often anomalies first appeared at one (layer, stage) of the forward
+/// pass, over a session.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct AnomalySite {
+    /// Layer index; `None` for the embedding, final norm and logits.
+    pub layer: Option<usize>,
+    /// Stage of the forward pass.
+    pub stage: Stage,
+    /// Forwards whose anomaly of each kind (by [`AnomalyKind`] index) was
+    /// reported here: each forward reports a kind once, where it first
+    /// appears, so a fault shows at its origin and not at every stage it
+    /// propagates to.
+    pub counts: [usize; AnomalyKind::COUNT],
+    /// Of those, the anomalies that were produced here (the stage before was finite).
+    pub produced: usize,
+    /// Position of the first forward reporting an anomaly here.
+    pub first_position: usize,
+    /// Position of the last forward reporting an anomaly here.
+    pub last_position: usize,
+}
+
+impl AnomalySite {
+    /// Anomalies of every kind reported here.
+    pub fn total(&self) -> usize {
+        self.counts.iter().sum()
+    }
+}
+
+/// Quantization error of one brick in one layer, over a session.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct BrickLayerAggregate {
+    /// The brick.
+    pub brick: BrickId,
+    /// Layer index (0 for bricks outside layers).
+    pub layer: usize,
+    /// Weight format of the last measurement.
+    pub quant_type: crate::quant::QuantType,
+    /// Measurements folded in.
+    pub samples: usize,
+    /// Mean cosine similarity (finite samples).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
+    pub mean_cosine: f32,
+    /// Lowest cosine similarity (NaN once any measurement was NaN).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
+    pub min_cosine: f32,
+    /// Mean SNR in dB (finite samples).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
+    pub mean_snr_db: f32,
+    /// Mean MSE (finite samples), in squared units of the brick's output.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
+    pub mean_mse: f32,
+}
+
+#[cfg(feature = "serde")]
+mod keyed {
+    use super::*;
+    use crate::serde_keyed::Keyed;
+
+    impl Keyed for HeadAggregate {
+        type Key = (usize, usize);
+        fn key(&self) -> Self::Key {
+            (self.layer, self.head)
+        }
+    }
+    impl Keyed for WhatIfAggregate {
+        type Key = (crate::quant::QuantType, BrickId, usize);
+        fn key(&self) -> Self::Key {
+            (self.quant_type, self.brick, self.layer)
+        }
+    }
+    impl Keyed for AnomalySite {
+        type Key = (Option<usize>, Stage);
+        fn key(&self) -> Self::Key {
+            (self.layer, self.stage)
+        }
+    }
+    impl Keyed for BrickLayerAggregate {
+        type Key = (BrickId, usize);
+        fn key(&self) -> Self::Key {
+            (self.brick, self.layer)
+        }
+    }
 }
 
 impl SessionAggregates {
@@ -222,6 +329,20 @@ impl SessionAggregates {
         }
         for an in &f.anomalies {
             self.anomaly_counts[an.kind as usize] += 1;
+            let site = self
+                .anomaly_sites
+                .entry((an.layer, an.stage))
+                .or_insert(AnomalySite {
+                    layer: an.layer,
+                    stage: an.stage,
+                    counts: [0; AnomalyKind::COUNT],
+                    produced: 0,
+                    first_position: f.position,
+                    last_position: f.position,
+                });
+            site.counts[an.kind as usize] += 1;
+            site.produced += usize::from(an.origin == crate::anomaly::Origin::Produced);
+            site.last_position = f.position;
         }
         if let Some(p) = f.primary_anomaly() {
             self.first_anomaly.get_or_insert(*p);
@@ -280,6 +401,29 @@ impl SessionAggregates {
             if t.badness() > b.worst.badness() {
                 b.worst = *t;
             }
+            let bl =
+                self.brick_layers
+                    .entry((t.brick, t.layer_idx))
+                    .or_insert(BrickLayerAggregate {
+                        brick: t.brick,
+                        layer: t.layer_idx,
+                        quant_type: t.quant_type,
+                        samples: 0,
+                        mean_cosine: 0.0,
+                        min_cosine: f32::INFINITY,
+                        mean_snr_db: 0.0,
+                        mean_mse: 0.0,
+                    });
+            bl.samples += 1;
+            bl.quant_type = t.quant_type;
+            running_mean(&mut bl.mean_cosine, bl.samples, t.cosine_similarity);
+            running_mean(&mut bl.mean_snr_db, bl.samples, t.snr_db);
+            running_mean(&mut bl.mean_mse, bl.samples, t.mse);
+            bl.min_cosine = if t.cosine_similarity.is_nan() || bl.min_cosine.is_nan() {
+                f32::NAN
+            } else {
+                bl.min_cosine.min(t.cosine_similarity)
+            };
         }
         for t in &f.what_if {
             let w = self
@@ -351,13 +495,21 @@ pub struct TraceSummary {
     /// The worst quantization measurement.
     pub worst_brick: Option<QuantizationErrorTrace>,
     /// Mean KL divergence of quantized vs reference output distributions (nats).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float::option"))]
     pub mean_kl_divergence: Option<f32>,
     /// Share of LM-head comparisons whose top-1 tokens agreed.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float::option"))]
     pub top1_agreement: Option<f32>,
     /// KV cache totals (recent steps omitted).
     pub kv_cache: Option<KvSummary>,
     /// What-if re-quantization, by (target type, brick, layer).
     pub what_if: Vec<WhatIfAggregate>,
+    /// Where anomalies first appeared, by (layer, stage).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub anomaly_sites: Vec<AnomalySite>,
+    /// Quantization error by (brick, layer).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub brick_layers: Vec<BrickLayerAggregate>,
 }
 
 /// Activation health of one layer over the session.
@@ -371,10 +523,12 @@ pub struct LayerSummary {
     /// Merged statistics of the layer output.
     pub output: TensorStats,
     /// Largest |x| over every stage.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub max_abs: f32,
     /// NaN and Inf values over every stage.
     pub non_finite: usize,
     /// Mean residual ratio (0 when not measured).
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub residual_ratio: f32,
 }
 
@@ -389,12 +543,14 @@ pub struct KvSummary {
     /// Valid positions (last step).
     pub valid_positions: usize,
     /// Largest utilization.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub peak_utilization: f32,
     /// Largest size, bytes.
     pub peak_memory_bytes: usize,
     /// Evictions.
     pub total_evictions: usize,
     /// Mean hit rate.
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub avg_hit_rate: f32,
     /// Positions reused.
     pub total_reused: usize,
@@ -462,6 +618,8 @@ impl TraceSummary {
                 .then(|| share(agg.top1_agreements, agg.logit_comparisons)),
             kv_cache,
             what_if: agg.what_if.values().copied().collect(),
+            anomaly_sites: agg.anomaly_sites.values().copied().collect(),
+            brick_layers: agg.brick_layers.values().copied().collect(),
         }
     }
 
@@ -612,7 +770,8 @@ impl fmt::Display for TraceSummary {
                     if rows.is_empty() {
                         continue;
                     }
-                    let mean = rows.iter().map(|w| w.mean_cosine as f64).sum::<f64>() / rows.len() as f64;
+                    let mean =
+                        rows.iter().map(|w| w.mean_cosine as f64).sum::<f64>() / rows.len() as f64;
                     let worst = rows
                         .iter()
                         .min_by(|a, b| a.min_cosine.total_cmp(&b.min_cosine))

@@ -148,6 +148,7 @@ pub struct Recorder {
     reference: Vec<f32>,
     candidate: Vec<f32>,
     max_layer_seen: Option<usize>,
+    sink: Option<crate::sink::SinkHandle>,
 }
 
 impl Storage for Recorder {
@@ -185,6 +186,7 @@ impl Recorder {
             reference: Vec::new(),
             candidate: Vec::new(),
             max_layer_seen: None,
+            sink: None,
         }
     }
 
@@ -394,15 +396,22 @@ impl Recorder {
         self.aggregates.absorb(&self.current);
         let primary = self.current.primary_anomaly().copied();
         let done = std::mem::take(&mut self.current);
+        #[cfg(any(feature = "log", feature = "tracing"))]
+        crate::events::anomalies(&done.anomalies);
         self.history.push_back(done);
+        if let (Some(sink), Some(done)) = (&self.sink, self.history.back()) {
+            sink.write(done);
+        }
         primary
     }
 
     fn clear(&mut self) {
         let options = self.options.clone();
         let sampling = self.quant_sampling;
+        let sink = self.sink.take();
         *self = Recorder::new(options);
         self.quant_sampling = sampling;
+        self.sink = sink;
     }
 }
 
@@ -478,6 +487,26 @@ impl<C: TraceConfig> ModelTracer<C> {
         if let Some(r) = self.storage.recorder_mut() {
             r.quant_sampling = sampling;
         }
+    }
+
+    /// Installs `sink` (or removes the sink, with `None`): every following
+    /// [`end_forward`](Self::end_forward) hands the completed forward to it.
+    /// Returns the sink it replaces. A tracer that never records (such as
+    /// `ModelTracer<Disabled>`) keeps no sink and hands `sink` back.
+    /// See [`crate::sink`] for why the sink is shared by the tracer's clones.
+    pub fn set_sink(
+        &mut self,
+        sink: Option<crate::sink::SinkHandle>,
+    ) -> Option<crate::sink::SinkHandle> {
+        match self.storage.recorder_mut() {
+            Some(r) => std::mem::replace(&mut r.sink, sink),
+            None => sink,
+        }
+    }
+
+    /// The installed sink.
+    pub fn sink(&self) -> Option<&crate::sink::SinkHandle> {
+        self.storage.recorder().and_then(|r| r.sink.as_ref())
     }
 
     /// The config.
@@ -701,6 +730,9 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// Ends the forward pass: applies the anomaly rules, folds the forward
     /// into the session aggregates, and returns the anomaly that matters
     /// most (the first non-finite value, else the first broken rule).
+    /// The completed forward then goes to the sink, if one is installed
+    /// ([`set_sink`](Self::set_sink)), and with the `log` or `tracing`
+    /// feature each anomaly is emitted as a warning event.
     #[inline(always)]
     pub fn end_forward(&mut self) -> Option<Anomaly> {
         if C::ANY {
@@ -802,7 +834,7 @@ impl<C: TraceConfig> ModelTracer<C> {
         )
     }
 
-    /// Forgets every record and aggregate; the config and options stay.
+    /// Forgets every record and aggregate; the config, options and sink stay.
     pub fn clear(&mut self) {
         if let Some(r) = self.storage.recorder_mut() {
             r.clear();

@@ -6,4 +6,5 @@ pub mod export;
 pub mod gguf;
 pub mod model;
 pub mod quant;
+pub mod report;
 pub mod tokenizer;
