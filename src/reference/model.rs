@@ -2,10 +2,7 @@
 //! pass, laid out so that it reads in one sitting. The tracer hooks are the
 //! only additions to the arithmetic.
 // Without hooks (the benchmarks' baseline) the tracer's inputs go unused.
-#![cfg_attr(
-    model_tracer_no_hooks,
-    allow(unused_imports, unused_variables, dead_code)
-)]
+#![cfg_attr(model_tracer_no_hooks, allow(unused_imports, unused_variables, dead_code))]
 
 use std::fmt;
 use std::path::Path;
@@ -337,23 +334,17 @@ fn trace_what_if<C: TraceConfig>(
     let Some(first) = linears.first() else { return };
     let len = linears.iter().map(|l| l.rows()).sum();
     for (i, target) in first.what_if.iter().enumerate() {
-        tracer.what_if(
-            brick,
-            layer,
-            quant_type_of(target.ty()),
-            len,
-            |cand, refr| {
-                let mut at = 0;
-                for l in linears {
-                    let rows = at..at + l.rows();
-                    if let Some(w) = l.what_if.get(i) {
-                        w.matvec_f32(x, &mut cand[rows.clone()]);
-                    }
-                    l.reference(x, &mut refr[rows]);
-                    at += l.rows();
+        tracer.what_if(brick, layer, quant_type_of(target.ty()), len, |cand, refr| {
+            let mut at = 0;
+            for l in linears {
+                let rows = at..at + l.rows();
+                if let Some(w) = l.what_if.get(i) {
+                    w.matvec_f32(x, &mut cand[rows.clone()]);
                 }
-            },
-        );
+                l.reference(x, &mut refr[rows]);
+                at += l.rows();
+            }
+        });
     }
 }
 
@@ -854,11 +845,10 @@ impl<C: TraceConfig> Llama<C> {
     /// a synthetic model it is the f32 master weights.
     pub fn set_what_if(&mut self, targets: &[GgmlType]) -> Result<(), ModelError> {
         for (i, l) in self.weights.linears_mut().enumerate() {
-            l.build_what_if(targets)
-                .map_err(|error| ModelError::Quant {
-                    tensor: format!("what-if copy {i}"),
-                    error,
-                })?;
+            l.build_what_if(targets).map_err(|error| ModelError::Quant {
+                tensor: format!("what-if copy {i}"),
+                error,
+            })?;
         }
         Ok(())
     }
@@ -1009,13 +999,7 @@ impl<C: TraceConfig> Llama<C> {
                 &s.xb2,
                 |r| lw.attn_output.reference(&s.xb, r),
             ));
-            hook!(trace_what_if(
-                tracer,
-                BrickId::AttentionOutput,
-                l,
-                &[&lw.attn_output],
-                &s.xb
-            ));
+            hook!(trace_what_if(tracer, BrickId::AttentionOutput, l, &[&lw.attn_output], &s.xb));
             if let Some(f) = fault.filter(|f| f.layer == l && f.kind == FaultKind::NaN) {
                 s.xb2[f.layer % dim] = f32::NAN;
             }
