@@ -612,7 +612,8 @@ impl fmt::Display for TraceSummary {
                     if rows.is_empty() {
                         continue;
                     }
-                    let mean = rows.iter().map(|w| w.mean_cosine as f64).sum::<f64>() / rows.len() as f64;
+                    let mean =
+                        rows.iter().map(|w| w.mean_cosine as f64).sum::<f64>() / rows.len() as f64;
                     let worst = rows
                         .iter()
                         .min_by(|a, b| a.min_cosine.total_cmp(&b.min_cosine))
