@@ -276,9 +276,29 @@ pub(super) fn q8_codes(values: &[f32], codes: &mut [i8]) -> f32 {
     let d = absmax_nan_sticky(values) / 127.0;
     let id = inverse(d);
     for (c, &v) in codes.iter_mut().zip(values) {
-        *c = (v * id).round() as i8;
+        *c = round_half_away(v * id) as i8;
     }
     d
+}
+
+/// C's `roundf` (ties away from zero) for |y| < 2^23, without a libm call;
+/// NaN gives 0.
+#[inline(always)]
+fn round_half_away(y: f32) -> i32 {
+    let truncated = y as i32;
+    // Exact: both are integers or y's fraction below 2^23.
+    let fraction = y - truncated as f32;
+    truncated
+        .saturating_add(i32::from(fraction >= 0.5))
+        .saturating_sub(i32::from(fraction <= -0.5))
+}
+
+/// ggml's `nearest_int`: round to nearest, ties to even, for |y| < 2^22, by
+/// adding 1.5 * 2^23 and reading the mantissa bits; NaN gives 0.
+#[inline(always)]
+fn nearest_int(y: f32) -> i32 {
+    let shifted = y + 12_582_912.0;
+    (shifted.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
 pub(super) fn quantize_q8_0(values: &[f32], block: &mut [u8]) {
@@ -324,7 +344,7 @@ pub(super) fn q8_k_codes(values: &[f32], codes: &mut [i8]) -> f32 {
     }
     let iscale = -127.0 / max;
     for (c, &v) in codes.iter_mut().zip(values) {
-        *c = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        *c = nearest_int(iscale * v).min(127) as i8;
     }
     1.0 / iscale
 }

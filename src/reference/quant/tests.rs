@@ -671,3 +671,38 @@ fn quantize_round_trip_error_is_within_half_a_step() {
         }
     }
 }
+
+#[test]
+fn vector_f16_conversion_equals_the_scalar_one_for_every_pattern() {
+    for start in (0..=u16::MAX as usize).step_by(8) {
+        let bits: [i32; 8] = std::array::from_fn(|k| (start + k) as i32);
+        let got = super::dot::f16x8_to_f32(wide::i32x8::new(bits)).to_array();
+        for (k, v) in got.iter().enumerate() {
+            assert_eq!(
+                v.to_bits(),
+                f16_to_f32((start + k) as u16).to_bits(),
+                "{:#06x}",
+                start + k
+            );
+        }
+    }
+}
+
+#[test]
+fn padding_of_a_longer_earlier_vector_does_not_leak_into_a_shorter_one() {
+    let mut rng = Rng(11);
+    let m = QMatrix::from_f32(GgmlType::Q4_1, 3, 64, &random_vec(&mut rng, 192)).unwrap();
+    let x = random_vec(&mut rng, 64);
+    let mut fresh = QuantizedActivations::new();
+    fresh.quantize_from(&x, GgmlType::Q4_1).unwrap();
+    let mut reused = QuantizedActivations::new();
+    reused
+        .quantize_from(&[f32::NAN; 512], GgmlType::Q4_1)
+        .unwrap();
+    reused.quantize_from(&x, GgmlType::Q4_1).unwrap();
+    let (mut a, mut b) = ([0f32; 3], [0f32; 3]);
+    m.matvec(&fresh, &mut a);
+    m.matvec(&reused, &mut b);
+    assert_eq!(a, b);
+    assert!(a.iter().all(|v| v.is_finite()));
+}
