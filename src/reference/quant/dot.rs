@@ -170,15 +170,23 @@ pub(super) fn f16x8_to_f32(bits: i32x8) -> f32x8 {
     f32x8::from_bits((magnitude | sign).cast_unsigned())
 }
 
-/// The f16 at byte `at` of each block of `group` (at most eight blocks of
-/// `block_bytes`), as f32 lanes; lanes past the last block are zero.
+/// The first four bytes (little-endian) of each block of `group` (at most
+/// eight blocks of `BLOCK_BYTES`); lanes past the last block are zero.
 #[inline(always)]
-fn gather_f16(group: &[u8], block_bytes: usize, at: usize) -> f32x8 {
-    let mut bits = [0i32; 8];
-    for (lane, block) in bits.iter_mut().zip(group.chunks_exact(block_bytes)) {
-        *lane = i32::from(u16::from_le_bytes([block[at], block[at + 1]]));
+fn gather_head<const BLOCK_BYTES: usize>(group: &[u8]) -> i32x8 {
+    let mut heads = [0i32; 8];
+    if let Some(full) = group.get(..8 * BLOCK_BYTES) {
+        // A whole group: fixed offsets, so no per-lane length checks.
+        for (k, head) in heads.iter_mut().enumerate() {
+            let at = k * BLOCK_BYTES;
+            *head = i32::from_le_bytes([full[at], full[at + 1], full[at + 2], full[at + 3]]);
+        }
+    } else {
+        for (head, block) in heads.iter_mut().zip(group.chunks_exact(BLOCK_BYTES)) {
+            *head = i32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+        }
     }
-    f16x8_to_f32(i32x8::new(bits))
+    i32x8::new(heads)
 }
 
 #[inline(always)]
@@ -211,9 +219,13 @@ fn dot_32<const BLOCK_BYTES: usize, const MIN: bool>(
         .zip(quants.chunks(16))
         .zip(act_scales.chunks_exact(8));
     for (g, ((weights, acts), scales)) in groups.enumerate() {
-        let d = (gather_f16(weights, BLOCK_BYTES, 0) * f32x8_of(scales)).to_array();
+        // Every block starts with its f16 scale; Q4_1/Q5_1 follow it with
+        // the f16 minimum.
+        let heads = gather_head::<BLOCK_BYTES>(weights);
+        let low16 = i32x8::splat(0xffff);
+        let d = (f16x8_to_f32(heads & low16) * f32x8_of(scales)).to_array();
         if MIN {
-            let m = gather_f16(weights, BLOCK_BYTES, 2);
+            let m = f16x8_to_f32((heads >> 16u32) & low16);
             mins = m.mul_add(f32x8_of(&act_sums[8 * g..]), mins);
         }
         let mut blocks = weights
