@@ -148,6 +148,23 @@ fn main() {
             reference.0.as_secs_f64(),
         ));
     }
+    for (n, ty) in [(576, GgmlType::Q4_1), (1536, GgmlType::Q4_1), (576, GgmlType::Q8_0)] {
+        let x = values(n, 11);
+        let mut acts = QuantizedActivations::new();
+        let (best, median) = time_per_call(
+            || {
+                acts.quantize_from(black_box(&x), ty)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                black_box(&acts);
+            },
+            budget / 4,
+        );
+        println!(
+            "quantize {n} activations for {ty}: {:.2} us ({:.2} us)",
+            best.as_secs_f64() * 1e6,
+            median.as_secs_f64() * 1e6
+        );
+    }
     let time_of = |rows, cols, ty, reference: bool| {
         per_shape
             .iter()
