@@ -148,7 +148,11 @@ fn main() {
             reference.0.as_secs_f64(),
         ));
     }
-    for (n, ty) in [(576, GgmlType::Q4_1), (1536, GgmlType::Q4_1), (576, GgmlType::Q8_0)] {
+    for (n, ty) in [
+        (576, GgmlType::Q4_1),
+        (1536, GgmlType::Q4_1),
+        (576, GgmlType::Q8_0),
+    ] {
         let x = values(n, 11);
         let mut acts = QuantizedActivations::new();
         let (best, median) = time_per_call(

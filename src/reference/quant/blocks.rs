@@ -296,7 +296,7 @@ fn round_half_away(y: f32) -> i32 {
 /// ggml's `nearest_int`: round to nearest, ties to even, for |y| < 2^22, by
 /// adding 1.5 * 2^23 and reading the mantissa bits; NaN gives 0.
 #[inline(always)]
-fn nearest_int(y: f32) -> i32 {
+pub(super) fn nearest_int(y: f32) -> i32 {
     let shifted = y + 12_582_912.0;
     (shifted.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }

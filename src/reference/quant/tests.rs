@@ -573,8 +573,8 @@ fn bad_shapes_and_types_are_errors() {
         })
     );
     assert_eq!(
-        QMatrix::from_f32(GgmlType::Q4_K, 1, 256, &[0.0; 256]),
-        Err(QuantError::Unsupported(GgmlType::Q4_K))
+        QMatrix::from_f32(GgmlType::Q5_K, 1, 256, &[0.0; 256]),
+        Err(QuantError::Unsupported(GgmlType::Q5_K))
     );
     let mut out = [0f32; 32];
     assert_eq!(
@@ -606,8 +606,8 @@ fn bad_shapes_and_types_are_errors() {
     );
     assert!(bytes.is_empty());
     assert_eq!(
-        quantize(GgmlType::Q6_K, &[0.0; 256], &mut bytes),
-        Err(QuantError::Unsupported(GgmlType::Q6_K))
+        quantize(GgmlType::Q3_K, &[0.0; 256], &mut bytes),
+        Err(QuantError::Unsupported(GgmlType::Q3_K))
     );
     assert!(!QuantError::Unsupported(GgmlType::Q2_K)
         .to_string()
@@ -705,4 +705,34 @@ fn padding_of_a_longer_earlier_vector_does_not_leak_into_a_shorter_one() {
     m.matvec(&reused, &mut b);
     assert_eq!(a, b);
     assert!(a.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn k_quant_quantizers_round_trip_closely() {
+    let mut rng = Rng(12);
+    let mut x = random_vec(&mut rng, 1024);
+    // An all-zero super-block and one with a single outlier.
+    x[256..512].fill(0.0);
+    x[600] = 25.0;
+    for (ty, tolerance) in [(GgmlType::Q4_K, 0.12), (GgmlType::Q6_K, 0.03)] {
+        let mut bytes = Vec::new();
+        quantize(ty, &x, &mut bytes).unwrap();
+        assert_eq!(bytes.len(), 4 * ty.block_bytes());
+        let mut back = vec![0f32; x.len()];
+        dequantize(ty, &bytes, &mut back).unwrap();
+        assert!(back[256..512].iter().all(|&v| v == 0.0), "{ty}: zero block");
+        assert!(
+            (back[600] - 25.0).abs() < 0.1,
+            "{ty}: outlier {}",
+            back[600]
+        );
+        let err: f64 = x
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum();
+        let norm: f64 = x.iter().map(|v| f64::from(*v).powi(2)).sum();
+        let rel = (err / norm).sqrt();
+        assert!(rel < tolerance, "{ty}: relative error {rel}");
+    }
 }
