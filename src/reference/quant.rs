@@ -44,8 +44,9 @@ fn per_block(bytes: &[u8], out: &mut [f32], ty: GgmlType, f: impl Fn(&[u8], &mut
     }
 }
 
-/// Decodes `bytes` holding `out.len()` elements of type `ty` into `out`,
-/// exactly as ggml's `dequantize_row_*` (and gguf-py's `dequantize`) do.
+/// Decodes `bytes` holding `out.len()` elements of type `ty` into `out` with
+/// ggml's formulas (`dequantize_row_*`), each product and sum rounded to f32
+/// separately: bit-for-bit what gguf-py's `dequantize` gives.
 ///
 /// Supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q4_K, Q6_K, Q8_K.
 ///

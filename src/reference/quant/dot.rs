@@ -1,10 +1,12 @@
 //! Dot products of one weight row with a quantized activation vector, in the
 //! integer-then-scale form of llama.cpp's `ggml_vec_dot_*_q8_*`.
 //!
-//! Activations are kept as i16 lanes (see `QuantizedActivations`), so a block
-//! product is a handful of widening loads and `i16x16::dot` (pairwise
-//! multiply-add into i32) per 32 weights: exact integer sums, then one f32
-//! fused multiply-add per block with the two scales.
+//! `wide` offers no byte-by-byte multiply-add, so activations are widened to
+//! i16 once per vector (see `QuantizedActivations`) rather than once per row:
+//! a block product is then a widening load of the weight codes and two
+//! `i16x16::dot` (pairwise multiply-add into i32) per 32 weights. Integer sums
+//! are exact; each block adds one f32 multiply-add with the two scales (fused
+//! where the target has FMA).
 
 use wide::{f32x8, i16x16, i32x8, i8x16, u8x16};
 
