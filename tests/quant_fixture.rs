@@ -42,12 +42,9 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn load() -> Vec<Entry> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/quant_fixture.bin"
-    );
-    let data = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+fn load_file(name: &str) -> Vec<Entry> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
     let mut r = Reader {
         data: &data,
         pos: 0,
@@ -80,6 +77,10 @@ fn load() -> Vec<Entry> {
     }
     assert_eq!(r.pos, data.len(), "trailing bytes after the last entry");
     entries
+}
+
+fn load() -> Vec<Entry> {
+    load_file("quant_fixture.bin")
 }
 
 /// Bit-for-bit equality, any NaN matching any NaN.
@@ -202,5 +203,50 @@ fn real_rows_multiply_like_their_gguf_dequantization() {
                 "{name} row {r} quantized path"
             );
         }
+    }
+}
+
+#[test]
+fn k_quant_and_activation_quantizers_match_ggml_byte_for_byte() {
+    let entries = load_file("kquant_fixture.bin");
+    let mut seen = Vec::new();
+    for e in &entries {
+        assert!(e.quantized_by_gguf, "{}", e.name);
+        let mut out = Vec::new();
+        quantize(e.ty, &e.values, &mut out).unwrap_or_else(|err| panic!("{}: {err}", e.name));
+        assert_eq!(out.len(), e.bytes.len(), "{}", e.name);
+        for (b, (got, want)) in out
+            .chunks_exact(e.ty.block_bytes())
+            .zip(e.bytes.chunks_exact(e.ty.block_bytes()))
+            .enumerate()
+        {
+            assert_eq!(got, want, "{} block {b}", e.name);
+        }
+        seen.push(e.ty);
+    }
+    for ty in [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_1,
+        GgmlType::Q8_K,
+    ] {
+        assert!(seen.contains(&ty), "no ggml fixture for {ty}");
+    }
+    // The activation buffers hold exactly ggml's Q8_1 / Q8_K blocks.
+    for (weights, format) in [
+        (GgmlType::Q4_1, GgmlType::Q8_1),
+        (GgmlType::Q6_K, GgmlType::Q8_K),
+    ] {
+        let e = entries
+            .iter()
+            .find(|e| e.ty == format)
+            .expect("checked above");
+        let mut acts = QuantizedActivations::new();
+        acts.quantize_from(&e.values, weights)
+            .unwrap_or_else(|err| panic!("{}: {err}", e.name));
+        assert!(
+            acts.to_ggml_bytes() == e.bytes,
+            "{format} activations differ from ggml"
+        );
     }
 }
