@@ -230,6 +230,17 @@ fn dot_32<const BLOCK_BYTES: usize, const MIN: bool>(
             let m = f16x8_to_f32((heads >> 16u32) & low16);
             mins = m.mul_add(f32x8_of(&act_sums[8 * g..]), mins);
         }
+        if let (Some(full), Some(acts)) = (weights.get(..8 * BLOCK_BYTES), acts.get(..16)) {
+            // A whole group: fixed trip count and sizes, no checks in the loop.
+            for k in (0..8).step_by(2) {
+                let (b0, b1) = (&full[k * BLOCK_BYTES..], &full[(k + 1) * BLOCK_BYTES..]);
+                let s0 = f32x8::from_i32x8(block_sum(b0, &acts[2 * k..2 * k + 2]));
+                let s1 = f32x8::from_i32x8(block_sum(b1, &acts[2 * k + 2..2 * k + 4]));
+                acc[0] = s0.mul_add(f32x8::splat(d[k]), acc[0]);
+                acc[1] = s1.mul_add(f32x8::splat(d[k + 1]), acc[1]);
+            }
+            continue;
+        }
         let mut blocks = weights
             .chunks_exact(BLOCK_BYTES)
             .zip(acts.chunks_exact(2))

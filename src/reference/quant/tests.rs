@@ -269,8 +269,14 @@ fn matvec_equals_the_scalar_reference_kernels() {
     let mut rng = Rng(3);
     for ty in ALL_KERNEL_TYPES {
         let per_block = ty.block_len();
-        let max_blocks = if per_block == 256 { 3 } else { 8 };
-        for blocks in 1..=max_blocks {
+        // Every length up to a full group of eight blocks, then lengths that
+        // mix full groups with a partial one (18 blocks: a 576-wide row).
+        let lengths: Vec<usize> = if per_block == 256 {
+            (1..=3).collect()
+        } else {
+            (1..=8).chain([9, 16, 18]).collect()
+        };
+        for blocks in lengths {
             let cols = blocks * per_block;
             let rows = 5;
             let m = QMatrix::from_bytes(ty, rows, cols, random_blocks(&mut rng, ty, rows * blocks))
