@@ -90,6 +90,18 @@ fn main() {
             cols: 576,
             ty: GgmlType::Q5_1,
         },
+        // K-quants need rows of whole 256-blocks: of this model's shapes only
+        // ffn_down (1536 columns) qualifies.
+        Case {
+            rows: 576,
+            cols: 1536,
+            ty: GgmlType::Q4_K,
+        },
+        Case {
+            rows: 576,
+            cols: 1536,
+            ty: GgmlType::Q6_K,
+        },
     ];
     println!("best (median) time per call; GB/s and GMAC/s from the best time");
     println!(
