@@ -39,6 +39,9 @@ TRACING:
                          monomorphized models, Llama<Disabled|Lightweight|Full>
     --inject FAULT       nan@LAYER | inf@LAYER | explode@LAYER: inject a fault
                          into every forward pass and watch it be found
+    --what-if TYPES      also trace every brick with its weights re-quantized to
+                         each of TYPES (comma-separated: q8_0,q5_1,q5_0,q4_1,q4_0,
+                         q4_k,q6_k) against the model's own weights (needs full)
     --json PATH          write the whole trace as JSON (prompt and generated
                          ids, summary, every retained forward)
     --jsonl PATH         stream every forward as it completes, one JSON object
@@ -58,6 +61,7 @@ struct Args {
     ctx: usize,
     trace: String,
     inject: Option<Fault>,
+    what_if: Vec<GgmlType>,
     json: Option<String>,
     jsonl: Option<String>,
     html: Option<String>,
@@ -74,6 +78,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         ctx: 4096,
         trace: "full".into(),
         inject: None,
+        what_if: Vec::new(),
         json: None,
         jsonl: None,
         html: None,
@@ -101,6 +106,21 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--json" => a.json = Some(value()?),
             "--jsonl" => a.jsonl = Some(value()?),
             "--html" => a.html = Some(value()?),
+            "--what-if" => {
+                for name in value()?.split(',') {
+                    let ty = match name.trim().to_ascii_lowercase().as_str() {
+                        "q8_0" => GgmlType::Q8_0,
+                        "q5_1" => GgmlType::Q5_1,
+                        "q5_0" => GgmlType::Q5_0,
+                        "q4_1" => GgmlType::Q4_1,
+                        "q4_0" => GgmlType::Q4_0,
+                        "q4_k" => GgmlType::Q4_K,
+                        "q6_k" => GgmlType::Q6_K,
+                        other => return Err(format!("--what-if: unknown type {other:?}")),
+                    };
+                    a.what_if.push(ty);
+                }
+            }
             other => return Err(format!("unknown option {other:?} (see --help)")),
         }
     }
@@ -222,6 +242,15 @@ fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
         );
     }
 
+    if !args.what_if.is_empty() {
+        model
+            .set_what_if(&args.what_if)
+            .map_err(|e| e.to_string())?;
+        if !model.tracer().wants_what_if() {
+            println!("  --what-if needs quantization-error tracing (--trace full): ignored");
+        }
+    }
+
     // The prompt.
     let default_prompt = "The capital of France is";
     let prompt_ids: Vec<u32> = match &model.tokenizer {
@@ -305,6 +334,7 @@ fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
     report_attention(&summary);
     report_lens(&model, &prompt_ids, &generation.tokens);
     report_quant(&summary);
+    report_what_if(&summary);
 
     if let Some(path) = &args.json {
         write_json(path, &model, &prompt_ids, &generation.tokens)?;
@@ -436,6 +466,41 @@ fn report_lens<C: TraceConfig>(model: &Llama<C>, prompt: &[u32], generated: &[u3
             }
         }
         println!("{line}");
+    }
+}
+
+fn report_what_if(summary: &model_tracer::TraceSummary) {
+    if summary.what_if.is_empty() {
+        return;
+    }
+    println!(
+        "\nwhat-if: the bricks that lose most when re-quantized (keep these at higher precision):"
+    );
+    let mut types: Vec<_> = summary.what_if.iter().map(|w| w.quant_type).collect();
+    types.dedup();
+    for qt in types {
+        let mut rows: Vec<_> = summary
+            .what_if
+            .iter()
+            .filter(|w| w.quant_type == qt)
+            .collect();
+        rows.sort_by(|a, b| a.min_cosine.total_cmp(&b.min_cosine));
+        let worst: Vec<String> = rows
+            .iter()
+            .take(5)
+            .map(|w| {
+                format!(
+                    "{} L{} cos {:.5} ({:.1} dB)",
+                    w.brick, w.layer, w.min_cosine, w.mean_snr_db
+                )
+            })
+            .collect();
+        println!(
+            "  {:>5} ({:.2} bits/weight): {}",
+            qt.name(),
+            qt.bits_per_element(),
+            worst.join("; ")
+        );
     }
 }
 

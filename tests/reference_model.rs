@@ -333,3 +333,40 @@ fn smollm2_chat_run_completes_clean() {
     let first = &s.layers[12];
     assert!(first.max_abs > 1e4 && first.max_abs < 1e6, "{s}");
 }
+
+#[cfg(feature = "serde")]
+#[test]
+fn smollm2_full_trace_lens_ends_at_the_chosen_token_and_exports() {
+    let Some(path) = model_path() else { return };
+    let mut m = Llama::from_gguf(&path, None, Full).unwrap();
+    let ids = [504, 3575, 282, 4649, 314];
+    let g = m.generate(&ids, 4, |_| {});
+    assert_eq!(g.tokens[0], 7042);
+    let n_layers = m.config.n_layers;
+    let chosen_forwards = m
+        .tracer()
+        .forwards()
+        .filter(|f| f.position + 1 >= ids.len());
+    for (f, &tok) in chosen_forwards.zip(&g.tokens) {
+        let lt = f.logits.as_ref().unwrap();
+        let t = lt.token(tok).expect("the chosen token is tracked");
+        assert_eq!(t.layers.last(), Some(&(n_layers - 1)));
+        assert_eq!(t.final_rank(), Some(0), "position {}", f.position);
+        assert_eq!(f.attention.len(), n_layers * m.config.n_heads);
+    }
+    let s = m.tracer().summary();
+    assert_eq!(s.total_faults(), 0, "{s}");
+    let text = serde_json::to_string(&model_tracer::reference::export::trace_json(
+        &m, &ids, &g.tokens,
+    ))
+    .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let generated: Vec<u32> = doc["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(generated, g.tokens);
+    assert_eq!(doc["prompt_ids"].as_array().unwrap().len(), ids.len());
+}

@@ -2,7 +2,10 @@
 //! pass, laid out so that it reads in one sitting. The tracer hooks are the
 //! only additions to the arithmetic.
 // Without hooks (the benchmarks' baseline) the tracer's inputs go unused.
-#![cfg_attr(model_tracer_no_hooks, allow(unused_imports, unused_variables, dead_code))]
+#![cfg_attr(
+    model_tracer_no_hooks,
+    allow(unused_imports, unused_variables, dead_code)
+)]
 
 use std::fmt;
 use std::path::Path;
@@ -334,17 +337,23 @@ fn trace_what_if<C: TraceConfig>(
     let Some(first) = linears.first() else { return };
     let len = linears.iter().map(|l| l.rows()).sum();
     for (i, target) in first.what_if.iter().enumerate() {
-        tracer.what_if(brick, layer, quant_type_of(target.ty()), len, |cand, refr| {
-            let mut at = 0;
-            for l in linears {
-                let rows = at..at + l.rows();
-                if let Some(w) = l.what_if.get(i) {
-                    w.matvec_f32(x, &mut cand[rows.clone()]);
+        tracer.what_if(
+            brick,
+            layer,
+            quant_type_of(target.ty()),
+            len,
+            |cand, refr| {
+                let mut at = 0;
+                for l in linears {
+                    let rows = at..at + l.rows();
+                    if let Some(w) = l.what_if.get(i) {
+                        w.matvec_f32(x, &mut cand[rows.clone()]);
+                    }
+                    l.reference(x, &mut refr[rows]);
+                    at += l.rows();
                 }
-                l.reference(x, &mut refr[rows]);
-                at += l.rows();
-            }
-        });
+            },
+        );
     }
 }
 
@@ -844,11 +853,25 @@ impl<C: TraceConfig> Llama<C> {
     /// table shows what moving each brick to another type would cost; with
     /// a synthetic model it is the f32 master weights.
     pub fn set_what_if(&mut self, targets: &[GgmlType]) -> Result<(), ModelError> {
+        for &t in targets {
+            if let Some(l) = self
+                .weights
+                .linears_mut()
+                .find(|l| l.weight.cols() % t.block_len() != 0)
+            {
+                return Err(ModelError::Config(format!(
+                    "{t} stores rows in blocks of {} weights; this model has rows of {}",
+                    t.block_len(),
+                    l.weight.cols()
+                )));
+            }
+        }
         for (i, l) in self.weights.linears_mut().enumerate() {
-            l.build_what_if(targets).map_err(|error| ModelError::Quant {
-                tensor: format!("what-if copy {i}"),
-                error,
-            })?;
+            l.build_what_if(targets)
+                .map_err(|error| ModelError::Quant {
+                    tensor: format!("what-if copy {i}"),
+                    error,
+                })?;
         }
         Ok(())
     }
@@ -999,7 +1022,13 @@ impl<C: TraceConfig> Llama<C> {
                 &s.xb2,
                 |r| lw.attn_output.reference(&s.xb, r),
             ));
-            hook!(trace_what_if(tracer, BrickId::AttentionOutput, l, &[&lw.attn_output], &s.xb));
+            hook!(trace_what_if(
+                tracer,
+                BrickId::AttentionOutput,
+                l,
+                &[&lw.attn_output],
+                &s.xb
+            ));
             if let Some(f) = fault.filter(|f| f.layer == l && f.kind == FaultKind::NaN) {
                 s.xb2[f.layer % dim] = f32::NAN;
             }
@@ -1030,6 +1059,20 @@ impl<C: TraceConfig> Llama<C> {
                     lw.ffn_up.reference(&s.xb, r)
                 })
             );
+            hook!(trace_what_if(
+                tracer,
+                BrickId::FfnGate,
+                l,
+                &[&lw.ffn_gate],
+                &s.xb
+            ));
+            hook!(trace_what_if(
+                tracer,
+                BrickId::FfnUp,
+                l,
+                &[&lw.ffn_up],
+                &s.xb
+            ));
 
             // SwiGLU non-linearity
             for (g, &u) in s.hb.iter_mut().zip(&s.hb2) {
@@ -1044,6 +1087,13 @@ impl<C: TraceConfig> Llama<C> {
                     lw.ffn_down.reference(&s.hb, r)
                 })
             );
+            hook!(trace_what_if(
+                tracer,
+                BrickId::FfnDown,
+                l,
+                &[&lw.ffn_down],
+                &s.hb
+            ));
             match fault.filter(|f| f.layer == l).map(|f| f.kind) {
                 Some(FaultKind::Inf) => s.xb2[l % dim] = f32::INFINITY,
                 Some(FaultKind::Explode) => s.xb2.iter_mut().for_each(|v| *v *= 1e8),
@@ -1079,6 +1129,13 @@ impl<C: TraceConfig> Llama<C> {
                 w.output.reference(&s.xb, r)
             })
         );
+        hook!(trace_what_if(
+            tracer,
+            BrickId::LmHead,
+            0,
+            &[&w.output],
+            &s.xb
+        ));
         hook!(tracer.final_logits(&s.logits));
 
         // KV cache bookkeeping

@@ -11,6 +11,7 @@ mod blocks;
 mod dot;
 mod error;
 mod float;
+mod kquants;
 mod matrix;
 
 pub use activations::{activation_type, QuantizedActivations};
@@ -43,8 +44,9 @@ fn per_block(bytes: &[u8], out: &mut [f32], ty: GgmlType, f: impl Fn(&[u8], &mut
     }
 }
 
-/// Decodes `bytes` holding `out.len()` elements of type `ty` into `out`,
-/// exactly as ggml's `dequantize_row_*` (and gguf-py's `dequantize`) do.
+/// Decodes `bytes` holding `out.len()` elements of type `ty` into `out` with
+/// ggml's formulas (`dequantize_row_*`), each product and sum rounded to f32
+/// separately: bit-for-bit what gguf-py's `dequantize` gives.
 ///
 /// Supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q4_K, Q6_K, Q8_K.
 ///
@@ -98,11 +100,11 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Qua
 /// types the bytes equal gguf-py's `quantize` output.
 ///
 /// Supported: F32 (little-endian copy), F16 and BF16 (round to nearest even),
-/// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the activation formats Q8_1 and Q8_K.
+/// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K, and the activation formats Q8_1
+/// and Q8_K.
 ///
 /// # Errors
-/// [`QuantError::Unsupported`] for other types (including Q4_K and Q6_K,
-/// whose reference quantizers are not implemented),
+/// [`QuantError::Unsupported`] for other types (Q2_K, Q3_K, Q5_K),
 /// [`QuantError::NotWholeBlocks`] when `src.len()` is not a whole number of
 /// blocks, and [`QuantError::NonFinite`] when a block format would have to
 /// encode an infinity or NaN. `out` is left empty on error.
@@ -129,7 +131,9 @@ pub fn quantize(ty: GgmlType, src: &[f32], out: &mut Vec<u8>) -> Result<(), Quan
         Q8_0 => blocks::quantize_q8_0,
         Q8_1 => blocks::quantize_q8_1,
         Q8_K => blocks::quantize_q8_k,
-        Q2_K | Q3_K | Q4_K | Q5_K | Q6_K => return Err(QuantError::Unsupported(ty)),
+        Q4_K => kquants::quantize_q4_k,
+        Q6_K => kquants::quantize_q6_k,
+        Q2_K | Q3_K | Q5_K => return Err(QuantError::Unsupported(ty)),
     };
     let size = checked_bytes(ty, src.len())?;
     if let Some(index) = src.iter().position(|v| !v.is_finite()) {

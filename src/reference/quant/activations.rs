@@ -101,9 +101,16 @@ impl QuantizedActivations {
 
     fn quantize_q8_x(&mut self, x: &[f32], with_sums: bool) {
         let blocks = x.len() / 32;
+        // The kernels read scales eight blocks at a time; the padding must be
+        // zero so that it contributes nothing.
+        let padded = blocks.div_ceil(8) * 8;
         self.quants.resize(2 * blocks, i16x16::ZERO);
-        self.scales.resize(blocks, 0.0);
-        self.sums.resize(if with_sums { blocks } else { 0 }, 0.0);
+        self.scales.resize(padded, 0.0);
+        self.scales[blocks..].fill(0.0);
+        self.sums.resize(if with_sums { padded } else { 0 }, 0.0);
+        if with_sums {
+            self.sums[blocks..].fill(0.0);
+        }
         let mut codes = [0i8; 32];
         for (b, (values, lanes)) in x
             .chunks_exact(32)

@@ -45,33 +45,33 @@ pub(super) fn dequantize_q4_1(block: &[u8], out: &mut [f32]) {
     }
 }
 
-/// The 5-bit value of element `j` of a Q5 block.
+/// The 5-bit codes of a Q5 block: nibbles as in Q4, bit `j` of `qh` on top
+/// of element `j`.
 #[inline(always)]
-fn q5_value(qs: &[u8], qh: u32, j: usize) -> u8 {
-    let nibble = if j < 16 {
-        qs[j] & 0x0f
-    } else {
-        qs[j - 16] >> 4
-    };
-    nibble | ((((qh >> j) & 1) as u8) << 4)
+fn q5_codes(qs: &[u8], qh: u32) -> [u8; 32] {
+    let mut codes = [0u8; 32];
+    let (low, high) = codes.split_at_mut(16);
+    for (j, ((byte, lo), hi)) in qs.iter().zip(low).zip(high).enumerate() {
+        *lo = (byte & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+        *hi = (byte >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+    }
+    codes
 }
 
 pub(super) fn dequantize_q5_0(block: &[u8], out: &mut [f32]) {
     let d = f16_at(block, 0);
-    let qh = u32_at(block, 2);
-    let qs = &block[6..22];
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = d * (f32::from(q5_value(qs, qh, j)) - 16.0);
+    let codes = q5_codes(&block[6..22], u32_at(block, 2));
+    for (o, q) in out.iter_mut().zip(codes) {
+        *o = d * (f32::from(q) - 16.0);
     }
 }
 
 pub(super) fn dequantize_q5_1(block: &[u8], out: &mut [f32]) {
     let d = f16_at(block, 0);
     let m = f16_at(block, 2);
-    let qh = u32_at(block, 4);
-    let qs = &block[8..24];
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = d * f32::from(q5_value(qs, qh, j)) + m;
+    let codes = q5_codes(&block[8..24], u32_at(block, 4));
+    for (o, q) in out.iter_mut().zip(codes) {
+        *o = d * f32::from(q) + m;
     }
 }
 
@@ -276,9 +276,29 @@ pub(super) fn q8_codes(values: &[f32], codes: &mut [i8]) -> f32 {
     let d = absmax_nan_sticky(values) / 127.0;
     let id = inverse(d);
     for (c, &v) in codes.iter_mut().zip(values) {
-        *c = (v * id).round() as i8;
+        *c = round_half_away(v * id) as i8;
     }
     d
+}
+
+/// C's `roundf` (ties away from zero) for |y| < 2^23, without a libm call;
+/// NaN gives 0.
+#[inline(always)]
+fn round_half_away(y: f32) -> i32 {
+    let truncated = y as i32;
+    // Exact: both are integers or y's fraction below 2^23.
+    let fraction = y - truncated as f32;
+    truncated
+        .saturating_add(i32::from(fraction >= 0.5))
+        .saturating_sub(i32::from(fraction <= -0.5))
+}
+
+/// ggml's `nearest_int`: round to nearest, ties to even, for |y| < 2^22, by
+/// adding 1.5 * 2^23 and reading the mantissa bits; NaN gives 0.
+#[inline(always)]
+pub(super) fn nearest_int(y: f32) -> i32 {
+    let shifted = y + 12_582_912.0;
+    (shifted.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
 pub(super) fn quantize_q8_0(values: &[f32], block: &mut [u8]) {
@@ -324,7 +344,7 @@ pub(super) fn q8_k_codes(values: &[f32], codes: &mut [i8]) -> f32 {
     }
     let iscale = -127.0 / max;
     for (c, &v) in codes.iter_mut().zip(values) {
-        *c = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        *c = nearest_int(iscale * v).min(127) as i8;
     }
     1.0 / iscale
 }

@@ -1,10 +1,12 @@
 //! Dot products of one weight row with a quantized activation vector, in the
 //! integer-then-scale form of llama.cpp's `ggml_vec_dot_*_q8_*`.
 //!
-//! Activations are kept as i16 lanes (see `QuantizedActivations`), so a block
-//! product is a handful of widening loads and `i16x16::dot` (pairwise
-//! multiply-add into i32) per 32 weights: exact integer sums, then one f32
-//! fused multiply-add per block with the two scales.
+//! `wide` offers no byte-by-byte multiply-add, so activations are widened to
+//! i16 once per vector (see `QuantizedActivations`) rather than once per row:
+//! a block product is then a widening load of the weight codes and two
+//! `i16x16::dot` (pairwise multiply-add into i32) per 32 weights. Integer sums
+//! are exact; each block adds one f32 multiply-add with the two scales (fused
+//! where the target has FMA).
 
 use wide::{f32x8, i16x16, i32x8, i8x16, u8x16};
 
@@ -154,79 +156,127 @@ pub(super) fn q6_k_block(block: &[u8], a: &[i16x16]) -> i32x8 {
     sum
 }
 
-/// Sums two f32x8 accumulators and a scalar.
+/// 2^112, see [`f16_to_f32`].
+const F16_REBIAS: f32 = f32::from_bits(0x7780_0000);
+
+/// Eight f16 bit patterns (in the low 16 bits of each lane) to f32, exactly,
+/// by the same rebias trick as the scalar [`f16_to_f32`].
 #[inline(always)]
-fn finish(acc: [f32x8; 2], scalar: f32) -> f32 {
-    (acc[0] + acc[1]).reduce_add() + scalar
+pub(super) fn f16x8_to_f32(bits: i32x8) -> f32x8 {
+    let sign = (bits & i32x8::splat(0x8000)) << 16u32;
+    let magnitude = bits & i32x8::splat(0x7fff);
+    let finite = f32x8::from_bits((magnitude << 13u32).cast_unsigned()) * f32x8::splat(F16_REBIAS);
+    let special = i32x8::splat(0x7f80_0000) | ((magnitude & i32x8::splat(0x03ff)) << 13u32);
+    let is_special = magnitude.simd_gt(i32x8::splat(0x7bff));
+    let magnitude = is_special.select(special, finite.to_bits().cast_signed());
+    f32x8::from_bits((magnitude | sign).cast_unsigned())
+}
+
+/// The first four bytes (little-endian) of each block of `group` (at most
+/// eight blocks of `BLOCK_BYTES`); lanes past the last block are zero.
+#[inline(always)]
+fn gather_head<const BLOCK_BYTES: usize>(group: &[u8]) -> i32x8 {
+    let mut heads = [0i32; 8];
+    if let Some(full) = group.get(..8 * BLOCK_BYTES) {
+        // A whole group: fixed offsets, so no per-lane length checks.
+        for (k, head) in heads.iter_mut().enumerate() {
+            let at = k * BLOCK_BYTES;
+            *head = i32::from_le_bytes([full[at], full[at + 1], full[at + 2], full[at + 3]]);
+        }
+    } else {
+        for (head, block) in heads.iter_mut().zip(group.chunks_exact(BLOCK_BYTES)) {
+            *head = i32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+        }
+    }
+    i32x8::new(heads)
+}
+
+#[inline(always)]
+fn f32x8_of(values: &[f32]) -> f32x8 {
+    let mut lanes = [0f32; 8];
+    lanes.copy_from_slice(&values[..8]);
+    f32x8::new(lanes)
+}
+
+/// Row times activations for the 32-element block types.
+///
+/// Blocks go in groups of eight: the weight scales of a group are converted
+/// from f16 in one vector and multiplied with the activation scales (which
+/// `QuantizedActivations` zero-pads to a multiple of eight), then each
+/// block's exact integer sum is scaled into one of two f32 accumulators.
+/// With `MIN`, the f16 at byte 2 is the block minimum `m` and `Σ m·s` is
+/// added, `s` being the Q8_1 per-block sums.
+#[inline(always)]
+fn dot_32<const BLOCK_BYTES: usize, const MIN: bool>(
+    row: &[u8],
+    quants: &[i16x16],
+    act_scales: &[f32],
+    act_sums: &[f32],
+    block_sum: impl Fn(&[u8], &[i16x16]) -> i32x8,
+) -> f32 {
+    let mut acc = [f32x8::ZERO; 2];
+    let mut mins = f32x8::ZERO;
+    let groups = row
+        .chunks(8 * BLOCK_BYTES)
+        .zip(quants.chunks(16))
+        .zip(act_scales.chunks_exact(8));
+    for (g, ((weights, acts), scales)) in groups.enumerate() {
+        // Every block starts with its f16 scale; Q4_1/Q5_1 follow it with
+        // the f16 minimum.
+        let heads = gather_head::<BLOCK_BYTES>(weights);
+        let low16 = i32x8::splat(0xffff);
+        let d = (f16x8_to_f32(heads & low16) * f32x8_of(scales)).to_array();
+        if MIN {
+            let m = f16x8_to_f32((heads >> 16u32) & low16);
+            mins = m.mul_add(f32x8_of(&act_sums[8 * g..]), mins);
+        }
+        if let (Some(full), Some(acts)) = (weights.get(..8 * BLOCK_BYTES), acts.get(..16)) {
+            // A whole group: fixed trip count and sizes, no checks in the loop.
+            for k in (0..8).step_by(2) {
+                let (b0, b1) = (&full[k * BLOCK_BYTES..], &full[(k + 1) * BLOCK_BYTES..]);
+                let s0 = f32x8::from_i32x8(block_sum(b0, &acts[2 * k..2 * k + 2]));
+                let s1 = f32x8::from_i32x8(block_sum(b1, &acts[2 * k + 2..2 * k + 4]));
+                acc[0] = s0.mul_add(f32x8::splat(d[k]), acc[0]);
+                acc[1] = s1.mul_add(f32x8::splat(d[k + 1]), acc[1]);
+            }
+            continue;
+        }
+        let mut blocks = weights
+            .chunks_exact(BLOCK_BYTES)
+            .zip(acts.chunks_exact(2))
+            .zip(d.iter());
+        while let Some(((b0, a0), d0)) = blocks.next() {
+            acc[0] = f32x8::from_i32x8(block_sum(b0, a0)).mul_add(f32x8::splat(*d0), acc[0]);
+            if let Some(((b1, a1), d1)) = blocks.next() {
+                acc[1] = f32x8::from_i32x8(block_sum(b1, a1)).mul_add(f32x8::splat(*d1), acc[1]);
+            }
+        }
+    }
+    (acc[0] + acc[1] + mins).reduce_add()
 }
 
 pub(super) fn dot_q4_0(row: &[u8], quants: &[i16x16], scales: &[f32]) -> f32 {
-    let mut acc = [f32x8::ZERO; 2];
-    let mut blocks = row.chunks_exact(18).zip(quants.chunks_exact(2)).zip(scales);
-    while let Some(((b0, a0), d0)) = blocks.next() {
-        let s0 = f32x8::splat(f16_at(b0, 0) * d0);
-        acc[0] = f32x8::from_i32x8(q4_0_block(&b0[2..18], a0)).mul_add(s0, acc[0]);
-        if let Some(((b1, a1), d1)) = blocks.next() {
-            let s1 = f32x8::splat(f16_at(b1, 0) * d1);
-            acc[1] = f32x8::from_i32x8(q4_0_block(&b1[2..18], a1)).mul_add(s1, acc[1]);
-        }
-    }
-    finish(acc, 0.0)
+    dot_32::<18, false>(row, quants, scales, &[], |b, a| q4_0_block(&b[2..18], a))
 }
 
 pub(super) fn dot_q4_1(row: &[u8], quants: &[i16x16], scales: &[f32], sums: &[f32]) -> f32 {
-    let mut acc = [f32x8::ZERO; 2];
-    let mut mins = [0.0f32; 2];
-    let mut blocks = row
-        .chunks_exact(20)
-        .zip(quants.chunks_exact(2))
-        .zip(scales.iter().zip(sums));
-    while let Some(((b0, a0), (d0, s0))) = blocks.next() {
-        let scale = f32x8::splat(f16_at(b0, 0) * d0);
-        acc[0] = f32x8::from_i32x8(q4_1_block(&b0[4..20], a0)).mul_add(scale, acc[0]);
-        mins[0] += f16_at(b0, 2) * s0;
-        if let Some(((b1, a1), (d1, s1))) = blocks.next() {
-            let scale = f32x8::splat(f16_at(b1, 0) * d1);
-            acc[1] = f32x8::from_i32x8(q4_1_block(&b1[4..20], a1)).mul_add(scale, acc[1]);
-            mins[1] += f16_at(b1, 2) * s1;
-        }
-    }
-    finish(acc, mins[0] + mins[1])
+    dot_32::<20, true>(row, quants, scales, sums, |b, a| q4_1_block(&b[4..20], a))
 }
 
 pub(super) fn dot_q5_0(row: &[u8], quants: &[i16x16], scales: &[f32]) -> f32 {
-    let mut acc = f32x8::ZERO;
-    for ((b, a), d) in row.chunks_exact(22).zip(quants.chunks_exact(2)).zip(scales) {
-        let scale = f32x8::splat(f16_at(b, 0) * d);
-        acc = f32x8::from_i32x8(q5_block(u32_at(b, 2), &b[6..22], a, 16)).mul_add(scale, acc);
-    }
-    acc.reduce_add()
+    dot_32::<22, false>(row, quants, scales, &[], |b, a| {
+        q5_block(u32_at(b, 2), &b[6..22], a, 16)
+    })
 }
 
 pub(super) fn dot_q5_1(row: &[u8], quants: &[i16x16], scales: &[f32], sums: &[f32]) -> f32 {
-    let mut acc = f32x8::ZERO;
-    let mut mins = 0.0f32;
-    let blocks = row.chunks_exact(24).zip(quants.chunks_exact(2));
-    for ((b, a), (d, s)) in blocks.zip(scales.iter().zip(sums)) {
-        let scale = f32x8::splat(f16_at(b, 0) * d);
-        acc = f32x8::from_i32x8(q5_block(u32_at(b, 4), &b[8..24], a, 0)).mul_add(scale, acc);
-        mins += f16_at(b, 2) * s;
-    }
-    acc.reduce_add() + mins
+    dot_32::<24, true>(row, quants, scales, sums, |b, a| {
+        q5_block(u32_at(b, 4), &b[8..24], a, 0)
+    })
 }
 
 pub(super) fn dot_q8_0(row: &[u8], quants: &[i16x16], scales: &[f32]) -> f32 {
-    let mut acc = [f32x8::ZERO; 2];
-    let mut blocks = row.chunks_exact(34).zip(quants.chunks_exact(2)).zip(scales);
-    while let Some(((b0, a0), d0)) = blocks.next() {
-        let s0 = f32x8::splat(f16_at(b0, 0) * d0);
-        acc[0] = f32x8::from_i32x8(q8_0_block(&b0[2..34], a0)).mul_add(s0, acc[0]);
-        if let Some(((b1, a1), d1)) = blocks.next() {
-            let s1 = f32x8::splat(f16_at(b1, 0) * d1);
-            acc[1] = f32x8::from_i32x8(q8_0_block(&b1[2..34], a1)).mul_add(s1, acc[1]);
-        }
-    }
-    finish(acc, 0.0)
+    dot_32::<34, false>(row, quants, scales, &[], |b, a| q8_0_block(&b[2..34], a))
 }
 
 pub(super) fn dot_q4_k(row: &[u8], quants: &[i16x16], scales: &[f32], bsums: &[i16]) -> f32 {
@@ -255,13 +305,6 @@ pub(super) fn dot_q6_k(row: &[u8], quants: &[i16x16], scales: &[f32]) -> f32 {
     acc.reduce_add()
 }
 
-#[inline(always)]
-fn f32x8_of(values: &[f32]) -> f32x8 {
-    let mut lanes = [0f32; 8];
-    lanes.copy_from_slice(&values[..8]);
-    f32x8::new(lanes)
-}
-
 /// Dot product of a row of blocks with f32 activations: each block is
 /// decoded into a stack buffer of `LEN` values and multiplied in f32 lanes.
 #[inline(always)]
@@ -280,7 +323,7 @@ pub(super) fn dot_f32_blocks<const LEN: usize>(
             acc[1] = f32x8_of(&w[8..]).mul_add(f32x8_of(&x[8..]), acc[1]);
         }
     }
-    finish(acc, 0.0)
+    (acc[0] + acc[1]).reduce_add()
 }
 
 /// Dot product of a row of plain floats (`elem` bytes each, decoded by

@@ -45,6 +45,7 @@ impl QMatrix {
         })?;
         let total = row_bytes
             .checked_mul(rows)
+            .filter(|_| rows.checked_mul(cols).is_some())
             .ok_or(QuantError::TooLarge { rows, cols })?;
         if data.len() != total {
             return Err(QuantError::ByteLength {

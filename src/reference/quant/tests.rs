@@ -269,8 +269,14 @@ fn matvec_equals_the_scalar_reference_kernels() {
     let mut rng = Rng(3);
     for ty in ALL_KERNEL_TYPES {
         let per_block = ty.block_len();
-        let max_blocks = if per_block == 256 { 3 } else { 8 };
-        for blocks in 1..=max_blocks {
+        // Every length up to a full group of eight blocks, then lengths that
+        // mix full groups with a partial one (18 blocks: a 576-wide row).
+        let lengths: Vec<usize> = if per_block == 256 {
+            (1..=3).collect()
+        } else {
+            (1..=8).chain([9, 16, 18]).collect()
+        };
+        for blocks in lengths {
             let cols = blocks * per_block;
             let rows = 5;
             let m = QMatrix::from_bytes(ty, rows, cols, random_blocks(&mut rng, ty, rows * blocks))
@@ -573,8 +579,8 @@ fn bad_shapes_and_types_are_errors() {
         })
     );
     assert_eq!(
-        QMatrix::from_f32(GgmlType::Q4_K, 1, 256, &[0.0; 256]),
-        Err(QuantError::Unsupported(GgmlType::Q4_K))
+        QMatrix::from_f32(GgmlType::Q5_K, 1, 256, &[0.0; 256]),
+        Err(QuantError::Unsupported(GgmlType::Q5_K))
     );
     let mut out = [0f32; 32];
     assert_eq!(
@@ -606,8 +612,8 @@ fn bad_shapes_and_types_are_errors() {
     );
     assert!(bytes.is_empty());
     assert_eq!(
-        quantize(GgmlType::Q6_K, &[0.0; 256], &mut bytes),
-        Err(QuantError::Unsupported(GgmlType::Q6_K))
+        quantize(GgmlType::Q3_K, &[0.0; 256], &mut bytes),
+        Err(QuantError::Unsupported(GgmlType::Q3_K))
     );
     assert!(!QuantError::Unsupported(GgmlType::Q2_K)
         .to_string()
@@ -669,5 +675,70 @@ fn quantize_round_trip_error_is_within_half_a_step() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn vector_f16_conversion_equals_the_scalar_one_for_every_pattern() {
+    for start in (0..=u16::MAX as usize).step_by(8) {
+        let bits: [i32; 8] = std::array::from_fn(|k| (start + k) as i32);
+        let got = super::dot::f16x8_to_f32(wide::i32x8::new(bits)).to_array();
+        for (k, v) in got.iter().enumerate() {
+            assert_eq!(
+                v.to_bits(),
+                f16_to_f32((start + k) as u16).to_bits(),
+                "{:#06x}",
+                start + k
+            );
+        }
+    }
+}
+
+#[test]
+fn padding_of_a_longer_earlier_vector_does_not_leak_into_a_shorter_one() {
+    let mut rng = Rng(11);
+    let m = QMatrix::from_f32(GgmlType::Q4_1, 3, 64, &random_vec(&mut rng, 192)).unwrap();
+    let x = random_vec(&mut rng, 64);
+    let mut fresh = QuantizedActivations::new();
+    fresh.quantize_from(&x, GgmlType::Q4_1).unwrap();
+    let mut reused = QuantizedActivations::new();
+    reused
+        .quantize_from(&[f32::NAN; 512], GgmlType::Q4_1)
+        .unwrap();
+    reused.quantize_from(&x, GgmlType::Q4_1).unwrap();
+    let (mut a, mut b) = ([0f32; 3], [0f32; 3]);
+    m.matvec(&fresh, &mut a);
+    m.matvec(&reused, &mut b);
+    assert_eq!(a, b);
+    assert!(a.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn k_quant_quantizers_round_trip_closely() {
+    let mut rng = Rng(12);
+    let mut x = random_vec(&mut rng, 1024);
+    // An all-zero super-block and one with a single outlier.
+    x[256..512].fill(0.0);
+    x[600] = 25.0;
+    for (ty, tolerance) in [(GgmlType::Q4_K, 0.12), (GgmlType::Q6_K, 0.03)] {
+        let mut bytes = Vec::new();
+        quantize(ty, &x, &mut bytes).unwrap();
+        assert_eq!(bytes.len(), 4 * ty.block_bytes());
+        let mut back = vec![0f32; x.len()];
+        dequantize(ty, &bytes, &mut back).unwrap();
+        assert!(back[256..512].iter().all(|&v| v == 0.0), "{ty}: zero block");
+        assert!(
+            (back[600] - 25.0).abs() < 0.1,
+            "{ty}: outlier {}",
+            back[600]
+        );
+        let err: f64 = x
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum();
+        let norm: f64 = x.iter().map(|v| f64::from(*v).powi(2)).sum();
+        let rel = (err / norm).sqrt();
+        assert!(rel < tolerance, "{ty}: relative error {rel}");
     }
 }
