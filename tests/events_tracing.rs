@@ -11,9 +11,12 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Metadata, Subscriber};
 
-/// A subscriber that records every event's level, target and fields.
+/// Level, target and fields of one event.
+type Captured = (Level, String, BTreeMap<String, String>);
+
+/// A subscriber that records every event.
 #[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<(Level, String, BTreeMap<String, String>)>>>);
+struct Capture(Arc<Mutex<Vec<Captured>>>);
 
 struct Fields<'a>(&'a mut BTreeMap<String, String>);
 
