@@ -1109,6 +1109,19 @@ mod tests {
     }
 
     #[test]
+    fn a_tracer_that_recorded_nothing_still_gives_a_page() {
+        let off = ModelTracer::new(crate::Disabled);
+        let input = ReportInput::from_tracer(&off, ModelInfo::default());
+        assert!(input.forwards.is_empty() && input.token_ids().is_empty());
+        let mut out = Vec::new();
+        write_html(&mut out, &input).unwrap();
+        let html = String::from_utf8(out).unwrap();
+        assert!(html.contains("\"fw\":[]"));
+        assert!(html.contains("\"config\":\"disabled\""));
+        assert!(html.ends_with("</html>\n"));
+    }
+
+    #[test]
     fn html_escape_covers_the_five_characters() {
         assert_eq!(
             escape_html(r#"<a href="x">'&'</a>"#),
