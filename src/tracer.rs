@@ -45,8 +45,13 @@ impl Storage for () {
     }
 }
 
+/// Brick visits between two measured ones in the default sampling: prime, so
+/// that the measured sites drift through every (brick, layer) of any model
+/// whose number of sites per forward is not a multiple of it.
+pub const DEFAULT_QUANT_STRIDE: usize = 37;
+
 /// How often the quantization-error hook runs its f32 reference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum QuantSampling {
@@ -56,15 +61,28 @@ pub enum QuantSampling {
     /// One brick kind per forward, rotating with the position through
     /// [`BrickId::ALL`]; every layer of that kind is measured. Amortized cost:
     /// about one f32 matmul per layer per forward.
-    #[default]
     RotateBrick,
     /// Every brick, on one forward in `n` (by position).
     EveryNth(usize),
+    /// One brick visit in `stride`, counted over the whole session: with
+    /// SmolLM2's 151 bricks per forward and the default stride of 37, about
+    /// four (brick, layer) sites per forward, drifting so that every site
+    /// is measured once every 37 forwards. Its cost per forward is about
+    /// `1/stride` of a second, f32 forward pass.
+    Strided(usize),
+}
+
+impl Default for QuantSampling {
+    /// [`QuantSampling::Strided`] with [`DEFAULT_QUANT_STRIDE`].
+    fn default() -> Self {
+        QuantSampling::Strided(DEFAULT_QUANT_STRIDE)
+    }
 }
 
 impl QuantSampling {
-    /// Whether `brick` is measured at token `position`.
-    pub fn selects(self, brick: BrickId, position: usize) -> bool {
+    /// Whether `brick` is measured at token `position`, `visit` being the
+    /// number of brick visits of the session before this one.
+    pub fn selects(self, brick: BrickId, position: usize, visit: u64) -> bool {
         match self {
             QuantSampling::Every => true,
             QuantSampling::RotateBrick => {
@@ -73,6 +91,7 @@ impl QuantSampling {
                 kinds[position % kinds.len()] == brick
             }
             QuantSampling::EveryNth(n) => position % n.max(1) == 0,
+            QuantSampling::Strided(stride) => visit % stride.max(1) as u64 == 0,
         }
     }
 }
@@ -131,6 +150,7 @@ impl ForwardTrace {
 pub struct Recorder {
     options: TraceOptions,
     quant_sampling: QuantSampling,
+    quant_visits: u64,
     in_forward: bool,
     current: ForwardTrace,
     history: VecDeque<ForwardTrace>,
@@ -172,6 +192,7 @@ impl Recorder {
             history: VecDeque::with_capacity(options.max_forwards),
             options,
             quant_sampling: QuantSampling::default(),
+            quant_visits: 0,
             in_forward: false,
             current: ForwardTrace::default(),
             aggregates: SessionAggregates::default(),
@@ -327,7 +348,8 @@ impl Recorder {
     }
 
     fn wants_quant_error(&self, brick: BrickId) -> bool {
-        self.quant_sampling.selects(brick, self.current.position)
+        self.quant_sampling
+            .selects(brick, self.current.position, self.quant_visits)
     }
 
     #[inline(never)]
@@ -482,7 +504,7 @@ impl<C: TraceConfig> ModelTracer<C> {
     }
 
     /// Sets how often quantization-error references run (default:
-    /// [`QuantSampling::RotateBrick`]).
+    /// [`QuantSampling::Strided`] every [`DEFAULT_QUANT_STRIDE`] visits).
     pub fn set_quant_sampling(&mut self, sampling: QuantSampling) {
         if let Some(r) = self.storage.recorder_mut() {
             r.quant_sampling = sampling;
@@ -656,8 +678,8 @@ impl<C: TraceConfig> ModelTracer<C> {
         }
     }
 
-    /// Whether the quantization error of `brick` is measured in this forward
-    /// (tracing on and selected by the sampling policy).
+    /// Whether the next [`quant_error`](Self::quant_error) call for `brick`
+    /// will measure (tracing on and selected by the sampling policy).
     #[inline(always)]
     pub fn wants_quant_error(&self, brick: BrickId) -> bool {
         self.quant_on()
@@ -681,9 +703,13 @@ impl<C: TraceConfig> ModelTracer<C> {
         quantized: &[f32],
         mut reference: impl FnMut(&mut [f32]),
     ) {
-        if self.wants_quant_error(brick) {
+        if self.quant_on() {
             if let Some(r) = self.storage.recorder_mut() {
-                r.quant_error(brick, layer, quant_type, quantized, &mut reference);
+                let measure = r.wants_quant_error(brick);
+                r.quant_visits += 1;
+                if measure {
+                    r.quant_error(brick, layer, quant_type, quantized, &mut reference);
+                }
             }
         }
     }
@@ -970,6 +996,7 @@ mod tests {
     #[test]
     fn quant_sampling_rotates_bricks() {
         let mut t = ModelTracer::new(Full);
+        t.set_quant_sampling(QuantSampling::RotateBrick);
         let mut measured = Vec::new();
         for pos in 0..6 {
             t.begin_forward(pos);
@@ -995,6 +1022,63 @@ mod tests {
         let q = &t.last_forward().unwrap().quantization;
         assert_eq!(q.top1_agrees, Some(true));
         assert!(q.kl_divergence.unwrap() > 0.0);
+    }
+
+    #[test]
+    fn default_strided_sampling_covers_every_site_once_per_stride_forwards() {
+        let mut t = ModelTracer::new(Full);
+        let layer_bricks = &BrickId::ALL[1..6];
+        let mut seen = std::collections::BTreeMap::new();
+        let stride = DEFAULT_QUANT_STRIDE;
+        for pos in 0..stride {
+            t.begin_forward(pos);
+            for layer in 0..30 {
+                for &b in layer_bricks {
+                    let wanted = t.wants_quant_error(b);
+                    let before = t
+                        .storage
+                        .recorder()
+                        .unwrap()
+                        .current
+                        .quantization
+                        .traces
+                        .len();
+                    t.quant_error(b, layer, QuantType::Q4_1, &[1.0, 2.0], |r| {
+                        r.copy_from_slice(&[1.0, 2.0])
+                    });
+                    let after = t
+                        .storage
+                        .recorder()
+                        .unwrap()
+                        .current
+                        .quantization
+                        .traces
+                        .len();
+                    assert_eq!(
+                        wanted,
+                        after > before,
+                        "wants_quant_error predicts the hook"
+                    );
+                }
+            }
+            t.quant_error(BrickId::LmHead, 0, QuantType::Q8_0, &[1.0], |r| r[0] = 1.0);
+            t.end_forward();
+            let f = t.last_forward().unwrap();
+            assert!(
+                (4..=5).contains(&f.quantization.traces.len()),
+                "{}",
+                f.quantization.traces.len()
+            );
+            for q in &f.quantization.traces {
+                *seen.entry((q.brick, q.layer_idx)).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            151,
+            "every (brick, layer) site of a 30-layer model"
+        );
+        assert!(seen.values().all(|&n| n == 1));
     }
 
     #[test]
