@@ -45,6 +45,29 @@ pub struct QuantizedActivations {
     pub(super) sums: Vec<f32>,
     /// Q8_K only: the sum of the codes of each group of 16.
     pub(super) bsums: Vec<i16>,
+    /// Q8_1 only: the codes again, in the pair layout of the Q4_1 kernel.
+    ///
+    /// Blocks go in groups of eight, the last group holding the `n <= 8`
+    /// blocks left. With `h = ⌈n/2⌉`, lane `i < h` of a group stands for its
+    /// block `i` and lane `4 + i` for its block `h + i` (so a whole group is
+    /// in order), and pair `i` is the blocks of lanes `i` and `4 + i`. Each
+    /// pair has four vectors whose low halves belong to the first block and
+    /// high halves to the second (zero if there is none); for `j < 8` they
+    /// hold `256·a[2j]`, `16·a[2j+16]`, `a[2j+1]` and `256·a[2j+17]`, the
+    /// factors complementing the ones the kernel's masks leave on the weight
+    /// nibbles (see `dot::q4_1_pair`). Codes are within ±127, so the products
+    /// fit in i16.
+    pub(super) pairs: Vec<i16x16>,
+    /// Q8_1 only: `scales` in the lane order of `pairs`, zero in lanes
+    /// without a block.
+    pub(super) pair_scales: Vec<f32>,
+    /// Q8_1 only: `sums` in the lane order of `pairs`, zero in lanes without
+    /// a block.
+    pub(super) pair_sums: Vec<f32>,
+    /// Q8_0 only: per block, the codes of the even elements then those of the
+    /// odd ones, matching the i16 lanes that the Q8_0 kernel reads its weight
+    /// bytes in (see `dot::q8_0_split`).
+    pub(super) split: Vec<i16x16>,
 }
 
 impl Default for QuantizedActivations {
@@ -65,6 +88,10 @@ impl QuantizedActivations {
             scales: Vec::new(),
             sums: Vec::new(),
             bsums: Vec::new(),
+            pairs: Vec::new(),
+            pair_scales: Vec::new(),
+            pair_sums: Vec::new(),
+            split: Vec::new(),
         }
     }
 
@@ -111,6 +138,8 @@ impl QuantizedActivations {
         if with_sums {
             self.sums[blocks..].fill(0.0);
         }
+        self.split
+            .resize(if with_sums { 0 } else { 2 * blocks }, i16x16::ZERO);
         let mut codes = [0i8; 32];
         for (b, (values, lanes)) in x
             .chunks_exact(32)
@@ -122,9 +151,69 @@ impl QuantizedActivations {
             if with_sums {
                 let sum: i32 = codes.iter().map(|&c| i32::from(c)).sum();
                 self.sums[b] = f16_to_f32(f32_to_f16(sum as f32 * d));
+            } else {
+                self.split[2 * b] = i16x16::new(std::array::from_fn(|j| i16::from(codes[2 * j])));
+                self.split[2 * b + 1] =
+                    i16x16::new(std::array::from_fn(|j| i16::from(codes[2 * j + 1])));
             }
             lanes[0] = widen(&codes[..16]);
             lanes[1] = widen(&codes[16..]);
+        }
+        if with_sums {
+            self.fill_pairs(blocks);
+        } else {
+            self.pairs.clear();
+            self.pair_scales.clear();
+            self.pair_sums.clear();
+        }
+    }
+
+    /// Builds `pairs`, `pair_scales` and `pair_sums` from `quants`, `scales`
+    /// and `sums` (see the fields for the layout).
+    fn fill_pairs(&mut self, blocks: usize) {
+        let padded = blocks.div_ceil(8) * 8;
+        self.pairs.clear();
+        self.pair_scales.clear();
+        self.pair_scales.resize(padded, 0.0);
+        self.pair_sums.clear();
+        self.pair_sums.resize(padded, 0.0);
+        let codes = |b: usize| -> [i16; 32] {
+            let mut c = [0i16; 32];
+            c[..16].copy_from_slice(&self.quants[2 * b].to_array());
+            c[16..].copy_from_slice(&self.quants[2 * b + 1].to_array());
+            c
+        };
+        for first in (0..blocks).step_by(8) {
+            let n = (blocks - first).min(8);
+            let h = n.div_ceil(2);
+            for i in 0..h {
+                let low = codes(first + i);
+                let high = if i + h < n {
+                    self.pair_scales[first + 4 + i] = self.scales[first + h + i];
+                    self.pair_sums[first + 4 + i] = self.sums[first + h + i];
+                    codes(first + h + i)
+                } else {
+                    [0; 32]
+                };
+                self.pair_scales[first + i] = self.scales[first + i];
+                self.pair_sums[first + i] = self.sums[first + i];
+                let halves = |at: usize, step: usize, factor: i16| {
+                    i16x16::new(std::array::from_fn(|j| {
+                        let code = if j < 8 {
+                            low[at + step * j]
+                        } else {
+                            high[at + step * (j - 8)]
+                        };
+                        factor * code
+                    }))
+                };
+                self.pairs.extend([
+                    halves(0, 2, 256),
+                    halves(16, 2, 16),
+                    halves(1, 2, 1),
+                    halves(17, 2, 256),
+                ]);
+            }
         }
     }
 

@@ -3,12 +3,20 @@
 //!
 //! `wide` offers no byte-by-byte multiply-add, so activations are widened to
 //! i16 once per vector (see `QuantizedActivations`) rather than once per row:
-//! a block product is then a widening load of the weight codes and two
-//! `i16x16::dot` (pairwise multiply-add into i32) per 32 weights. Integer sums
-//! are exact; each block adds one f32 multiply-add with the two scales (fused
-//! where the target has FMA).
+//! a block product is then two `i16x16::dot` (pairwise multiply-add into i32)
+//! per 32 weights. Integer sums are exact; each block adds one f32
+//! multiply-add with the two scales (fused where the target has FMA).
+//!
+//! The generic kernels widen weight bytes with `u8x16`/`i8x16` to `i16x16`
+//! conversions, which on x86 are lane-crossing shuffles costing more than the
+//! multiply-adds themselves. The Q4_1 and Q8_0 kernels, which carry
+//! SmolLM2's weights, avoid them (see [`dot_q4_1_fast`] and
+//! [`dot_q8_0_fast`]): they reinterpret weight bytes as i16 lanes and isolate
+//! the codes with masks and shifts, against activations laid out to match,
+//! and they convert the eight block scales of a group from f16 with a few
+//! vector operations instead of lane-by-lane inserts.
 
-use wide::{f32x8, i16x16, i32x8, i8x16, u8x16};
+use wide::{bytemuck, f32x8, i16x16, i32x8, i8x16, u16x16, u8x16};
 
 use super::blocks::{f16_at, k4_scale_min, u32_at};
 use super::float::{bf16_to_f32, f16_to_f32};
@@ -157,7 +165,7 @@ pub(super) fn q6_k_block(block: &[u8], a: &[i16x16]) -> i32x8 {
 }
 
 /// 2^112, see [`f16_to_f32`].
-const F16_REBIAS: f32 = f32::from_bits(0x7780_0000);
+pub(super) const F16_REBIAS: f32 = f32::from_bits(0x7780_0000);
 
 /// Eight f16 bit patterns (in the low 16 bits of each lane) to f32, exactly,
 /// by the same rebias trick as the scalar [`f16_to_f32`].
@@ -362,4 +370,310 @@ pub(super) fn decode_f16(b: &[u8]) -> f32 {
 #[inline(always)]
 pub(super) fn decode_bf16(b: &[u8]) -> f32 {
     bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+}
+
+/// Lane `k` holds the first four bytes of block `k` of `group` (eight blocks
+/// of `BLOCK_BYTES`): eight overlapping 32-byte loads, the one for block `k`
+/// placed so that those bytes fall in lane `k`, blended together. This avoids
+/// the two-instruction lane inserts of a scalar gather.
+#[inline(always)]
+fn group_heads<const BLOCK_BYTES: usize>(group: &[u8]) -> i32x8 {
+    let load = |k: usize| load_i32x8(group, (BLOCK_BYTES - 4) * k);
+    blend_heads([
+        load(0),
+        load(1),
+        load(2),
+        load(3),
+        load(4),
+        load(5),
+        load(6),
+        load(7),
+    ])
+}
+
+/// 32 bytes of `bytes` from `at` as eight little-endian i32 lanes.
+#[inline(always)]
+fn load_i32x8(bytes: &[u8], at: usize) -> i32x8 {
+    let mut lanes = [0u8; 32];
+    lanes.copy_from_slice(&bytes[at..at + 32]);
+    bytemuck::cast(lanes)
+}
+
+/// Lane `k` of `v[k]`, for each `k`.
+#[inline(always)]
+fn blend_heads(v: [i32x8; 8]) -> i32x8 {
+    let odd = i32x8::new([0, -1, 0, -1, 0, -1, 0, -1]);
+    let pairs = i32x8::new([-1, -1, 0, 0, -1, -1, 0, 0]);
+    let low = i32x8::new([-1, -1, -1, -1, 0, 0, 0, 0]);
+    let v03 = pairs.select(odd.select(v[1], v[0]), odd.select(v[3], v[2]));
+    let v47 = pairs.select(odd.select(v[5], v[4]), odd.select(v[7], v[6]));
+    low.select(v03, v47)
+}
+
+/// 2^104 = 2^112 / 256: [`f16_high_to_f32`] with it also divides by 256.
+pub(super) const F16_REBIAS_BY_256: f32 = f32::from_bits(0x7380_0000);
+
+/// The f16 in the high 16 bits of each lane as f32, times `rebias / 2^112`.
+///
+/// Exact for every finite f16 (zero and subnormals included, as in
+/// [`f16_to_f32`]); infinities and NaNs come out as finite values, so callers
+/// must know that none occur (`QMatrix` checks its scales at construction).
+#[inline(always)]
+pub(super) fn f16_high_to_f32(bits: i32x8, rebias: f32) -> f32x8 {
+    // The arithmetic shift puts exponent and mantissa where f32 keeps them
+    // and copies the sign into the three top exponent bits, which the mask
+    // clears again.
+    let placed = (bits >> 3u32) & i32x8::splat(0x8fff_e000_u32 as i32);
+    f32x8::from_bits(placed.cast_unsigned()) * f32x8::splat(rebias)
+}
+
+/// For pair `i`: lane `i` of `v` in the low four lanes and lane `i + 4` in
+/// the high four, an in-lane shuffle on x86 (no lane crossing).
+#[inline(always)]
+fn pair_scales(v: f32x8) -> [f32x8; 4] {
+    let a = v.to_array();
+    std::array::from_fn(|i| {
+        let (lo, hi) = (a[i], a[i + 4]);
+        f32x8::new([lo, lo, lo, lo, hi, hi, hi, hi])
+    })
+}
+
+/// The 16 code bytes of two Q4_1 blocks, `lo`'s in the low 128 bits.
+#[inline(always)]
+fn load_two(lo: &[u8], hi: &[u8]) -> i16x16 {
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(&lo[..16]);
+    bytes[16..].copy_from_slice(&hi[..16]);
+    bytemuck::cast(bytes)
+}
+
+/// 256 × the partial sums Σ q·a of two Q4_1 blocks (lanes 0–3: the block in
+/// the low half of `codes`, lanes 4–7: the other) against four activation
+/// vectors in the pair layout of `QuantizedActivations`.
+///
+/// Each i16 lane of `codes` holds bytes 2j and 2j+1 of a block, i.e. the
+/// elements 2j (bits 0–3), 2j+16 (bits 4–7), 2j+1 (bits 8–11) and 2j+17
+/// (bits 12–15). Masks leave them multiplied by 1, 16 and 256, a logical
+/// shift the last by 1; the activations carry the complementary factors 256,
+/// 16, 1 and 256, so every product is 256·q·a. The i32 lanes stay below
+/// 2^22, exact in f32.
+#[inline(always)]
+pub(super) fn q4_1_pair(codes: i16x16, a: &[i16x16]) -> i32x8 {
+    let e_lo = codes & i16x16::splat(0x000f);
+    let e_hi = codes & i16x16::splat(0x00f0);
+    let o_lo = codes & i16x16::splat(0x0f00);
+    let o_hi: i16x16 = bytemuck::cast(bytemuck::cast::<i16x16, u16x16>(codes) >> 12);
+    (e_lo.dot(a[0]) + e_hi.dot(a[1])) + (o_lo.dot(a[2]) + o_hi.dot(a[3]))
+}
+
+/// Bytes of eight Q4_1 blocks: how far a group's loads may reach.
+const Q4_1_GROUP_BYTES: usize = 8 * 20;
+
+/// Partial sums of a Q4_1 row: two accumulators of scaled block sums and the
+/// minimum terms.
+struct Q4_1Sums {
+    acc: [f32x8; 2],
+    mins: f32x8,
+}
+
+impl Q4_1Sums {
+    /// Adds the first `pairs` pairs of a group whose block heads (f16 d and
+    /// m) are `heads` in lane order; `codes(i)` gives the code bytes of the
+    /// blocks in lanes `i` and `i + 4`, `a` the group's activation vectors
+    /// and `s`/`m` its activation scales and sums in lane order.
+    #[inline(always)]
+    fn add_group<'a>(
+        &mut self,
+        heads: i32x8,
+        pairs: usize,
+        codes: impl Fn(usize) -> (&'a [u8], &'a [u8]),
+        a: &[i16x16],
+        (s, m): (&[f32], &[f32]),
+    ) {
+        let d = f16_high_to_f32(heads << 16u32, F16_REBIAS_BY_256) * f32x8_of(s);
+        self.mins = f16_high_to_f32(heads, F16_REBIAS).mul_add(f32x8_of(m), self.mins);
+        for (i, (a, d)) in a
+            .chunks_exact(4)
+            .zip(pair_scales(d))
+            .enumerate()
+            .take(pairs)
+        {
+            let (lo, hi) = codes(i);
+            let sum = f32x8::from_i32x8(q4_1_pair(load_two(lo, hi), a));
+            self.acc[i & 1] = sum.mul_add(d, self.acc[i & 1]);
+        }
+    }
+
+    /// Adds the last, partial group of a row: `n` (1 to 7) blocks from byte
+    /// `at` of `src`, which holds at least [`Q4_1_GROUP_BYTES`] bytes from
+    /// there. Lane `j < 4` holds block `j` and lane `4 + j` block `h + j`,
+    /// `h` being `n` halved rounding up. Bytes past the row are read, but
+    /// their heads are zeroed and their activations are zero.
+    #[inline(always)]
+    fn add_tail(&mut self, src: &[u8], at: usize, n: usize, a: &[i16x16], sm: (&[f32], &[f32])) {
+        const BB: usize = 20;
+        let h = n.div_ceil(2);
+        let block = |lane: usize| if lane < 4 { lane } else { h + lane - 4 };
+        let heads = blend_heads(std::array::from_fn(|lane| {
+            load_i32x8(src, at + BB * block(lane) - 4 * lane)
+        }));
+        let (low, high) = (h as i32, (n - h) as i32);
+        let blocks_per_half = i32x8::new([low, low, low, low, high, high, high, high]);
+        let present = blocks_per_half.simd_gt(i32x8::new([0, 1, 2, 3, 0, 1, 2, 3]));
+        let codes = |i: usize| (&src[at + BB * i + 4..], &src[at + BB * (i + h) + 4..]);
+        self.add_group(heads & present, h, codes, a, sm);
+    }
+
+    /// [`add_tail`](Self::add_tail) on a zero-padded copy of the `n` blocks,
+    /// for a row too close to the end of its matrix.
+    #[cold]
+    #[inline(never)]
+    fn add_tail_padded(&mut self, blocks: &[u8], n: usize, a: &[i16x16], sm: (&[f32], &[f32])) {
+        let mut padded = [0u8; Q4_1_GROUP_BYTES];
+        padded[..blocks.len()].copy_from_slice(blocks);
+        self.add_tail(&padded, 0, n, a, sm);
+    }
+}
+
+/// Q4_1 row times Q8_1 activations in the pair layout of
+/// `QuantizedActivations` (`pairs`, and `scales` and `sums` in lane order).
+///
+/// `rest` starts at the row and may run on to the end of the matrix: the
+/// last, partial group of eight blocks reads up to [`Q4_1_GROUP_BYTES`] past
+/// its start, taking bytes of the next row when there is one. `row_bytes` is
+/// the row's length. Every block scale and minimum must be finite.
+///
+/// A group of eight blocks is four pairs (block `i` with block `i + 4`),
+/// each one 256-bit vector of codes. The heads of the next group are loaded
+/// before the codes of the current one: when a group's heads and codes are
+/// loaded together, the compiler rebuilds code vectors out of the head loads
+/// with slow shuffles.
+#[inline(always)]
+pub(super) fn dot_q4_1_fast(
+    rest: &[u8],
+    row_bytes: usize,
+    pairs: &[i16x16],
+    scales: &[f32],
+    sums: &[f32],
+) -> f32 {
+    const BB: usize = 20;
+    let mut sum = Q4_1Sums {
+        acc: [f32x8::ZERO; 2],
+        mins: f32x8::ZERO,
+    };
+    let blocks = row_bytes / BB;
+    let whole = blocks / 8 * 8;
+    let body = &rest[..whole * BB];
+    let mut groups = body
+        .chunks_exact(Q4_1_GROUP_BYTES)
+        .zip(pairs.chunks_exact(16))
+        .zip(scales.chunks_exact(8).zip(sums.chunks_exact(8)));
+    let mut next = body.get(..Q4_1_GROUP_BYTES).map(group_heads::<BB>);
+    let mut start = 0;
+    while let (Some(heads), Some(((group, a), sm))) = (next, groups.next()) {
+        start += Q4_1_GROUP_BYTES;
+        next = body
+            .get(start..start + Q4_1_GROUP_BYTES)
+            .map(group_heads::<BB>);
+        let codes = |i: usize| (&group[BB * i + 4..], &group[BB * (i + 4) + 4..]);
+        sum.add_group(heads, 4, codes, a, sm);
+    }
+    let n = blocks - whole;
+    if n > 0 {
+        let (a, sm) = (&pairs[2 * whole..], (&scales[whole..], &sums[whole..]));
+        let at = whole * BB;
+        if rest.len() >= at + Q4_1_GROUP_BYTES {
+            sum.add_tail(rest, at, n, a, sm);
+        } else {
+            sum.add_tail_padded(&rest[at..at + n * BB], n, a, sm);
+        }
+    }
+    (sum.acc[0] + sum.acc[1] + sum.mins).reduce_add()
+}
+
+/// 256 × the partial sums Σ q·a of one Q8_0 block against its activations
+/// split into even and odd elements: each i16 lane of the 32 code bytes holds
+/// elements 2j and 2j+1, which a left shift and a mask leave as 256·q. The
+/// i32 lanes stay within 2^24, exact in f32.
+#[inline(always)]
+pub(super) fn q8_0_split(codes: &[u8], a: &[i16x16]) -> i32x8 {
+    let mut bytes = [0u8; 32];
+    bytes.copy_from_slice(&codes[..32]);
+    let lanes: i16x16 = bytemuck::cast(bytes);
+    let even: i16x16 = lanes << 8;
+    let odd = lanes & i16x16::splat(0xff00_u16 as i16);
+    even.dot(a[0]) + odd.dot(a[1])
+}
+
+/// Bytes of eight Q8_0 blocks: how far a group's loads may reach.
+const Q8_0_GROUP_BYTES: usize = 8 * 34;
+
+/// Adds the first `n` blocks of a Q8_0 group (`group` holds at least
+/// [`Q8_0_GROUP_BYTES`] bytes; lanes of `heads` from `n` on must be zero).
+#[inline(always)]
+fn q8_0_group(
+    group: &[u8],
+    heads: i32x8,
+    n: usize,
+    (a, s): (&[i16x16], &[f32]),
+    acc: &mut [f32x8; 2],
+) {
+    const BB: usize = 34;
+    let d = (f16_high_to_f32(heads << 16u32, F16_REBIAS_BY_256) * f32x8_of(s)).to_array();
+    let blocks = group.chunks_exact(BB).zip(a.chunks_exact(2)).zip(d);
+    for (k, ((block, a), d)) in blocks.enumerate().take(n) {
+        let sum = f32x8::from_i32x8(q8_0_split(&block[2..], a));
+        acc[k & 1] = sum.mul_add(f32x8::splat(d), acc[k & 1]);
+    }
+}
+
+/// The last, partial group of a Q8_0 row: `n` (1 to 7) blocks at the start
+/// of `group`, which holds at least [`Q8_0_GROUP_BYTES`] bytes.
+#[inline(always)]
+fn q8_0_tail(group: &[u8], n: usize, a: (&[i16x16], &[f32]), acc: &mut [f32x8; 2]) {
+    let present = i32x8::splat(n as i32).simd_gt(i32x8::new([0, 1, 2, 3, 4, 5, 6, 7]));
+    q8_0_group(group, group_heads::<34>(group) & present, n, a, acc);
+}
+
+/// [`q8_0_tail`] on a zero-padded copy, for the end of the matrix.
+#[cold]
+#[inline(never)]
+fn q8_0_tail_padded(blocks: &[u8], n: usize, a: (&[i16x16], &[f32]), acc: &mut [f32x8; 2]) {
+    let mut padded = [0u8; Q8_0_GROUP_BYTES];
+    padded[..blocks.len()].copy_from_slice(blocks);
+    q8_0_tail(&padded, n, a, acc);
+}
+
+/// Q8_0 row times Q8_0 activations in the even/odd layout of
+/// `QuantizedActivations`; `rest` and `row_bytes` as for [`dot_q4_1_fast`]
+/// (the partial last group reads up to [`Q8_0_GROUP_BYTES`] past its start).
+/// Every block scale must be finite.
+#[inline(always)]
+pub(super) fn dot_q8_0_fast(
+    rest: &[u8],
+    row_bytes: usize,
+    split: &[i16x16],
+    scales: &[f32],
+) -> f32 {
+    const BB: usize = 34;
+    let mut acc = [f32x8::ZERO; 2];
+    let blocks = row_bytes / BB;
+    let whole = blocks / 8 * 8;
+    let body = &rest[..whole * BB];
+    let groups = body
+        .chunks_exact(Q8_0_GROUP_BYTES)
+        .zip(split.chunks_exact(16).zip(scales.chunks_exact(8)));
+    for (group, a) in groups {
+        q8_0_group(group, group_heads::<BB>(group), 8, a, &mut acc);
+    }
+    let n = blocks - whole;
+    if n > 0 {
+        let a = (&split[2 * whole..], &scales[whole..]);
+        let at = whole * BB;
+        match rest.get(at..at + Q8_0_GROUP_BYTES) {
+            Some(group) => q8_0_tail(group, n, a, &mut acc),
+            None => q8_0_tail_padded(&rest[at..at + n * BB], n, a, &mut acc),
+        }
+    }
+    (acc[0] + acc[1]).reduce_add()
 }

@@ -18,6 +18,26 @@ pub struct QMatrix {
     cols: usize,
     row_bytes: usize,
     data: Vec<u8>,
+    /// Whether every block scale (and minimum) is a finite f16: the Q4_1
+    /// and Q8_0 fast kernels convert scales without handling infinities and
+    /// NaNs, so a matrix holding any goes through the generic kernel.
+    finite_scales: bool,
+}
+
+/// Whether the f16 scales (and Q4_1 minimums) of every block are finite, for
+/// the types with a fast kernel; false for the others.
+fn all_scales_finite(ty: GgmlType, data: &[u8]) -> bool {
+    let finite = |bits: u16| bits & 0x7c00 != 0x7c00;
+    let f16_at = |block: &[u8], at: usize| u16::from_le_bytes([block[at], block[at + 1]]);
+    match ty {
+        GgmlType::Q4_1 => data
+            .chunks_exact(ty.block_bytes())
+            .all(|b| finite(f16_at(b, 0)) && finite(f16_at(b, 2))),
+        GgmlType::Q8_0 => data
+            .chunks_exact(ty.block_bytes())
+            .all(|b| finite(f16_at(b, 0))),
+        _ => false,
+    }
 }
 
 impl QMatrix {
@@ -60,6 +80,7 @@ impl QMatrix {
             rows,
             cols,
             row_bytes,
+            finite_scales: all_scales_finite(ty, &data),
             data,
         })
     }
@@ -197,7 +218,26 @@ impl QMatrix {
         let q = &x.quants[..];
         let d = &x.scales[..];
         let rows_iter = data.chunks_exact(self.row_bytes).zip(out.iter_mut());
+        // The fast kernels get the matrix from the row on: the last partial
+        // group of a row may read into the next one.
+        let from_row = |r: usize| &self.data[r * self.row_bytes..];
         match self.ty {
+            GgmlType::Q4_1 if self.finite_scales => {
+                for (r, o) in rows.clone().zip(out.iter_mut()) {
+                    *o = dot_q4_1_fast(
+                        from_row(r),
+                        self.row_bytes,
+                        &x.pairs,
+                        &x.pair_scales,
+                        &x.pair_sums,
+                    );
+                }
+            }
+            GgmlType::Q8_0 if self.finite_scales => {
+                for (r, o) in rows.clone().zip(out.iter_mut()) {
+                    *o = dot_q8_0_fast(from_row(r), self.row_bytes, &x.split, d);
+                }
+            }
             GgmlType::Q4_0 => rows_iter.for_each(|(row, o)| *o = dot_q4_0(row, q, d)),
             GgmlType::Q4_1 => rows_iter.for_each(|(row, o)| *o = dot_q4_1(row, q, d, &x.sums)),
             GgmlType::Q5_0 => rows_iter.for_each(|(row, o)| *o = dot_q5_0(row, q, d)),

@@ -5,7 +5,8 @@ use wide::i16x16;
 
 use super::blocks::{f16_at, k4_scale_min, u32_at};
 use super::dot::{
-    q4_0_block, q4_1_block, q4_k_block, q4_k_min_sum, q5_block, q6_k_block, q8_0_block,
+    f16_high_to_f32, q4_0_block, q4_1_block, q4_1_pair, q4_k_block, q4_k_min_sum, q5_block,
+    q6_k_block, q8_0_block, q8_0_split, F16_REBIAS, F16_REBIAS_BY_256,
 };
 use super::*;
 
@@ -740,5 +741,179 @@ fn k_quant_quantizers_round_trip_closely() {
         let norm: f64 = x.iter().map(|v| f64::from(*v).powi(2)).sum();
         let rel = (err / norm).sqrt();
         assert!(rel < tolerance, "{ty}: relative error {rel}");
+    }
+}
+
+/// The codes of block `b` of a Q8_0/Q8_1 activation vector, in element order.
+fn activation_codes(acts: &QuantizedActivations, b: usize) -> [i32; 32] {
+    let mut codes = [0i32; 32];
+    for (half, lane) in acts.quants[2 * b..2 * b + 2].iter().enumerate() {
+        for (j, &q) in lane.to_array().iter().enumerate() {
+            codes[16 * half + j] = i32::from(q);
+        }
+    }
+    codes
+}
+
+#[test]
+fn q4_1_pair_sums_are_256_times_the_scalar_sums_exactly() {
+    let mut rng = Rng(12);
+    for blocks in 1..=19 {
+        let w = random_blocks(&mut rng, GgmlType::Q4_1, blocks);
+        let mut acts = QuantizedActivations::new();
+        let mut x = random_vec(&mut rng, 32 * blocks);
+        // Some blocks at full scale, so that codes of ±127 occur.
+        x[0] = 40.0;
+        x[32 * blocks - 1] = -40.0;
+        acts.quantize_from(&x, GgmlType::Q4_1).unwrap();
+        let block = |b: usize| &w[20 * b..20 * b + 20];
+        let scalar = |b: usize| -> i32 {
+            weight_codes(GgmlType::Q4_1, block(b))
+                .iter()
+                .zip(activation_codes(&acts, b))
+                .map(|(q, a)| q * a)
+                .sum()
+        };
+        let mut vectors = acts.pairs.chunks_exact(4);
+        for first in (0..blocks).step_by(8) {
+            let n = (blocks - first).min(8);
+            let h = n.div_ceil(2);
+            for i in 0..h {
+                let (lo, hi) = (first + i, first + h + i);
+                let present = h + i < n;
+                let mut bytes = [0u8; 32];
+                bytes[..16].copy_from_slice(&block(lo)[4..]);
+                if present {
+                    bytes[16..].copy_from_slice(&block(hi)[4..]);
+                } else {
+                    // Whatever the kernel reads there meets zero activations.
+                    bytes[16..].iter_mut().for_each(|b| *b = rng.byte());
+                }
+                let a = vectors.next().expect("a pair of vectors per pair");
+                let sums = q4_1_pair(wide::bytemuck::cast(bytes), a).to_array();
+                let (low, high): (i32, i32) = (sums[..4].iter().sum(), sums[4..].iter().sum());
+                assert_eq!(
+                    low,
+                    256 * scalar(lo),
+                    "{blocks} blocks, pair {i} of {first}"
+                );
+                assert_eq!(high, if present { 256 * scalar(hi) } else { 0 });
+                assert_eq!(acts.pair_scales[first + i], acts.scales[lo]);
+                assert_eq!(acts.pair_sums[first + i], acts.sums[lo]);
+                let (s, m) = if present {
+                    (acts.scales[hi], acts.sums[hi])
+                } else {
+                    (0.0, 0.0)
+                };
+                assert_eq!(acts.pair_scales[first + 4 + i], s);
+                assert_eq!(acts.pair_sums[first + 4 + i], m);
+            }
+        }
+        assert!(
+            vectors.next().is_none(),
+            "{blocks} blocks: vectors left over"
+        );
+    }
+}
+
+#[test]
+fn q8_0_even_odd_sums_are_256_times_the_scalar_sums_exactly() {
+    let mut rng = Rng(13);
+    for blocks in [1, 7, 18] {
+        // Random code bytes, so -128 occurs among the weights.
+        let w = random_blocks(&mut rng, GgmlType::Q8_0, blocks);
+        let mut x = random_vec(&mut rng, 32 * blocks);
+        x[5] = 50.0;
+        let mut acts = QuantizedActivations::new();
+        acts.quantize_from(&x, GgmlType::Q8_0).unwrap();
+        for b in 0..blocks {
+            let block = &w[34 * b..34 * b + 34];
+            let want: i32 = weight_codes(GgmlType::Q8_0, block)
+                .iter()
+                .zip(activation_codes(&acts, b))
+                .map(|(q, a)| q * a)
+                .sum();
+            let got = q8_0_split(&block[2..], &acts.split[2 * b..2 * b + 2]).reduce_add();
+            assert_eq!(got, 256 * want, "block {b} of {blocks}");
+        }
+    }
+}
+
+#[test]
+fn fast_f16_conversion_is_exact_for_every_finite_pattern() {
+    let finite: Vec<u16> = (0..=u16::MAX).filter(|b| b & 0x7c00 != 0x7c00).collect();
+    for chunk in finite.chunks(8) {
+        // The low half of each lane holds unrelated bits, as in a block head.
+        let lanes: [i32; 8] =
+            std::array::from_fn(|k| (i32::from(chunk[k % chunk.len()]) << 16) | 0x5a5a);
+        let plain = f16_high_to_f32(wide::i32x8::new(lanes), F16_REBIAS).to_array();
+        let by_256 = f16_high_to_f32(wide::i32x8::new(lanes), F16_REBIAS_BY_256).to_array();
+        for k in 0..8 {
+            let want = f16_to_f32(chunk[k % chunk.len()]);
+            assert_eq!(
+                plain[k].to_bits(),
+                want.to_bits(),
+                "{:#06x}",
+                chunk[k % chunk.len()]
+            );
+            assert_eq!(by_256[k].to_bits(), (want / 256.0).to_bits());
+        }
+    }
+}
+
+#[test]
+fn non_finite_weight_scales_make_their_rows_non_finite_and_only_those() {
+    let mut rng = Rng(14);
+    let (rows, blocks) = (4, 18);
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        let bb = ty.block_bytes();
+        let mut w = random_blocks(&mut rng, ty, rows * blocks);
+        // Row 1: an infinite scale in the last block; row 2: a NaN scale
+        // (Q8_0) or minimum (Q4_1) in block 3.
+        w[(2 * blocks - 1) * bb..][..2].copy_from_slice(&0x7c00u16.to_le_bytes());
+        let nan_at = (2 * blocks + 3) * bb + if ty == GgmlType::Q4_1 { 2 } else { 0 };
+        w[nan_at..nan_at + 2].copy_from_slice(&0x7e00u16.to_le_bytes());
+        let m = QMatrix::from_bytes(ty, rows, 32 * blocks, w).unwrap();
+        let mut acts = QuantizedActivations::new();
+        acts.quantize_from(&random_vec(&mut rng, 32 * blocks), ty)
+            .unwrap();
+        let act_bytes = acts.to_ggml_bytes();
+        let mut out = vec![0f32; rows];
+        m.matvec(&acts, &mut out);
+        assert!(!out[1].is_finite(), "{ty}: {out:?}");
+        assert!(out[2].is_nan(), "{ty}: {out:?}");
+        for r in [0, 3] {
+            let (want, mag) = reference_dot_32(ty, m.row_bytes(r), &act_bytes);
+            let err = (f64::from(out[r]) - want).abs();
+            assert!(err <= 1e-5 * mag, "{ty} row {r}: {} vs {want}", out[r]);
+        }
+    }
+}
+
+#[test]
+fn a_row_gives_the_same_product_alone_as_inside_a_matrix() {
+    // The last, partial group of a row reads on into the next row; a row at
+    // the end of its matrix goes through a zero-padded copy instead.
+    let mut rng = Rng(15);
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for blocks in [1, 3, 8, 9, 18] {
+            let (rows, cols) = (3, 32 * blocks);
+            let w = random_blocks(&mut rng, ty, rows * blocks);
+            let m = QMatrix::from_bytes(ty, rows, cols, w).unwrap();
+            let mut acts = QuantizedActivations::new();
+            acts.quantize_from(&random_vec(&mut rng, cols), ty).unwrap();
+            let mut all = vec![0f32; rows];
+            m.matvec(&acts, &mut all);
+            for (r, inside) in all.iter().enumerate() {
+                let alone = QMatrix::from_bytes(ty, 1, cols, m.row_bytes(r).to_vec()).unwrap();
+                let mut one = [0f32];
+                alone.matvec(&acts, &mut one);
+                assert_eq!(
+                    one[0].to_bits(),
+                    inside.to_bits(),
+                    "{ty}, {blocks} blocks, row {r}"
+                );
+            }
+        }
     }
 }
