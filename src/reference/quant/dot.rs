@@ -471,12 +471,24 @@ const Q4_1_GROUP_BYTES: usize = 8 * 20;
 
 /// Partial sums of a Q4_1 row: two accumulators of scaled block sums and the
 /// minimum terms.
+#[derive(Clone, Copy)]
 struct Q4_1Sums {
     acc: [f32x8; 2],
     mins: f32x8,
 }
 
 impl Q4_1Sums {
+    const ZERO: Self = Self {
+        acc: [f32x8::ZERO; 2],
+        mins: f32x8::ZERO,
+    };
+
+    /// The dot product these partial sums add up to.
+    #[inline(always)]
+    fn total(self) -> f32 {
+        (self.acc[0] + self.acc[1] + self.mins).reduce_add()
+    }
+
     /// Adds the first `pairs` pairs of a group whose block heads (f16 d and
     /// m) are `heads` in lane order; `codes(i)` gives the code bytes of the
     /// blocks in lanes `i` and `i + 4`, `a` the group's activation vectors
@@ -524,14 +536,18 @@ impl Q4_1Sums {
         self.add_group(heads & present, h, codes, a, sm);
     }
 
-    /// [`add_tail`](Self::add_tail) on a zero-padded copy of the `n` blocks,
-    /// for a row too close to the end of its matrix.
+    /// The sums [`add_tail`](Self::add_tail) adds, from a zero-padded copy
+    /// of the `n` blocks, for a row too close to the end of its matrix.
+    /// Returned rather than added so that the caller's sums can stay in
+    /// registers.
     #[cold]
     #[inline(never)]
-    fn add_tail_padded(&mut self, blocks: &[u8], n: usize, a: &[i16x16], sm: (&[f32], &[f32])) {
+    fn padded_tail(blocks: &[u8], n: usize, a: &[i16x16], sm: (&[f32], &[f32])) -> Self {
         let mut padded = [0u8; Q4_1_GROUP_BYTES];
         padded[..blocks.len()].copy_from_slice(blocks);
-        self.add_tail(&padded, 0, n, a, sm);
+        let mut sums = Self::ZERO;
+        sums.add_tail(&padded, 0, n, a, sm);
+        sums
     }
 }
 
@@ -557,10 +573,7 @@ pub(super) fn dot_q4_1_fast(
     sums: &[f32],
 ) -> f32 {
     const BB: usize = 20;
-    let mut sum = Q4_1Sums {
-        acc: [f32x8::ZERO; 2],
-        mins: f32x8::ZERO,
-    };
+    let mut sum = Q4_1Sums::ZERO;
     let blocks = row_bytes / BB;
     let whole = blocks / 8 * 8;
     let body = &rest[..whole * BB];
@@ -582,13 +595,19 @@ pub(super) fn dot_q4_1_fast(
     if n > 0 {
         let (a, sm) = (&pairs[2 * whole..], (&scales[whole..], &sums[whole..]));
         let at = whole * BB;
-        if rest.len() >= at + Q4_1_GROUP_BYTES {
-            sum.add_tail(rest, at, n, a, sm);
+        // Both ways sum the tail on its own, so that a row gives the same
+        // result wherever it lies in its matrix.
+        let tail = if rest.len() >= at + Q4_1_GROUP_BYTES {
+            let mut tail = Q4_1Sums::ZERO;
+            tail.add_tail(rest, at, n, a, sm);
+            tail
         } else {
-            sum.add_tail_padded(&rest[at..at + n * BB], n, a, sm);
-        }
+            Q4_1Sums::padded_tail(&rest[at..at + n * BB], n, a, sm)
+        };
+        sum.acc[0] += tail.acc[0] + tail.acc[1];
+        sum.mins += tail.mins;
     }
-    (sum.acc[0] + sum.acc[1] + sum.mins).reduce_add()
+    sum.total()
 }
 
 /// 256 × the partial sums Σ q·a of one Q8_0 block against its activations
@@ -627,21 +646,25 @@ fn q8_0_group(
     }
 }
 
-/// The last, partial group of a Q8_0 row: `n` (1 to 7) blocks at the start
-/// of `group`, which holds at least [`Q8_0_GROUP_BYTES`] bytes.
+/// The sum of the last, partial group of a Q8_0 row: `n` (1 to 7) blocks at
+/// the start of `group`, which holds at least [`Q8_0_GROUP_BYTES`] bytes.
+/// Summed on its own, so that a row gives the same result whether the tail
+/// was read in place or from a padded copy.
 #[inline(always)]
-fn q8_0_tail(group: &[u8], n: usize, a: (&[i16x16], &[f32]), acc: &mut [f32x8; 2]) {
+fn q8_0_tail(group: &[u8], n: usize, a: (&[i16x16], &[f32])) -> f32x8 {
     let present = i32x8::splat(n as i32).simd_gt(i32x8::new([0, 1, 2, 3, 4, 5, 6, 7]));
-    q8_0_group(group, group_heads::<34>(group) & present, n, a, acc);
+    let mut acc = [f32x8::ZERO; 2];
+    q8_0_group(group, group_heads::<34>(group) & present, n, a, &mut acc);
+    acc[0] + acc[1]
 }
 
 /// [`q8_0_tail`] on a zero-padded copy, for the end of the matrix.
 #[cold]
 #[inline(never)]
-fn q8_0_tail_padded(blocks: &[u8], n: usize, a: (&[i16x16], &[f32]), acc: &mut [f32x8; 2]) {
+fn q8_0_padded_tail(blocks: &[u8], n: usize, a: (&[i16x16], &[f32])) -> f32x8 {
     let mut padded = [0u8; Q8_0_GROUP_BYTES];
     padded[..blocks.len()].copy_from_slice(blocks);
-    q8_0_tail(&padded, n, a, acc);
+    q8_0_tail(&padded, n, a)
 }
 
 /// Q8_0 row times Q8_0 activations in the even/odd layout of
@@ -671,8 +694,8 @@ pub(super) fn dot_q8_0_fast(
         let a = (&split[2 * whole..], &scales[whole..]);
         let at = whole * BB;
         match rest.get(at..at + Q8_0_GROUP_BYTES) {
-            Some(group) => q8_0_tail(group, n, a, &mut acc),
-            None => q8_0_tail_padded(&rest[at..at + n * BB], n, a, &mut acc),
+            Some(group) => acc[0] += q8_0_tail(group, n, a),
+            None => acc[0] += q8_0_padded_tail(&rest[at..at + n * BB], n, a),
         }
     }
     (acc[0] + acc[1]).reduce_add()

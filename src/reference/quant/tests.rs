@@ -917,3 +917,19 @@ fn a_row_gives_the_same_product_alone_as_inside_a_matrix() {
         }
     }
 }
+
+#[test]
+fn interleaved_rows_visit_every_row_once_and_store_it_in_place() {
+    for rows in 0..40 {
+        let first = 7;
+        let mut out = vec![f32::NAN; rows];
+        let mut visits = vec![0; rows];
+        super::matrix::interleaved_rows(first, &mut out, |r| {
+            visits[r - first] += 1;
+            r as f32
+        });
+        assert!(visits.iter().all(|&v| v == 1), "{rows} rows: {visits:?}");
+        let want: Vec<f32> = (first..first + rows).map(|r| r as f32).collect();
+        assert_eq!(out, want);
+    }
+}
