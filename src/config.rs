@@ -62,6 +62,11 @@ pub trait TraceConfig: Clone + Send + Sync + 'static {
     const QUANT_ERROR: bool;
     /// KV cache state may be recorded.
     const KV_CACHE: bool;
+    /// With [`Self::LOGITS`]: the logit lens may run on every layer (the
+    /// final norm and LM head applied to each layer's hidden state, one
+    /// vocabulary-sized matmul per layer). `false` keeps the ranks of the
+    /// tracked tokens on the final logits only. Defaults to `Self::LOGITS`.
+    const LOGIT_LENS: bool = Self::LOGITS;
     /// Any system may run; `false` means the tracer is inert.
     const ANY: bool =
         Self::ACTIVATIONS || Self::ATTENTION || Self::LOGITS || Self::QUANT_ERROR || Self::KV_CACHE;

@@ -564,6 +564,10 @@ impl<C: TraceConfig> ModelTracer<C> {
         C::LOGITS && self.config.logits()
     }
     #[inline(always)]
+    fn lens_on(&self) -> bool {
+        C::LOGIT_LENS && self.logits_on()
+    }
+    #[inline(always)]
     fn quant_on(&self) -> bool {
         C::QUANT_ERROR && self.config.quant_error()
     }
@@ -635,15 +639,15 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// prepare the lens input.
     #[inline(always)]
     pub fn wants_logit_lens(&self) -> bool {
-        self.logits_on()
+        self.lens_on()
     }
 
     /// Records the logit lens at `layer`: `fill` writes the `vocab` logits
     /// that the final norm and LM head give for this layer's hidden state.
-    /// `fill` runs only when logit tracing is on.
+    /// `fill` runs only when the lens is on ([`TraceConfig::LOGIT_LENS`]).
     #[inline(always)]
     pub fn logit_lens(&mut self, layer: usize, vocab: usize, mut fill: impl FnMut(&mut [f32])) {
-        if self.logits_on() {
+        if self.lens_on() {
             if let Some(r) = self.storage.recorder_mut() {
                 r.logit_lens(layer, vocab, &mut fill);
             }
@@ -991,6 +995,50 @@ mod tests {
         assert_eq!(top.won_at_layer(), Some(1));
         assert_eq!(top.decisive_layer(), Some(1));
         assert_eq!(lt.tokens.len(), 3, "default tracks the final top-3");
+    }
+
+    /// Logit ranks on the final logits, without the per-layer lens.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct FinalRanks;
+
+    impl TraceConfig for FinalRanks {
+        const ACTIVATIONS: bool = true;
+        const ATTENTION: bool = false;
+        const LOGITS: bool = true;
+        const QUANT_ERROR: bool = false;
+        const KV_CACHE: bool = false;
+        const LOGIT_LENS: bool = false;
+        type Storage = Recorder;
+    }
+
+    #[test]
+    fn final_ranks_without_the_lens() {
+        const { assert!(Full::LOGIT_LENS && !Lightweight::LOGIT_LENS && !FinalRanks::LOGIT_LENS) };
+        let mut t = ModelTracer::new(FinalRanks);
+        assert!(!t.wants_logit_lens());
+        let mut lens_ran = false;
+        t.begin_forward(4);
+        t.activation(0, Stage::Input, &[1.0, 2.0]);
+        t.activation(1, Stage::Output, &[1.0, 2.0]);
+        t.logit_lens(0, 3, |_| lens_ran = true);
+        t.final_logits(&[0.5, 3.0, 2.0]);
+        t.end_forward();
+        assert!(!lens_ran, "the lens closure ran with LOGIT_LENS off");
+        let lt = t.last_forward().unwrap().logits.as_ref().unwrap();
+        assert_eq!(lt.selected_token, Some(1));
+        // The final logits are the only row, placed after the last layer seen.
+        let second = lt.token(2).unwrap();
+        assert_eq!(second.ranks, vec![1]);
+        assert_eq!(second.layers, vec![2]);
+        assert_eq!(lt.tokens.len(), 3);
+        // Logit tracing with the lens on is unchanged for the runtime config.
+        let rt = ModelTracer::new(ModelTracerConfig::full());
+        assert!(rt.wants_logit_lens());
+        let off = ModelTracer::new(ModelTracerConfig {
+            trace_logits: false,
+            ..ModelTracerConfig::full()
+        });
+        assert!(!off.wants_logit_lens());
     }
 
     #[test]

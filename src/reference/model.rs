@@ -712,7 +712,7 @@ pub struct Llama<C: TraceConfig = crate::DefaultTrace> {
 macro_rules! hook {
     ($($call:tt)*) => {
         #[cfg(not(model_tracer_no_hooks))]
-        {
+        if <C as TraceConfig>::ANY {
             $($call)*;
         }
     };

@@ -1,0 +1,198 @@
+//! Heap allocations of a traced decode step once the tracer is warm.
+//!
+//! A counting global allocator counts per thread (the test harness runs
+//! tests on parallel threads); each decode step below runs on the test's own
+//! thread, so its count is exact.
+#![cfg(feature = "reference-model")]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use model_tracer::config::DEFAULT_HISTORY;
+use model_tracer::reference::dtype::GgmlType;
+use model_tracer::reference::model::{synthetic_weights, Config, KvCacheOptions, Llama};
+use model_tracer::{Disabled, Full, Lightweight, Recorder, TraceConfig};
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The system allocator, counting allocations and reallocations of the
+/// calling thread.
+struct Counting;
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the
+// counter is a thread-local `Cell` that never allocates (`const` init) and
+// is skipped once the thread-local is gone.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller's contract is System's contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> usize {
+    ALLOCATIONS.with(Cell::get)
+}
+
+/// The tiny synthetic model traced by `trace`.
+fn tiny<C: TraceConfig>(trace: C) -> Llama<C> {
+    let config = Config::tiny();
+    let weights = synthetic_weights(&config, GgmlType::Q4_1, 7).expect("tiny synthetic weights");
+    let cache = KvCacheOptions {
+        capacity: 256,
+        sinks: 4,
+    };
+    Llama::new(config, weights, None, cache, trace).expect("tiny model")
+}
+
+fn token(position: usize) -> u32 {
+    ((position * 31 + 5) % 512) as u32
+}
+
+/// Steps that fill the tracer's history (its records are recycled from then
+/// on) and then some.
+const WARM_UP: usize = DEFAULT_HISTORY + 8;
+/// Steps counted after the warm-up.
+const MEASURED: usize = 24;
+
+/// Allocations of each of `MEASURED` decode steps after `WARM_UP` steps.
+fn allocations_per_step<C: TraceConfig>(trace: C) -> Vec<usize> {
+    let mut model = tiny(trace);
+    for position in 0..WARM_UP {
+        model.forward(token(position));
+    }
+    (WARM_UP..WARM_UP + MEASURED)
+        .map(|position| {
+            let before = allocations();
+            model.forward(token(position));
+            allocations() - before
+        })
+        .collect()
+}
+
+#[test]
+fn counter_sees_allocations() {
+    let before = allocations();
+    let v: Vec<u64> = std::hint::black_box((0..100).collect());
+    assert!(
+        allocations() > before,
+        "the counting allocator is not in use"
+    );
+    drop(v);
+}
+
+#[test]
+fn untraced_step_allocates_nothing() {
+    let per_step = allocations_per_step(Disabled);
+    assert!(per_step.iter().all(|&n| n == 0), "{per_step:?}");
+}
+
+#[test]
+fn lightweight_step_allocates_nothing_after_warm_up() {
+    let per_step = allocations_per_step(Lightweight);
+    println!("Lightweight: allocations per decode step after warm-up: {per_step:?}");
+    assert!(per_step.iter().all(|&n| n == 0), "{per_step:?}");
+}
+
+/// A config that traces one system (or the logit ranks without the lens).
+macro_rules! one_system {
+    ($name:ident, $act:expr, $att:expr, $log:expr, $lens:expr, $quant:expr, $kv:expr) => {
+        #[derive(Debug, Clone, Copy, Default)]
+        struct $name;
+
+        impl TraceConfig for $name {
+            const ACTIVATIONS: bool = $act;
+            const ATTENTION: bool = $att;
+            const LOGITS: bool = $log;
+            const LOGIT_LENS: bool = $lens;
+            const QUANT_ERROR: bool = $quant;
+            const KV_CACHE: bool = $kv;
+            type Storage = Recorder;
+        }
+    };
+}
+
+one_system!(Activations, true, false, false, false, false, false);
+one_system!(KvCache, false, false, false, false, false, true);
+one_system!(Attention, false, true, false, false, false, false);
+one_system!(FinalRanks, false, false, true, false, false, false);
+one_system!(LogitLens, false, false, true, true, false, false);
+one_system!(QuantError, false, false, false, false, true, false);
+
+fn mean(per_step: &[usize]) -> f64 {
+    per_step.iter().sum::<usize>() as f64 / per_step.len() as f64
+}
+
+#[test]
+fn activations_and_kv_cache_allocate_nothing_after_warm_up() {
+    let activations = allocations_per_step(Activations);
+    let kv_cache = allocations_per_step(KvCache);
+    assert!(activations.iter().all(|&n| n == 0), "{activations:?}");
+    assert!(kv_cache.iter().all(|&n| n == 0), "{kv_cache:?}");
+}
+
+#[test]
+fn allocations_per_system() {
+    let attention = allocations_per_step(Attention);
+    let ranks = allocations_per_step(FinalRanks);
+    let lens = allocations_per_step(LogitLens);
+    let quant = allocations_per_step(QuantError);
+    println!(
+        "mean allocations per decode step after warm-up, tiny model ({} layers x {} heads): \
+         attention {:.1}, final logit ranks {:.1}, logit lens {:.1}, quantization error {:.1}",
+        Config::tiny().n_layers,
+        Config::tiny().n_heads,
+        mean(&attention),
+        mean(&ranks),
+        mean(&lens),
+        mean(&quant),
+    );
+    for (name, per_step) in [
+        ("attention", &attention),
+        ("final ranks", &ranks),
+        ("logit lens", &lens),
+        ("quantization error", &quant),
+    ] {
+        assert_steady(name, per_step);
+    }
+}
+
+/// What a step allocates must not grow with the session: the second half
+/// of the measured steps allocates no more than the first.
+fn assert_steady(name: &str, per_step: &[usize]) {
+    let (first, last) = per_step.split_at(per_step.len() / 2);
+    assert!(
+        last.iter().sum::<usize>() <= first.iter().sum::<usize>(),
+        "{name}: allocations per step grow: {per_step:?}"
+    );
+}
+
+#[test]
+fn full_step_allocations_are_bounded() {
+    let per_step = allocations_per_step(Full);
+    let max = per_step.iter().copied().max().unwrap_or(0);
+    println!(
+        "Full: allocations per decode step after warm-up: mean {:.1}, max {max} ({per_step:?})",
+        mean(&per_step)
+    );
+    assert_steady("Full", &per_step);
+}
