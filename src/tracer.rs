@@ -16,7 +16,7 @@ use crate::anomaly::Anomaly;
 use crate::attention::AttentionWeightTrace;
 use crate::config::{TraceConfig, TraceOptions};
 use crate::kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
-use crate::logit::LogitEvolutionTrace;
+use crate::logit::{LogitEvolutionTrace, TokenLogitEvolution};
 use crate::quant::{BrickId, ModelQuantizationError, QuantType, QuantizationErrorTrace};
 use crate::stats::{self, TensorStats};
 use crate::summary::{SessionAggregates, TraceSummary};
@@ -159,6 +159,14 @@ pub struct Recorder {
     // Per-layer `(‖residual‖, Σ‖update‖)` of the forward in flight.
     residual_norms: Vec<Option<(f32, f32)>>,
     topk_scratch: Vec<(usize, f32)>,
+    // Records of recycled forwards, kept with their buffers so that a warm
+    // tracer fills them again instead of allocating new ones.
+    spare_attention: Vec<AttentionWeightTrace>,
+    spare_tokens: Vec<TokenLogitEvolution>,
+    // The most quantization-error and what-if records one forward has held:
+    // a recycled forward reserves room for them up front.
+    most_quant: usize,
+    most_what_if: usize,
     // Logit-lens rows of the forward in flight: `lens_layers.len()` rows of `lens_vocab`.
     lens: Vec<f32>,
     lens_layers: Vec<usize>,
@@ -199,6 +207,10 @@ impl Recorder {
             kv_session: KvCacheSessionTrace::default(),
             residual_norms: Vec::new(),
             topk_scratch: Vec::new(),
+            spare_attention: Vec::new(),
+            spare_tokens: Vec::new(),
+            most_quant: 0,
+            most_what_if: 0,
             lens: Vec::new(),
             lens_layers: Vec::new(),
             lens_vocab: 0,
@@ -217,11 +229,17 @@ impl Recorder {
         }
         self.in_forward = true;
         if self.history.len() >= self.options.max_forwards {
-            if let Some(old) = self.history.pop_front() {
+            if let Some(mut old) = self.history.pop_front() {
+                self.spare_attention.append(&mut old.attention);
+                if let Some(l) = &mut old.logits {
+                    self.spare_tokens.append(&mut l.tokens);
+                }
                 self.current = old;
             }
         }
         self.current.reset(position, self.options.warmup_layers);
+        self.current.quantization.traces.reserve(self.most_quant);
+        self.current.what_if.reserve(self.most_what_if);
         self.residual_norms.iter_mut().for_each(|r| *r = None);
         self.lens_layers.clear();
         self.max_layer_seen = None;
@@ -266,7 +284,7 @@ impl Recorder {
         }
         self.see_layer(layer);
         let c = &self.options.attention_config;
-        let mut t = AttentionWeightTrace::default();
+        let mut t = self.spare_attention.pop().unwrap_or_default();
         t.fill(
             layer,
             head,
@@ -322,11 +340,15 @@ impl Recorder {
         trace.position = position;
         trace.selected_token = stats::argmax(logits).map(|i| i as u32);
         trace.tokens.clear();
+        self.spare_tokens.append(&mut trace.tokens);
         for &t in &self.tracked {
-            trace.tokens.push(crate::logit::TokenLogitEvolution::new(
-                u32::try_from(t).unwrap_or(u32::MAX),
-                String::new(),
-            ));
+            let mut tok = self.spare_tokens.pop().unwrap_or_default();
+            tok.token_id = u32::try_from(t).unwrap_or(u32::MAX);
+            tok.token_text.clear();
+            tok.logits.clear();
+            tok.ranks.clear();
+            tok.layers.clear();
+            trace.tokens.push(tok);
         }
         self.ranks.resize(self.tracked.len(), 0);
         let rows = self.lens_layers.len().max(1);
@@ -416,6 +438,8 @@ impl Recorder {
         self.current.activations.has_anomaly = !anomalies.is_empty();
         self.current.anomalies = anomalies;
         self.aggregates.absorb(&self.current);
+        self.most_quant = self.most_quant.max(self.current.quantization.traces.len());
+        self.most_what_if = self.most_what_if.max(self.current.what_if.len());
         let primary = self.current.primary_anomaly().copied();
         let done = std::mem::take(&mut self.current);
         #[cfg(any(feature = "log", feature = "tracing"))]

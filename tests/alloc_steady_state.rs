@@ -68,9 +68,10 @@ fn token(position: usize) -> u32 {
     ((position * 31 + 5) % 512) as u32
 }
 
-/// Steps that fill the tracer's history (its records are recycled from then
-/// on) and then some.
-const WARM_UP: usize = DEFAULT_HISTORY + 8;
+/// Steps that fill the tracer's history, then recycle each of its records
+/// once (a recycled record grows its buffers to the largest forward seen),
+/// and then some.
+const WARM_UP: usize = 2 * DEFAULT_HISTORY + 8;
 /// Steps counted after the warm-up.
 const MEASURED: usize = 24;
 
@@ -138,61 +139,46 @@ one_system!(FinalRanks, false, false, true, false, false, false);
 one_system!(LogitLens, false, false, true, true, false, false);
 one_system!(QuantError, false, false, false, false, true, false);
 
-fn mean(per_step: &[usize]) -> f64 {
-    per_step.iter().sum::<usize>() as f64 / per_step.len() as f64
-}
-
-#[test]
-fn activations_and_kv_cache_allocate_nothing_after_warm_up() {
-    let activations = allocations_per_step(Activations);
-    let kv_cache = allocations_per_step(KvCache);
-    assert!(activations.iter().all(|&n| n == 0), "{activations:?}");
-    assert!(kv_cache.iter().all(|&n| n == 0), "{kv_cache:?}");
-}
-
-#[test]
-fn allocations_per_system() {
-    let attention = allocations_per_step(Attention);
-    let ranks = allocations_per_step(FinalRanks);
-    let lens = allocations_per_step(LogitLens);
-    let quant = allocations_per_step(QuantError);
-    println!(
-        "mean allocations per decode step after warm-up, tiny model ({} layers x {} heads): \
-         attention {:.1}, final logit ranks {:.1}, logit lens {:.1}, quantization error {:.1}",
-        Config::tiny().n_layers,
-        Config::tiny().n_heads,
-        mean(&attention),
-        mean(&ranks),
-        mean(&lens),
-        mean(&quant),
-    );
-    for (name, per_step) in [
-        ("attention", &attention),
-        ("final ranks", &ranks),
-        ("logit lens", &lens),
-        ("quantization error", &quant),
-    ] {
-        assert_steady(name, per_step);
-    }
-}
-
-/// What a step allocates must not grow with the session: the second half
-/// of the measured steps allocates no more than the first.
-fn assert_steady(name: &str, per_step: &[usize]) {
-    let (first, last) = per_step.split_at(per_step.len() / 2);
+fn assert_none(name: &str, per_step: &[usize]) {
+    println!("{name}: allocations per decode step after warm-up: {per_step:?}");
     assert!(
-        last.iter().sum::<usize>() <= first.iter().sum::<usize>(),
-        "{name}: allocations per step grow: {per_step:?}"
+        per_step.iter().all(|&n| n == 0),
+        "{name} allocates after warm-up: {per_step:?}"
     );
 }
 
 #[test]
-fn full_step_allocations_are_bounded() {
-    let per_step = allocations_per_step(Full);
-    let max = per_step.iter().copied().max().unwrap_or(0);
-    println!(
-        "Full: allocations per decode step after warm-up: mean {:.1}, max {max} ({per_step:?})",
-        mean(&per_step)
-    );
-    assert_steady("Full", &per_step);
+fn each_system_alone_allocates_nothing_after_warm_up() {
+    assert_none("activations", &allocations_per_step(Activations));
+    assert_none("KV cache", &allocations_per_step(KvCache));
+    assert_none("attention", &allocations_per_step(Attention));
+    assert_none("final logit ranks", &allocations_per_step(FinalRanks));
+    assert_none("logit lens", &allocations_per_step(LogitLens));
+    assert_none("quantization error", &allocations_per_step(QuantError));
+}
+
+#[test]
+fn full_step_allocates_nothing_after_warm_up() {
+    assert_none("Full", &allocations_per_step(Full));
+}
+
+/// Measuring every brick of every layer (the most records a forward can
+/// hold) must not make a warm tracer allocate either.
+#[test]
+fn every_brick_measured_allocates_nothing_after_warm_up() {
+    let mut model = tiny(Full);
+    model
+        .tracer_mut()
+        .set_quant_sampling(model_tracer::QuantSampling::Every);
+    for position in 0..WARM_UP {
+        model.forward(token(position));
+    }
+    let per_step: Vec<usize> = (WARM_UP..WARM_UP + MEASURED)
+        .map(|position| {
+            let before = allocations();
+            model.forward(token(position));
+            allocations() - before
+        })
+        .collect();
+    assert_none("Full, every brick", &per_step);
 }
