@@ -16,7 +16,7 @@
 //! and they convert the eight block scales of a group from f16 with a few
 //! vector operations instead of lane-by-lane inserts.
 
-use wide::{bytemuck, f32x8, i16x16, i32x8, i8x16, u16x16, u8x16};
+use wide::{bytemuck, f32x8, i16x16, i16x8, i32x8, i8x16, u16x16, u8x16};
 
 use super::blocks::{f16_at, k4_scale_min, u32_at};
 use super::float::{bf16_to_f32, f16_to_f32};
@@ -699,4 +699,170 @@ pub(super) fn dot_q8_0_fast(
         }
     }
     (acc[0] + acc[1]).reduce_add()
+}
+
+/// The f32 scales of a group of eight 32-element blocks: the f16 at byte 0
+/// of each block and the one at byte 2 (the Q4_1 minimum), exactly,
+/// infinities and NaNs included.
+#[inline(always)]
+fn group_scales_f32<const BLOCK_BYTES: usize>(group: &[u8]) -> ([f32; 8], [f32; 8]) {
+    let heads = group_heads::<BLOCK_BYTES>(group);
+    let low16 = i32x8::splat(0xffff);
+    (
+        f16x8_to_f32(heads & low16).to_array(),
+        f16x8_to_f32((heads >> 16u32) & low16).to_array(),
+    )
+}
+
+/// Calls `block(k, codes, x, d, m)` for every 32-element block of `row`
+/// (`BLOCK_BYTES` bytes each, `HEAD` of them scales before the codes), with
+/// the block's 32 activations and its scales from byte 0 and byte 2 (the
+/// latter meaningful for Q4_1 only), `k` being the block's index modulo 8.
+///
+/// Scales of whole groups of eight blocks are converted together with
+/// vector operations: a scalar f16 conversion takes about eight
+/// instructions, against about twenty for a block's codes. The blocks of a last, partial group (at
+/// most seven) are converted one by one, which is cheaper than gathering a
+/// partial group.
+#[inline(always)]
+fn for_each_f32_block<const BLOCK_BYTES: usize, const HEAD: usize>(
+    row: &[u8],
+    x: &[f32],
+    mut block: impl FnMut(usize, &[u8], &[f32], f32, f32),
+) {
+    let groups = row.chunks_exact(8 * BLOCK_BYTES);
+    let tail = groups.remainder();
+    let mut x_groups = x.chunks_exact(8 * 32);
+    for (group, x) in groups.zip(&mut x_groups) {
+        let (d, m) = group_scales_f32::<BLOCK_BYTES>(group);
+        for k in 0..8 {
+            let codes = &group[k * BLOCK_BYTES + HEAD..(k + 1) * BLOCK_BYTES];
+            block(k, codes, &x[32 * k..32 * k + 32], d[k], m[k]);
+        }
+    }
+    let blocks = tail.chunks_exact(BLOCK_BYTES);
+    for (k, (b, x)) in blocks
+        .zip(x_groups.remainder().chunks_exact(32))
+        .enumerate()
+    {
+        let m = if HEAD == 4 { f16_at(b, 2) } else { 0.0 };
+        block(k, &b[HEAD..], x, f16_at(b, 0), m);
+    }
+}
+
+/// Bytes 0–7 and 8–15 of `bytes`, zero-extended to i32 lanes.
+///
+/// Each half goes through a vector whose upper half is zero, so that the
+/// two widenings fold into one byte-to-i32 extension from memory per half
+/// (`vpmovzxbd` on x86) instead of a wider extension, a lane extraction and
+/// a second extension.
+#[inline(always)]
+fn widen_u8(bytes: &[u8]) -> [i32x8; 2] {
+    let half = |at: usize| {
+        let mut lanes = [0u8; 16];
+        lanes[..8].copy_from_slice(&bytes[at..at + 8]);
+        let [low, _]: [i16x8; 2] = bytemuck::cast(i16x16::from(u8x16::new(lanes)));
+        i32x8::from_i16x8(low)
+    };
+    [half(0), half(8)]
+}
+
+/// Bytes 0–7 and 8–15 of `bytes`, zero-extended to i32 lanes through one
+/// 16-lane extension and a lane extraction.
+///
+/// Slower than [`widen_u8`] on its own, but the Q4_1 kernel needs it: with
+/// the narrower loads, the compiler builds the first block's codes out of
+/// the loads of the group's scales with slow shuffles and runs out of
+/// registers.
+#[inline(always)]
+fn widen_u8_whole(bytes: &[u8]) -> [i32x8; 2] {
+    let wide = i16x16::from(load_u8x16(bytes));
+    let [lo, hi]: [i16x8; 2] = bytemuck::cast(wide);
+    [i32x8::from_i16x8(lo), i32x8::from_i16x8(hi)]
+}
+
+/// Bytes 0–7 and 8–15 of `bytes`, sign-extended to i32 lanes (as
+/// [`widen_u8`]).
+#[inline(always)]
+fn widen_i8(bytes: &[u8]) -> [i32x8; 2] {
+    let half = |at: usize| {
+        let mut lanes = [0i8; 16];
+        for (lane, byte) in lanes.iter_mut().zip(&bytes[at..at + 8]) {
+            *lane = *byte as i8;
+        }
+        let [low, _]: [i16x8; 2] = bytemuck::cast(i16x16::from_i8x16(i8x16::new(lanes)));
+        i32x8::from_i16x8(low)
+    };
+    [half(0), half(8)]
+}
+
+/// Σ c_j·x_j for four vectors of eight codes (elements 0–7, 8–15, 16–23 and
+/// 24–31 of a block) as eight partial sums.
+#[inline(always)]
+fn codes_dot_x(codes: [i32x8; 4], x: &[f32]) -> f32x8 {
+    let c = codes.map(f32x8::from_i32x8);
+    // Two chains of two, so the block's sum waits on two roundings only.
+    let low = c[0] * f32x8_of(&x[..8]);
+    let high = c[1] * f32x8_of(&x[8..16]);
+    let low = c[2].mul_add(f32x8_of(&x[16..24]), low);
+    let high = c[3].mul_add(f32x8_of(&x[24..32]), high);
+    low + high
+}
+
+/// Row of Q8_0 blocks times f32 activations.
+///
+/// Each block's 32 signed codes are widened to i32 lanes, converted to f32
+/// and multiplied with the activations; the block's eight partial sums are
+/// then scaled by its `d` once. `q·d` is exact in f32, so every term is the
+/// plain dot's `(q·d)·x` up to where the one rounding happens.
+#[inline(always)]
+pub(super) fn dot_f32_q8_0(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [f32x8::ZERO; 2];
+    for_each_f32_block::<34, 2>(row, x, |k, codes, x, d, _| {
+        let [c0, c1] = widen_i8(&codes[..16]);
+        let [c2, c3] = widen_i8(&codes[16..32]);
+        let sum = codes_dot_x([c0, c1, c2, c3], x);
+        acc[k & 1] = sum.mul_add(f32x8::splat(d), acc[k & 1]);
+    });
+    (acc[0] + acc[1]).reduce_add()
+}
+
+/// Row of Q4_0 blocks times f32 activations: as [`dot_f32_q8_0`], with the
+/// codes being the nibbles minus 8 (element `j < 16` the low nibble of byte
+/// `j`, element `j + 16` its high nibble).
+#[inline(always)]
+pub(super) fn dot_f32_q4_0(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [f32x8::ZERO; 2];
+    for_each_f32_block::<18, 2>(row, x, |k, codes, x, d, _| {
+        let [b0, b1] = widen_u8(codes);
+        let (fifteen, eight) = (i32x8::splat(15), i32x8::splat(8));
+        let nibbles = [b0 & fifteen, b1 & fifteen, b0 >> 4u32, b1 >> 4u32];
+        let sum = codes_dot_x(nibbles.map(|q| q - eight), x);
+        acc[k & 1] = sum.mul_add(f32x8::splat(d), acc[k & 1]);
+    });
+    (acc[0] + acc[1]).reduce_add()
+}
+
+/// Row of Q4_1 blocks times f32 activations.
+///
+/// The nibbles of a block are widened to f32 lanes and turned into weights
+/// with one fused `q·d + m`, which equals the `d·q + m` of the scalar
+/// decoder bit for bit (`d·q` is exact in f32): every product is the plain
+/// dot's `w·x`, only summed in another order. Factoring out the scales
+/// instead (`d·Σq·x + m·Σx`) would save one multiply-add per eight weights
+/// but turn `0·∞` into a NaN where the plain dot has `m·∞`.
+#[inline(always)]
+pub(super) fn dot_f32_q4_1(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [f32x8::ZERO; 4];
+    for_each_f32_block::<20, 4>(row, x, |_, codes, x, d, m| {
+        let [b0, b1] = widen_u8_whole(codes);
+        let fifteen = i32x8::splat(15);
+        let nibbles = [b0 & fifteen, b1 & fifteen, b0 >> 4u32, b1 >> 4u32];
+        let (d, m) = (f32x8::splat(d), f32x8::splat(m));
+        for ((q, x), acc) in nibbles.into_iter().zip(x.chunks_exact(8)).zip(&mut acc) {
+            let w = f32x8::from_i32x8(q).mul_add(d, m);
+            *acc = w.mul_add(f32x8_of(x), *acc);
+        }
+    });
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])).reduce_add()
 }

@@ -273,9 +273,25 @@ impl QMatrix {
         }
     }
 
-    /// Reference product in f32: each row is decoded block by block into a
-    /// stack buffer and multiplied with the unquantized `x` in f32 lanes.
-    /// Allocates nothing.
+    /// Reference product in f32: `out[r]` is the dot product of row `r`, as
+    /// [`dequantize_row`](Self::dequantize_row) decodes it, with the
+    /// unquantized `x`, up to f32 rounding (terms are summed in another
+    /// order, in eight-lane partial sums). Allocates nothing.
+    ///
+    /// Q4_0, Q4_1 and Q8_0 rows are decoded straight into f32 lanes: the
+    /// codes of a block are widened to i32 lanes, converted and multiplied
+    /// with `x`, the scales of eight blocks being converted from f16 at
+    /// once. Q8_0 and Q4_0 apply each block's scale once to its eight
+    /// partial sums of `q·x`; Q4_1 forms each weight `q·d + m` with one fused
+    /// multiply-add, which equals the decoded weight bit for bit. Rows are
+    /// visited as four interleaved streams, as in [`matvec`](Self::matvec).
+    /// Other block types decode each block into a stack buffer first.
+    ///
+    /// A NaN in `x` makes every output NaN. An infinity gives what the plain
+    /// dot product of the decoded weights gives: NaN where it meets a zero
+    /// weight or an infinity of the other sign, else that infinity (barring
+    /// an intermediate sum overflowing where the plain one does not). A
+    /// non-finite block scale makes its row's output non-finite.
     ///
     /// # Panics
     /// If `x.len() != self.cols()` or `out.len() != self.rows()`.
@@ -307,6 +323,7 @@ impl QMatrix {
         let data = &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes];
         let rows_iter = data.chunks_exact(self.row_bytes).zip(out.iter_mut());
         let bb = self.ty.block_bytes();
+        let row = |r: usize| &self.data[r * self.row_bytes..(r + 1) * self.row_bytes];
         match self.ty {
             GgmlType::F32 => {
                 rows_iter.for_each(|(row, o)| *o = dot_f32_plain(row, 4, x, decode_f32))
@@ -317,16 +334,13 @@ impl QMatrix {
             GgmlType::BF16 => {
                 rows_iter.for_each(|(row, o)| *o = dot_f32_plain(row, 2, x, decode_bf16))
             }
-            GgmlType::Q4_0 => rows_iter
-                .for_each(|(row, o)| *o = dot_f32_blocks::<32>(row, bb, x, dequantize_q4_0)),
-            GgmlType::Q4_1 => rows_iter
-                .for_each(|(row, o)| *o = dot_f32_blocks::<32>(row, bb, x, dequantize_q4_1)),
+            GgmlType::Q4_0 => interleaved_rows(rows.start, out, |r| dot_f32_q4_0(row(r), x)),
+            GgmlType::Q4_1 => interleaved_rows(rows.start, out, |r| dot_f32_q4_1(row(r), x)),
             GgmlType::Q5_0 => rows_iter
                 .for_each(|(row, o)| *o = dot_f32_blocks::<32>(row, bb, x, dequantize_q5_0)),
             GgmlType::Q5_1 => rows_iter
                 .for_each(|(row, o)| *o = dot_f32_blocks::<32>(row, bb, x, dequantize_q5_1)),
-            GgmlType::Q8_0 => rows_iter
-                .for_each(|(row, o)| *o = dot_f32_blocks::<32>(row, bb, x, dequantize_q8_0)),
+            GgmlType::Q8_0 => interleaved_rows(rows.start, out, |r| dot_f32_q8_0(row(r), x)),
             GgmlType::Q4_K => rows_iter
                 .for_each(|(row, o)| *o = dot_f32_blocks::<256>(row, bb, x, dequantize_q4_k)),
             GgmlType::Q6_K => rows_iter

@@ -933,3 +933,169 @@ fn interleaved_rows_visit_every_row_once_and_store_it_in_place() {
         assert_eq!(out, want);
     }
 }
+
+/// Random blocks of `ty` whose scales (and Q4_1 minimums) are any finite
+/// f16, of either sign, subnormals included.
+fn blocks_with_any_finite_scales(rng: &mut Rng, ty: GgmlType, blocks: usize) -> Vec<u8> {
+    let heads = if ty == GgmlType::Q4_1 { 2 } else { 1 };
+    let mut out = random_blocks(rng, ty, blocks);
+    for block in out.chunks_exact_mut(ty.block_bytes()) {
+        for h in 0..heads {
+            let bits = loop {
+                let bits = rng.next_u32() as u16;
+                if bits & 0x7c00 != 0x7c00 {
+                    break bits;
+                }
+            };
+            block[2 * h..2 * h + 2].copy_from_slice(&bits.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Row `r` of `m` decoded, dotted with `x` in f64: (dot, Σ|w·x|).
+fn decoded_dot(m: &QMatrix, r: usize, x: &[f32]) -> (f64, f64) {
+    let mut w = vec![0f32; m.cols()];
+    m.dequantize_row(r, &mut w);
+    w.iter()
+        .zip(x)
+        .map(|(w, x)| f64::from(*w) * f64::from(*x))
+        .fold((0.0, 0.0), |(sum, mag), t| (sum + t, mag + t.abs()))
+}
+
+/// The types whose f32 kernels decode codes straight into vector lanes.
+const LANE_DECODED_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+#[test]
+fn f32_kernels_equal_an_f64_dot_of_the_decoded_rows() {
+    let mut rng = Rng(16);
+    for ty in LANE_DECODED_TYPES {
+        // 1 to 48 blocks: partial groups alone, whole groups alone, and both.
+        for cols in [32, 96, 224, 256, 288, 576, 1536] {
+            for wild in [false, true] {
+                let rows = 6;
+                let blocks = rows * cols / 32;
+                let w = if wild {
+                    blocks_with_any_finite_scales(&mut rng, ty, blocks)
+                } else {
+                    random_blocks(&mut rng, ty, blocks)
+                };
+                let m = QMatrix::from_bytes(ty, rows, cols, w).unwrap();
+                let x = random_vec(&mut rng, cols);
+                let mut out = vec![0f32; rows];
+                m.matvec_f32(&x, &mut out);
+                for (r, got) in out.iter().enumerate() {
+                    let (want, mag) = decoded_dot(&m, r, &x);
+                    assert!(
+                        (f64::from(*got) - want).abs() <= 1e-5 * mag,
+                        "{ty} cols {cols} wild {wild} row {r}: {got} vs {want} (mag {mag})"
+                    );
+                }
+                let mut part = vec![0f32; rows - 1];
+                m.matvec_f32_rows(1..rows, &x, &mut part);
+                assert_eq!(part, out[1..], "{ty} cols {cols}: rows 1.. alone");
+            }
+        }
+    }
+}
+
+/// Makes element `e` of a block decode to exactly zero.
+fn zero_weight(ty: GgmlType, block: &mut [u8], e: usize) {
+    let nibble = |byte: &mut u8, e: usize, value: u8| {
+        *byte = if e < 16 {
+            (*byte & 0xf0) | value
+        } else {
+            (*byte & 0x0f) | (value << 4)
+        };
+    };
+    match ty {
+        GgmlType::Q8_0 => block[2 + e] = 0,
+        GgmlType::Q4_0 => nibble(&mut block[2 + e % 16], e, 8),
+        GgmlType::Q4_1 => {
+            block[2..4].fill(0);
+            nibble(&mut block[4 + e % 16], e, 0);
+        }
+        _ => unreachable!("{ty}"),
+    }
+}
+
+/// NaN or infinite activations: the f32 kernels give what a plain f32 dot
+/// of the decoded weights gives, NaN where it is NaN (a NaN activation, an
+/// infinity times a zero weight, infinities of both signs) and the same
+/// infinity where it is infinite.
+#[test]
+fn f32_kernels_propagate_non_finite_activations_as_the_plain_dot() {
+    let mut rng = Rng(17);
+    for ty in LANE_DECODED_TYPES {
+        for cols in [32, 288, 576] {
+            let rows = 8;
+            let bb = ty.block_bytes();
+            let row_bytes = cols / 32 * bb;
+            let (j, k) = (cols - 3, 5);
+            let mut w = random_blocks(&mut rng, ty, rows * cols / 32);
+            // Rows 0 and 1: a zero weight at j; row 1 also at k.
+            for r in 0..2 {
+                let at = r * row_bytes + j / 32 * bb;
+                zero_weight(ty, &mut w[at..at + bb], j % 32);
+            }
+            let at = row_bytes + k / 32 * bb;
+            zero_weight(ty, &mut w[at..at + bb], k % 32);
+            let m = QMatrix::from_bytes(ty, rows, cols, w).unwrap();
+            let cases: [&[(usize, f32)]; 4] = [
+                &[(j, f32::INFINITY)],
+                &[(j, f32::NEG_INFINITY)],
+                &[(j, f32::INFINITY), (k, f32::NEG_INFINITY)],
+                &[(k, f32::NAN)],
+            ];
+            for case in cases {
+                let mut x = random_vec(&mut rng, cols);
+                for &(at, v) in case {
+                    x[at] = v;
+                }
+                let mut out = vec![0f32; rows];
+                m.matvec_f32(&x, &mut out);
+                let mut w = vec![0f32; cols];
+                for (r, got) in out.iter().enumerate() {
+                    m.dequantize_row(r, &mut w);
+                    let want: f32 = w.iter().zip(&x).map(|(w, x)| w * x).sum();
+                    assert!(!want.is_finite(), "{ty} {case:?} row {r}: {want}");
+                    let same = if want.is_nan() {
+                        got.is_nan()
+                    } else {
+                        *got == want
+                    };
+                    assert!(same, "{ty} cols {cols} {case:?} row {r}: {got} vs {want}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_kernels_make_rows_with_non_finite_scales_non_finite() {
+    let mut rng = Rng(18);
+    for ty in LANE_DECODED_TYPES {
+        // Whole groups and a partial one: both scale conversions.
+        let (rows, blocks) = (4, 11);
+        let bb = ty.block_bytes();
+        let mut w = random_blocks(&mut rng, ty, rows * blocks);
+        // Row 1: an infinite scale in a whole group; row 2: a NaN in the
+        // partial one (the minimum for Q4_1).
+        w[(blocks + 2) * bb..][..2].copy_from_slice(&0xfc00u16.to_le_bytes());
+        let nan_at = (2 * blocks + 9) * bb + if ty == GgmlType::Q4_1 { 2 } else { 0 };
+        w[nan_at..nan_at + 2].copy_from_slice(&0x7e00u16.to_le_bytes());
+        let m = QMatrix::from_bytes(ty, rows, 32 * blocks, w).unwrap();
+        let x = random_vec(&mut rng, 32 * blocks);
+        let mut out = vec![0f32; rows];
+        m.matvec_f32(&x, &mut out);
+        assert!(!out[1].is_finite(), "{ty}: {out:?}");
+        assert!(out[2].is_nan(), "{ty}: {out:?}");
+        for r in [0, 3] {
+            let (want, mag) = decoded_dot(&m, r, &x);
+            assert!(
+                (f64::from(out[r]) - want).abs() <= 1e-5 * mag,
+                "{ty} row {r}"
+            );
+        }
+    }
+}
