@@ -709,6 +709,13 @@ pub struct Llama<C: TraceConfig = crate::DefaultTrace> {
 /// Calls a tracer hook, or compiles to nothing at all when the crate is
 /// built with `RUSTFLAGS="--cfg model_tracer_no_hooks"`: "the same model,
 /// never instrumented", the baseline of the instruction-count benchmarks.
+///
+/// Each hook already begins with a test of its system's const, but its
+/// arguments are evaluated before that test: a slice bound checked or a
+/// field read for a hook that then does nothing. Testing `C::ANY` first,
+/// a literal `false` for `Disabled`, removes the whole call with its
+/// arguments, so that `Disabled` runs exactly the instructions of the
+/// hook-free build (`.ci/overhead` checks this to the instruction).
 macro_rules! hook {
     ($($call:tt)*) => {
         #[cfg(not(model_tracer_no_hooks))]
