@@ -710,12 +710,13 @@ pub struct Llama<C: TraceConfig = crate::DefaultTrace> {
 /// built with `RUSTFLAGS="--cfg model_tracer_no_hooks"`: "the same model,
 /// never instrumented", the baseline of the instruction-count benchmarks.
 ///
-/// Each hook already begins with a test of its system's const, but its
-/// arguments are evaluated before that test: a slice bound checked or a
-/// field read for a hook that then does nothing. Testing `C::ANY` first,
-/// a literal `false` for `Disabled`, removes the whole call with its
-/// arguments, so that `Disabled` runs exactly the instructions of the
-/// hook-free build (`.ci/overhead` checks this to the instruction).
+/// Each hook begins with a test of its own system's const, inside the
+/// call; the call's arguments and closures are formed outside it. Testing
+/// `C::ANY` around the whole call, a literal `false` for `Disabled`, puts
+/// the call and its arguments in a branch that is dead from the start,
+/// rather than leaving the optimizer to prove each piece unused after
+/// inlining. `.ci/overhead` checks the outcome: `Disabled` runs exactly the
+/// instructions of the hook-free build.
 macro_rules! hook {
     ($($call:tt)*) => {
         #[cfg(not(model_tracer_no_hooks))]
