@@ -5,7 +5,8 @@
 
 #![cfg(feature = "reference-model")]
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use model_tracer::reference::dtype::GgmlType;
@@ -673,29 +674,11 @@ fn random_mutations_never_panic() {
     assert!(start.elapsed() < Duration::from_secs(60));
 }
 
-fn model_path() -> Option<PathBuf> {
-    let path = std::env::var_os("MODEL_TRACER_GGUF").map_or_else(
-        || {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("models")
-                .join("SmolLM2-135M-Instruct.Q4_1.gguf")
-        },
-        PathBuf::from,
-    );
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!(
-            "SKIPPED: real GGUF test, model file not found at {} (set MODEL_TRACER_GGUF)",
-            path.display()
-        );
-        None
-    }
-}
-
 #[test]
 fn real_model_file_opens_with_expected_layout() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = common::real_model() else {
+        return;
+    };
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.version(), 3);
     assert_eq!(f.tensors().len(), 272);

@@ -2,7 +2,7 @@
 //! file (when present; CI fetches it).
 #![cfg(feature = "reference-model")]
 
-use std::path::PathBuf;
+mod common;
 
 use model_tracer::reference::dtype::GgmlType;
 use model_tracer::reference::model::{Config, Fault, FaultKind, KvCacheOptions, Llama};
@@ -210,26 +210,11 @@ fn bad_configs_and_token_ids_have_defined_answers() {
 
 // ---- the real model ------------------------------------------------------
 
-fn model_path() -> Option<PathBuf> {
-    let path = std::env::var_os("MODEL_TRACER_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!(
-            "SKIPPED: real-model test, model file not found at {} (run `bash .ci/fetch-model`)",
-            path.display()
-        );
-        None
-    }
-}
-
 #[test]
 fn smollm2_answers_paris_like_llama_cpp() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = common::real_model() else {
+        return;
+    };
     let mut m = Llama::from_gguf(&path, None, Disabled).unwrap();
     let c = &m.config;
     assert_eq!(
@@ -277,7 +262,9 @@ fn chat_prompt(m: &Llama<impl TraceConfig>) -> Vec<u32> {
 
 #[test]
 fn smollm2_exact_path_matches_an_independent_numpy_forward() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = common::real_model() else {
+        return;
+    };
     let mut m = Llama::from_gguf(&path, None, Disabled).unwrap();
     m.set_exact(true);
     let chat = chat_prompt(&m);
@@ -298,7 +285,9 @@ fn smollm2_exact_path_matches_an_independent_numpy_forward() {
 
 #[test]
 fn smollm2_quantized_path_tracks_the_exact_path() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = common::real_model() else {
+        return;
+    };
     let mut m = Llama::from_gguf(&path, None, Disabled).unwrap();
     let chat = chat_prompt(&m);
     m.prefill(&chat);
@@ -315,7 +304,9 @@ fn smollm2_quantized_path_tracks_the_exact_path() {
 
 #[test]
 fn smollm2_chat_run_completes_clean() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = common::real_model() else {
+        return;
+    };
     let mut m = Llama::from_gguf(&path, None, Lightweight).unwrap();
     let ids = chat_prompt(&m);
     let g = m.generate(&ids, 12, |_| {});
@@ -337,7 +328,9 @@ fn smollm2_chat_run_completes_clean() {
 #[cfg(feature = "serde")]
 #[test]
 fn smollm2_full_trace_lens_ends_at_the_chosen_token_and_exports() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = common::real_model() else {
+        return;
+    };
     let mut m = Llama::from_gguf(&path, None, Full).unwrap();
     let ids = [504, 3575, 282, 4649, 314];
     let g = m.generate(&ids, 4, |_| {});

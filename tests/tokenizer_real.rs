@@ -8,38 +8,19 @@
 
 #![cfg(feature = "reference-model")]
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use model_tracer::reference::gguf::GgufFile;
 use model_tracer::reference::tokenizer::{ChatMessage, TokenType, Tokenizer};
 
-fn model_path() -> Option<PathBuf> {
-    let path = std::env::var_os("MODEL_TRACER_GGUF").map_or_else(
-        || {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("models")
-                .join("SmolLM2-135M-Instruct.Q4_1.gguf")
-        },
-        PathBuf::from,
-    );
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!(
-            "SKIPPED: real tokenizer test, model file not found at {} (set MODEL_TRACER_GGUF)",
-            path.display()
-        );
-        None
-    }
-}
-
 /// The tokenizer, built once for all tests (or `None` without the file).
 fn tokenizer() -> Option<&'static Tokenizer> {
     static TOK: OnceLock<Option<Tokenizer>> = OnceLock::new();
     TOK.get_or_init(|| {
-        let path = model_path()?;
+        let path = common::real_model()?;
         let gguf = GgufFile::open(path).expect("model file opens");
         Some(Tokenizer::from_gguf(&gguf).expect("tokenizer builds"))
     })

@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests of the sink, serde and report.
+//! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -19,6 +19,17 @@ pub fn model_path() -> PathBuf {
                 .join("models")
                 .join("SmolLM2-135M-Instruct.Q4_1.gguf")
         })
+}
+
+/// The real model file when it is present; otherwise a loud skip, or a
+/// failure in CI (`.ci/run` fetches the file).
+pub fn real_model() -> Option<PathBuf> {
+    let path = model_path();
+    let what = format!(
+        "the real model file at {} (`bash .ci/fetch-model`, or set MODEL_TRACER_GGUF)",
+        path.display()
+    );
+    require(path.exists(), &what).then_some(path)
 }
 
 /// Whether the tests run in CI (`.ci/run` sets `CI=true`): a missing tool
