@@ -50,9 +50,7 @@ use iai_callgrind::{
 };
 use model_tracer::reference::dtype::GgmlType;
 use model_tracer::reference::gguf::{GgufFile, GgufWriter};
-use model_tracer::reference::model::{
-    synthetic_weights, Config, KvCacheOptions, LayerWeights, Linear, Llama, Weights,
-};
+use model_tracer::reference::model::{synthetic_weights, Config, KvCacheOptions, Llama, Weights};
 use model_tracer::reference::quant::QMatrix;
 use model_tracer::tracer::DEFAULT_QUANT_STRIDE;
 use model_tracer::{Disabled, Full, Lightweight, Recorder, TraceConfig};
@@ -178,57 +176,14 @@ fn write_weight_files() {
     }
 }
 
-fn read_matrix(file: &GgufFile, name: &str) -> QMatrix {
-    let Some((info, bytes)) = file.tensor_data(name) else {
-        or_exit(Err("missing"), name)
-    };
-    or_exit(
-        QMatrix::from_bytes(info.ggml_type, info.rows(), info.row_len(), bytes.to_vec()),
-        name,
-    )
-}
-
-fn read_vector(file: &GgufFile, name: &str) -> Vec<f32> {
-    let Some((_, bytes)) = file.tensor_data(name) else {
-        or_exit(Err("missing"), name)
-    };
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
-fn read_linear(file: &GgufFile, name: &str) -> Linear {
-    Linear {
-        weight: read_matrix(file, name),
-        master: None,
-        what_if: Vec::new(),
-    }
-}
-
 /// The weights the main setup wrote for `shape`.
 fn read_weights(shape: Shape) -> Weights {
     let path = shape.weights_path();
     let file = or_exit(GgufFile::open(&path), &path.display().to_string());
-    let layers = (0..shape.config().n_layers)
-        .map(|i| LayerWeights {
-            attn_norm: read_vector(&file, &tensor_name(i, "attn_norm")),
-            attn_q: read_linear(&file, &tensor_name(i, "attn_q")),
-            attn_k: read_linear(&file, &tensor_name(i, "attn_k")),
-            attn_v: read_linear(&file, &tensor_name(i, "attn_v")),
-            attn_output: read_linear(&file, &tensor_name(i, "attn_output")),
-            ffn_norm: read_vector(&file, &tensor_name(i, "ffn_norm")),
-            ffn_gate: read_linear(&file, &tensor_name(i, "ffn_gate")),
-            ffn_up: read_linear(&file, &tensor_name(i, "ffn_up")),
-            ffn_down: read_linear(&file, &tensor_name(i, "ffn_down")),
-        })
-        .collect();
-    Weights {
-        token_embd: read_matrix(&file, "token_embd.weight"),
-        layers,
-        output_norm: read_vector(&file, "output_norm.weight"),
-        output: read_linear(&file, "output.weight"),
-    }
+    or_exit(
+        Weights::from_gguf(&file, &shape.config()),
+        "reading the weights",
+    )
 }
 
 /// The token fed at `position`: fixed, spread over the vocabulary.

@@ -822,7 +822,7 @@ impl<C: TraceConfig> Llama<C> {
     ) -> Result<Self, ModelError> {
         let gguf = GgufFile::open(path)?;
         let config = Config::from_gguf(&gguf)?;
-        let weights = load_weights(&gguf, &config)?;
+        let weights = Weights::from_gguf(&gguf, &config)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let cache = cache.unwrap_or(KvCacheOptions {
             capacity: config.context_len.min(4096),
@@ -1320,6 +1320,15 @@ fn load_matrix_1d(gguf: &GgufFile, name: &str, len: usize) -> Result<QMatrix, Mo
         tensor: name.to_string(),
         error,
     })
+}
+
+impl Weights {
+    /// Reads the weights of a model of shape `c` from a GGUF file: the
+    /// `token_embd`, `blk.N.*`, `output_norm` and (when present, else tied
+    /// to the embedding) `output` tensors, checked against the shape.
+    pub fn from_gguf(gguf: &GgufFile, c: &Config) -> Result<Self, ModelError> {
+        load_weights(gguf, c)
+    }
 }
 
 fn load_weights(gguf: &GgufFile, c: &Config) -> Result<Weights, ModelError> {
