@@ -30,6 +30,16 @@ impl TokenLogitEvolution {
         }
     }
 
+    /// Makes `self` a fresh, empty trajectory of `token_id`, keeping its
+    /// buffers for reuse.
+    pub(crate) fn reuse_for(&mut self, token_id: u32) {
+        self.token_id = token_id;
+        self.token_text.clear();
+        self.logits.clear();
+        self.ranks.clear();
+        self.layers.clear();
+    }
+
     /// Appends the next layer's logit and rank.
     pub fn record_layer(&mut self, logit: f32, rank: usize) {
         self.logits.push(logit);

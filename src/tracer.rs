@@ -339,15 +339,10 @@ impl Recorder {
             .get_or_insert_with(|| LogitEvolutionTrace::new(position, 1.0, 1.0));
         trace.position = position;
         trace.selected_token = stats::argmax(logits).map(|i| i as u32);
-        trace.tokens.clear();
         self.spare_tokens.append(&mut trace.tokens);
         for &t in &self.tracked {
             let mut tok = self.spare_tokens.pop().unwrap_or_default();
-            tok.token_id = u32::try_from(t).unwrap_or(u32::MAX);
-            tok.token_text.clear();
-            tok.logits.clear();
-            tok.ranks.clear();
-            tok.layers.clear();
+            tok.reuse_for(u32::try_from(t).unwrap_or(u32::MAX));
             trace.tokens.push(tok);
         }
         self.ranks.resize(self.tracked.len(), 0);
@@ -1100,6 +1095,11 @@ mod tests {
     fn default_strided_sampling_covers_every_site_once_per_stride_forwards() {
         let mut t = ModelTracer::new(Full);
         let layer_bricks = &BrickId::ALL[1..6];
+        let recorded = |t: &ModelTracer<Full>| {
+            t.storage
+                .recorder()
+                .map_or(0, |r| r.current.quantization.traces.len())
+        };
         let mut seen = std::collections::BTreeMap::new();
         let stride = DEFAULT_QUANT_STRIDE;
         for pos in 0..stride {
@@ -1107,25 +1107,11 @@ mod tests {
             for layer in 0..30 {
                 for &b in layer_bricks {
                     let wanted = t.wants_quant_error(b);
-                    let before = t
-                        .storage
-                        .recorder()
-                        .unwrap()
-                        .current
-                        .quantization
-                        .traces
-                        .len();
+                    let before = recorded(&t);
                     t.quant_error(b, layer, QuantType::Q4_1, &[1.0, 2.0], |r| {
                         r.copy_from_slice(&[1.0, 2.0])
                     });
-                    let after = t
-                        .storage
-                        .recorder()
-                        .unwrap()
-                        .current
-                        .quantization
-                        .traces
-                        .len();
+                    let after = recorded(&t);
                     assert_eq!(
                         wanted,
                         after > before,
