@@ -1,15 +1,18 @@
 //! Traces a LLaMA-family model end to end with the five trace systems.
 //!
-//! With no arguments it runs offline on a synthetic model shaped like
-//! SmolLM2-135M; `--gguf PATH` traces a real GGUF file. See `--help`.
+//! With no arguments it traces SmolLM2-135M-Instruct from
+//! `models/SmolLM2-135M-Instruct.Q4_1.gguf` (`bash .ci/fetch-model` puts it
+//! there), answering a chat question; without that file it says how to get
+//! it and runs a synthetic model of the same shape. `--gguf PATH` traces
+//! another GGUF file. See `--help`.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use model_tracer::reference::dtype::GgmlType;
-use model_tracer::reference::model::{Config, Fault, KvCacheOptions, Llama};
+use model_tracer::reference::model::{Config, Fault, Generation, KvCacheOptions, Llama};
 use model_tracer::reference::tokenizer::ChatMessage;
 use model_tracer::{
     AttentionTraceConfig, Disabled, Full, Lightweight, ModelTracer, TraceConfig, TraceOptions,
@@ -21,15 +24,20 @@ model_tracing: trace what a transformer computes, token by token
 USAGE:
     cargo run --release --example model_tracing -- [OPTIONS]
 
-MODEL (default: a synthetic model shaped like SmolLM2-135M, Q4_1 weights, seed 1):
+MODEL (default: models/SmolLM2-135M-Instruct.Q4_1.gguf when it exists, from
+`bash .ci/fetch-model`; otherwise a synthetic model of the same shape):
     --gguf PATH          trace a GGUF file (llama architecture), with its tokenizer
-    --synthetic SHAPE    synthetic model shape: smollm2 (default) or tiny
+    --synthetic SHAPE    a synthetic model instead (Q4_1 weights, no tokenizer):
+                         smollm2 or tiny
     --seed N             seed of the synthetic weights (default 1)
 
-INPUT:
+INPUT (default: --chat \"What is the capital of France?\"):
     --prompt TEXT        raw prompt; special-token text like <|im_start|> is parsed
     --chat TEXT          a user message, wrapped in the model's chat template
                          (synthetic models have no tokenizer: prompt bytes are token ids)
+    --system TEXT        the chat's system message (default \"You are a helpful
+                         assistant.\"); `--system template` keeps the one the
+                         chat template inserts
     --max-tokens N       tokens to generate, greedily (default 16)
     --ctx N              KV cache capacity in positions; smaller than the
                          sequence to see StreamingLLM evictions (default 4096)
@@ -42,21 +50,34 @@ TRACING:
     --what-if TYPES      also trace every brick with its weights re-quantized to
                          each of TYPES (comma-separated: q8_0,q5_1,q5_0,q4_1,q4_0,
                          q4_k,q6_k) against the model's own weights (needs full)
-    --json PATH          write the whole trace as JSON (prompt and generated
-                         ids, summary, every retained forward)
+
+OUTPUT (each file is created before the model loads):
+    --json PATH          write the run as JSON: prompt and generated ids, timing,
+                         and (when tracing) the summary and every retained forward
     --jsonl PATH         stream every forward as it completes, one JSON object
-                         per line (pandas.read_json(PATH, lines=True))
-    --html PATH          write the HTML report: one self-contained file
+                         per line (pandas.read_json(PATH, lines=True)); needs tracing
+    --html PATH          write the HTML report, one self-contained file; needs tracing
     -h, --help           this text
 ";
+
+/// Where `bash .ci/fetch-model` puts SmolLM2-135M-Instruct.
+const DEFAULT_GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The chat question asked when no input is given.
+const DEFAULT_CHAT: &str = "What is the capital of France?";
+/// The system message of a chat unless `--system` says otherwise. With the
+/// template's own ("You are a helpful AI assistant named SmolLM, trained by
+/// Hugging Face"), SmolLM2-135M answers the default question in French
+/// verse; with this one it answers it.
+const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
 
 #[derive(Debug, Clone)]
 struct Args {
     gguf: Option<String>,
-    synthetic: String,
+    synthetic: Option<String>,
     seed: u64,
     prompt: Option<String>,
     chat: Option<String>,
+    system: String,
     max_tokens: usize,
     ctx: usize,
     trace: String,
@@ -70,10 +91,11 @@ struct Args {
 fn parse_args() -> Result<Option<Args>, String> {
     let mut a = Args {
         gguf: None,
-        synthetic: "smollm2".into(),
+        synthetic: None,
         seed: 1,
         prompt: None,
         chat: None,
+        system: DEFAULT_SYSTEM.into(),
         max_tokens: 16,
         ctx: 4096,
         trace: "full".into(),
@@ -95,10 +117,11 @@ fn parse_args() -> Result<Option<Args>, String> {
         };
         match flag.as_str() {
             "--gguf" => a.gguf = Some(value()?),
-            "--synthetic" => a.synthetic = value()?,
+            "--synthetic" => a.synthetic = Some(value()?),
             "--seed" => a.seed = number(value()?)? as u64,
             "--prompt" => a.prompt = Some(value()?),
             "--chat" => a.chat = Some(value()?),
+            "--system" => a.system = value()?,
             "--max-tokens" => a.max_tokens = number(value()?)?,
             "--ctx" => a.ctx = number(value()?)?,
             "--trace" => a.trace = value()?,
@@ -130,13 +153,89 @@ fn parse_args() -> Result<Option<Args>, String> {
             a.trace
         ));
     }
-    if !matches!(a.synthetic.as_str(), "smollm2" | "tiny") {
+    if let Some(shape) = &a.synthetic {
+        if !matches!(shape.as_str(), "smollm2" | "tiny") {
+            return Err(format!("--synthetic {shape:?}: expected smollm2 or tiny"));
+        }
+        if a.gguf.is_some() {
+            return Err("--gguf and --synthetic name two models: give one".into());
+        }
+    }
+    if a.prompt.is_some() && a.chat.is_some() {
+        return Err("--prompt and --chat are two inputs: give one".into());
+    }
+    if a.trace == "off" {
+        for (flag, path) in [("--jsonl", &a.jsonl), ("--html", &a.html)] {
+            if path.is_some() {
+                return Err(format!(
+                    "{flag} writes the trace, and --trace off records none: \
+                     use --trace lightweight or full"
+                ));
+            }
+        }
+    }
+    if !a.what_if.is_empty() && a.trace != "full" {
         return Err(format!(
-            "--synthetic {:?}: expected smollm2 or tiny",
-            a.synthetic
+            "--what-if needs quantization-error tracing, which --trace {} does not record: \
+             use --trace full",
+            a.trace
         ));
     }
     Ok(Some(a))
+}
+
+/// The output files, created before the model loads so that a bad path is
+/// an error before the run, not after it.
+struct Outputs {
+    json: Option<(String, std::fs::File)>,
+    jsonl: Option<(String, std::fs::File)>,
+    html: Option<(String, std::fs::File)>,
+}
+
+impl Outputs {
+    fn create(args: &Args) -> Result<Self, String> {
+        let create = |path: &Option<String>| -> Result<Option<(String, std::fs::File)>, String> {
+            path.as_ref()
+                .map(|p| {
+                    std::fs::File::create(p)
+                        .map(|f| (p.clone(), f))
+                        .map_err(|e| format!("cannot create {p}: {e}"))
+                })
+                .transpose()
+        };
+        if !cfg!(feature = "serde") && (args.json.is_some() || args.jsonl.is_some()) {
+            return Err("--json and --jsonl need the `serde` feature".into());
+        }
+        Ok(Self {
+            json: create(&args.json)?,
+            jsonl: create(&args.jsonl)?,
+            html: create(&args.html)?,
+        })
+    }
+}
+
+/// The model to run: the file given, else the default file when it exists,
+/// else a synthetic model.
+enum Source {
+    File(String),
+    Synthetic(String),
+}
+
+fn source(args: &Args) -> Source {
+    if let Some(path) = &args.gguf {
+        return Source::File(path.clone());
+    }
+    if let Some(shape) = &args.synthetic {
+        return Source::Synthetic(shape.clone());
+    }
+    if std::path::Path::new(DEFAULT_GGUF).is_file() {
+        return Source::File(DEFAULT_GGUF.into());
+    }
+    println!(
+        "no model file at {DEFAULT_GGUF}: `bash .ci/fetch-model` fetches SmolLM2-135M-Instruct \
+         (98 MB); running a synthetic model of its shape instead"
+    );
+    Source::Synthetic("smollm2".into())
 }
 
 fn main() -> ExitCode {
@@ -151,11 +250,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let outputs = match Outputs::create(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // One branch, three monomorphized models.
     let result = match args.trace.as_str() {
-        "off" => run(&args, Disabled),
-        "lightweight" => run(&args, Lightweight),
-        _ => run(&args, Full),
+        "off" => run(&args, outputs, Disabled),
+        "lightweight" => run(&args, outputs, Lightweight),
+        _ => run(&args, outputs, Full),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -183,18 +289,19 @@ fn shown(text: &str) -> String {
     format!("\"{s}\"")
 }
 
-fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
+fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), String> {
     let started = Instant::now();
     let cache = KvCacheOptions {
         capacity: args.ctx,
         sinks: 4,
     };
-    let mut model: Llama<C> = match &args.gguf {
-        Some(path) => {
+    let source = source(args);
+    let mut model: Llama<C> = match &source {
+        Source::File(path) => {
             Llama::from_gguf(path, Some(cache), trace).map_err(|e| format!("{path}: {e}"))?
         }
-        None => {
-            let config = if args.synthetic == "tiny" {
+        Source::Synthetic(shape) => {
+            let config = if shape == "tiny" {
                 Config::tiny()
             } else {
                 Config::smollm2_135m()
@@ -208,23 +315,22 @@ fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
             Llama::new(config, weights, None, cache, trace).map_err(|e| e.to_string())?
         }
     };
+    let load_secs = started.elapsed().as_secs_f64();
     let c = model.config.clone();
-    let source = match &args.gguf {
-        Some(p) => p.clone(),
-        None => format!(
-            "synthetic {} (Q4_1 weights, seed {})",
-            args.synthetic, args.seed
-        ),
+    let source = match &source {
+        Source::File(p) => p.clone(),
+        Source::Synthetic(shape) => {
+            format!("synthetic {shape} (Q4_1 weights, seed {})", args.seed)
+        }
     };
     println!(
-        "model: {source}\n  {} layers, hidden {}, {} heads / {} KV heads, vocab {}, KV capacity {} positions; loaded in {:.2} s",
+        "model: {source}\n  {} layers, hidden {}, {} heads / {} KV heads, vocab {}, KV capacity {} positions; loaded in {load_secs:.2} s",
         c.n_layers,
         c.dim,
         c.n_heads,
         c.n_kv_heads,
         c.vocab_size,
         model.cache().capacity(),
-        started.elapsed().as_secs_f64()
     );
     if let Some(f) = args.inject {
         if f.layer >= c.n_layers {
@@ -241,41 +347,13 @@ fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
             f.stage()
         );
     }
-
     if !args.what_if.is_empty() {
         model
             .set_what_if(&args.what_if)
             .map_err(|e| e.to_string())?;
-        if !model.tracer().wants_what_if() {
-            println!("  --what-if needs quantization-error tracing (--trace full): ignored");
-        }
     }
 
-    // The prompt.
-    let default_prompt = "The capital of France is";
-    let prompt_ids: Vec<u32> = match &model.tokenizer {
-        Some(tok) => match (&args.chat, &args.prompt) {
-            (Some(msg), _) => {
-                let text = tok
-                    .apply_chat_template(&[ChatMessage::user(msg.as_str())], true)
-                    .map_err(|e| e.to_string())?;
-                tok.encode(&text)
-            }
-            (None, Some(p)) => tok.encode(p),
-            (None, None) => tok.encode(default_prompt),
-        },
-        None => {
-            let text = args
-                .chat
-                .as_deref()
-                .or(args.prompt.as_deref())
-                .unwrap_or(default_prompt);
-            text.bytes().map(u32::from).collect()
-        }
-    };
-    if prompt_ids.is_empty() {
-        return Err("the prompt encodes to no tokens".into());
-    }
+    let prompt_ids = prompt_ids(args, &model)?;
     let total = prompt_ids.len() + args.max_tokens;
     // Keep every forward of this run in detail: the report below reads them.
     let options = TraceOptions {
@@ -288,8 +366,8 @@ fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
     };
     let config = model.tracer().config().clone();
     *model.tracer_mut() = ModelTracer::with_options(config, options);
-    if let Some(path) = &args.jsonl {
-        open_jsonl(&mut model, path)?;
+    if let Some((_, file)) = &outputs.jsonl {
+        open_jsonl(&mut model, file)?;
     }
     println!(
         "trace: {} | prompt: {} tokens | generating up to {} tokens",
@@ -299,23 +377,28 @@ fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
     );
 
     let t0 = Instant::now();
+    let mut first_token: Option<f64> = None;
     let mut done = 0usize;
+    let progress = std::io::stderr().is_terminal();
     let generation = model.generate(&prompt_ids, args.max_tokens, |_| {
         done += 1;
-        eprint!(
-            "\r  generated {done}/{} tokens ({:.1} s)",
-            args.max_tokens,
-            t0.elapsed().as_secs_f64()
-        );
-        let _ = std::io::stderr().flush();
+        let now = t0.elapsed().as_secs_f64();
+        first_token.get_or_insert(now);
+        if progress {
+            eprint!("\r  generated {done}/{} tokens ({now:.1} s)", args.max_tokens);
+            let _ = std::io::stderr().flush();
+        }
     });
-    eprintln!();
-    let secs = t0.elapsed().as_secs_f64();
-    let forwards = generation.computed_prompt_positions + generation.tokens.len().saturating_sub(1);
-    println!(
-        "ran {forwards} forward passes in {secs:.2} s ({:.1} ms per token)",
-        1e3 * secs / forwards.max(1) as f64
+    if progress {
+        eprintln!();
+    }
+    let timing = Timing::new(
+        load_secs,
+        &generation,
+        first_token.unwrap_or(0.0),
+        t0.elapsed().as_secs_f64(),
     );
+    println!("{timing}");
     let text = |ids: &[u32]| match &model.tokenizer {
         Some(t) => t.decode(ids),
         None => ids.iter().map(|i| format!("<{i}>")).collect(),
@@ -325,33 +408,33 @@ fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
     println!();
 
     let tracer = model.tracer();
-    if !tracer.is_enabled() {
+    if tracer.is_enabled() {
+        let summary = tracer.summary();
+        print!("{summary}");
+        report_attention(&summary);
+        report_lens(&model, &prompt_ids, &generation.tokens);
+        report_quant(&summary);
+        report_what_if(&summary);
+    } else {
         println!("tracing is off: Llama<Disabled> contains no tracing code.");
-        return Ok(());
     }
-    let summary = tracer.summary();
-    print!("{summary}");
-    report_attention(&summary);
-    report_lens(&model, &prompt_ids, &generation.tokens);
-    report_quant(&summary);
-    report_what_if(&summary);
 
-    if let Some(path) = &args.json {
-        write_json(path, &model, &prompt_ids, &generation.tokens)?;
-        println!("\nwrote the whole trace to {path}");
+    if let Some((path, file)) = outputs.json {
+        write_json(file, &model, &prompt_ids, &generation.tokens, &timing)
+            .map_err(|e| format!("{path}: {e}"))?;
+        println!("\nwrote the run to {path}");
     }
-    if let (Some(path), Some(sink)) = (&args.jsonl, model.tracer().sink()) {
+    if let (Some((path, _)), Some(sink)) = (&outputs.jsonl, model.tracer().sink()) {
         let status = sink.status();
         match status.failure {
             Some(f) => return Err(format!("{path}: {f}")),
             None => println!("streamed {} forwards to {path}", status.forwards_written),
         }
     }
-    if let Some(path) = &args.html {
+    if let Some((path, file)) = outputs.html {
         let mut tokens = prompt_ids.clone();
         tokens.extend(&generation.tokens);
         let input = model_tracer::reference::report::report_input(&model, &tokens, &source);
-        let file = std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?;
         let mut out = std::io::BufWriter::new(file);
         model_tracer::write_html(&mut out, &input)
             .and_then(|()| out.flush())
@@ -361,9 +444,88 @@ fn run<C: TraceConfig>(args: &Args, trace: C) -> Result<(), String> {
     Ok(())
 }
 
+/// The prompt's token ids: the chat question (default) or the raw prompt,
+/// through the model's tokenizer; a synthetic model has none and takes the
+/// text's bytes as ids.
+fn prompt_ids<C: TraceConfig>(args: &Args, model: &Llama<C>) -> Result<Vec<u32>, String> {
+    let ids = match &model.tokenizer {
+        Some(tok) => match &args.prompt {
+            Some(p) => tok.encode(p),
+            None => {
+                let question = args.chat.as_deref().unwrap_or(DEFAULT_CHAT);
+                let mut chat = Vec::new();
+                if args.system != "template" {
+                    chat.push(ChatMessage::system(args.system.as_str()));
+                }
+                chat.push(ChatMessage::user(question));
+                let text = tok
+                    .apply_chat_template(&chat, true)
+                    .map_err(|e| e.to_string())?;
+                tok.encode(&text)
+            }
+        },
+        None => {
+            let text = args
+                .chat
+                .as_deref()
+                .or(args.prompt.as_deref())
+                .unwrap_or(DEFAULT_CHAT);
+            text.bytes().map(u32::from).collect()
+        }
+    };
+    if ids.is_empty() {
+        return Err("the prompt encodes to no tokens".into());
+    }
+    Ok(ids)
+}
+
+/// Wall-clock times of a run: prompt evaluation (until the first generated
+/// token) and generation (the rest), as llama.cpp reports them.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    load_secs: f64,
+    prompt_positions: usize,
+    prompt_secs: f64,
+    generated: usize,
+    generation_forwards: usize,
+    generation_secs: f64,
+}
+
+impl Timing {
+    fn new(load_secs: f64, g: &Generation, first_token: f64, end: f64) -> Self {
+        Self {
+            load_secs,
+            prompt_positions: g.computed_prompt_positions,
+            prompt_secs: first_token,
+            generated: g.tokens.len(),
+            // The last generated token is not fed back.
+            generation_forwards: g.tokens.len().saturating_sub(1),
+            generation_secs: end - first_token,
+        }
+    }
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        write!(
+            f,
+            "prompt eval: {} positions in {:.2} s ({:.1} tokens/s)\n\
+             generation:  {} tokens, {} forwards in {:.2} s ({:.1} tokens/s)",
+            self.prompt_positions,
+            self.prompt_secs,
+            rate(self.prompt_positions, self.prompt_secs),
+            self.generated,
+            self.generation_forwards,
+            self.generation_secs,
+            rate(self.generation_forwards, self.generation_secs),
+        )
+    }
+}
+
 #[cfg(feature = "serde")]
-fn open_jsonl<C: TraceConfig>(model: &mut Llama<C>, path: &str) -> Result<(), String> {
-    let file = std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?;
+fn open_jsonl<C: TraceConfig>(model: &mut Llama<C>, file: &std::fs::File) -> Result<(), String> {
+    let file = file.try_clone().map_err(|e| e.to_string())?;
     let sink = model_tracer::JsonlSink::new(std::io::BufWriter::new(file));
     model
         .tracer_mut()
@@ -372,7 +534,7 @@ fn open_jsonl<C: TraceConfig>(model: &mut Llama<C>, path: &str) -> Result<(), St
 }
 
 #[cfg(not(feature = "serde"))]
-fn open_jsonl<C: TraceConfig>(_: &mut Llama<C>, _: &str) -> Result<(), String> {
+fn open_jsonl<C: TraceConfig>(_: &mut Llama<C>, _: &std::fs::File) -> Result<(), String> {
     Err("--jsonl needs the `serde` feature".into())
 }
 
@@ -515,17 +677,44 @@ fn report_quant(summary: &model_tracer::TraceSummary) {
 
 #[cfg(feature = "serde")]
 fn write_json<C: TraceConfig>(
-    path: &str,
+    file: std::fs::File,
     model: &Llama<C>,
     prompt: &[u32],
     generated: &[u32],
+    timing: &Timing,
 ) -> Result<(), String> {
-    let doc = model_tracer::reference::export::trace_json(model, prompt, generated);
-    let file = std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?;
-    serde_json::to_writer(std::io::BufWriter::new(file), &doc).map_err(|e| format!("{path}: {e}"))
+    let mut doc = model_tracer::reference::export::trace_json(model, prompt, generated);
+    if let Some(map) = doc.as_object_mut() {
+        if !model.tracer().is_enabled() {
+            // Nothing was traced: no summary and no forwards, rather than
+            // empty ones that look like a trace of nothing.
+            map.remove("summary");
+            map.remove("forwards");
+        }
+        map.insert(
+            "timing".into(),
+            serde_json::json!({
+                "load_s": timing.load_secs,
+                "prompt_positions": timing.prompt_positions,
+                "prompt_eval_s": timing.prompt_secs,
+                "generated_tokens": timing.generated,
+                "generation_forwards": timing.generation_forwards,
+                "generation_s": timing.generation_secs,
+            }),
+        );
+    }
+    let mut out = std::io::BufWriter::new(file);
+    serde_json::to_writer(&mut out, &doc).map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "serde"))]
-fn write_json<C: TraceConfig>(_: &str, _: &Llama<C>, _: &[u32], _: &[u32]) -> Result<(), String> {
+fn write_json<C: TraceConfig>(
+    _: std::fs::File,
+    _: &Llama<C>,
+    _: &[u32],
+    _: &[u32],
+    _: &Timing,
+) -> Result<(), String> {
     Err("--json needs the `serde` feature".into())
 }
