@@ -598,6 +598,7 @@ fn report_lens<C: TraceConfig>(model: &Llama<C>, prompt: &[u32], generated: &[u3
         return;
     }
     println!("\nlogit lens: each generated token's rank through the layers (0 = top)");
+    println!("  decisive = the layer with the largest log-rank gain, ln(1 + rank)");
     let layers = model.config.n_layers;
     let step = layers.div_ceil(10).max(1);
     let mut head = format!(
@@ -620,7 +621,8 @@ fn report_lens<C: TraceConfig>(model: &Llama<C>, prompt: &[u32], generated: &[u3
             pos,
             shown(&model.token_text(*chosen)),
             tok.won_at_layer().map_or("-".into(), |l| l.to_string()),
-            tok.decisive_layer().map_or("-".into(), |l| l.to_string())
+            tok.decisive_layer_log_rank()
+                .map_or("-".into(), |l| l.to_string())
         );
         for (i, rank) in tok.ranks.iter().enumerate() {
             if tok.layer_at(i) % step == 0 {

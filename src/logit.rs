@@ -51,12 +51,32 @@ impl TokenLogitEvolution {
         self.layers.get(i).copied().unwrap_or(i)
     }
 
-    /// The layer where the token's fate was decided: the one whose rank
-    /// improved most over the layer before it, measured on a log scale
-    /// (`ln(1 + rank)`), because going from rank 10 to 1 decides more than
-    /// going from 1000 to 900. `None` with fewer than two layers or when the
-    /// rank never improved.
+    /// The layer where the token's rank changed most: the one whose rank
+    /// dropped by the most places from the layer before it
+    /// (`rank[i-1] - rank[i]`). Ties go to the earliest layer. `None` with
+    /// fewer than two layers or when the rank never improved.
+    ///
+    /// Absolute drops favour moves between large ranks: 500 → 200 counts
+    /// for more than 10 → 1. For the layer that brought a token near the
+    /// top, see [`decisive_layer_log_rank`](Self::decisive_layer_log_rank).
     pub fn decisive_layer(&self) -> Option<usize> {
+        let mut best: Option<(usize, usize)> = None;
+        for (i, w) in self.ranks.windows(2).enumerate() {
+            let drop = w[0].saturating_sub(w[1]);
+            if drop > 0 && best.is_none_or(|(_, d)| drop > d) {
+                best = Some((i + 1, drop));
+            }
+        }
+        best.map(|(i, _)| self.layer_at(i))
+    }
+
+    /// The layer whose rank improved most on a log scale (the largest drop
+    /// of `ln(1 + rank)`), because going from rank 10 to 1 decides more than
+    /// going from 1000 to 900: with a vocabulary of tens of thousands of
+    /// tokens, absolute drops are dominated by moves between ranks that
+    /// never come near being sampled. Ties go to the earliest layer. `None`
+    /// with fewer than two layers or when the rank never improved.
+    pub fn decisive_layer_log_rank(&self) -> Option<usize> {
         let mut best: Option<(usize, f64)> = None;
         for (i, w) in self.ranks.windows(2).enumerate() {
             let gain = (1.0 + w[0] as f64).ln() - (1.0 + w[1] as f64).ln();
@@ -156,8 +176,11 @@ mod tests {
         token.record_layer(1.0, 200);
         token.record_layer(3.0, 10);
         token.record_layer(5.0, 1);
-        // ln(201/11) is the largest log-rank gain: layer 2.
-        assert_eq!(token.decisive_layer(), Some(2));
+        // The largest drop in places is 500 -> 200, at layer 1 ...
+        assert_eq!(token.decisive_layer(), Some(1));
+        // ... while on the log scale 200 -> 10 (ln(201/11)) beats both
+        // ln(501/201) and ln(11/2): layer 2.
+        assert_eq!(token.decisive_layer_log_rank(), Some(2));
         assert_eq!(token.won_at_layer(), None);
         token.record_layer(6.0, 0);
         assert_eq!(token.won_at_layer(), Some(4));
@@ -183,14 +206,40 @@ mod tests {
     fn decisive_layer_needs_an_improvement() {
         let mut t = TokenLogitEvolution::new(1, "a".into());
         assert_eq!(t.decisive_layer(), None);
+        assert_eq!(t.decisive_layer_log_rank(), None);
         t.record_layer(1.0, 5);
+        assert_eq!(t.decisive_layer(), None);
+        assert_eq!(t.decisive_layer_log_rank(), None);
         t.record_layer(0.5, 9);
         assert_eq!(t.decisive_layer(), None);
+        assert_eq!(t.decisive_layer_log_rank(), None);
         t.layers = vec![10, 20];
         t.record_layer(2.0, 0);
         t.layers.push(30);
         assert_eq!(t.decisive_layer(), Some(30));
+        assert_eq!(t.decisive_layer_log_rank(), Some(30));
         assert_eq!(t.won_at_layer(), Some(30));
+    }
+
+    #[test]
+    fn the_two_decisive_rules_part_ways_and_break_ties_early() {
+        let mut t = TokenLogitEvolution::new(1, "a".into());
+        // Drops of 900 places, then 9: absolute favours the first, log
+        // favours the second (ln(1001/101) < ln(10/1)).
+        for r in [1000, 100, 100, 1] {
+            t.record_layer(0.0, r);
+        }
+        t.layers = vec![3, 5, 7, 9];
+        assert_eq!(t.decisive_layer(), Some(5));
+        assert_eq!(t.decisive_layer_log_rank(), Some(9));
+
+        // Equal drops go to the earliest layer under either rule.
+        let mut t = TokenLogitEvolution::new(2, "b".into());
+        for r in [8, 4, 8, 4] {
+            t.record_layer(0.0, r);
+        }
+        assert_eq!(t.decisive_layer(), Some(1));
+        assert_eq!(t.decisive_layer_log_rank(), Some(1));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!   chosen query position the top-k attended tokens of a head, shown on the
 //!   token strings;
 //! - **logit lens**: tracked tokens × layers coloured by rank, with the
-//!   decisive layer marked;
+//!   decisive layer (largest log-rank gain) marked;
 //! - **quantization error**: bricks × layers coloured by cosine similarity,
 //!   with the worst brick named;
 //! - **KV cache**: utilization, hit rate and evictions over the steps.
@@ -421,7 +421,7 @@ fn data_json(input: &ReportInput<'_>) -> String {
             j.arr(&t.ranks, |j, &r| {
                 j.int(r);
             });
-            j.raw(",").opt_int(t.decisive_layer()).raw(",");
+            j.raw(",").opt_int(t.decisive_layer_log_rank()).raw(",");
             j.opt_int(t.won_at_layer()).raw("]");
         });
         j.raw("}");
@@ -906,7 +906,7 @@ function renderLens() {
       var x = left + c * cw, y = top + r * ch;
       var tt = Math.log(1 + rank) / Math.log(1 + vocab);
       var rect = s("rect", { "class": "cell", x: x, y: y, width: cw, height: ch, fill: ramp(RDYLGN, 1 - tt) });
-      tip(rect, JSON.stringify(vocabText(t[0])) + " at layer " + l + ": rank " + rank + (l === t[3] ? " (decisive layer)" : "") + (l === t[4] ? " (won here)" : ""));
+      tip(rect, JSON.stringify(vocabText(t[0])) + " at layer " + l + ": rank " + rank + (l === t[3] ? " (decisive layer: largest log-rank gain)" : "") + (l === t[4] ? " (won here)" : ""));
       svg.appendChild(rect);
       if (String(rank).length * 6 + 2 <= cw) svg.appendChild(s("text", { x: x + cw / 2, y: y + ch / 2 + 3, "text-anchor": "middle", "pointer-events": "none" }, String(rank)));
       if (l === t[3]) svg.appendChild(s("rect", { "class": "decisive", x: x + 1, y: y + 1, width: cw - 2, height: ch - 2, fill: "none", stroke: "#111", "stroke-width": 2.5 }));
@@ -923,7 +923,7 @@ function renderLens() {
   plot.appendChild(lg);
   if (D.summary.decisive.length) {
     var txt = D.summary.decisive.map(function (d) { return "L" + d[0] + "\u00d7" + d[1]; }).join("  ");
-    hist.appendChild(h("p", { "class": "note" }, "decisive layers over the session: " + txt));
+    hist.appendChild(h("p", { "class": "note" }, "decisive layers (largest log-rank gain) over the session: " + txt));
   }
   return n;
 }
@@ -1119,6 +1119,44 @@ mod tests {
         assert!(html.contains("\"fw\":[]"));
         assert!(html.contains("\"config\":\"disabled\""));
         assert!(html.ends_with("</html>\n"));
+    }
+
+    #[test]
+    fn the_lens_marks_the_largest_log_rank_gain() {
+        let mut t = ModelTracer::new(crate::Full);
+        t.begin_forward(0);
+        // Id 0 drops 900 places at layer 1 but reaches the top from rank
+        // 100 at layer 3: the log-rank rule picks layer 3.
+        let rows: Vec<Vec<f32>> = [1000usize, 100, 100, 0]
+            .iter()
+            .map(|&r| {
+                (0..1001)
+                    .map(|i| match i {
+                        0 => 0.0,
+                        i if i <= r => 1.0,
+                        _ => -1.0,
+                    })
+                    .collect()
+            })
+            .collect();
+        for (layer, row) in rows.iter().enumerate() {
+            t.logit_lens(layer, row.len(), |out| out.copy_from_slice(row));
+        }
+        t.final_logits(&rows[3]);
+        t.end_forward();
+        let input = ReportInput::from_tracer(&t, ModelInfo::default());
+        let mut out = Vec::new();
+        write_html(&mut out, &input).unwrap();
+        let html = String::from_utf8(out).unwrap();
+        // [token, [layers], [ranks], decisive, won]
+        let lens = html.split("\"lens\":").nth(1).unwrap_or("");
+        assert!(
+            lens.starts_with("[[0,[0,1,2,3],[1000,100,100,0],3,3]"),
+            "{}",
+            lens.chars().take(200).collect::<String>()
+        );
+        // Ids 1 and 2, tracked as the final top-3, never improve.
+        assert_eq!(input.summary.decisive_layers, vec![(3, 1)]);
     }
 
     #[test]

@@ -311,7 +311,7 @@ mod jsonl {
             let lens = || {
                 f.logits.iter().flat_map(|lt| {
                     lt.tokens.iter().flat_map(move |tok| {
-                        let decisive = tok.decisive_layer();
+                        let decisive = tok.decisive_layer_log_rank();
                         let selected = Some(tok.token_id) == lt.selected_token;
                         (0..tok.ranks.len()).map(move |i| {
                             let layer = tok.layer_at(i);

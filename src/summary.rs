@@ -174,7 +174,12 @@ pub struct SessionAggregates {
     /// Attention aggregates by (layer, head).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_keyed"))]
     pub heads: BTreeMap<(usize, usize), HeadAggregate>,
-    /// How often each layer was a tracked token's decisive layer.
+    /// How often each layer was a tracked token's decisive layer, by the
+    /// log-rank rule ([`decisive_layer_log_rank`]): with a vocabulary of tens
+    /// of thousands of tokens, the absolute rule would mostly count moves
+    /// between ranks that are never sampled.
+    ///
+    /// [`decisive_layer_log_rank`]: crate::logit::TokenLogitEvolution::decisive_layer_log_rank
     pub decisive_layers: BTreeMap<usize, usize>,
     /// How often the selected token won (stayed top-1 from) each layer.
     pub won_at_layers: BTreeMap<usize, usize>,
@@ -372,7 +377,7 @@ impl SessionAggregates {
         if let Some(lt) = &f.logits {
             self.lens_forwards += 1;
             for tok in &lt.tokens {
-                if let Some(l) = tok.decisive_layer() {
+                if let Some(l) = tok.decisive_layer_log_rank() {
                     *self.decisive_layers.entry(l).or_default() += 1;
                 }
                 if Some(tok.token_id) == lt.selected_token {
@@ -486,7 +491,10 @@ pub struct TraceSummary {
     pub layers: Vec<LayerSummary>,
     /// Attention heads, by (layer, head).
     pub heads: Vec<HeadAggregate>,
-    /// `(layer, count)`: how often each layer was decisive for a tracked token.
+    /// `(layer, count)`: how often each layer was decisive for a tracked
+    /// token, by the log-rank rule ([`decisive_layer_log_rank`]).
+    ///
+    /// [`decisive_layer_log_rank`]: crate::logit::TokenLogitEvolution::decisive_layer_log_rank
     pub decisive_layers: Vec<(usize, usize)>,
     /// `(layer, count)`: from which layer the selected token stayed top-1.
     pub won_at_layers: Vec<(usize, usize)>,
@@ -718,7 +726,7 @@ impl fmt::Display for TraceSummary {
             )?;
             writeln!(
                 f,
-                "              decisive layers {}",
+                "              decisive layers (largest log-rank gain) {}",
                 fmt_hist(&self.decisive_layers)
             )?;
         }

@@ -1013,6 +1013,7 @@ mod tests {
         assert_eq!(top.layers, vec![0, 1, 2]);
         assert_eq!(top.won_at_layer(), Some(1));
         assert_eq!(top.decisive_layer(), Some(1));
+        assert_eq!(top.decisive_layer_log_rank(), Some(1));
         assert_eq!(lt.tokens.len(), 3, "default tracks the final top-3");
     }
 

@@ -41,7 +41,8 @@ print(json.dumps({
     "nan_values": int(acts["act_nan_count"].astype(int).sum()),
     "probe_std": repr(float(probe["act_std"].iloc[0])),
     "lens_rows": int(len(lens)),
-    "decisive_rows": int(lens["lens_decisive"].astype(bool).sum()),
+    "decisive": [[int(r.position), int(r.lens_token), int(r.lens_layer)]
+                 for r in lens[lens["lens_decisive"].astype(bool)].itertuples()],
     "attn_rows": int(len(attn)),
     "quant_rows": int(len(quant)),
     "kv_evictions": int(df["kv_evictions"].sum()),
@@ -135,7 +136,19 @@ fn a_synthetic_trace_with_a_fault_loads_in_pandas() {
         .map(|t| t.ranks.len())
         .sum();
     assert_eq!(facts["lens_rows"], lens_rows);
-    assert!(facts["decisive_rows"].as_u64().unwrap() > 0);
+    // The decisive rows are the log-rank rule's layers, one per tracked
+    // token that ever improved.
+    let decisive: Vec<[usize; 3]> = tracer
+        .forwards()
+        .flat_map(|f| {
+            f.logits.iter().flat_map(|l| &l.tokens).filter_map(|t| {
+                t.decisive_layer_log_rank()
+                    .map(|l| [f.position, t.token_id as usize, l])
+            })
+        })
+        .collect();
+    assert!(!decisive.is_empty());
+    assert_eq!(facts["decisive"], serde_json::json!(decisive));
     assert_eq!(facts["attn_rows"], 30 * 4 * 4);
     assert!(facts["quant_rows"].as_u64().unwrap() >= 30 * 4 * 5);
     assert_eq!(facts["kv_evictions"], 30 - 16);

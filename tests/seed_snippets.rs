@@ -162,13 +162,17 @@ fn logit_evolution_trace() {
     token.record_layer(1.0, 200); // layer 1
     token.record_layer(3.0, 10); // layer 2
     token.record_layer(5.0, 1); // layer 3
-    let mut decided = None;
+    let mut printed = None;
     if let Some(layer) = token.decisive_layer() {
-        println!("Token 'hello' rank changed most at layer {}", layer);
-        decided = Some(layer);
+        let line = format!("Token 'hello' rank changed most at layer {}", layer);
+        println!("{line}");
+        printed = Some(line);
     }
-    // The largest change on the log-rank scale: 200 -> 10.
-    assert_eq!(decided, Some(2));
+    // The largest drop in places: 500 -> 200, at layer 1.
+    assert_eq!(
+        printed.as_deref(),
+        Some("Token 'hello' rank changed most at layer 1")
+    );
     let logits = vec![1.0, 5.0, 3.0, 2.0, 4.0];
     let rank = LogitEvolutionTrace::compute_rank(&logits, 1); // token 1 has highest logit
     assert_eq!(rank, 0);

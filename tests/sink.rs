@@ -216,3 +216,52 @@ fn every_line_has_exactly_the_documented_columns_and_groups_align() {
     assert_eq!(second["anomaly_stage"][0], "embedding");
     assert_eq!(second["anomaly_layer"][0], Value::Null);
 }
+
+/// Logits over `vocab` ids in which id 0 has rank `rank`.
+fn ranking_id_0_at(vocab: usize, rank: usize) -> Vec<f32> {
+    (0..vocab)
+        .map(|i| match i {
+            0 => 0.0,
+            i if i <= rank => 1.0,
+            _ => -1.0,
+        })
+        .collect()
+}
+
+#[test]
+fn lens_decisive_marks_the_largest_log_rank_gain() {
+    let probe = Probe::default();
+    let mut t = ModelTracer::new(Full);
+    t.set_sink(Some(SinkHandle::new(JsonlSink::new(probe.clone()))));
+    t.begin_forward(0);
+    // Id 0 drops 900 places at layer 1 but goes from rank 100 to the top
+    // at layer 3: the log-rank rule picks layer 3, the absolute one layer 1.
+    let rows: Vec<Vec<f32>> = [1000, 100, 100, 0]
+        .iter()
+        .map(|&r| ranking_id_0_at(1001, r))
+        .collect();
+    for (layer, row) in rows.iter().enumerate() {
+        t.logit_lens(layer, row.len(), |out| out.copy_from_slice(row));
+    }
+    t.final_logits(&rows[3]);
+    t.end_forward();
+    let tok = t
+        .last_forward()
+        .unwrap()
+        .logits
+        .as_ref()
+        .unwrap()
+        .token(0)
+        .unwrap();
+    assert_eq!(tok.ranks, vec![1000, 100, 100, 0]);
+    assert_eq!(tok.decisive_layer(), Some(1));
+
+    let line: Value = serde_json::from_str(probe.text().lines().next().unwrap()).unwrap();
+    let col = |name: &str| line[name].as_array().unwrap().clone();
+    let (ids, layers, decisive) = (col("lens_token"), col("lens_layer"), col("lens_decisive"));
+    let marked: Vec<u64> = (0..ids.len())
+        .filter(|&i| ids[i] == 0 && decisive[i] == true)
+        .map(|i| layers[i].as_u64().unwrap())
+        .collect();
+    assert_eq!(marked, vec![3]);
+}
