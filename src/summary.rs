@@ -28,7 +28,8 @@ pub struct LayerAggregate {
     pub layer: usize,
     /// Merged statistics of each layer stage, in [`Stage::LAYER_STAGES`] order.
     pub stages: [TensorStats; 6],
-    /// Forwards that measured the residual ratio.
+    /// Forwards that measured a positive, finite residual ratio: the
+    /// samples of the mean.
     pub residual_samples: usize,
     /// Mean residual ratio.
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
@@ -62,18 +63,31 @@ pub struct HeadAggregate {
     pub sink_records: usize,
     /// Summaries with recency bias ([`RECENCY_WINDOW`], [`RECENCY_THRESHOLD`]).
     pub recency_records: usize,
-    /// Mean first-token weight.
+    /// Mean first-token weight (finite samples; NaN while none was finite).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_sink_weight: f32,
-    /// Mean entropy, nats.
+    /// Mean entropy, nats (finite samples; NaN while none was finite).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_entropy: f32,
-    /// Mean normalized entropy in `[0, 1]`.
+    /// Mean normalized entropy in `[0, 1]` (finite samples; NaN while none was finite).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_normalized_entropy: f32,
-    /// Mean tail mass.
+    /// Mean tail mass (finite samples; NaN while none was finite).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_tail_mass: f32,
+    /// Finite first-token weights folded into [`mean_sink_weight`](Self::mean_sink_weight).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub sink_weight_samples: usize,
+    /// Finite entropies folded into [`mean_entropy`](Self::mean_entropy).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub entropy_samples: usize,
+    /// Finite normalized entropies folded into
+    /// [`mean_normalized_entropy`](Self::mean_normalized_entropy).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub normalized_entropy_samples: usize,
+    /// Finite tail masses folded into [`mean_tail_mass`](Self::mean_tail_mass).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub tail_mass_samples: usize,
 }
 
 impl HeadAggregate {
@@ -95,9 +109,20 @@ fn share(a: usize, b: usize) -> f32 {
     }
 }
 
-fn running_mean(mean: &mut f32, n: usize, x: f32) {
+/// Folds `x` into `mean`, the mean of the `n` finite samples folded so far.
+/// A non-finite sample (the infinite SNR of an exact match, a NaN cosine)
+/// changes neither: counting it without adding it would pull the mean
+/// towards zero. The first finite sample replaces whatever `mean` held, so
+/// a mean can start as NaN, "no finite sample yet", rather than as a 0 that
+/// reads like a measurement.
+fn running_mean(mean: &mut f32, n: &mut usize, x: f32) {
     if x.is_finite() {
-        *mean += (x - *mean) / n as f32;
+        *n += 1;
+        if *n == 1 {
+            *mean = x;
+        } else {
+            *mean += (x - *mean) / *n as f32;
+        }
     }
 }
 
@@ -109,19 +134,29 @@ pub struct BrickAggregate {
     pub brick: BrickId,
     /// Measurements folded in.
     pub samples: usize,
-    /// Mean cosine similarity (finite samples).
+    /// Mean cosine similarity (finite samples; NaN while none was finite).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_cosine: f32,
-    /// Mean MSE (finite samples).
+    /// Mean MSE (finite samples; NaN while none was finite).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_mse: f32,
-    /// Mean SNR in dB (finite samples).
+    /// Mean SNR in dB (finite samples; NaN while none was finite).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_snr_db: f32,
     /// Samples that were critical (cosine ≤ 0.99 or NaN).
     pub critical: usize,
     /// The worst measurement.
     pub worst: QuantizationErrorTrace,
+    /// Finite cosines folded into [`mean_cosine`](Self::mean_cosine).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub cosine_samples: usize,
+    /// Finite MSEs folded into [`mean_mse`](Self::mean_mse).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub mse_samples: usize,
+    /// Finite SNRs folded into [`mean_snr_db`](Self::mean_snr_db); an exact
+    /// match has an infinite SNR and is not among them.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub snr_samples: usize,
 }
 
 /// What-if aggregates of one (target type, brick, layer).
@@ -136,15 +171,22 @@ pub struct WhatIfAggregate {
     pub layer: usize,
     /// Comparisons folded in.
     pub samples: usize,
-    /// Mean cosine similarity against the model's own weights.
+    /// Mean cosine similarity against the model's own weights (finite
+    /// samples; NaN while none was finite).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_cosine: f32,
     /// Lowest cosine similarity seen (NaN if any was NaN).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub min_cosine: f32,
-    /// Mean SNR in dB (finite samples).
+    /// Mean SNR in dB (finite samples; NaN while none was finite).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_snr_db: f32,
+    /// Finite cosines folded into [`mean_cosine`](Self::mean_cosine).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub cosine_samples: usize,
+    /// Finite SNRs folded into [`mean_snr_db`](Self::mean_snr_db).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub snr_samples: usize,
 }
 
 /// Running aggregates over every forward of a session.
@@ -189,9 +231,15 @@ pub struct SessionAggregates {
     pub bricks: BTreeMap<BrickId, BrickAggregate>,
     /// LM-head comparisons folded in.
     pub logit_comparisons: usize,
-    /// Mean KL divergence of the output distributions (nats).
+    /// Mean KL divergence of the output distributions (nats, finite
+    /// samples; 0 while none was finite, see
+    /// [`TraceSummary::mean_kl_divergence`]).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_kl_divergence: f32,
+    /// Finite KL divergences folded into
+    /// [`mean_kl_divergence`](Self::mean_kl_divergence).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub kl_samples: usize,
     /// LM-head comparisons whose top-1 tokens agreed.
     pub top1_agreements: usize,
     /// What-if comparisons by (target type, brick, layer).
@@ -246,18 +294,28 @@ pub struct BrickLayerAggregate {
     pub quant_type: crate::quant::QuantType,
     /// Measurements folded in.
     pub samples: usize,
-    /// Mean cosine similarity (finite samples).
+    /// Mean cosine similarity (finite samples; NaN while none was finite).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_cosine: f32,
     /// Lowest cosine similarity (NaN once any measurement was NaN).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub min_cosine: f32,
-    /// Mean SNR in dB (finite samples).
+    /// Mean SNR in dB (finite samples; NaN while none was finite).
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_snr_db: f32,
-    /// Mean MSE (finite samples), in squared units of the brick's output.
+    /// Mean MSE (finite samples; NaN while none was finite), in squared
+    /// units of the brick's output.
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_mse: f32,
+    /// Finite cosines folded into [`mean_cosine`](Self::mean_cosine).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub cosine_samples: usize,
+    /// Finite SNRs folded into [`mean_snr_db`](Self::mean_snr_db).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub snr_samples: usize,
+    /// Finite MSEs folded into [`mean_mse`](Self::mean_mse).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub mse_samples: usize,
 }
 
 #[cfg(feature = "serde")]
@@ -323,10 +381,9 @@ impl SessionAggregates {
                 }
             }
             if l.residual_ratio > 0.0 {
-                agg.residual_samples += 1;
                 running_mean(
                     &mut agg.residual_ratio_mean,
-                    agg.residual_samples,
+                    &mut agg.residual_samples,
                     l.residual_ratio,
                 );
                 agg.residual_ratio_max = agg.residual_ratio_max.max(l.residual_ratio);
@@ -360,19 +417,27 @@ impl SessionAggregates {
                 .or_insert(HeadAggregate {
                     layer: t.layer_idx,
                     head: t.head_idx,
+                    mean_sink_weight: f32::NAN,
+                    mean_entropy: f32::NAN,
+                    mean_normalized_entropy: f32::NAN,
+                    mean_tail_mass: f32::NAN,
                     ..HeadAggregate::default()
                 });
             h.records += 1;
             h.sink_records += usize::from(t.is_attention_sink(SINK_THRESHOLD));
             h.recency_records += usize::from(t.has_recency_bias(RECENCY_WINDOW, RECENCY_THRESHOLD));
-            running_mean(&mut h.mean_sink_weight, h.records, t.sink_weight);
-            running_mean(&mut h.mean_entropy, h.records, t.entropy);
+            running_mean(
+                &mut h.mean_sink_weight,
+                &mut h.sink_weight_samples,
+                t.sink_weight,
+            );
+            running_mean(&mut h.mean_entropy, &mut h.entropy_samples, t.entropy);
             running_mean(
                 &mut h.mean_normalized_entropy,
-                h.records,
+                &mut h.normalized_entropy_samples,
                 t.normalized_entropy(),
             );
-            running_mean(&mut h.mean_tail_mass, h.records, t.tail_mass);
+            running_mean(&mut h.mean_tail_mass, &mut h.tail_mass_samples, t.tail_mass);
         }
         if let Some(lt) = &f.logits {
             self.lens_forwards += 1;
@@ -392,16 +457,23 @@ impl SessionAggregates {
             let b = self.bricks.entry(t.brick).or_insert(BrickAggregate {
                 brick: t.brick,
                 samples: 0,
-                mean_cosine: 0.0,
-                mean_mse: 0.0,
-                mean_snr_db: 0.0,
+                mean_cosine: f32::NAN,
+                mean_mse: f32::NAN,
+                mean_snr_db: f32::NAN,
                 critical: 0,
                 worst: *t,
+                cosine_samples: 0,
+                mse_samples: 0,
+                snr_samples: 0,
             });
             b.samples += 1;
-            running_mean(&mut b.mean_cosine, b.samples, t.cosine_similarity);
-            running_mean(&mut b.mean_mse, b.samples, t.mse);
-            running_mean(&mut b.mean_snr_db, b.samples, t.snr_db);
+            running_mean(
+                &mut b.mean_cosine,
+                &mut b.cosine_samples,
+                t.cosine_similarity,
+            );
+            running_mean(&mut b.mean_mse, &mut b.mse_samples, t.mse);
+            running_mean(&mut b.mean_snr_db, &mut b.snr_samples, t.snr_db);
             b.critical += usize::from(t.is_critical());
             if t.badness() > b.worst.badness() {
                 b.worst = *t;
@@ -414,16 +486,23 @@ impl SessionAggregates {
                         layer: t.layer_idx,
                         quant_type: t.quant_type,
                         samples: 0,
-                        mean_cosine: 0.0,
+                        mean_cosine: f32::NAN,
                         min_cosine: f32::INFINITY,
-                        mean_snr_db: 0.0,
-                        mean_mse: 0.0,
+                        mean_snr_db: f32::NAN,
+                        mean_mse: f32::NAN,
+                        cosine_samples: 0,
+                        snr_samples: 0,
+                        mse_samples: 0,
                     });
             bl.samples += 1;
             bl.quant_type = t.quant_type;
-            running_mean(&mut bl.mean_cosine, bl.samples, t.cosine_similarity);
-            running_mean(&mut bl.mean_snr_db, bl.samples, t.snr_db);
-            running_mean(&mut bl.mean_mse, bl.samples, t.mse);
+            running_mean(
+                &mut bl.mean_cosine,
+                &mut bl.cosine_samples,
+                t.cosine_similarity,
+            );
+            running_mean(&mut bl.mean_snr_db, &mut bl.snr_samples, t.snr_db);
+            running_mean(&mut bl.mean_mse, &mut bl.mse_samples, t.mse);
             bl.min_cosine = if t.cosine_similarity.is_nan() || bl.min_cosine.is_nan() {
                 f32::NAN
             } else {
@@ -439,13 +518,19 @@ impl SessionAggregates {
                     brick: t.brick,
                     layer: t.layer_idx,
                     samples: 0,
-                    mean_cosine: 0.0,
+                    mean_cosine: f32::NAN,
                     min_cosine: f32::INFINITY,
-                    mean_snr_db: 0.0,
+                    mean_snr_db: f32::NAN,
+                    cosine_samples: 0,
+                    snr_samples: 0,
                 });
             w.samples += 1;
-            running_mean(&mut w.mean_cosine, w.samples, t.cosine_similarity);
-            running_mean(&mut w.mean_snr_db, w.samples, t.snr_db);
+            running_mean(
+                &mut w.mean_cosine,
+                &mut w.cosine_samples,
+                t.cosine_similarity,
+            );
+            running_mean(&mut w.mean_snr_db, &mut w.snr_samples, t.snr_db);
             w.min_cosine = if t.cosine_similarity.is_nan() || w.min_cosine.is_nan() {
                 f32::NAN
             } else {
@@ -454,7 +539,7 @@ impl SessionAggregates {
         }
         if let (Some(kl), Some(agree)) = (q.kl_divergence, q.top1_agrees) {
             self.logit_comparisons += 1;
-            running_mean(&mut self.mean_kl_divergence, self.logit_comparisons, kl);
+            running_mean(&mut self.mean_kl_divergence, &mut self.kl_samples, kl);
             self.top1_agreements += usize::from(agree);
         }
     }
@@ -502,7 +587,9 @@ pub struct TraceSummary {
     pub bricks: Vec<BrickAggregate>,
     /// The worst quantization measurement.
     pub worst_brick: Option<QuantizationErrorTrace>,
-    /// Mean KL divergence of quantized vs reference output distributions (nats).
+    /// Mean KL divergence of quantized vs reference output distributions
+    /// (nats), over the comparisons that gave a finite divergence; `None`
+    /// when none did.
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float::option"))]
     pub mean_kl_divergence: Option<f32>,
     /// Share of LM-head comparisons whose top-1 tokens agreed.
@@ -621,7 +708,7 @@ impl TraceSummary {
             won_at_layers: agg.won_at_layers.iter().map(|(&l, &c)| (l, c)).collect(),
             bricks: agg.bricks.values().copied().collect(),
             worst_brick: agg.worst_brick().copied(),
-            mean_kl_divergence: (agg.logit_comparisons > 0).then_some(agg.mean_kl_divergence),
+            mean_kl_divergence: (agg.kl_samples > 0).then_some(agg.mean_kl_divergence),
             top1_agreement: (agg.logit_comparisons > 0)
                 .then(|| share(agg.top1_agreements, agg.logit_comparisons)),
             kv_cache,
@@ -804,5 +891,331 @@ impl fmt::Display for TraceSummary {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::AttentionWeightTrace;
+    use crate::config::Full;
+    use crate::logit::LogitEvolutionTrace;
+    use crate::quant::QuantType;
+    use crate::tracer::ModelTracer;
+
+    fn quant(
+        brick: BrickId,
+        layer: usize,
+        cosine: f32,
+        mse: f32,
+        snr: f32,
+    ) -> QuantizationErrorTrace {
+        QuantizationErrorTrace {
+            brick,
+            layer_idx: layer,
+            quant_type: QuantType::Q4_1,
+            mse,
+            max_abs_error: mse.sqrt(),
+            cosine_similarity: cosine,
+            snr_db: snr,
+            element_count: 64,
+        }
+    }
+
+    fn close(a: f32, b: f32) -> bool {
+        (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1.0)
+    }
+
+    #[test]
+    fn merged_stage_stats_equal_one_pass_over_every_forward() {
+        let mut t = ModelTracer::new(Full);
+        let (mut inputs, mut outputs, mut embeddings) = (Vec::new(), Vec::new(), Vec::new());
+        for pos in 0..6 {
+            // Means that move by 100 per forward and lengths that differ:
+            // merging stds or means without weighting by count and spread
+            // would not give the one-pass figures.
+            let n = 17 + 5 * pos;
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7 + pos * 13) % 23) as f32 * 0.37 - 4.0 + 100.0 * pos as f32)
+                .collect();
+            let mut y: Vec<f32> = x.iter().map(|v| -0.5 * v + 3.0).collect();
+            if pos == 2 {
+                y[1] = f32::NAN;
+                y[4] = f32::INFINITY;
+            }
+            t.begin_forward(pos);
+            t.activation(0, Stage::Embedding, &y[..3]);
+            t.activation(0, Stage::Input, &x);
+            t.activation(0, Stage::Output, &y);
+            t.end_forward();
+            inputs.extend_from_slice(&x);
+            outputs.extend_from_slice(&y);
+            embeddings.extend_from_slice(&y[..3]);
+        }
+        let agg = t.aggregates().unwrap();
+        let cases = [
+            (agg.layers[0].stage(Stage::Input).copied(), &inputs),
+            (agg.layers[0].stage(Stage::Output).copied(), &outputs),
+            (Some(agg.embedding), &embeddings),
+        ];
+        for (merged, all) in cases {
+            let merged = merged.unwrap();
+            let one = TensorStats::from_slice(all);
+            assert_eq!(
+                (merged.count, merged.nan_count, merged.inf_count),
+                (one.count, one.nan_count, one.inf_count)
+            );
+            assert_eq!(merged.min.to_bits(), one.min.to_bits());
+            assert_eq!(merged.max.to_bits(), one.max.to_bits());
+            for (m, o) in [
+                (merged.mean, one.mean),
+                (merged.std, one.std),
+                (merged.l2_norm, one.l2_norm),
+            ] {
+                assert!(close(m, o), "merged {merged:?}\none pass {one:?}");
+            }
+        }
+        // The summary shows the same merged statistics.
+        let s = t.summary();
+        assert_eq!(s.layers[0].input, agg.layers[0].stages[0]);
+        assert_eq!(s.layers[0].output, agg.layers[0].stages[5]);
+        assert_eq!(s.layers[0].non_finite, 2);
+        assert!(s.layers[0].max_abs >= TensorStats::from_slice(&inputs).max_abs());
+    }
+
+    #[test]
+    fn brick_means_leave_out_non_finite_samples() {
+        let mut t = ModelTracer::new(Full);
+        t.begin_forward(0);
+        // An exact match (infinite SNR) among two 10 dB measurements.
+        t.record_quant_error(quant(BrickId::FfnUp, 2, 1.0, 0.0, f32::INFINITY));
+        t.record_quant_error(quant(BrickId::FfnUp, 2, 0.98, 0.25, 10.0));
+        t.end_forward();
+        t.begin_forward(1);
+        t.record_quant_error(quant(BrickId::FfnUp, 2, 0.96, 0.5, 10.0));
+        // A non-finite output: nothing is finite but it is still critical.
+        t.record_quant_error(quant(BrickId::FfnDown, 0, f32::NAN, f32::NAN, f32::NAN));
+        t.end_forward();
+
+        let s = t.summary();
+        let up = s.bricks.iter().find(|b| b.brick == BrickId::FfnUp).unwrap();
+        assert_eq!(up.samples, 3);
+        assert_eq!(up.snr_samples, 2);
+        assert_eq!(up.mean_snr_db, 10.0);
+        assert_eq!((up.cosine_samples, up.mse_samples), (3, 3));
+        assert!(close(up.mean_cosine, (1.0 + 0.98 + 0.96) / 3.0));
+        assert!(close(up.mean_mse, 0.25));
+        assert_eq!(up.critical, 2, "0.98 and 0.96 are critical: {up:?}");
+        let bl = s
+            .brick_layers
+            .iter()
+            .find(|b| (b.brick, b.layer) == (BrickId::FfnUp, 2))
+            .unwrap();
+        assert_eq!((bl.samples, bl.snr_samples), (3, 2));
+        assert_eq!(bl.mean_snr_db, 10.0);
+        assert!(close(bl.min_cosine, 0.96));
+
+        let down = s
+            .bricks
+            .iter()
+            .find(|b| b.brick == BrickId::FfnDown)
+            .unwrap();
+        assert_eq!((down.samples, down.critical), (1, 1));
+        assert_eq!(
+            (down.cosine_samples, down.mse_samples, down.snr_samples),
+            (0, 0, 0)
+        );
+        // No finite sample: no mean, not a 0 that reads like a measurement.
+        assert!(down.mean_cosine.is_nan() && down.mean_snr_db.is_nan());
+        assert!(down.mean_mse.is_nan());
+        let text = s.to_string();
+        assert!(text.contains("ffn_up"), "{text}");
+    }
+
+    #[test]
+    fn what_if_means_leave_out_an_exact_match() {
+        let mut t = ModelTracer::new(Full);
+        let reference = [1.0f32, -2.0, 3.0, 0.5];
+        let off = [1.1f32, -2.0, 2.9, 0.5];
+        let want =
+            QuantizationErrorTrace::compute(BrickId::FfnGate, 1, &off, &reference, QuantType::Q8_0);
+        for (pos, candidate) in [reference, off, off].iter().enumerate() {
+            t.begin_forward(pos);
+            t.what_if(BrickId::FfnGate, 1, QuantType::Q8_0, 4, |c, r| {
+                c.copy_from_slice(candidate);
+                r.copy_from_slice(&reference);
+            });
+            t.end_forward();
+        }
+        let s = t.summary();
+        let [w] = s.what_if.as_slice() else {
+            panic!("{:?}", s.what_if);
+        };
+        assert_eq!((w.samples, w.snr_samples, w.cosine_samples), (3, 2, 3));
+        assert!(want.snr_db.is_finite());
+        assert!(close(w.mean_snr_db, want.snr_db), "{w:?} vs {want:?}");
+        assert!(close(w.min_cosine, want.cosine_similarity));
+    }
+
+    #[test]
+    fn head_residual_and_kl_means_leave_out_non_finite_samples() {
+        let mut agg = SessionAggregates::default();
+        let head = |sink: f32, entropy: f32| AttentionWeightTrace {
+            layer_idx: 3,
+            head_idx: 1,
+            context_len: 8,
+            sink_weight: sink,
+            entropy,
+            tail_mass: 0.25,
+            ..AttentionWeightTrace::default()
+        };
+        let mut f = ForwardTrace::default();
+        f.attention = vec![head(f32::NAN, 1.0), head(0.5, f32::INFINITY)];
+        f.quantization.kl_divergence = Some(f32::NAN);
+        f.quantization.top1_agrees = Some(true);
+        f.activations.layer_mut(0).residual_ratio = f32::NAN;
+        agg.absorb(&f);
+        let mut g = ForwardTrace::default();
+        g.attention = vec![head(0.7, 2.0)];
+        g.quantization.kl_divergence = Some(0.5);
+        g.quantization.top1_agrees = Some(false);
+        g.activations.layer_mut(0).residual_ratio = 0.25;
+        agg.absorb(&g);
+        let mut h = ForwardTrace::default();
+        h.activations.layer_mut(0).residual_ratio = 0.75;
+        agg.absorb(&h);
+
+        let a = agg.heads[&(3, 1)];
+        assert_eq!(a.records, 3);
+        assert_eq!((a.sink_weight_samples, a.entropy_samples), (2, 2));
+        assert!(close(a.mean_sink_weight, 0.6), "{a:?}");
+        assert!(close(a.mean_entropy, 1.5), "{a:?}");
+        assert_eq!(a.tail_mass_samples, 3);
+        assert!(close(a.mean_tail_mass, 0.25));
+        assert_eq!(agg.layers[0].residual_samples, 2);
+        assert!(close(agg.layers[0].residual_ratio_mean, 0.5));
+
+        let s = TraceSummary::build(
+            "full".into(),
+            Some((&agg, &KvCacheSessionTrace::default())),
+            false,
+        );
+        assert_eq!(s.mean_kl_divergence, Some(0.5));
+        assert_eq!(
+            s.top1_agreement,
+            Some(0.5),
+            "the NaN comparison still agreed"
+        );
+        assert!(close(s.layers[0].residual_ratio, 0.5));
+
+        // Comparisons without a single finite divergence have no mean.
+        let mut only_nan = SessionAggregates::default();
+        only_nan.absorb(&f);
+        let s = TraceSummary::build(
+            "full".into(),
+            Some((&only_nan, &KvCacheSessionTrace::default())),
+            false,
+        );
+        assert_eq!(s.mean_kl_divergence, None);
+        assert_eq!(s.top1_agreement, Some(1.0));
+    }
+
+    #[test]
+    fn lens_histograms_count_decisive_and_won_layers() {
+        let mut t = ModelTracer::new(Full);
+        let traj = |trace: &mut LogitEvolutionTrace, id: u32, ranks: &[usize]| {
+            let tok = trace.track_token(id, String::new());
+            for &r in ranks {
+                tok.record_layer(0.0, r);
+            }
+        };
+        // Forward 0: the chosen token goes 500, 200, 10, 1, 0 (log-rank
+        // decisive at layer 2, won at 4); another never improves.
+        let mut a = LogitEvolutionTrace::new(0, 1.0, 1.0);
+        traj(&mut a, 7, &[500, 200, 10, 1, 0]);
+        traj(&mut a, 8, &[3, 3, 4, 4, 5]);
+        a.selected_token = Some(7);
+        // Forward 1: the chosen token 1000, 100, 100, 1, 0 is decisive at
+        // layer 3 by log rank (layer 1 by the absolute drop) and won at 4;
+        // a token that is not chosen wins too but is not counted as won.
+        let mut b = LogitEvolutionTrace::new(1, 1.0, 1.0);
+        traj(&mut b, 9, &[1000, 100, 100, 1, 0]);
+        traj(&mut b, 10, &[9, 0, 0, 0, 0]);
+        b.selected_token = Some(9);
+        for (pos, trace) in [a, b].into_iter().enumerate() {
+            t.begin_forward(pos);
+            t.record_logits(trace);
+            t.end_forward();
+        }
+        t.begin_forward(2);
+        t.end_forward();
+
+        let agg = t.aggregates().unwrap();
+        assert_eq!(agg.lens_forwards, 2);
+        let decisive: Vec<_> = agg.decisive_layers.iter().map(|(&l, &c)| (l, c)).collect();
+        assert_eq!(decisive, vec![(1, 1), (2, 1), (3, 1)]);
+        let won: Vec<_> = agg.won_at_layers.iter().map(|(&l, &c)| (l, c)).collect();
+        assert_eq!(won, vec![(4, 2)]);
+        let s = t.summary();
+        assert_eq!(s.decisive_layers, decisive);
+        assert_eq!(s.won_at_layers, won);
+        let text = s.to_string();
+        assert!(text.contains("chosen token won at L4×2"), "{text}");
+        assert!(
+            text.contains("decisive layers (largest log-rank gain) L1×1 L2×1 L3×1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn anomaly_histograms_count_forwards_and_sites() {
+        let mut t = ModelTracer::new(Full);
+        let nan_after_attention = |t: &mut ModelTracer<Full>, pos: usize| {
+            t.begin_forward(pos);
+            t.activation(0, Stage::Input, &[1.0, 2.0]);
+            t.activation(0, Stage::PostAttn, &[f32::NAN, 1.0]);
+            // Propagated further: the forward still reports the NaN once,
+            // where it arose.
+            t.activation(0, Stage::Output, &[f32::NAN, f32::NAN]);
+            t.end_forward();
+        };
+        nan_after_attention(&mut t, 0);
+        t.begin_forward(1);
+        t.activation(1, Stage::Input, &[1.0, 2.0]);
+        t.activation(1, Stage::PostFfn, &[f32::INFINITY, 1.0]);
+        t.end_forward();
+        t.begin_forward(2);
+        t.activation(0, Stage::Input, &[1.0, 2.0]);
+        t.end_forward();
+        nan_after_attention(&mut t, 3);
+
+        // The aggregates agree with what each forward reported ...
+        let mut counts = [0usize; AnomalyKind::COUNT];
+        for f in t.forwards() {
+            for a in &f.anomalies {
+                counts[a.kind as usize] += 1;
+            }
+        }
+        let agg = t.aggregates().unwrap();
+        assert_eq!(agg.anomaly_counts, counts);
+        // ... and with what was injected.
+        assert_eq!(agg.anomalies_of(AnomalyKind::NaN), 2);
+        assert_eq!(agg.anomalies_of(AnomalyKind::Inf), 1);
+        let nan_site = agg.anomaly_sites[&(Some(0), Stage::PostAttn)];
+        assert_eq!(nan_site.counts[AnomalyKind::NaN as usize], 2);
+        assert_eq!(nan_site.total(), 2);
+        assert_eq!(nan_site.produced, 2);
+        assert_eq!((nan_site.first_position, nan_site.last_position), (0, 3));
+        assert!(!agg.anomaly_sites.contains_key(&(Some(0), Stage::Output)));
+        let inf_site = agg.anomaly_sites[&(Some(1), Stage::PostFfn)];
+        assert_eq!(inf_site.counts[AnomalyKind::Inf as usize], 1);
+        assert_eq!((inf_site.first_position, inf_site.last_position), (1, 1));
+        assert_eq!(agg.first_anomaly.map(|a| a.position), Some(0));
+        assert_eq!(agg.last_anomaly.map(|a| a.position), Some(3));
+
+        let s = t.summary();
+        assert_eq!(s.anomaly_counts, counts);
+        assert_eq!(s.total_faults(), 3);
+        assert_eq!(s.anomaly_sites.len(), agg.anomaly_sites.len());
     }
 }
