@@ -156,14 +156,9 @@ fn a_synthetic_trace_with_a_fault_loads_in_pandas() {
 
 #[test]
 fn a_real_model_trace_loads_in_pandas() {
-    let gguf = common::model_path();
-    if !gguf.exists() {
-        eprintln!(
-            "SKIPPED: real-model JSONL test: model file not found at {}",
-            gguf.display()
-        );
+    let Some(gguf) = common::real_model() else {
         return;
-    }
+    };
     let Some(python) = common::python_with("pandas") else {
         common::require(false, "python3 with pandas");
         return;

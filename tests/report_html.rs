@@ -333,14 +333,9 @@ fn a_synthetic_report_renders_in_chromium() {
 
 #[test]
 fn a_real_model_report_renders_in_chromium() {
-    let gguf = common::model_path();
-    if !gguf.exists() {
-        eprintln!(
-            "SKIPPED: real-model report test: model file not found at {}",
-            gguf.display()
-        );
+    let Some(gguf) = common::real_model() else {
         return;
-    }
+    };
     let Some(bin) = chromium() else {
         common::require(false, "chromium (apt-get install chromium)");
         return;
