@@ -43,7 +43,9 @@
 //! ```
 //!
 //! See `features.md` for the cargo features (`trace-lightweight`,
-//! `trace-full`, `serde`, `reference-model`) and measured overheads.
+//! `trace-full`, `serde`, `log`, `tracing`) and measured overheads. The
+//! reference decoder that uses it, `model-tracer-llama`, and the
+//! `model-tracer` program are crates of their own.
 
 pub mod activation;
 pub mod anomaly;
@@ -65,9 +67,6 @@ pub mod tracer;
 #[cfg(any(feature = "log", feature = "tracing"))]
 pub mod events;
 
-#[cfg(feature = "reference-model")]
-pub mod reference;
-
 pub use activation::{residual_ratio, LayerActivationTrace, ModelActivationTrace, Stage};
 pub use anomaly::{Anomaly, AnomalyKind, Origin};
 pub use attention::{AttentionTraceConfig, AttentionWeightTrace};
@@ -87,42 +86,11 @@ pub use stats::{StatsAccumulator, TensorStats};
 pub use summary::{SessionAggregates, TraceSummary};
 pub use tracer::{ForwardTrace, ModelTracer, QuantSampling, Recorder, Storage};
 
+// The tracer's unit tests count heap allocations (`test_f263`).
 #[cfg(test)]
-mod alloc_counter {
-    //! Counts heap allocations made by the current thread (tests run in parallel).
-    use std::alloc::{GlobalAlloc, Layout, System};
-    use std::cell::Cell;
-
-    thread_local! {
-        static COUNT: Cell<usize> = const { Cell::new(0) };
-    }
-
-    struct Counting;
-
-    unsafe impl GlobalAlloc for Counting {
-        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            let _ = COUNT.try_with(|c| c.set(c.get() + 1));
-            unsafe { System.alloc(layout) }
-        }
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            unsafe { System.dealloc(ptr, layout) }
-        }
-        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-            let _ = COUNT.try_with(|c| c.set(c.get() + 1));
-            unsafe { System.realloc(ptr, layout, new_size) }
-        }
-    }
-
-    #[global_allocator]
-    static GLOBAL: Counting = Counting;
-
-    /// Runs `f` and returns its result with the allocations it made.
-    pub fn count<R>(f: impl FnOnce() -> R) -> (R, usize) {
-        let before = COUNT.with(Cell::get);
-        let r = f();
-        (r, COUNT.with(Cell::get) - before)
-    }
-}
+#[global_allocator]
+static COUNTING: model_tracer_test_support::CountingAllocator =
+    model_tracer_test_support::CountingAllocator;
 
 static_assertions::assert_eq_size!(ModelTracer<Disabled>, ());
 static_assertions::const_assert!(!<Disabled as TraceConfig>::ANY);

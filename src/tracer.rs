@@ -1193,7 +1193,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<ModelTracer<Disabled>>(), 0);
         let mut off = ModelTracer::new(Disabled);
         let mut x = vec![0.25f32; 32];
-        let (_, allocs) = crate::alloc_counter::count(|| {
+        let (_, allocs) = model_tracer_test_support::count_allocations(|| {
             off.begin_forward(0);
             off.activation(0, Stage::Input, &x);
             off.attention(0, 0, 0, &x);
@@ -1209,7 +1209,7 @@ mod tests {
         for pos in 0..8 {
             toy_forward(&mut light, pos, &mut x);
         }
-        let (_, allocs) = crate::alloc_counter::count(|| {
+        let (_, allocs) = model_tracer_test_support::count_allocations(|| {
             for pos in 8..40 {
                 x.iter_mut().for_each(|v| *v = (*v * 0.5).sin());
                 // The toy forward itself allocates its update vectors: count them apart.

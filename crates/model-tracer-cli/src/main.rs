@@ -1,0 +1,672 @@
+//! `model-tracer`: traces a LLaMA-family model end to end with the five
+//! trace systems.
+//!
+//! `model-tracer run` with no options traces SmolLM2-135M-Instruct from
+//! `models/SmolLM2-135M-Instruct.Q4_1.gguf` (`bash .ci/fetch-model` puts it
+//! there), answering a chat question; without that file it says how to get
+//! it and runs a synthetic model of the same shape. `--gguf PATH` traces
+//! another GGUF file. See `model-tracer run --help`.
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal as _, Write as _};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+use model_tracer::{
+    AttentionTraceConfig, Disabled, Full, Lightweight, ModelTracer, TraceConfig, TraceOptions,
+};
+use model_tracer_llama::dtype::GgmlType;
+use model_tracer_llama::model::{Config, Fault, Generation, KvCacheOptions, Llama};
+use model_tracer_llama::tokenizer::ChatMessage;
+
+/// Trace what a transformer computes, token by token.
+#[derive(Debug, Parser)]
+#[command(name = "model-tracer", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a model on a prompt and trace it: activations, attention, logit
+    /// lens, quantization error and KV cache.
+    Run(Args),
+}
+
+/// Where `bash .ci/fetch-model` puts SmolLM2-135M-Instruct.
+const DEFAULT_GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The chat question asked when no input is given.
+const DEFAULT_CHAT: &str = "What is the capital of France?";
+/// The system message of a chat unless `--system` says otherwise. With the
+/// template's own ("You are a helpful AI assistant named SmolLM, trained by
+/// Hugging Face"), SmolLM2-135M answers the default question in French
+/// verse; with this one it answers it.
+const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
+
+#[derive(Debug, Clone, clap::Args)]
+struct Args {
+    /// Trace a GGUF file (llama architecture), with its tokenizer [default:
+    /// models/SmolLM2-135M-Instruct.Q4_1.gguf when it exists, from `bash
+    /// .ci/fetch-model`; otherwise a synthetic model of the same shape]
+    #[arg(long, value_name = "PATH", help_heading = "Model")]
+    gguf: Option<String>,
+    /// A synthetic model instead (Q4_1 weights, no tokenizer)
+    #[arg(long, value_name = "SHAPE", value_parser = ["smollm2", "tiny"],
+          conflicts_with = "gguf", help_heading = "Model")]
+    synthetic: Option<String>,
+    /// Seed of the synthetic weights
+    #[arg(long, default_value_t = 1, value_name = "N", help_heading = "Model")]
+    seed: u64,
+
+    /// Raw prompt; special-token text like <|im_start|> is parsed
+    #[arg(
+        long,
+        value_name = "TEXT",
+        conflicts_with = "chat",
+        help_heading = "Input"
+    )]
+    prompt: Option<String>,
+    /// A user message, wrapped in the model's chat template [default: "What
+    /// is the capital of France?"]. A synthetic model has no tokenizer: the
+    /// text's bytes are its token ids
+    #[arg(long, value_name = "TEXT", help_heading = "Input")]
+    chat: Option<String>,
+    /// The chat's system message; `template` keeps the one the chat template
+    /// inserts
+    #[arg(long, value_name = "TEXT", default_value = DEFAULT_SYSTEM, help_heading = "Input")]
+    system: String,
+    /// Tokens to generate, greedily
+    #[arg(long, default_value_t = 16, value_name = "N", help_heading = "Input")]
+    max_tokens: usize,
+    /// KV cache capacity in positions; smaller than the sequence to see
+    /// StreamingLLM evictions
+    #[arg(long, default_value_t = 4096, value_name = "N", help_heading = "Input")]
+    ctx: usize,
+
+    /// Three monomorphized models: Llama<Disabled|Lightweight|Full>
+    #[arg(long, default_value = "full", value_name = "LEVEL",
+          value_parser = ["off", "lightweight", "full"], help_heading = "Tracing")]
+    trace: String,
+    /// nan@LAYER | inf@LAYER | explode@LAYER: inject a fault into every
+    /// forward pass and watch it be found
+    #[arg(long, value_name = "FAULT", value_parser = Fault::parse, help_heading = "Tracing")]
+    inject: Option<Fault>,
+    /// Also trace every brick with its weights re-quantized to each of TYPES
+    /// (q8_0, q5_1, q5_0, q4_1, q4_0, q4_k, q6_k) against the model's own
+    /// weights; needs --trace full
+    #[arg(long, value_name = "TYPES", value_delimiter = ',', value_parser = parse_type,
+          help_heading = "Tracing")]
+    what_if: Vec<GgmlType>,
+
+    /// Write the run as JSON: prompt and generated ids, timing, and (when
+    /// tracing) the summary and every retained forward
+    #[arg(
+        long,
+        value_name = "PATH",
+        help_heading = "Output (each file is created before the model loads)"
+    )]
+    json: Option<String>,
+    /// Stream every forward as it completes, one JSON object per line
+    /// (pandas.read_json(PATH, lines=True)); needs tracing
+    #[arg(
+        long,
+        value_name = "PATH",
+        help_heading = "Output (each file is created before the model loads)"
+    )]
+    jsonl: Option<String>,
+    /// Write the HTML report, one self-contained file; needs tracing
+    #[arg(
+        long,
+        value_name = "PATH",
+        help_heading = "Output (each file is created before the model loads)"
+    )]
+    html: Option<String>,
+}
+
+fn parse_type(name: &str) -> Result<GgmlType, String> {
+    Ok(match name.trim().to_ascii_lowercase().as_str() {
+        "q8_0" => GgmlType::Q8_0,
+        "q5_1" => GgmlType::Q5_1,
+        "q5_0" => GgmlType::Q5_0,
+        "q4_1" => GgmlType::Q4_1,
+        "q4_0" => GgmlType::Q4_0,
+        "q4_k" => GgmlType::Q4_K,
+        "q6_k" => GgmlType::Q6_K,
+        other => return Err(format!("unknown type {other:?}")),
+    })
+}
+
+/// The checks clap cannot express: outputs that need a trace.
+fn validate(a: &Args) -> Result<(), String> {
+    if a.trace == "off" {
+        for (flag, path) in [("--jsonl", &a.jsonl), ("--html", &a.html)] {
+            if path.is_some() {
+                return Err(format!(
+                    "{flag} writes the trace, and --trace off records none: \
+                     use --trace lightweight or full"
+                ));
+            }
+        }
+    }
+    if !a.what_if.is_empty() && a.trace != "full" {
+        return Err(format!(
+            "--what-if needs quantization-error tracing, which --trace {} does not record: \
+             use --trace full",
+            a.trace
+        ));
+    }
+    Ok(())
+}
+
+/// The output files, created before the model loads so that a bad path is
+/// an error before the run, not after it.
+struct Outputs {
+    json: Option<(String, std::fs::File)>,
+    jsonl: Option<(String, std::fs::File)>,
+    html: Option<(String, std::fs::File)>,
+}
+
+impl Outputs {
+    fn create(args: &Args) -> Result<Self, String> {
+        let create = |path: &Option<String>| -> Result<Option<(String, std::fs::File)>, String> {
+            path.as_ref()
+                .map(|p| {
+                    std::fs::File::create(p)
+                        .map(|f| (p.clone(), f))
+                        .map_err(|e| format!("cannot create {p}: {e}"))
+                })
+                .transpose()
+        };
+        Ok(Self {
+            json: create(&args.json)?,
+            jsonl: create(&args.jsonl)?,
+            html: create(&args.html)?,
+        })
+    }
+}
+
+/// The model to run: the file given, else the default file when it exists,
+/// else a synthetic model.
+enum Source {
+    File(String),
+    Synthetic(String),
+}
+
+fn source(args: &Args) -> Source {
+    if let Some(path) = &args.gguf {
+        return Source::File(path.clone());
+    }
+    if let Some(shape) = &args.synthetic {
+        return Source::Synthetic(shape.clone());
+    }
+    if std::path::Path::new(DEFAULT_GGUF).is_file() {
+        return Source::File(DEFAULT_GGUF.into());
+    }
+    println!(
+        "no model file at {DEFAULT_GGUF}: `bash .ci/fetch-model` fetches SmolLM2-135M-Instruct \
+         (98 MB); running a synthetic model of its shape instead"
+    );
+    Source::Synthetic("smollm2".into())
+}
+
+fn main() -> ExitCode {
+    let Command::Run(args) = Cli::parse().command;
+    if let Err(e) = validate(&args) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let outputs = match Outputs::create(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // One branch, three monomorphized models.
+    let result = match args.trace.as_str() {
+        "off" => run(&args, outputs, Disabled),
+        "lightweight" => run(&args, outputs, Lightweight),
+        _ => run(&args, outputs, Full),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Printable form of a token: control characters and quotes escaped.
+fn shown(text: &str) -> String {
+    let mut s = String::new();
+    for c in text.chars() {
+        match c {
+            '\n' => s.push_str("\\n"),
+            '\t' => s.push_str("\\t"),
+            '"' => s.push_str("\\\""),
+            c if c.is_control() => {
+                let _ = write!(s, "\\u{{{:x}}}", c as u32);
+            }
+            c => s.push(c),
+        }
+    }
+    format!("\"{s}\"")
+}
+
+fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), String> {
+    let started = Instant::now();
+    let cache = KvCacheOptions {
+        capacity: args.ctx,
+        sinks: 4,
+    };
+    let source = source(args);
+    let mut model: Llama<C> = match &source {
+        Source::File(path) => {
+            Llama::from_gguf(path, Some(cache), trace).map_err(|e| format!("{path}: {e}"))?
+        }
+        Source::Synthetic(shape) => {
+            let config = if shape == "tiny" {
+                Config::tiny()
+            } else {
+                Config::smollm2_135m()
+            };
+            let weights =
+                model_tracer_llama::model::synthetic_weights(&config, GgmlType::Q4_1, args.seed)
+                    .map_err(|e| e.to_string())?;
+            Llama::new(config, weights, None, cache, trace).map_err(|e| e.to_string())?
+        }
+    };
+    let load_secs = started.elapsed().as_secs_f64();
+    let c = model.config.clone();
+    let source = match &source {
+        Source::File(p) => p.clone(),
+        Source::Synthetic(shape) => {
+            format!("synthetic {shape} (Q4_1 weights, seed {})", args.seed)
+        }
+    };
+    println!(
+        "model: {source}\n  {} layers, hidden {}, {} heads / {} KV heads, vocab {}, KV capacity {} positions; loaded in {load_secs:.2} s",
+        c.n_layers,
+        c.dim,
+        c.n_heads,
+        c.n_kv_heads,
+        c.vocab_size,
+        model.cache().capacity(),
+    );
+    if let Some(f) = args.inject {
+        if f.layer >= c.n_layers {
+            return Err(format!(
+                "--inject layer {} but the model has {} layers",
+                f.layer, c.n_layers
+            ));
+        }
+        model.set_fault(Some(f));
+        println!(
+            "  injecting {:?} at layer {} (shows at stage {})",
+            f.kind,
+            f.layer,
+            f.stage()
+        );
+    }
+    if !args.what_if.is_empty() {
+        model
+            .set_what_if(&args.what_if)
+            .map_err(|e| e.to_string())?;
+    }
+
+    let prompt_ids = prompt_ids(args, &model)?;
+    let total = prompt_ids.len() + args.max_tokens;
+    // Keep every forward of this run in detail: the report below reads them.
+    let options = TraceOptions {
+        max_forwards: total.max(1),
+        attention_config: AttentionTraceConfig {
+            top_k: 8,
+            ..AttentionTraceConfig::default()
+        },
+        ..TraceOptions::default()
+    };
+    let config = model.tracer().config().clone();
+    *model.tracer_mut() = ModelTracer::with_options(config, options);
+    if let Some((_, file)) = &outputs.jsonl {
+        open_jsonl(&mut model, file)?;
+    }
+    println!(
+        "trace: {} | prompt: {} tokens | generating up to {} tokens",
+        args.trace,
+        prompt_ids.len(),
+        args.max_tokens
+    );
+
+    let t0 = Instant::now();
+    let mut first_token: Option<f64> = None;
+    let mut done = 0usize;
+    let progress = std::io::stderr().is_terminal();
+    let generation = model.generate(&prompt_ids, args.max_tokens, |_| {
+        done += 1;
+        let now = t0.elapsed().as_secs_f64();
+        first_token.get_or_insert(now);
+        if progress {
+            eprint!(
+                "\r  generated {done}/{} tokens ({now:.1} s)",
+                args.max_tokens
+            );
+            let _ = std::io::stderr().flush();
+        }
+    });
+    if progress {
+        eprintln!();
+    }
+    let timing = Timing::new(
+        load_secs,
+        &generation,
+        first_token.unwrap_or(0.0),
+        t0.elapsed().as_secs_f64(),
+    );
+    println!("{timing}");
+    let text = |ids: &[u32]| match &model.tokenizer {
+        Some(t) => t.decode(ids),
+        None => ids.iter().map(|i| format!("<{i}>")).collect(),
+    };
+    println!("prompt:    {}", shown(&text(&prompt_ids)));
+    println!("generated: {}", shown(&text(&generation.tokens)));
+    println!();
+
+    let tracer = model.tracer();
+    if tracer.is_enabled() {
+        let summary = tracer.summary();
+        print!("{summary}");
+        report_attention(&summary);
+        report_lens(&model, &prompt_ids, &generation.tokens);
+        report_quant(&summary);
+        report_what_if(&summary);
+    } else {
+        println!("tracing is off: Llama<Disabled> contains no tracing code.");
+    }
+
+    if let Some((path, file)) = outputs.json {
+        write_json(file, &model, &prompt_ids, &generation.tokens, &timing)
+            .map_err(|e| format!("{path}: {e}"))?;
+        println!("\nwrote the run to {path}");
+    }
+    if let (Some((path, _)), Some(sink)) = (&outputs.jsonl, model.tracer().sink()) {
+        let status = sink.status();
+        match status.failure {
+            Some(f) => return Err(format!("{path}: {f}")),
+            None => println!("streamed {} forwards to {path}", status.forwards_written),
+        }
+    }
+    if let Some((path, file)) = outputs.html {
+        let mut tokens = prompt_ids.clone();
+        tokens.extend(&generation.tokens);
+        let input = model_tracer_llama::report::report_input(&model, &tokens, &source);
+        let mut out = std::io::BufWriter::new(file);
+        model_tracer::write_html(&mut out, &input)
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("{path}: {e}"))?;
+        println!("wrote the HTML report to {path}");
+    }
+    Ok(())
+}
+
+/// The prompt's token ids: the chat question (default) or the raw prompt,
+/// through the model's tokenizer; a synthetic model has none and takes the
+/// text's bytes as ids.
+fn prompt_ids<C: TraceConfig>(args: &Args, model: &Llama<C>) -> Result<Vec<u32>, String> {
+    let ids = match &model.tokenizer {
+        Some(tok) => match &args.prompt {
+            Some(p) => tok.encode(p),
+            None => {
+                let question = args.chat.as_deref().unwrap_or(DEFAULT_CHAT);
+                let mut chat = Vec::new();
+                if args.system != "template" {
+                    chat.push(ChatMessage::system(args.system.as_str()));
+                }
+                chat.push(ChatMessage::user(question));
+                let text = tok
+                    .apply_chat_template(&chat, true)
+                    .map_err(|e| e.to_string())?;
+                tok.encode(&text)
+            }
+        },
+        None => {
+            let text = args
+                .chat
+                .as_deref()
+                .or(args.prompt.as_deref())
+                .unwrap_or(DEFAULT_CHAT);
+            text.bytes().map(u32::from).collect()
+        }
+    };
+    if ids.is_empty() {
+        return Err("the prompt encodes to no tokens".into());
+    }
+    Ok(ids)
+}
+
+/// Wall-clock times of a run: prompt evaluation (until the first generated
+/// token) and generation (the rest), as llama.cpp reports them.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    load_secs: f64,
+    prompt_positions: usize,
+    prompt_secs: f64,
+    generated: usize,
+    generation_forwards: usize,
+    generation_secs: f64,
+}
+
+impl Timing {
+    fn new(load_secs: f64, g: &Generation, first_token: f64, end: f64) -> Self {
+        Self {
+            load_secs,
+            prompt_positions: g.computed_prompt_positions,
+            prompt_secs: first_token,
+            generated: g.tokens.len(),
+            // The last generated token is not fed back.
+            generation_forwards: g.tokens.len().saturating_sub(1),
+            generation_secs: end - first_token,
+        }
+    }
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        write!(
+            f,
+            "prompt eval: {} positions in {:.2} s ({:.1} tokens/s)\n\
+             generation:  {} tokens, {} forwards in {:.2} s ({:.1} tokens/s)",
+            self.prompt_positions,
+            self.prompt_secs,
+            rate(self.prompt_positions, self.prompt_secs),
+            self.generated,
+            self.generation_forwards,
+            self.generation_secs,
+            rate(self.generation_forwards, self.generation_secs),
+        )
+    }
+}
+
+fn open_jsonl<C: TraceConfig>(model: &mut Llama<C>, file: &std::fs::File) -> Result<(), String> {
+    let file = file.try_clone().map_err(|e| e.to_string())?;
+    let sink = model_tracer::JsonlSink::new(std::io::BufWriter::new(file));
+    model
+        .tracer_mut()
+        .set_sink(Some(model_tracer::SinkHandle::new(sink)));
+    Ok(())
+}
+
+fn report_attention(summary: &model_tracer::TraceSummary) {
+    if summary.heads.is_empty() {
+        return;
+    }
+    let mut heads = summary.heads.clone();
+    heads.sort_by(|a, b| b.mean_sink_weight.total_cmp(&a.mean_sink_weight));
+    println!("\nattention sinks (heads with the most weight on the first token):");
+    println!(
+        "  {:>5} {:>4} {:>10} {:>10} {:>12} {:>9}",
+        "layer", "head", "sink wt", "sink share", "entropy/max", "recency"
+    );
+    for h in heads.iter().take(6) {
+        println!(
+            "  {:>5} {:>4} {:>9.1}% {:>9.1}% {:>12.3} {:>8.1}%",
+            h.layer,
+            h.head,
+            100.0 * h.mean_sink_weight,
+            100.0 * h.sink_share(),
+            h.mean_normalized_entropy,
+            100.0 * h.recency_share()
+        );
+    }
+    heads.sort_by(|a, b| b.recency_share().total_cmp(&a.recency_share()));
+    let recent: Vec<String> = heads
+        .iter()
+        .filter(|h| h.recency_share() > 0.5)
+        .take(8)
+        .map(|h| {
+            format!(
+                "L{}H{} ({:.0}%)",
+                h.layer,
+                h.head,
+                100.0 * h.recency_share()
+            )
+        })
+        .collect();
+    if recent.is_empty() {
+        println!(
+            "  recency: no head puts >70% of its weight on the last 5 positions in most steps"
+        );
+    } else {
+        println!(
+            "  recency-biased heads (>70% on the last 5 positions): {}",
+            recent.join(", ")
+        );
+    }
+}
+
+fn report_lens<C: TraceConfig>(model: &Llama<C>, prompt: &[u32], generated: &[u32]) {
+    let tracer = model.tracer();
+    let start = prompt.len() - 1; // the forward whose logits chose generated[0]
+    let rows: Vec<_> = tracer
+        .forwards()
+        .filter(|f| f.position >= start)
+        .filter_map(|f| f.logits.as_ref().map(|l| (f.position, l)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!("\nlogit lens: each generated token's rank through the layers (0 = top)");
+    println!("  decisive = the layer with the largest log-rank gain, ln(1 + rank)");
+    let layers = model.config.n_layers;
+    let step = layers.div_ceil(10).max(1);
+    let mut head = format!(
+        "  {:>5} {:<16} {:>5} {:>8} |",
+        "pos", "token", "won@", "decisive"
+    );
+    for l in (0..layers).step_by(step) {
+        let _ = write!(head, " L{l:<5}");
+    }
+    println!("{head}");
+    for (pos, lt) in rows {
+        let Some(chosen) = generated.get(pos - start) else {
+            continue;
+        };
+        let Some(tok) = lt.token(*chosen) else {
+            continue;
+        };
+        let mut line = format!(
+            "  {:>5} {:<16} {:>5} {:>8} |",
+            pos,
+            shown(&model.token_text(*chosen)),
+            tok.won_at_layer().map_or("-".into(), |l| l.to_string()),
+            tok.decisive_layer_log_rank()
+                .map_or("-".into(), |l| l.to_string())
+        );
+        for (i, rank) in tok.ranks.iter().enumerate() {
+            if tok.layer_at(i) % step == 0 {
+                let _ = write!(line, " {rank:<6}");
+            }
+        }
+        println!("{line}");
+    }
+}
+
+fn report_what_if(summary: &model_tracer::TraceSummary) {
+    if summary.what_if.is_empty() {
+        return;
+    }
+    println!(
+        "\nwhat-if: the bricks that lose most when re-quantized (keep these at higher precision):"
+    );
+    let mut types: Vec<_> = summary.what_if.iter().map(|w| w.quant_type).collect();
+    types.dedup();
+    for qt in types {
+        let mut rows: Vec<_> = summary
+            .what_if
+            .iter()
+            .filter(|w| w.quant_type == qt)
+            .collect();
+        rows.sort_by(|a, b| a.min_cosine.total_cmp(&b.min_cosine));
+        let worst: Vec<String> = rows
+            .iter()
+            .take(5)
+            .map(|w| {
+                format!(
+                    "{} L{} cos {:.5} ({:.1} dB)",
+                    w.brick, w.layer, w.min_cosine, w.mean_snr_db
+                )
+            })
+            .collect();
+        println!(
+            "  {:>5} ({:.2} bits/weight): {}",
+            qt.name(),
+            qt.bits_per_element(),
+            worst.join("; ")
+        );
+    }
+}
+
+fn report_quant(summary: &model_tracer::TraceSummary) {
+    if let Some(w) = &summary.worst_brick {
+        println!(
+            "\nworst quantized brick: {} of layer {} ({} weights, 8-bit activations): cosine {:.6}, SNR {:.1} dB, max |err| {:.3e}",
+            w.brick, w.layer_idx, w.quant_type, w.cosine_similarity, w.snr_db, w.max_abs_error
+        );
+    }
+}
+
+fn write_json<C: TraceConfig>(
+    file: std::fs::File,
+    model: &Llama<C>,
+    prompt: &[u32],
+    generated: &[u32],
+    timing: &Timing,
+) -> Result<(), String> {
+    let mut doc = model_tracer_llama::export::trace_json(model, prompt, generated);
+    if let Some(map) = doc.as_object_mut() {
+        if !model.tracer().is_enabled() {
+            // Nothing was traced: no summary and no forwards, rather than
+            // empty ones that look like a trace of nothing.
+            map.remove("summary");
+            map.remove("forwards");
+        }
+        map.insert(
+            "timing".into(),
+            serde_json::json!({
+                "load_s": timing.load_secs,
+                "prompt_positions": timing.prompt_positions,
+                "prompt_eval_s": timing.prompt_secs,
+                "generated_tokens": timing.generated,
+                "generation_forwards": timing.generation_forwards,
+                "generation_s": timing.generation_secs,
+            }),
+        );
+    }
+    let mut out = std::io::BufWriter::new(file);
+    serde_json::to_writer(&mut out, &doc).map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())
+}

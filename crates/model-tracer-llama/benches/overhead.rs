@@ -1,0 +1,379 @@
+//! Instruction counts of one decode step of the reference decoder, per trace
+//! config (callgrind, through iai-callgrind). `.ci/overhead` runs both builds
+//! and prints the table of `features.md`.
+//!
+//! The step measured is the forward pass of one token at position
+//! [`PREFILL`], after a [`PREFILL`]-token prefill done in the (uncounted)
+//! setup. Each benchmark hands the model back, so that dropping it is not
+//! counted either. Two builds report different ids:
+//!
+//! ```text
+//! # the decoder with its tracer hooks
+//! RUSTFLAGS="-C target-cpu=native" cargo bench --bench overhead
+//! # the same decoder with every hook call removed from its source
+//! RUSTFLAGS="-C target-cpu=native --cfg model_tracer_no_hooks" \
+//!     cargo bench --bench overhead --target-dir <another dir>
+//! ```
+//!
+//! The first reports `disabled`, `lightweight`, `full`, one id per trace
+//! system alone (`activations`, `attention`, `logits` = ranks on the final
+//! logits only, `quant_error`, `kv_cache`), `logit_lens` (the lens on every
+//! layer) and `full_no_lens`; the second reports `compiled_out`. Ids start
+//! with the model shape, `smollm2` or `tiny`. The `_x37` ids run
+//! [`DEFAULT_QUANT_STRIDE`] (37) consecutive steps (positions 32 to 68): the
+//! default quantization-error sampling measures one brick visit in 37, so
+//! over 37 steps it measures every (brick, layer) site exactly once, and a
+//! 37th of their count is its exact amortized cost per step.
+//!
+//! The SmolLM2 shape runs the configs that have a target; `full` and
+//! `full_no_lens` (the lens cost is their difference) only with
+//! `--cfg model_tracer_overhead_full` in both builds' `RUSTFLAGS`: their
+//! setup runs the 32 prefill steps with those systems on, and the lens
+//! alone makes each step 8 times longer, some ten minutes under valgrind.
+//! `logit_lens` and the single `quant_error` step run on the tiny shape only.
+//!
+//! Setup cost under valgrind: a SmolLM2 step is ~1.4·10^8 instructions and
+//! valgrind runs this AVX2 code around a hundred times slower than native,
+//! counting or not. So the main setup (run natively, before any
+//! valgrind run) draws the synthetic weights once and writes them as GGUF
+//! files, and a benchmark's setup only copies them in. Like a real model
+//! file, those files hold the quantized weights only: the quantization-error
+//! references multiply the dequantized weights, as they do for a real model.
+//! No cache simulation: only instruction counts are compared.
+
+use std::fmt::Display;
+use std::hint::black_box;
+use std::path::PathBuf;
+
+use iai_callgrind::{
+    library_benchmark, library_benchmark_group, main, Callgrind, EventKind, LibraryBenchmarkConfig,
+};
+use model_tracer::tracer::DEFAULT_QUANT_STRIDE;
+use model_tracer::{Disabled, Full, Lightweight, Recorder, TraceConfig};
+use model_tracer_llama::dtype::GgmlType;
+use model_tracer_llama::gguf::{GgufFile, GgufWriter};
+use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama, Weights};
+use model_tracer_llama::quant::QMatrix;
+
+/// Tokens run before the measured step; the step runs at this position.
+const PREFILL: usize = 32;
+/// Seed of the synthetic weights.
+const SEED: u64 = 1;
+/// KV cache capacity: room for every benchmarked position, no eviction.
+const CACHE_CAPACITY: usize = 128;
+
+/// The two model shapes benchmarked.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// SmolLM2-135M: 30 layers, hidden 576, vocabulary 49152.
+    Smollm2,
+    /// [`Config::tiny`]: 4 layers, hidden 256, vocabulary 512.
+    Tiny,
+}
+
+impl Shape {
+    const ALL: [Shape; 2] = [Shape::Smollm2, Shape::Tiny];
+
+    fn config(self) -> Config {
+        match self {
+            Shape::Smollm2 => Config::smollm2_135m(),
+            Shape::Tiny => Config::tiny(),
+        }
+    }
+
+    /// Where the main setup leaves this shape's weights.
+    fn weights_path(self) -> PathBuf {
+        let name = match self {
+            Shape::Smollm2 => "smollm2",
+            Shape::Tiny => "tiny",
+        };
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("overhead-{name}-q4_1.gguf"))
+    }
+}
+
+/// A benchmark cannot go on without its model: say why and stop.
+fn or_exit<T, E: Display>(result: Result<T, E>, what: &str) -> T {
+    result.unwrap_or_else(|e| {
+        eprintln!("overhead benchmark: {what}: {e}");
+        std::process::exit(2)
+    })
+}
+
+fn tensor_name(layer: usize, tensor: &str) -> String {
+    format!("blk.{layer}.{tensor}.weight")
+}
+
+fn add_matrix(out: &mut GgufWriter, name: &str, m: &QMatrix) {
+    let dims = [m.cols() as u64, m.rows() as u64];
+    out.add_tensor(name, &dims, m.ty(), m.bytes().to_vec());
+}
+
+fn add_vector(out: &mut GgufWriter, name: &str, v: &[f32]) {
+    let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    out.add_tensor(name, &[v.len() as u64], GgmlType::F32, bytes);
+}
+
+/// The address of `Llama::<C>::forward`.
+fn forward_of<C: TraceConfig>() -> usize {
+    let forward: for<'a> fn(&'a mut Llama<C>, u32) -> &'a [f32] = Llama::<C>::forward;
+    forward as usize
+}
+
+/// Makes both builds compile the decoder for every config.
+///
+/// Which helper functions the optimizer inlines into `Llama::<Disabled>::forward`
+/// depends on how many instances of `forward` call them (a function with a
+/// single caller is inlined for free). The hooks build instantiates
+/// `forward` once per benchmarked config; without this, the baseline build
+/// would instantiate it for `Disabled` alone, and the two `Disabled`
+/// decoders would differ by a few hundredths of a percent for reasons that
+/// have nothing to do with the hooks.
+fn instantiate_every_config() {
+    black_box([
+        forward_of::<Disabled>(),
+        forward_of::<Lightweight>(),
+        forward_of::<Full>(),
+        forward_of::<FullNoLens>(),
+        forward_of::<Activations>(),
+        forward_of::<KvCache>(),
+        forward_of::<Attention>(),
+        forward_of::<Logits>(),
+        forward_of::<LogitLens>(),
+        forward_of::<QuantError>(),
+    ]);
+}
+
+/// Main setup (native): the synthetic weights of every shape, as GGUF files.
+fn write_weight_files() {
+    instantiate_every_config();
+    for shape in Shape::ALL {
+        let config = shape.config();
+        let w = or_exit(
+            synthetic_weights(&config, GgmlType::Q4_1, SEED),
+            "synthetic weights",
+        );
+        let mut out = GgufWriter::new();
+        add_matrix(&mut out, "token_embd.weight", &w.token_embd);
+        for (i, l) in w.layers.iter().enumerate() {
+            add_vector(&mut out, &tensor_name(i, "attn_norm"), &l.attn_norm);
+            add_matrix(&mut out, &tensor_name(i, "attn_q"), &l.attn_q.weight);
+            add_matrix(&mut out, &tensor_name(i, "attn_k"), &l.attn_k.weight);
+            add_matrix(&mut out, &tensor_name(i, "attn_v"), &l.attn_v.weight);
+            add_matrix(
+                &mut out,
+                &tensor_name(i, "attn_output"),
+                &l.attn_output.weight,
+            );
+            add_vector(&mut out, &tensor_name(i, "ffn_norm"), &l.ffn_norm);
+            add_matrix(&mut out, &tensor_name(i, "ffn_gate"), &l.ffn_gate.weight);
+            add_matrix(&mut out, &tensor_name(i, "ffn_up"), &l.ffn_up.weight);
+            add_matrix(&mut out, &tensor_name(i, "ffn_down"), &l.ffn_down.weight);
+        }
+        add_vector(&mut out, "output_norm.weight", &w.output_norm);
+        add_matrix(&mut out, "output.weight", &w.output.weight);
+        let path = shape.weights_path();
+        or_exit(out.write(&path), &format!("writing {}", path.display()));
+    }
+}
+
+/// The weights the main setup wrote for `shape`.
+fn read_weights(shape: Shape) -> Weights {
+    let path = shape.weights_path();
+    let file = or_exit(GgufFile::open(&path), &path.display().to_string());
+    or_exit(
+        Weights::from_gguf(&file, &shape.config()),
+        "reading the weights",
+    )
+}
+
+/// The token fed at `position`: fixed, spread over the vocabulary.
+fn token_at(position: usize, vocab: usize) -> u32 {
+    ((position * 7919 + 13) % vocab) as u32
+}
+
+/// Benchmark setup (under valgrind, not counted): the model of `shape`
+/// traced by `trace`, after the prefill. Boxed, so that handing it to the
+/// benchmark and back moves a pointer, not the struct.
+fn prefilled<C: TraceConfig>(shape: Shape, trace: C) -> Box<Llama<C>> {
+    let config = shape.config();
+    let vocab = config.vocab_size;
+    let cache = KvCacheOptions {
+        capacity: CACHE_CAPACITY,
+        sinks: 4,
+    };
+    let mut model = Box::new(or_exit(
+        Llama::new(config, read_weights(shape), None, cache, trace),
+        "building the model",
+    ));
+    for position in 0..PREFILL {
+        model.forward(token_at(position, vocab));
+    }
+    model
+}
+
+/// Callgrind counting instructions only.
+fn callgrind_config() -> LibraryBenchmarkConfig {
+    let mut callgrind = Callgrind::with_args(["--cache-sim=no"]);
+    callgrind.format([EventKind::Ir]);
+    let mut config = LibraryBenchmarkConfig::default();
+    config.tool(callgrind);
+    config
+}
+
+/// The measured work: one decode step, at position [`PREFILL`].
+#[inline(always)]
+fn run_step<C: TraceConfig>(model: &mut Llama<C>) {
+    let token = token_at(PREFILL, model.config.vocab_size);
+    black_box(model.forward(black_box(token)));
+}
+
+/// [`DEFAULT_QUANT_STRIDE`] consecutive decode steps from position
+/// [`PREFILL`]: one period of the default quantization-error sampling.
+#[inline(always)]
+fn run_stride_steps<C: TraceConfig>(model: &mut Llama<C>) {
+    let vocab = model.config.vocab_size;
+    for position in PREFILL..PREFILL + DEFAULT_QUANT_STRIDE {
+        black_box(model.forward(black_box(token_at(position, vocab))));
+    }
+}
+
+/// Declares a marker config that turns on the listed systems only.
+macro_rules! marker {
+    ($(#[$doc:meta])* $name:ident { $($system:ident),* } $(, lens = $lens:expr)?) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Default)]
+        pub struct $name;
+
+        impl TraceConfig for $name {
+            const ACTIVATIONS: bool = marker!(@on ACTIVATIONS $($system)*);
+            const ATTENTION: bool = marker!(@on ATTENTION $($system)*);
+            const LOGITS: bool = marker!(@on LOGITS $($system)*);
+            const QUANT_ERROR: bool = marker!(@on QUANT_ERROR $($system)*);
+            const KV_CACHE: bool = marker!(@on KV_CACHE $($system)*);
+            $(const LOGIT_LENS: bool = $lens;)?
+            type Storage = Recorder;
+        }
+    };
+    (@on $want:ident $($system:ident)*) => {
+        false $(|| marker!(@eq $want $system))*
+    };
+    (@eq ACTIVATIONS ACTIVATIONS) => { true };
+    (@eq ATTENTION ATTENTION) => { true };
+    (@eq LOGITS LOGITS) => { true };
+    (@eq QUANT_ERROR QUANT_ERROR) => { true };
+    (@eq KV_CACHE KV_CACHE) => { true };
+    (@eq $a:ident $b:ident) => { false };
+}
+
+mod markers {
+    use super::*;
+
+    marker!(
+        /// Activation statistics alone.
+        Activations { ACTIVATIONS }
+    );
+    marker!(
+        /// Attention summaries of every head alone.
+        Attention { ATTENTION }
+    );
+    marker!(
+        /// Ranks on the final logits alone, no per-layer lens.
+        Logits { LOGITS },
+        lens = false
+    );
+    marker!(
+        /// The logit lens on every layer, with the final ranks.
+        LogitLens { LOGITS }
+    );
+    marker!(
+        /// Quantization error alone (default sampling: one brick visit in 37).
+        QuantError { QUANT_ERROR }
+    );
+    marker!(
+        /// KV cache state alone.
+        KvCache { KV_CACHE }
+    );
+    marker!(
+        /// Everything `Full` traces except the per-layer logit lens.
+        FullNoLens { ACTIVATIONS, ATTENTION, LOGITS, QUANT_ERROR, KV_CACHE },
+        lens = false
+    );
+}
+
+use markers::*;
+
+// The `Disabled` ids of the hooks build come first, in the places of the
+// `compiled_out` ids of the baseline build: iai-callgrind runs each id as
+// `<binary> --iai-run <group> <function> <index> ...`, and with equal
+// arguments (and binary paths of equal length, see `.ci/overhead`) both
+// processes start with the same stack and heap layout. Otherwise `memcpy`,
+// whose instruction count depends on the alignment of its operands, can
+// differ by a few instructions between the two builds.
+
+#[cfg(not(model_tracer_no_hooks))]
+#[library_benchmark]
+#[bench::smollm2_disabled(args = (Shape::Smollm2, Disabled), setup = prefilled)]
+#[bench::tiny_disabled(args = (Shape::Tiny, Disabled), setup = prefilled)]
+#[bench::smollm2_lightweight(args = (Shape::Smollm2, Lightweight), setup = prefilled)]
+#[bench::smollm2_activations(args = (Shape::Smollm2, Activations), setup = prefilled)]
+#[bench::smollm2_kv_cache(args = (Shape::Smollm2, KvCache), setup = prefilled)]
+#[bench::smollm2_attention(args = (Shape::Smollm2, Attention), setup = prefilled)]
+#[bench::smollm2_logits(args = (Shape::Smollm2, Logits), setup = prefilled)]
+#[cfg_attr(
+    model_tracer_overhead_full,
+    bench::smollm2_full_no_lens(args = (Shape::Smollm2, FullNoLens), setup = prefilled)
+)]
+#[cfg_attr(
+    model_tracer_overhead_full,
+    bench::smollm2_full(args = (Shape::Smollm2, Full), setup = prefilled)
+)]
+#[bench::tiny_lightweight(args = (Shape::Tiny, Lightweight), setup = prefilled)]
+#[bench::tiny_activations(args = (Shape::Tiny, Activations), setup = prefilled)]
+#[bench::tiny_kv_cache(args = (Shape::Tiny, KvCache), setup = prefilled)]
+#[bench::tiny_attention(args = (Shape::Tiny, Attention), setup = prefilled)]
+#[bench::tiny_logits(args = (Shape::Tiny, Logits), setup = prefilled)]
+#[bench::tiny_logit_lens(args = (Shape::Tiny, LogitLens), setup = prefilled)]
+#[bench::tiny_quant_error(args = (Shape::Tiny, QuantError), setup = prefilled)]
+#[bench::tiny_full_no_lens(args = (Shape::Tiny, FullNoLens), setup = prefilled)]
+#[bench::tiny_full(args = (Shape::Tiny, Full), setup = prefilled)]
+fn step<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
+    run_step(&mut model);
+    model
+}
+
+#[cfg(not(model_tracer_no_hooks))]
+#[library_benchmark]
+#[bench::smollm2_disabled_x37(args = (Shape::Smollm2, Disabled), setup = prefilled)]
+#[bench::tiny_disabled_x37(args = (Shape::Tiny, Disabled), setup = prefilled)]
+#[bench::smollm2_quant_error_x37(args = (Shape::Smollm2, QuantError), setup = prefilled)]
+#[bench::tiny_quant_error_x37(args = (Shape::Tiny, QuantError), setup = prefilled)]
+fn steps<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
+    run_stride_steps(&mut model);
+    model
+}
+
+#[cfg(model_tracer_no_hooks)]
+#[library_benchmark]
+#[bench::smollm2_compiled_out(args = (Shape::Smollm2, Disabled), setup = prefilled)]
+#[bench::tiny_compiled_out(args = (Shape::Tiny, Disabled), setup = prefilled)]
+fn step<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
+    run_step(&mut model);
+    model
+}
+
+#[cfg(model_tracer_no_hooks)]
+#[library_benchmark]
+#[bench::smollm2_compiled_out_x37(args = (Shape::Smollm2, Disabled), setup = prefilled)]
+#[bench::tiny_compiled_out_x37(args = (Shape::Tiny, Disabled), setup = prefilled)]
+fn steps<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
+    run_stride_steps(&mut model);
+    model
+}
+
+library_benchmark_group!(name = overhead; benchmarks = step, steps);
+
+main!(
+    config = callgrind_config();
+    setup = write_weight_files();
+    library_benchmark_groups = overhead
+);

@@ -1,0 +1,1482 @@
+//! The decoder: configuration, weights, KV cache, run state and the forward
+//! pass, laid out so that it reads in one sitting. The tracer hooks are the
+//! only additions to the arithmetic.
+// Without hooks (the benchmarks' baseline) the tracer's inputs go unused.
+#![cfg_attr(
+    model_tracer_no_hooks,
+    allow(unused_imports, unused_variables, dead_code)
+)]
+
+use std::fmt;
+use std::path::Path;
+
+use model_tracer::config::TraceConfig;
+use model_tracer::kv_cache::KvCacheStateTrace;
+use model_tracer::quant::{BrickId, QuantType};
+use model_tracer::tracer::ModelTracer;
+use model_tracer::Stage;
+
+use super::dtype::GgmlType;
+use super::gguf::{GgufError, GgufFile};
+use super::quant::{activation_type, QMatrix, QuantError, QuantizedActivations};
+use super::tokenizer::{Tokenizer, TokenizerError};
+
+/// Why a model could not be built or loaded.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The GGUF container is malformed.
+    Gguf(GgufError),
+    /// A tensor cannot be decoded.
+    Quant {
+        /// Tensor name.
+        tensor: String,
+        /// What is wrong.
+        error: QuantError,
+    },
+    /// The vocabulary cannot be turned into a tokenizer.
+    Tokenizer(TokenizerError),
+    /// The file is not of an architecture this decoder runs.
+    UnsupportedArchitecture(String),
+    /// A tensor the architecture needs is absent.
+    MissingTensor(String),
+    /// A tensor has other dimensions than the metadata implies.
+    Shape {
+        /// Tensor name.
+        tensor: String,
+        /// Dimensions implied by the metadata (ggml order).
+        expected: Vec<u64>,
+        /// Dimensions in the file.
+        found: Vec<u64>,
+    },
+    /// The hyperparameters are inconsistent.
+    Config(String),
+}
+
+impl fmt::Display for ModelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelError::Gguf(e) => write!(f, "GGUF: {e}"),
+            ModelError::Quant { tensor, error } => write!(f, "tensor {tensor}: {error}"),
+            ModelError::Tokenizer(e) => write!(f, "tokenizer: {e}"),
+            ModelError::UnsupportedArchitecture(a) => {
+                write!(f, "architecture {a:?} is not supported (only llama)")
+            }
+            ModelError::MissingTensor(t) => write!(f, "tensor {t} is missing"),
+            ModelError::Shape {
+                tensor,
+                expected,
+                found,
+            } => write!(
+                f,
+                "tensor {tensor} has dimensions {found:?}, the metadata implies {expected:?}"
+            ),
+            ModelError::Config(m) => write!(f, "bad model configuration: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ModelError {}
+
+impl From<GgufError> for ModelError {
+    fn from(e: GgufError) -> Self {
+        ModelError::Gguf(e)
+    }
+}
+
+impl From<TokenizerError> for ModelError {
+    fn from(e: TokenizerError) -> Self {
+        ModelError::Tokenizer(e)
+    }
+}
+
+/// Hyperparameters of a LLaMA-family decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Transformer layers.
+    pub n_layers: usize,
+    /// Hidden size (residual stream width).
+    pub dim: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_heads`).
+    pub n_kv_heads: usize,
+    /// Width of one head (`dim / n_heads`).
+    pub head_dim: usize,
+    /// Feed-forward hidden size.
+    pub ffn_dim: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Longest context the model was trained for.
+    pub context_len: usize,
+    /// RoPE frequency base.
+    pub rope_base: f32,
+    /// Dimensions of each head that RoPE rotates (the rest pass through).
+    pub rope_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+}
+
+impl Config {
+    /// Width of the keys (and values) of one position: `n_kv_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// SmolLM2-135M's shape.
+    pub fn smollm2_135m() -> Self {
+        Self {
+            n_layers: 30,
+            dim: 576,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            ffn_dim: 1536,
+            vocab_size: 49152,
+            context_len: 8192,
+            rope_base: 100_000.0,
+            rope_dim: 64,
+            rms_eps: 1e-5,
+        }
+    }
+
+    /// A tiny shape for fast tests: 4 layers, hidden 256, 4 heads / 2 KV heads.
+    pub fn tiny() -> Self {
+        Self {
+            n_layers: 4,
+            dim: 256,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+            ffn_dim: 512,
+            vocab_size: 512,
+            context_len: 1024,
+            rope_base: 10_000.0,
+            rope_dim: 64,
+            rms_eps: 1e-5,
+        }
+    }
+
+    /// Reads the `llama.*` hyperparameters of a GGUF file.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self, ModelError> {
+        let arch = gguf.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(ModelError::UnsupportedArchitecture(arch.to_string()));
+        }
+        let u = |k: &str| -> Result<usize, ModelError> {
+            let v = gguf.get_u32(&format!("llama.{k}"))?;
+            usize::try_from(v).map_err(|_| ModelError::Config(format!("llama.{k} = {v}")))
+        };
+        let dim = u("embedding_length")?;
+        let n_heads = u("attention.head_count")?;
+        let n_kv_heads = match gguf.metadata("llama.attention.head_count_kv") {
+            Some(_) => u("attention.head_count_kv")?,
+            None => n_heads,
+        };
+        if n_heads == 0 || dim % n_heads != 0 {
+            return Err(ModelError::Config(format!(
+                "embedding_length {dim} is not a multiple of head_count {n_heads}"
+            )));
+        }
+        let head_dim = dim / n_heads;
+        let vocab_size = match gguf.metadata("llama.vocab_size") {
+            Some(_) => u("vocab_size")?,
+            None => gguf
+                .tensor("token_embd.weight")
+                .map(|t| t.rows())
+                .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?,
+        };
+        let rope_dim = match gguf.metadata("llama.rope.dimension_count") {
+            Some(_) => u("rope.dimension_count")?,
+            None => head_dim,
+        };
+        let rope_base = match gguf.metadata("llama.rope.freq_base") {
+            Some(_) => gguf.get_f32("llama.rope.freq_base")?,
+            None => 10_000.0,
+        };
+        let config = Self {
+            n_layers: u("block_count")?,
+            dim,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn_dim: u("feed_forward_length")?,
+            vocab_size,
+            context_len: u("context_length")?,
+            rope_base,
+            rope_dim,
+            rms_eps: gguf.get_f32("llama.attention.layer_norm_rms_epsilon")?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the shape is one this decoder can run.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.n_layers == 0 || self.dim == 0 || self.vocab_size == 0 || self.ffn_dim == 0 {
+            return bad(format!("empty dimension in {self:?}"));
+        }
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "{} heads cannot be grouped over {} KV heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim * self.n_heads != self.dim {
+            return bad(format!(
+                "head_dim {} x {} heads != dim {}",
+                self.head_dim, self.n_heads, self.dim
+            ));
+        }
+        if self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
+            return bad(format!(
+                "rope dimension {} does not fit head dimension {}",
+                self.rope_dim, self.head_dim
+            ));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0 && self.rope_base > 0.0) {
+            return bad(format!(
+                "rms epsilon {} / rope base {}",
+                self.rms_eps, self.rope_base
+            ));
+        }
+        // Four positions at the least, and nothing absurd: the cache is
+        // allocated from this number.
+        if self.context_len < 4 || self.context_len > 1 << 22 {
+            return bad(format!("context length {}", self.context_len));
+        }
+        Ok(())
+    }
+}
+
+/// A weight matrix of the decoder, with the f32 master weights it was
+/// quantized from when they are known (synthetic models).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// The weights the quantized path multiplies, `(out, in)`.
+    pub weight: QMatrix,
+    /// f32 weights the f32 reference path multiplies instead of the
+    /// dequantized `weight`, when known.
+    pub master: Option<QMatrix>,
+    /// What-if copies: the reference weights re-quantized to other types.
+    pub what_if: Vec<QMatrix>,
+}
+
+impl Linear {
+    fn new(weight: QMatrix, name: &str) -> Result<Self, ModelError> {
+        let ty = weight.ty();
+        let block = activation_type(ty).map(GgmlType::block_len);
+        match block {
+            Some(b) if weight.cols() % b == 0 => Ok(Self {
+                weight,
+                master: None,
+                what_if: Vec::new(),
+            }),
+            _ => Err(ModelError::Quant {
+                tensor: name.to_string(),
+                error: QuantError::Unsupported(ty),
+            }),
+        }
+    }
+
+    /// Quantized path: `out = W x` with `x` quantized for this matrix.
+    #[inline]
+    pub fn forward(&self, x: &QuantizedActivations, out: &mut [f32]) {
+        self.weight.matvec(x, out);
+    }
+
+    /// f32 reference path: master (or dequantized) weights times f32 `x`.
+    pub fn reference(&self, x: &[f32], out: &mut [f32]) {
+        match &self.master {
+            Some(m) => m.matvec_f32(x, out),
+            None => self.weight.matvec_f32(x, out),
+        }
+    }
+
+    /// Storage format of the quantized weights, as the trace names it.
+    pub fn quant_type(&self) -> QuantType {
+        quant_type_of(self.weight.ty())
+    }
+
+    /// Output rows.
+    pub fn rows(&self) -> usize {
+        self.weight.rows()
+    }
+
+    /// Re-quantizes the reference weights (master if known, else the
+    /// dequantized weights) to each of `targets`, for what-if tracing.
+    pub fn build_what_if(&mut self, targets: &[GgmlType]) -> Result<(), QuantError> {
+        let reference = match &self.master {
+            Some(m) => m.to_f32(),
+            None => self.weight.to_f32(),
+        };
+        self.what_if = targets
+            .iter()
+            .map(|&t| QMatrix::from_f32(t, self.weight.rows(), self.weight.cols(), &reference))
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+}
+
+/// Compares, for each what-if type, the output of `linears` (stacked, as
+/// `[q | k | v]` for the QKV brick) computed with re-quantized weights against
+/// the reference weights, on the f32 input `x`.
+#[cfg_attr(model_tracer_no_hooks, allow(dead_code))]
+#[inline(always)]
+fn trace_what_if<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    brick: BrickId,
+    layer: usize,
+    linears: &[&Linear],
+    x: &[f32],
+) {
+    if !tracer.wants_what_if() {
+        return;
+    }
+    let Some(first) = linears.first() else { return };
+    let len = linears.iter().map(|l| l.rows()).sum();
+    for (i, target) in first.what_if.iter().enumerate() {
+        tracer.what_if(
+            brick,
+            layer,
+            quant_type_of(target.ty()),
+            len,
+            |cand, refr| {
+                let mut at = 0;
+                for l in linears {
+                    let rows = at..at + l.rows();
+                    if let Some(w) = l.what_if.get(i) {
+                        w.matvec_f32(x, &mut cand[rows.clone()]);
+                    }
+                    l.reference(x, &mut refr[rows]);
+                    at += l.rows();
+                }
+            },
+        );
+    }
+}
+
+/// The trace's name of a ggml element type (activation-only formats map to
+/// their weight counterparts).
+pub fn quant_type_of(ty: GgmlType) -> QuantType {
+    match ty {
+        GgmlType::F32 => QuantType::F32,
+        GgmlType::F16 => QuantType::F16,
+        GgmlType::BF16 => QuantType::BF16,
+        GgmlType::Q4_0 => QuantType::Q4_0,
+        GgmlType::Q4_1 => QuantType::Q4_1,
+        GgmlType::Q5_0 => QuantType::Q5_0,
+        GgmlType::Q5_1 => QuantType::Q5_1,
+        GgmlType::Q8_0 | GgmlType::Q8_1 | GgmlType::Q8_K => QuantType::Q8_0,
+        GgmlType::Q2_K => QuantType::Q2_K,
+        GgmlType::Q3_K => QuantType::Q3_K,
+        GgmlType::Q4_K => QuantType::Q4_K,
+        GgmlType::Q5_K => QuantType::Q5_K,
+        GgmlType::Q6_K => QuantType::Q6_K,
+    }
+}
+
+/// Weights of one transformer layer.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    /// RMSNorm weight before attention, `(dim)`.
+    pub attn_norm: Vec<f32>,
+    /// Query projection, `(dim, dim)`.
+    pub attn_q: Linear,
+    /// Key projection, `(kv_dim, dim)`.
+    pub attn_k: Linear,
+    /// Value projection, `(kv_dim, dim)`.
+    pub attn_v: Linear,
+    /// Attention output projection, `(dim, dim)`.
+    pub attn_output: Linear,
+    /// RMSNorm weight before the feed-forward block, `(dim)`.
+    pub ffn_norm: Vec<f32>,
+    /// Gate projection, `(ffn_dim, dim)`.
+    pub ffn_gate: Linear,
+    /// Up projection, `(ffn_dim, dim)`.
+    pub ffn_up: Linear,
+    /// Down projection, `(dim, ffn_dim)`.
+    pub ffn_down: Linear,
+}
+
+/// All weights of the decoder.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    /// Token embeddings, `(vocab, dim)`.
+    pub token_embd: QMatrix,
+    /// The layers.
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm weight, `(dim)`.
+    pub output_norm: Vec<f32>,
+    /// LM head, `(vocab, dim)`; a copy of the embeddings when they are tied.
+    pub output: Linear,
+}
+
+impl Weights {
+    /// Every linear layer, LM head included.
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> + '_ {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.attn_q,
+                    &mut l.attn_k,
+                    &mut l.attn_v,
+                    &mut l.attn_output,
+                    &mut l.ffn_gate,
+                    &mut l.ffn_up,
+                    &mut l.ffn_down,
+                ]
+            })
+            .chain(std::iter::once(&mut self.output))
+    }
+
+    /// Forgets the f32 master weights: the reference path then multiplies
+    /// the dequantized weights, and measures what activation quantization
+    /// alone costs.
+    pub fn drop_masters(&mut self) {
+        self.linears_mut().for_each(|l| l.master = None);
+    }
+}
+
+/// A fault to inject into the forward pass, to watch the anomaly detector
+/// find it at its origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// One NaN in the attention output of the layer (stage `post_attn`).
+    NaN,
+    /// One +Inf in the feed-forward output of the layer (stage `post_ffn`).
+    Inf,
+    /// The feed-forward output of the layer scaled by 1e8 (stage `post_ffn`).
+    Explode,
+}
+
+/// Where and when to inject a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// What to inject.
+    pub kind: FaultKind,
+    /// Layer to inject it in.
+    pub layer: usize,
+    /// Only at this position (`None`: at every position).
+    pub position: Option<usize>,
+}
+
+impl Fault {
+    /// The stage where the fault first shows.
+    pub fn stage(&self) -> Stage {
+        match self.kind {
+            FaultKind::NaN => Stage::PostAttn,
+            FaultKind::Inf | FaultKind::Explode => Stage::PostFfn,
+        }
+    }
+
+    /// Parses `nan@LAYER`, `inf@LAYER` or `explode@LAYER`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (kind, layer) = text
+            .split_once('@')
+            .ok_or_else(|| format!("fault {text:?}: expected KIND@LAYER"))?;
+        let kind = match kind {
+            "nan" => FaultKind::NaN,
+            "inf" => FaultKind::Inf,
+            "explode" => FaultKind::Explode,
+            other => {
+                return Err(format!(
+                    "fault kind {other:?}: expected nan, inf or explode"
+                ))
+            }
+        };
+        let layer = layer
+            .parse()
+            .map_err(|_| format!("fault layer {layer:?} is not a number"))?;
+        Ok(Self {
+            kind,
+            layer,
+            position: None,
+        })
+    }
+}
+
+/// How the KV cache is sized and evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheOptions {
+    /// Positions the cache holds (at most the model's context length).
+    pub capacity: usize,
+    /// First positions that are never evicted (attention sinks).
+    pub sinks: usize,
+}
+
+/// The KV cache: keys and values of every cached position, per layer,
+/// preallocated as `(layers, capacity, kv_dim)`.
+///
+/// When full, the oldest position after the sinks is evicted (StreamingLLM's
+/// policy): slots `0..sinks` hold the first positions forever, the rest is a
+/// ring over the most recent ones. Keys keep the rotation of their original
+/// position.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    key: Vec<f32>,   // (layer, capacity, kv_dim)
+    value: Vec<f32>, // (layer, capacity, kv_dim)
+    capacity: usize,
+    kv_dim: usize,
+    sinks: usize,
+    len: usize,            // valid positions
+    ring_start: usize,     // chronological start of the ring region, as an offset into it
+    tokens: Vec<u32>,      // token of each slot
+    positions: Vec<usize>, // absolute position of each slot
+    next_position: usize,
+    total_evictions: usize,
+    step_evictions: usize,
+}
+
+impl KvCache {
+    fn new(n_layers: usize, kv_dim: usize, options: KvCacheOptions) -> Self {
+        let capacity = options.capacity.max(2);
+        let sinks = options.sinks.min(capacity - 1);
+        Self {
+            key: vec![0.0; n_layers * capacity * kv_dim],
+            value: vec![0.0; n_layers * capacity * kv_dim],
+            capacity,
+            kv_dim,
+            sinks,
+            len: 0,
+            ring_start: 0,
+            tokens: vec![0; capacity],
+            positions: vec![0; capacity],
+            next_position: 0,
+            total_evictions: 0,
+            step_evictions: 0,
+        }
+    }
+
+    /// Slot of the `t`-th oldest cached position.
+    #[inline]
+    fn slot(&self, t: usize) -> usize {
+        if t < self.sinks {
+            t
+        } else {
+            let ring = self.capacity - self.sinks;
+            self.sinks + (self.ring_start + t - self.sinks) % ring
+        }
+    }
+
+    /// Makes room for one more position and returns its slot.
+    fn push(&mut self, token: u32, position: usize) -> usize {
+        if self.len == self.capacity {
+            self.ring_start = (self.ring_start + 1) % (self.capacity - self.sinks);
+            self.total_evictions += 1;
+            self.step_evictions += 1;
+        } else {
+            self.len += 1;
+        }
+        let slot = self.slot(self.len - 1);
+        self.tokens[slot] = token;
+        self.positions[slot] = position;
+        self.next_position = position + 1;
+        slot
+    }
+
+    /// Positions holding keys and values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Capacity in positions.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Positions evicted since the cache was cleared.
+    pub fn total_evictions(&self) -> usize {
+        self.total_evictions
+    }
+
+    /// Absolute position the next token takes.
+    pub fn next_position(&self) -> usize {
+        self.next_position
+    }
+
+    /// Cached tokens in chronological order.
+    pub fn tokens(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len).map(|t| self.tokens[self.slot(t)])
+    }
+
+    /// Absolute positions of the cached tokens, in chronological order.
+    pub fn positions(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.len).map(|t| self.positions[self.slot(t)])
+    }
+
+    /// Bytes held by the valid positions (keys and values, every layer).
+    pub fn bytes_in_use(&self, n_layers: usize) -> usize {
+        2 * n_layers * self.len * self.kv_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Forgets every position: call between independent conversations.
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.ring_start = 0;
+        self.next_position = 0;
+        self.total_evictions = 0;
+        self.step_evictions = 0;
+    }
+
+    /// Keeps the first `n` positions, if the cache still holds the sequence
+    /// from position 0 without gaps; returns whether it did.
+    fn truncate(&mut self, n: usize) -> bool {
+        if self.total_evictions > 0 || n > self.len {
+            return false;
+        }
+        self.len = n;
+        self.next_position = n;
+        true
+    }
+}
+
+/// Buffers of one forward pass, allocated once.
+#[derive(Debug, Clone)]
+struct RunState {
+    x: Vec<f32>,      // (dim) residual stream
+    xb: Vec<f32>,     // (dim) normed input of a block; attention output before projection
+    xb2: Vec<f32>,    // (dim) output of a block's last projection
+    qkv: Vec<f32>,    // (dim + 2 kv_dim) query, key, value of the current position
+    att: Vec<f32>,    // (n_heads, capacity) attention scores, then weights
+    hb: Vec<f32>,     // (ffn_dim) gate, then the SwiGLU product
+    hb2: Vec<f32>,    // (ffn_dim) up
+    logits: Vec<f32>, // (vocab)
+    xq: QuantizedActivations,
+    lens_x: Vec<f32>, // (dim) final-normed hidden state for the logit lens
+    lens_q: QuantizedActivations,
+    rope_freq: Vec<f32>, // (rope_dim / 2) inverse frequencies
+}
+
+impl RunState {
+    fn new(c: &Config, capacity: usize) -> Self {
+        let rope_freq = (0..c.rope_dim / 2)
+            .map(|i| c.rope_base.powf(-2.0 * i as f32 / c.rope_dim as f32))
+            .collect();
+        Self {
+            x: vec![0.0; c.dim],
+            xb: vec![0.0; c.dim],
+            xb2: vec![0.0; c.dim],
+            qkv: vec![0.0; c.dim + 2 * c.kv_dim()],
+            att: vec![0.0; c.n_heads * capacity],
+            hb: vec![0.0; c.ffn_dim],
+            hb2: vec![0.0; c.ffn_dim],
+            logits: vec![0.0; c.vocab_size],
+            xq: QuantizedActivations::new(),
+            lens_x: vec![0.0; c.dim],
+            lens_q: QuantizedActivations::new(),
+            rope_freq,
+        }
+    }
+}
+
+/// The result of [`Llama::generate`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Generation {
+    /// Tokens generated (the end-of-generation token, if met, is included).
+    pub tokens: Vec<u32>,
+    /// Prompt positions served from the cache instead of recomputed.
+    pub reused_prompt_positions: usize,
+    /// Prompt positions computed.
+    pub computed_prompt_positions: usize,
+}
+
+/// A LLaMA-family decoder generic over its trace config: `Llama<Disabled>`
+/// runs with no tracing code at all.
+#[derive(Debug)]
+pub struct Llama<C: TraceConfig = model_tracer::DefaultTrace> {
+    /// Hyperparameters.
+    pub config: Config,
+    /// Weights.
+    pub weights: Weights,
+    /// The tokenizer, when the model file carries a vocabulary.
+    pub tokenizer: Option<Tokenizer>,
+    cache: KvCache,
+    state: RunState,
+    tracer: ModelTracer<C>,
+    fault: Option<Fault>,
+    exact: bool,
+    steps: usize,
+}
+
+/// Calls a tracer hook, or compiles to nothing at all when the crate is
+/// built with `RUSTFLAGS="--cfg model_tracer_no_hooks"`: "the same model,
+/// never instrumented", the baseline of the instruction-count benchmarks.
+///
+/// Each hook begins with a test of its own system's const, inside the
+/// call; the call's arguments and closures are formed outside it. Testing
+/// `C::ANY` around the whole call, a literal `false` for `Disabled`, puts
+/// the call and its arguments in a branch that is dead from the start,
+/// rather than leaving the optimizer to prove each piece unused after
+/// inlining. `.ci/overhead` checks the outcome: `Disabled` runs exactly the
+/// instructions of the hook-free build.
+macro_rules! hook {
+    ($($call:tt)*) => {
+        #[cfg(not(model_tracer_no_hooks))]
+        if <C as TraceConfig>::ANY {
+            $($call)*;
+        }
+    };
+}
+
+/// Quantizes `x` for weights of type `ty` (nothing to do on the exact f32
+/// path). The types and lengths were checked when the weights were built, so
+/// this cannot fail.
+#[inline]
+fn quantize(xq: &mut QuantizedActivations, x: &[f32], ty: GgmlType, exact: bool) {
+    if exact {
+        return;
+    }
+    if let Err(e) = xq.quantize_from(x, ty) {
+        unreachable!("activation shapes are validated at load: {e}");
+    }
+}
+
+/// `out = W x`: on the quantized path (weights times 8-bit activations) or
+/// the exact f32 path.
+#[inline]
+fn matmul(w: &Linear, xq: &QuantizedActivations, x: &[f32], out: &mut [f32], exact: bool) {
+    if exact {
+        w.reference(x, out);
+    } else {
+        w.forward(xq, out);
+    }
+}
+
+fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+    let ss = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (ss + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = w * (v * scale);
+    }
+}
+
+/// Rotates consecutive pairs `(x[2i], x[2i+1])` of each head by
+/// `pos * freq[i]`: llama.cpp's "normal" RoPE, which GGUF llama files are
+/// converted for (their Q and K rows are permuted to match).
+fn rope(x: &mut [f32], head_dim: usize, freq: &[f32], pos: usize) {
+    for head in x.chunks_exact_mut(head_dim) {
+        for (pair, &f) in head.chunks_exact_mut(2).zip(freq) {
+            let (sin, cos) = (pos as f32 * f).sin_cos();
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * cos - b * sin;
+            pair[1] = a * sin + b * cos;
+        }
+    }
+}
+
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+impl<C: TraceConfig> Llama<C> {
+    /// Builds a decoder from weights, with a KV cache of `cache` positions.
+    pub fn new(
+        config: Config,
+        weights: Weights,
+        tokenizer: Option<Tokenizer>,
+        cache: KvCacheOptions,
+        trace: C,
+    ) -> Result<Self, ModelError> {
+        config.validate()?;
+        check_shapes(&config, &weights)?;
+        let capacity = cache.capacity.clamp(2, config.context_len);
+        let cache = KvCache::new(
+            config.n_layers,
+            config.kv_dim(),
+            KvCacheOptions { capacity, ..cache },
+        );
+        let state = RunState::new(&config, cache.capacity());
+        Ok(Self {
+            tracer: ModelTracer::new(trace),
+            config,
+            weights,
+            tokenizer,
+            cache,
+            state,
+            fault: None,
+            exact: false,
+            steps: 0,
+        })
+    }
+
+    /// Loads a GGUF file (llama architecture) with its tokenizer.
+    pub fn from_gguf(
+        path: impl AsRef<Path>,
+        cache: Option<KvCacheOptions>,
+        trace: C,
+    ) -> Result<Self, ModelError> {
+        let gguf = GgufFile::open(path)?;
+        let config = Config::from_gguf(&gguf)?;
+        let weights = Weights::from_gguf(&gguf, &config)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let cache = cache.unwrap_or(KvCacheOptions {
+            capacity: config.context_len.min(4096),
+            sinks: 4,
+        });
+        Self::new(config, weights, Some(tokenizer), cache, trace)
+    }
+
+    /// The tracer.
+    pub fn tracer(&self) -> &ModelTracer<C> {
+        &self.tracer
+    }
+
+    /// The tracer, to change its options or clear it.
+    pub fn tracer_mut(&mut self) -> &mut ModelTracer<C> {
+        &mut self.tracer
+    }
+
+    /// The KV cache.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Injects `fault` into every following forward pass (`None` removes it).
+    pub fn set_fault(&mut self, fault: Option<Fault>) {
+        self.fault = fault;
+    }
+
+    /// Turns on what-if tracing: every linear layer (LM head included) gets
+    /// copies of its reference weights re-quantized to each of `targets`,
+    /// and every forward pass records, per brick and layer, how far the
+    /// re-quantized output is from the reference one (quantization-error
+    /// tracing must be on). An empty list turns it off and frees the copies.
+    ///
+    /// With a GGUF file the reference is the file's own weights, so the
+    /// table shows what moving each brick to another type would cost; with
+    /// a synthetic model it is the f32 master weights.
+    pub fn set_what_if(&mut self, targets: &[GgmlType]) -> Result<(), ModelError> {
+        for &t in targets {
+            if let Some(l) = self
+                .weights
+                .linears_mut()
+                .find(|l| l.weight.cols() % t.block_len() != 0)
+            {
+                return Err(ModelError::Config(format!(
+                    "{t} stores rows in blocks of {} weights; this model has rows of {}",
+                    t.block_len(),
+                    l.weight.cols()
+                )));
+            }
+        }
+        for (i, l) in self.weights.linears_mut().enumerate() {
+            l.build_what_if(targets)
+                .map_err(|error| ModelError::Quant {
+                    tensor: format!("what-if copy {i}"),
+                    error,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Runs every matmul on the f32 reference path (master or dequantized
+    /// weights times unquantized activations) instead of the quantized one.
+    /// The cache is cleared: positions computed one way must not be mixed
+    /// with the other.
+    pub fn set_exact(&mut self, exact: bool) {
+        self.exact = exact;
+        self.cache.clear();
+    }
+
+    /// Forgets the conversation: call between independent conversations.
+    pub fn clear_kv_cache(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Text of a token for display: the tokenizer's piece, or `<id>`.
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer
+            .as_ref()
+            .and_then(|t| t.token_str(id))
+            .unwrap_or_else(|| format!("<{id}>"))
+    }
+
+    /// Runs one token at the next position of the cache and returns the
+    /// logits of the next token. A token id outside the vocabulary is read
+    /// as token 0.
+    pub fn forward(&mut self, token: u32) -> &[f32] {
+        let Llama {
+            config: c,
+            weights: w,
+            cache,
+            state: s,
+            tracer,
+            fault,
+            exact,
+            steps,
+            ..
+        } = self;
+        let exact = *exact;
+        let token = if (token as usize) < c.vocab_size {
+            token
+        } else {
+            0
+        };
+        let pos = cache.next_position();
+        let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
+        let kv_mul = c.n_heads / c.n_kv_heads;
+        let cap = cache.capacity;
+        cache.step_evictions = 0;
+        let slot = cache.push(token, pos);
+        let n_ctx = cache.len;
+        let fault = fault.filter(|f| f.position.is_none_or(|p| p == pos));
+        hook!(tracer.begin_forward(pos));
+
+        // token embedding
+        w.token_embd.dequantize_row(token as usize, &mut s.x);
+        hook!(tracer.activation(0, Stage::Embedding, &s.x));
+
+        for (l, lw) in w.layers.iter().enumerate() {
+            hook!(tracer.activation(l, Stage::Input, &s.x));
+            // attention rmsnorm
+            rmsnorm(&mut s.xb, &s.x, &lw.attn_norm, c.rms_eps);
+            hook!(tracer.activation(l, Stage::PostNorm, &s.xb));
+
+            // q, k, v projections into one buffer [q | k | v]
+            {
+                let (q, kv) = s.qkv.split_at_mut(dim);
+                let (k, v) = kv.split_at_mut(kv_dim);
+                quantize(&mut s.xq, &s.xb, lw.attn_q.weight.ty(), exact);
+                matmul(&lw.attn_q, &s.xq, &s.xb, q, exact);
+                if lw.attn_k.weight.ty() != lw.attn_q.weight.ty() {
+                    quantize(&mut s.xq, &s.xb, lw.attn_k.weight.ty(), exact);
+                }
+                matmul(&lw.attn_k, &s.xq, &s.xb, k, exact);
+                if lw.attn_v.weight.ty() != lw.attn_k.weight.ty() {
+                    quantize(&mut s.xq, &s.xb, lw.attn_v.weight.ty(), exact);
+                }
+                matmul(&lw.attn_v, &s.xq, &s.xb, v, exact);
+            }
+            hook!(tracer.quant_error(
+                BrickId::QkvProjection,
+                l,
+                lw.attn_q.quant_type(),
+                &s.qkv,
+                |r| {
+                    let (q, kv) = r.split_at_mut(dim);
+                    let (k, v) = kv.split_at_mut(kv_dim);
+                    lw.attn_q.reference(&s.xb, q);
+                    lw.attn_k.reference(&s.xb, k);
+                    lw.attn_v.reference(&s.xb, v);
+                },
+            ));
+            hook!(trace_what_if(
+                tracer,
+                BrickId::QkvProjection,
+                l,
+                &[&lw.attn_q, &lw.attn_k, &lw.attn_v],
+                &s.xb
+            ));
+
+            // RoPE relative positional encoding on q and k
+            {
+                let (q, kv) = s.qkv.split_at_mut(dim);
+                rope(q, hd, &s.rope_freq, pos);
+                rope(&mut kv[..kv_dim], hd, &s.rope_freq, pos);
+            }
+
+            // write k, v of this position into the cache
+            let layer_off = l * cap * kv_dim;
+            let at = layer_off + slot * kv_dim;
+            cache.key[at..at + kv_dim].copy_from_slice(&s.qkv[dim..dim + kv_dim]);
+            cache.value[at..at + kv_dim].copy_from_slice(&s.qkv[dim + kv_dim..]);
+
+            // grouped-query attention, one head at a time, over the cached
+            // positions in chronological order
+            let scale = 1.0 / (hd as f32).sqrt();
+            for h in 0..c.n_heads {
+                let q = &s.qkv[h * hd..(h + 1) * hd];
+                let kv_off = (h / kv_mul) * hd;
+                let att = &mut s.att[h * cap..h * cap + n_ctx];
+                for (t, a) in att.iter_mut().enumerate() {
+                    let k0 = layer_off + cache.slot(t) * kv_dim + kv_off;
+                    let k = &cache.key[k0..k0 + hd];
+                    *a = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                }
+                softmax(att);
+                hook!(tracer.attention(l, h, pos, att));
+                let out = &mut s.xb[h * hd..(h + 1) * hd];
+                out.fill(0.0);
+                for (t, &a) in att.iter().enumerate() {
+                    let v0 = layer_off + cache.slot(t) * kv_dim + kv_off;
+                    for (o, &v) in out.iter_mut().zip(&cache.value[v0..v0 + hd]) {
+                        *o += a * v;
+                    }
+                }
+            }
+
+            // output projection
+            quantize(&mut s.xq, &s.xb, lw.attn_output.weight.ty(), exact);
+            matmul(&lw.attn_output, &s.xq, &s.xb, &mut s.xb2, exact);
+            hook!(tracer.quant_error(
+                BrickId::AttentionOutput,
+                l,
+                lw.attn_output.quant_type(),
+                &s.xb2,
+                |r| lw.attn_output.reference(&s.xb, r),
+            ));
+            hook!(trace_what_if(
+                tracer,
+                BrickId::AttentionOutput,
+                l,
+                &[&lw.attn_output],
+                &s.xb
+            ));
+            if let Some(f) = fault.filter(|f| f.layer == l && f.kind == FaultKind::NaN) {
+                s.xb2[f.layer % dim] = f32::NAN;
+            }
+            hook!(tracer.activation(l, Stage::PostAttn, &s.xb2));
+
+            // residual connection
+            hook!(tracer.residual(l, &s.x, &s.xb2));
+            s.x.iter_mut().zip(&s.xb2).for_each(|(x, d)| *x += d);
+
+            // ffn rmsnorm
+            rmsnorm(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps);
+            hook!(tracer.activation(l, Stage::PostFfnNorm, &s.xb));
+
+            // gate and up projections
+            quantize(&mut s.xq, &s.xb, lw.ffn_gate.weight.ty(), exact);
+            matmul(&lw.ffn_gate, &s.xq, &s.xb, &mut s.hb, exact);
+            if lw.ffn_up.weight.ty() != lw.ffn_gate.weight.ty() {
+                quantize(&mut s.xq, &s.xb, lw.ffn_up.weight.ty(), exact);
+            }
+            matmul(&lw.ffn_up, &s.xq, &s.xb, &mut s.hb2, exact);
+            hook!(
+                tracer.quant_error(BrickId::FfnGate, l, lw.ffn_gate.quant_type(), &s.hb, |r| {
+                    lw.ffn_gate.reference(&s.xb, r)
+                })
+            );
+            hook!(
+                tracer.quant_error(BrickId::FfnUp, l, lw.ffn_up.quant_type(), &s.hb2, |r| {
+                    lw.ffn_up.reference(&s.xb, r)
+                })
+            );
+            hook!(trace_what_if(
+                tracer,
+                BrickId::FfnGate,
+                l,
+                &[&lw.ffn_gate],
+                &s.xb
+            ));
+            hook!(trace_what_if(
+                tracer,
+                BrickId::FfnUp,
+                l,
+                &[&lw.ffn_up],
+                &s.xb
+            ));
+
+            // SwiGLU non-linearity
+            for (g, &u) in s.hb.iter_mut().zip(&s.hb2) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+
+            // down projection
+            quantize(&mut s.xq, &s.hb, lw.ffn_down.weight.ty(), exact);
+            matmul(&lw.ffn_down, &s.xq, &s.hb, &mut s.xb2, exact);
+            hook!(
+                tracer.quant_error(BrickId::FfnDown, l, lw.ffn_down.quant_type(), &s.xb2, |r| {
+                    lw.ffn_down.reference(&s.hb, r)
+                })
+            );
+            hook!(trace_what_if(
+                tracer,
+                BrickId::FfnDown,
+                l,
+                &[&lw.ffn_down],
+                &s.hb
+            ));
+            match fault.filter(|f| f.layer == l).map(|f| f.kind) {
+                Some(FaultKind::Inf) => s.xb2[l % dim] = f32::INFINITY,
+                Some(FaultKind::Explode) => s.xb2.iter_mut().for_each(|v| *v *= 1e8),
+                _ => {}
+            }
+            hook!(tracer.activation(l, Stage::PostFfn, &s.xb2));
+
+            // residual connection
+            hook!(tracer.residual(l, &s.x, &s.xb2));
+            s.x.iter_mut().zip(&s.xb2).for_each(|(x, d)| *x += d);
+            hook!(tracer.activation(l, Stage::Output, &s.x));
+
+            // logit lens: what the model would predict if it stopped here
+            hook!(if tracer.wants_logit_lens() {
+                let (lens_x, lens_q, x) = (&mut s.lens_x, &mut s.lens_q, &s.x);
+                tracer.logit_lens(l, c.vocab_size, |out| {
+                    rmsnorm(lens_x, x, &w.output_norm, c.rms_eps);
+                    quantize(lens_q, lens_x, w.output.weight.ty(), exact);
+                    matmul(&w.output, lens_q, lens_x, out, exact);
+                });
+            });
+        }
+
+        // final rmsnorm
+        rmsnorm(&mut s.xb, &s.x, &w.output_norm, c.rms_eps);
+        hook!(tracer.activation(0, Stage::FinalNorm, &s.xb));
+
+        // classifier into logits
+        quantize(&mut s.xq, &s.xb, w.output.weight.ty(), exact);
+        matmul(&w.output, &s.xq, &s.xb, &mut s.logits, exact);
+        hook!(
+            tracer.quant_error(BrickId::LmHead, 0, w.output.quant_type(), &s.logits, |r| {
+                w.output.reference(&s.xb, r)
+            })
+        );
+        hook!(trace_what_if(
+            tracer,
+            BrickId::LmHead,
+            0,
+            &[&w.output],
+            &s.xb
+        ));
+        hook!(tracer.final_logits(&s.logits));
+
+        // KV cache bookkeeping
+        let step = *steps;
+        *steps += 1;
+        hook!(tracer.kv_state(|| {
+            let reused = n_ctx - 1;
+            let looked_up = pos + 1;
+            KvCacheStateTrace {
+                step,
+                max_positions: cap,
+                valid_positions: n_ctx,
+                cache_size_bytes: cache.bytes_in_use(c.n_layers),
+                cache_hit_rate: reused as f32 / looked_up as f32,
+                evictions_this_step: cache.step_evictions,
+                reused_positions: reused,
+                computed_positions: 1,
+            }
+        }));
+        hook!(tracer.end_forward());
+        &s.logits
+    }
+
+    /// Runs `prompt` through the model, reusing the longest cached prefix
+    /// of the conversation (when the cache still holds it from position 0),
+    /// and returns how many positions were reused and computed.
+    pub fn prefill(&mut self, prompt: &[u32]) -> (usize, usize) {
+        let common = self
+            .cache
+            .tokens()
+            .zip(prompt)
+            .take_while(|(a, b)| a == *b)
+            .count();
+        // The last prompt token is always run: its logits are needed.
+        let keep = common.min(prompt.len().saturating_sub(1));
+        if !self.cache.truncate(keep) {
+            self.cache.clear();
+        }
+        let reused = self.cache.len();
+        for &t in &prompt[reused..] {
+            self.forward(t);
+        }
+        (reused, prompt.len() - reused)
+    }
+
+    /// Greedy generation: runs the prompt (see [`prefill`](Self::prefill)),
+    /// then appends the argmax token until `max_new_tokens` or an
+    /// end-of-generation token. `on_token` sees each new token.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        mut on_token: impl FnMut(u32),
+    ) -> Generation {
+        let mut out = Generation::default();
+        if prompt.is_empty() || max_new_tokens == 0 {
+            return out;
+        }
+        let (reused, computed) = self.prefill(prompt);
+        out.reused_prompt_positions = reused;
+        out.computed_prompt_positions = computed;
+        let mut next = model_tracer::stats::argmax(&self.state.logits).unwrap_or(0) as u32;
+        loop {
+            out.tokens.push(next);
+            on_token(next);
+            let end = self.tokenizer.as_ref().is_some_and(|t| t.is_eog(next));
+            if end || out.tokens.len() >= max_new_tokens {
+                break;
+            }
+            let logits = self.forward(next);
+            next = model_tracer::stats::argmax(logits).unwrap_or(0) as u32;
+        }
+        out
+    }
+
+    /// The logits of the last forward pass.
+    pub fn logits(&self) -> &[f32] {
+        &self.state.logits
+    }
+}
+
+fn check_shapes(c: &Config, w: &Weights) -> Result<(), ModelError> {
+    let check = |name: &str, m: &QMatrix, rows: usize, cols: usize| {
+        if m.rows() == rows && m.cols() == cols {
+            Ok(())
+        } else {
+            Err(ModelError::Shape {
+                tensor: name.to_string(),
+                expected: vec![cols as u64, rows as u64],
+                found: vec![m.cols() as u64, m.rows() as u64],
+            })
+        }
+    };
+    let vec_len = |name: &str, v: &[f32]| {
+        if v.len() == c.dim {
+            Ok(())
+        } else {
+            Err(ModelError::Shape {
+                tensor: name.to_string(),
+                expected: vec![c.dim as u64],
+                found: vec![v.len() as u64],
+            })
+        }
+    };
+    if w.layers.len() != c.n_layers {
+        return Err(ModelError::Config(format!(
+            "{} layers of weights for {} layers",
+            w.layers.len(),
+            c.n_layers
+        )));
+    }
+    check("token_embd.weight", &w.token_embd, c.vocab_size, c.dim)?;
+    check("output.weight", &w.output.weight, c.vocab_size, c.dim)?;
+    vec_len("output_norm.weight", &w.output_norm)?;
+    let kv = c.kv_dim();
+    for (i, l) in w.layers.iter().enumerate() {
+        let n = |t: &str| format!("blk.{i}.{t}.weight");
+        vec_len(&n("attn_norm"), &l.attn_norm)?;
+        vec_len(&n("ffn_norm"), &l.ffn_norm)?;
+        check(&n("attn_q"), &l.attn_q.weight, c.dim, c.dim)?;
+        check(&n("attn_k"), &l.attn_k.weight, kv, c.dim)?;
+        check(&n("attn_v"), &l.attn_v.weight, kv, c.dim)?;
+        check(&n("attn_output"), &l.attn_output.weight, c.dim, c.dim)?;
+        check(&n("ffn_gate"), &l.ffn_gate.weight, c.ffn_dim, c.dim)?;
+        check(&n("ffn_up"), &l.ffn_up.weight, c.ffn_dim, c.dim)?;
+        check(&n("ffn_down"), &l.ffn_down.weight, c.dim, c.ffn_dim)?;
+    }
+    Ok(())
+}
+
+fn load_matrix(
+    gguf: &GgufFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<QMatrix, ModelError> {
+    let (info, bytes) = gguf
+        .tensor_data(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+    if info.dims.len() != 2 || info.row_len() != cols || info.rows() != rows {
+        return Err(ModelError::Shape {
+            tensor: name.to_string(),
+            expected: vec![cols as u64, rows as u64],
+            found: info.dims.clone(),
+        });
+    }
+    QMatrix::from_bytes(info.ggml_type, rows, cols, bytes.to_vec()).map_err(|error| {
+        ModelError::Quant {
+            tensor: name.to_string(),
+            error,
+        }
+    })
+}
+
+fn load_vector(gguf: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    let m = load_matrix_1d(gguf, name, len)?;
+    let mut out = vec![0.0; len];
+    m.dequantize_row(0, &mut out);
+    Ok(out)
+}
+
+fn load_matrix_1d(gguf: &GgufFile, name: &str, len: usize) -> Result<QMatrix, ModelError> {
+    let (info, bytes) = gguf
+        .tensor_data(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+    if info.n_elements() != len {
+        return Err(ModelError::Shape {
+            tensor: name.to_string(),
+            expected: vec![len as u64],
+            found: info.dims.clone(),
+        });
+    }
+    QMatrix::from_bytes(info.ggml_type, 1, len, bytes.to_vec()).map_err(|error| ModelError::Quant {
+        tensor: name.to_string(),
+        error,
+    })
+}
+
+impl Weights {
+    /// Reads the weights of a model of shape `c` from a GGUF file: the
+    /// `token_embd`, `blk.N.*`, `output_norm` and (when present, else tied
+    /// to the embedding) `output` tensors, checked against the shape.
+    pub fn from_gguf(gguf: &GgufFile, c: &Config) -> Result<Self, ModelError> {
+        load_weights(gguf, c)
+    }
+}
+
+fn load_weights(gguf: &GgufFile, c: &Config) -> Result<Weights, ModelError> {
+    let linear = |name: &str, rows: usize, cols: usize| {
+        Linear::new(load_matrix(gguf, name, rows, cols)?, name)
+    };
+    let token_embd = load_matrix(gguf, "token_embd.weight", c.vocab_size, c.dim)?;
+    let output = if gguf.tensor("output.weight").is_some() {
+        linear("output.weight", c.vocab_size, c.dim)?
+    } else {
+        Linear::new(token_embd.clone(), "token_embd.weight")?
+    };
+    let kv = c.kv_dim();
+    let layers = (0..c.n_layers)
+        .map(|i| {
+            let n = |t: &str| format!("blk.{i}.{t}.weight");
+            Ok(LayerWeights {
+                attn_norm: load_vector(gguf, &n("attn_norm"), c.dim)?,
+                attn_q: linear(&n("attn_q"), c.dim, c.dim)?,
+                attn_k: linear(&n("attn_k"), kv, c.dim)?,
+                attn_v: linear(&n("attn_v"), kv, c.dim)?,
+                attn_output: linear(&n("attn_output"), c.dim, c.dim)?,
+                ffn_norm: load_vector(gguf, &n("ffn_norm"), c.dim)?,
+                ffn_gate: linear(&n("ffn_gate"), c.ffn_dim, c.dim)?,
+                ffn_up: linear(&n("ffn_up"), c.ffn_dim, c.dim)?,
+                ffn_down: linear(&n("ffn_down"), c.dim, c.ffn_dim)?,
+            })
+        })
+        .collect::<Result<Vec<_>, ModelError>>()?;
+    Ok(Weights {
+        token_embd,
+        layers,
+        output_norm: load_vector(gguf, "output_norm.weight", c.dim)?,
+        output,
+    })
+}
+
+/// Deterministic pseudo-random numbers (SplitMix64) for synthetic weights.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    pub fn next_signed(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+    }
+}
+
+/// Weights drawn from a seed: the same code path as a real model, offline.
+///
+/// Each matrix is drawn in f32 (uniform, scaled by `1/sqrt(fan_in)` so that
+/// activations keep their size through the layers), kept as the master
+/// weights of the f32 reference path, and quantized to `weight_type`.
+pub fn synthetic_weights(
+    c: &Config,
+    weight_type: GgmlType,
+    seed: u64,
+) -> Result<Weights, ModelError> {
+    let mut rng = SplitMix64::new(seed);
+    let mut draw = |rows: usize, cols: usize, scale: f32| -> Vec<f32> {
+        (0..rows * cols)
+            .map(|_| rng.next_signed() * scale)
+            .collect()
+    };
+    let linear = |name: &str,
+                  rows: usize,
+                  cols: usize,
+                  draw: &mut dyn FnMut(usize, usize, f32) -> Vec<f32>| {
+        let scale = (3.0 / cols as f32).sqrt();
+        let master = draw(rows, cols, scale);
+        let q = QMatrix::from_f32(weight_type, rows, cols, &master).map_err(|error| {
+            ModelError::Quant {
+                tensor: name.to_string(),
+                error,
+            }
+        })?;
+        let m = QMatrix::from_f32(GgmlType::F32, rows, cols, &master).map_err(|error| {
+            ModelError::Quant {
+                tensor: name.to_string(),
+                error,
+            }
+        })?;
+        let mut l = Linear::new(q, name)?;
+        l.master = Some(m);
+        Ok::<Linear, ModelError>(l)
+    };
+    let embd = draw(c.vocab_size, c.dim, 1.0);
+    let token_embd =
+        QMatrix::from_f32(GgmlType::Q8_0, c.vocab_size, c.dim, &embd).map_err(|error| {
+            ModelError::Quant {
+                tensor: "token_embd.weight".into(),
+                error,
+            }
+        })?;
+    let kv = c.kv_dim();
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for i in 0..c.n_layers {
+        let n = |t: &str| format!("blk.{i}.{t}.weight");
+        layers.push(LayerWeights {
+            attn_norm: vec![1.0; c.dim],
+            attn_q: linear(&n("attn_q"), c.dim, c.dim, &mut draw)?,
+            attn_k: linear(&n("attn_k"), kv, c.dim, &mut draw)?,
+            attn_v: linear(&n("attn_v"), kv, c.dim, &mut draw)?,
+            attn_output: linear(&n("attn_output"), c.dim, c.dim, &mut draw)?,
+            ffn_norm: vec![1.0; c.dim],
+            ffn_gate: linear(&n("ffn_gate"), c.ffn_dim, c.dim, &mut draw)?,
+            ffn_up: linear(&n("ffn_up"), c.ffn_dim, c.dim, &mut draw)?,
+            ffn_down: linear(&n("ffn_down"), c.dim, c.ffn_dim, &mut draw)?,
+        });
+    }
+    let output = linear("output.weight", c.vocab_size, c.dim, &mut draw)?;
+    Ok(Weights {
+        token_embd,
+        layers,
+        output_norm: vec![1.0; c.dim],
+        output,
+    })
+}
+
+impl<C: TraceConfig> Llama<C> {
+    /// A synthetic model of shape `config` with weights of `weight_type`
+    /// drawn from `seed`, and a KV cache of the full context.
+    pub fn synthetic(
+        config: Config,
+        weight_type: GgmlType,
+        seed: u64,
+        trace: C,
+    ) -> Result<Self, ModelError> {
+        config.validate()?;
+        let weights = synthetic_weights(&config, weight_type, seed)?;
+        let cache = KvCacheOptions {
+            capacity: config.context_len,
+            sinks: 4,
+        };
+        Self::new(config, weights, None, cache, trace)
+    }
+}

@@ -1,0 +1,317 @@
+//! Activation vectors quantized for the integer dot products.
+
+use wide::i16x16;
+
+use super::blocks::{q8_codes, q8_k_codes};
+use super::float::{f16_to_f32, f32_to_f16};
+use super::QuantError;
+use crate::dtype::GgmlType;
+
+/// The activation format llama.cpp's CPU path pairs with weights of type
+/// `weights`: `Q8_0` for Q4_0/Q5_0/Q8_0, `Q8_1` (which carries per-block sums
+/// for the minimum term) for Q4_1/Q5_1, `Q8_K` for K-quants, and `F32`
+/// (unquantized) for float weights. `None` for weight types without a kernel.
+pub fn activation_type(weights: GgmlType) -> Option<GgmlType> {
+    use GgmlType::*;
+    match weights {
+        F32 | F16 | BF16 => Some(F32),
+        Q4_0 | Q5_0 | Q8_0 => Some(Q8_0),
+        Q4_1 | Q5_1 => Some(Q8_1),
+        Q4_K | Q6_K => Some(Q8_K),
+        _ => None,
+    }
+}
+
+/// An activation vector prepared for [`QMatrix::matvec`](super::QMatrix::matvec):
+/// 8-bit codes with one scale per block, laid out for the SIMD kernels.
+///
+/// The codes and scales are exactly those of ggml's `quantize_row_q8_0_ref`,
+/// `quantize_row_q8_1_ref` and `quantize_row_q8_K_ref` (the Q8_0/Q8_1 scale
+/// rounded to f16, as stored). For float weights it holds a plain f32 copy.
+///
+/// The buffers are reused: quantizing a vector no longer than any before
+/// does not allocate.
+#[derive(Debug, Clone)]
+pub struct QuantizedActivations {
+    format: GgmlType,
+    len: usize,
+    /// The unquantized copy (format F32).
+    pub(super) values: Vec<f32>,
+    /// Codes widened to i16, 16 per vector, in element order.
+    pub(super) quants: Vec<i16x16>,
+    /// Per-block scale: the f16 value as f32 for Q8_0/Q8_1, the f32 for Q8_K.
+    pub(super) scales: Vec<f32>,
+    /// Q8_1 only: per-block `d * Σ codes`, rounded to f16 as ggml stores it.
+    pub(super) sums: Vec<f32>,
+    /// Q8_K only: the sum of the codes of each group of 16.
+    pub(super) bsums: Vec<i16>,
+    /// Q8_1 only: the codes again, in the pair layout of the Q4_1 kernel.
+    ///
+    /// Blocks go in groups of eight, the last group holding the `n <= 8`
+    /// blocks left. With `h = ⌈n/2⌉`, lane `i < h` of a group stands for its
+    /// block `i` and lane `4 + i` for its block `h + i` (so a whole group is
+    /// in order), and pair `i` is the blocks of lanes `i` and `4 + i`. Each
+    /// pair has four vectors whose low halves belong to the first block and
+    /// high halves to the second (zero if there is none); for `j < 8` they
+    /// hold `256·a[2j]`, `16·a[2j+16]`, `a[2j+1]` and `256·a[2j+17]`, the
+    /// factors complementing the ones the kernel's masks leave on the weight
+    /// nibbles (see `dot::q4_1_pair`). Codes are within ±127, so the products
+    /// fit in i16.
+    pub(super) pairs: Vec<i16x16>,
+    /// Q8_1 only: `scales` in the lane order of `pairs`, zero in lanes
+    /// without a block.
+    pub(super) pair_scales: Vec<f32>,
+    /// Q8_1 only: `sums` in the lane order of `pairs`, zero in lanes without
+    /// a block.
+    pub(super) pair_sums: Vec<f32>,
+    /// Q8_0 only: per block, the codes of the even elements then those of the
+    /// odd ones, matching the i16 lanes that the Q8_0 kernel reads its weight
+    /// bytes in (see `dot::q8_0_split`).
+    pub(super) split: Vec<i16x16>,
+}
+
+impl Default for QuantizedActivations {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl QuantizedActivations {
+    /// An empty F32 vector of length 0; nothing is allocated until the first
+    /// [`quantize_from`](Self::quantize_from).
+    pub fn new() -> Self {
+        Self {
+            format: GgmlType::F32,
+            len: 0,
+            values: Vec::new(),
+            quants: Vec::new(),
+            scales: Vec::new(),
+            sums: Vec::new(),
+            bsums: Vec::new(),
+            pairs: Vec::new(),
+            pair_scales: Vec::new(),
+            pair_sums: Vec::new(),
+            split: Vec::new(),
+        }
+    }
+
+    /// Quantizes `x` for a matrix whose weights have type `for_weights`, in the
+    /// format given by [`activation_type`], replacing the previous contents.
+    ///
+    /// A block holding an infinite or NaN activation gets a non-finite scale,
+    /// so every dot product with it is non-finite too.
+    ///
+    /// # Errors
+    /// [`QuantError::Unsupported`] when there is no kernel for `for_weights`,
+    /// [`QuantError::NotWholeBlocks`] when `x.len()` is not a whole number of
+    /// activation blocks (32 or 256 elements). The previous contents are kept.
+    pub fn quantize_from(&mut self, x: &[f32], for_weights: GgmlType) -> Result<(), QuantError> {
+        let format = activation_type(for_weights).ok_or(QuantError::Unsupported(for_weights))?;
+        if x.len() % format.block_len() != 0 {
+            return Err(QuantError::NotWholeBlocks {
+                ty: format,
+                elements: x.len(),
+            });
+        }
+        self.format = format;
+        self.len = x.len();
+        match format {
+            GgmlType::F32 => {
+                self.values.clear();
+                self.values.extend_from_slice(x);
+            }
+            GgmlType::Q8_0 | GgmlType::Q8_1 => self.quantize_q8_x(x, format == GgmlType::Q8_1),
+            _ => self.quantize_q8_k(x),
+        }
+        Ok(())
+    }
+
+    fn quantize_q8_x(&mut self, x: &[f32], with_sums: bool) {
+        let blocks = x.len() / 32;
+        // The kernels read scales eight blocks at a time; the padding must be
+        // zero so that it contributes nothing.
+        let padded = blocks.div_ceil(8) * 8;
+        self.quants.resize(2 * blocks, i16x16::ZERO);
+        self.scales.resize(padded, 0.0);
+        self.scales[blocks..].fill(0.0);
+        self.sums.resize(if with_sums { padded } else { 0 }, 0.0);
+        if with_sums {
+            self.sums[blocks..].fill(0.0);
+        }
+        self.split
+            .resize(if with_sums { 0 } else { 2 * blocks }, i16x16::ZERO);
+        let mut codes = [0i8; 32];
+        for (b, (values, lanes)) in x
+            .chunks_exact(32)
+            .zip(self.quants.chunks_exact_mut(2))
+            .enumerate()
+        {
+            let d = q8_codes(values, &mut codes);
+            self.scales[b] = f16_to_f32(f32_to_f16(d));
+            if with_sums {
+                let sum: i32 = codes.iter().map(|&c| i32::from(c)).sum();
+                self.sums[b] = f16_to_f32(f32_to_f16(sum as f32 * d));
+            } else {
+                self.split[2 * b] = i16x16::new(std::array::from_fn(|j| i16::from(codes[2 * j])));
+                self.split[2 * b + 1] =
+                    i16x16::new(std::array::from_fn(|j| i16::from(codes[2 * j + 1])));
+            }
+            lanes[0] = widen(&codes[..16]);
+            lanes[1] = widen(&codes[16..]);
+        }
+        if with_sums {
+            self.fill_pairs(blocks);
+        } else {
+            self.pairs.clear();
+            self.pair_scales.clear();
+            self.pair_sums.clear();
+        }
+    }
+
+    /// Builds `pairs`, `pair_scales` and `pair_sums` from `quants`, `scales`
+    /// and `sums` (see the fields for the layout).
+    fn fill_pairs(&mut self, blocks: usize) {
+        let padded = blocks.div_ceil(8) * 8;
+        self.pairs.clear();
+        self.pair_scales.clear();
+        self.pair_scales.resize(padded, 0.0);
+        self.pair_sums.clear();
+        self.pair_sums.resize(padded, 0.0);
+        let codes = |b: usize| -> [i16; 32] {
+            let mut c = [0i16; 32];
+            c[..16].copy_from_slice(&self.quants[2 * b].to_array());
+            c[16..].copy_from_slice(&self.quants[2 * b + 1].to_array());
+            c
+        };
+        for first in (0..blocks).step_by(8) {
+            let n = (blocks - first).min(8);
+            let h = n.div_ceil(2);
+            for i in 0..h {
+                let low = codes(first + i);
+                let high = if i + h < n {
+                    self.pair_scales[first + 4 + i] = self.scales[first + h + i];
+                    self.pair_sums[first + 4 + i] = self.sums[first + h + i];
+                    codes(first + h + i)
+                } else {
+                    [0; 32]
+                };
+                self.pair_scales[first + i] = self.scales[first + i];
+                self.pair_sums[first + i] = self.sums[first + i];
+                let halves = |at: usize, step: usize, factor: i16| {
+                    i16x16::new(std::array::from_fn(|j| {
+                        let code = if j < 8 {
+                            low[at + step * j]
+                        } else {
+                            high[at + step * (j - 8)]
+                        };
+                        factor * code
+                    }))
+                };
+                self.pairs.extend([
+                    halves(0, 2, 256),
+                    halves(16, 2, 16),
+                    halves(1, 2, 1),
+                    halves(17, 2, 256),
+                ]);
+            }
+        }
+    }
+
+    fn quantize_q8_k(&mut self, x: &[f32]) {
+        let blocks = x.len() / 256;
+        self.quants.resize(16 * blocks, i16x16::ZERO);
+        self.scales.resize(blocks, 0.0);
+        self.bsums.resize(16 * blocks, 0);
+        let mut codes = [0i8; 256];
+        let per_block = x
+            .chunks_exact(256)
+            .zip(self.quants.chunks_exact_mut(16))
+            .zip(self.bsums.chunks_exact_mut(16));
+        for (b, ((values, lanes), bsums)) in per_block.enumerate() {
+            self.scales[b] = q8_k_codes(values, &mut codes);
+            for ((group, lane), sum) in codes.chunks_exact(16).zip(lanes).zip(bsums) {
+                *lane = widen(group);
+                *sum = group.iter().map(|&c| i16::from(c)).sum();
+            }
+        }
+    }
+
+    /// The format the vector is held in: `F32`, `Q8_0`, `Q8_1` or `Q8_K`.
+    pub fn format(&self) -> GgmlType {
+        self.format
+    }
+
+    /// Number of activations.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the vector holds no activations.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The values the kernels actually multiply with: code times block scale
+    /// (or the f32 copy). Comparing this with the input shows the activation
+    /// quantization error.
+    pub fn to_f32(&self) -> Vec<f32> {
+        if self.format == GgmlType::F32 {
+            return self.values[..self.len].to_vec();
+        }
+        let block_len = self.format.block_len();
+        let mut out = Vec::with_capacity(self.len);
+        for (i, lane) in self.quants.iter().take(self.len / 16).enumerate() {
+            let d = self.scales[i * 16 / block_len];
+            out.extend(lane.to_array().iter().map(|&q| f32::from(q) * d));
+        }
+        out
+    }
+
+    /// The vector in ggml's byte layout for its format (`block_q8_0`,
+    /// `block_q8_1`, `block_q8_K`, or little-endian f32), as
+    /// [`quantize`](super::quantize) to that format would produce it.
+    pub fn to_ggml_bytes(&self) -> Vec<u8> {
+        let blocks = self.len / self.format.block_len();
+        let mut out = Vec::with_capacity(blocks * self.format.block_bytes());
+        match self.format {
+            GgmlType::Q8_0 | GgmlType::Q8_1 => {
+                for b in 0..blocks {
+                    out.extend_from_slice(&f32_to_f16(self.scales[b]).to_le_bytes());
+                    if self.format == GgmlType::Q8_1 {
+                        out.extend_from_slice(&f32_to_f16(self.sums[b]).to_le_bytes());
+                    }
+                    push_codes(&mut out, &self.quants[2 * b..2 * b + 2]);
+                }
+            }
+            GgmlType::Q8_K => {
+                for b in 0..blocks {
+                    out.extend_from_slice(&self.scales[b].to_le_bytes());
+                    push_codes(&mut out, &self.quants[16 * b..16 * b + 16]);
+                    for s in &self.bsums[16 * b..16 * b + 16] {
+                        out.extend_from_slice(&s.to_le_bytes());
+                    }
+                }
+            }
+            _ => {
+                for v in &self.values[..self.len] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        out
+    }
+}
+
+fn widen(codes: &[i8]) -> i16x16 {
+    let mut lanes = [0i16; 16];
+    for (lane, &c) in lanes.iter_mut().zip(codes) {
+        *lane = i16::from(c);
+    }
+    i16x16::new(lanes)
+}
+
+fn push_codes(out: &mut Vec<u8>, lanes: &[i16x16]) {
+    for lane in lanes {
+        out.extend(lane.to_array().iter().map(|&q| q as i8 as u8));
+    }
+}

@@ -1,0 +1,144 @@
+//! Heap allocations of a traced decode step once the tracer is warm.
+//!
+//! A counting global allocator counts per thread (the test harness runs
+//! tests on parallel threads); each decode step below runs on the test's own
+//! thread, so its count is exact.
+
+use model_tracer::config::DEFAULT_HISTORY;
+use model_tracer::{Disabled, Full, Lightweight, Recorder, TraceConfig};
+use model_tracer_llama::dtype::GgmlType;
+use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama};
+use model_tracer_test_support::{allocations, CountingAllocator};
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+/// The tiny synthetic model traced by `trace`.
+fn tiny<C: TraceConfig>(trace: C) -> Llama<C> {
+    let config = Config::tiny();
+    let weights = synthetic_weights(&config, GgmlType::Q4_1, 7).expect("tiny synthetic weights");
+    let cache = KvCacheOptions {
+        capacity: 256,
+        sinks: 4,
+    };
+    Llama::new(config, weights, None, cache, trace).expect("tiny model")
+}
+
+fn token(position: usize) -> u32 {
+    ((position * 31 + 5) % 512) as u32
+}
+
+/// Steps that fill the tracer's history, then recycle each of its records
+/// once (a recycled record grows its buffers to the largest forward seen),
+/// and then some.
+const WARM_UP: usize = 2 * DEFAULT_HISTORY + 8;
+/// Steps counted after the warm-up.
+const MEASURED: usize = 24;
+
+/// Allocations of each of `MEASURED` decode steps after `WARM_UP` steps.
+fn allocations_per_step<C: TraceConfig>(trace: C) -> Vec<usize> {
+    let mut model = tiny(trace);
+    for position in 0..WARM_UP {
+        model.forward(token(position));
+    }
+    (WARM_UP..WARM_UP + MEASURED)
+        .map(|position| {
+            let before = allocations();
+            model.forward(token(position));
+            allocations() - before
+        })
+        .collect()
+}
+
+#[test]
+fn counter_sees_allocations() {
+    let before = allocations();
+    let v: Vec<u64> = std::hint::black_box((0..100).collect());
+    assert!(
+        allocations() > before,
+        "the counting allocator is not in use"
+    );
+    drop(v);
+}
+
+#[test]
+fn untraced_step_allocates_nothing() {
+    let per_step = allocations_per_step(Disabled);
+    assert!(per_step.iter().all(|&n| n == 0), "{per_step:?}");
+}
+
+#[test]
+fn lightweight_step_allocates_nothing_after_warm_up() {
+    let per_step = allocations_per_step(Lightweight);
+    println!("Lightweight: allocations per decode step after warm-up: {per_step:?}");
+    assert!(per_step.iter().all(|&n| n == 0), "{per_step:?}");
+}
+
+/// A config that traces one system (or the logit ranks without the lens).
+macro_rules! one_system {
+    ($name:ident, $act:expr, $att:expr, $log:expr, $lens:expr, $quant:expr, $kv:expr) => {
+        #[derive(Debug, Clone, Copy, Default)]
+        struct $name;
+
+        impl TraceConfig for $name {
+            const ACTIVATIONS: bool = $act;
+            const ATTENTION: bool = $att;
+            const LOGITS: bool = $log;
+            const LOGIT_LENS: bool = $lens;
+            const QUANT_ERROR: bool = $quant;
+            const KV_CACHE: bool = $kv;
+            type Storage = Recorder;
+        }
+    };
+}
+
+one_system!(Activations, true, false, false, false, false, false);
+one_system!(KvCache, false, false, false, false, false, true);
+one_system!(Attention, false, true, false, false, false, false);
+one_system!(FinalRanks, false, false, true, false, false, false);
+one_system!(LogitLens, false, false, true, true, false, false);
+one_system!(QuantError, false, false, false, false, true, false);
+
+fn assert_none(name: &str, per_step: &[usize]) {
+    println!("{name}: allocations per decode step after warm-up: {per_step:?}");
+    assert!(
+        per_step.iter().all(|&n| n == 0),
+        "{name} allocates after warm-up: {per_step:?}"
+    );
+}
+
+#[test]
+fn each_system_alone_allocates_nothing_after_warm_up() {
+    assert_none("activations", &allocations_per_step(Activations));
+    assert_none("KV cache", &allocations_per_step(KvCache));
+    assert_none("attention", &allocations_per_step(Attention));
+    assert_none("final logit ranks", &allocations_per_step(FinalRanks));
+    assert_none("logit lens", &allocations_per_step(LogitLens));
+    assert_none("quantization error", &allocations_per_step(QuantError));
+}
+
+#[test]
+fn full_step_allocates_nothing_after_warm_up() {
+    assert_none("Full", &allocations_per_step(Full));
+}
+
+/// Measuring every brick of every layer (the most records a forward can
+/// hold) must not make a warm tracer allocate either.
+#[test]
+fn every_brick_measured_allocates_nothing_after_warm_up() {
+    let mut model = tiny(Full);
+    model
+        .tracer_mut()
+        .set_quant_sampling(model_tracer::QuantSampling::Every);
+    for position in 0..WARM_UP {
+        model.forward(token(position));
+    }
+    let per_step: Vec<usize> = (WARM_UP..WARM_UP + MEASURED)
+        .map(|position| {
+            let before = allocations();
+            model.forward(token(position));
+            allocations() - before
+        })
+        .collect();
+    assert_none("Full, every brick", &per_step);
+}

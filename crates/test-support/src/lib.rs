@@ -1,0 +1,128 @@
+//! Helpers shared by the tests of every crate in the workspace. Not part of
+//! any crate's API: it depends on nothing, so that the tracer's own unit
+//! tests can use it too.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The system allocator, counting the allocations and reallocations of the
+/// calling thread. A test binary installs it with
+/// `#[global_allocator] static A: CountingAllocator = CountingAllocator;`;
+/// counts are per thread because the test harness runs tests on parallel
+/// threads.
+pub struct CountingAllocator;
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the
+// counter is a thread-local `Cell` that never allocates (`const` init) and
+// is skipped once the thread-local is gone.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller's contract is System's contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+/// Allocations the calling thread has made so far (through
+/// [`CountingAllocator`], when it is the global allocator).
+pub fn allocations() -> usize {
+    ALLOCATIONS.with(Cell::get)
+}
+
+/// Runs `f` and returns its result with the allocations it made on this
+/// thread.
+pub fn count_allocations<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let before = allocations();
+    let r = f();
+    (r, allocations() - before)
+}
+
+/// The workspace's top directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The real model file: `MODEL_TRACER_GGUF`, else `models/...` at the top
+/// of the workspace, where `bash .ci/fetch-model` puts it.
+pub fn model_path() -> PathBuf {
+    std::env::var_os("MODEL_TRACER_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace_root()
+                .join("models")
+                .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
+}
+
+/// The real model file when it is present; otherwise a loud skip, or a
+/// failure in CI (`.ci/run` fetches the file).
+pub fn real_model() -> Option<PathBuf> {
+    let path = model_path();
+    let what = format!(
+        "the real model file at {} (`bash .ci/fetch-model`, or set MODEL_TRACER_GGUF)",
+        path.display()
+    );
+    require(path.exists(), &what).then_some(path)
+}
+
+/// Whether the tests run in CI (`.ci/run` sets `CI=true`): a missing tool
+/// is then a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Skips (returns `false`) with a loud message, or fails in CI.
+pub fn require(available: bool, what: &str) -> bool {
+    if !available {
+        assert!(
+            !in_ci(),
+            "{what} is required in CI (.ci/run installs it) but is missing"
+        );
+        eprintln!("SKIPPED: {what} is not available");
+    }
+    available
+}
+
+/// A fresh directory under `base` (a test's `env!("CARGO_TARGET_TMPDIR")`)
+/// for one test's files.
+pub fn scratch_dir(base: &str, name: &str) -> PathBuf {
+    let dir = Path::new(base).join(format!(
+        "{name}-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        panic!("creating {}: {e}", dir.display());
+    }
+    dir
+}
+
+/// The python interpreter, if `python3` runs and can import `module`.
+pub fn python_with(module: &str) -> Option<&'static str> {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some("python3")
+}
