@@ -51,6 +51,28 @@ pub const DEFAULT_LENS_TOP_K: usize = 3;
 /// let tracer = ModelTracer::new(AttentionDebug);
 /// assert!(tracer.is_enabled());
 /// ```
+///
+/// A config that enables a system but stores nothing is a compile-time
+/// error where its tracer is built, not a tracer that silently records
+/// nothing:
+///
+/// ```compile_fail,E0080
+/// use model_tracer::{ModelTracer, TraceConfig};
+///
+/// #[derive(Debug, Clone, Copy, Default)]
+/// struct Forgetful;
+///
+/// impl TraceConfig for Forgetful {
+///     const ACTIVATIONS: bool = true;
+///     const ATTENTION: bool = false;
+///     const LOGITS: bool = false;
+///     const QUANT_ERROR: bool = false;
+///     const KV_CACHE: bool = false;
+///     type Storage = ();
+/// }
+///
+/// let tracer = ModelTracer::new(Forgetful);
+/// ```
 pub trait TraceConfig: Clone + Send + Sync + 'static {
     /// Per-layer activation statistics and anomaly detection may run.
     const ACTIVATIONS: bool;

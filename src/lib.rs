@@ -67,6 +67,62 @@ pub mod tracer;
 #[cfg(any(feature = "log", feature = "tracing"))]
 pub mod events;
 
+/// Calls tracer hooks in the measured zero-cost form: the call, its
+/// arguments and its closures sit in a branch on `C::ANY`, which is a
+/// literal `false` for [`Disabled`], so the whole call is dead from the
+/// start instead of being left to the optimizer to prove unused after
+/// inlining. With `RUSTFLAGS="--cfg model_tracer_no_hooks"` the calls are
+/// removed from the source altogether: "the same model, never
+/// instrumented", the baseline against which the instruction-count
+/// benchmarks prove that a `Disabled` model runs exactly the instructions
+/// of a model without hooks.
+///
+/// The first argument is the model's config type parameter; the rest is
+/// one statement or expression that calls the tracer.
+///
+/// ```
+/// use model_tracer::{traced, Lightweight, ModelTracer, Stage, TraceConfig};
+///
+/// struct Model<C: TraceConfig> {
+///     tracer: ModelTracer<C>,
+///     x: Vec<f32>,
+/// }
+///
+/// impl<C: TraceConfig> Model<C> {
+///     fn forward(&mut self, pos: usize) {
+///         traced!(C, self.tracer.begin_forward(pos));
+///         for layer in 0..2 {
+///             traced!(C, self.tracer.activation(layer, Stage::Input, &self.x));
+///             self.x.iter_mut().for_each(|v| *v = v.tanh());
+///         }
+///         traced!(C, self.tracer.end_forward());
+///     }
+/// }
+///
+/// let mut m = Model { tracer: ModelTracer::new(Lightweight), x: vec![0.5; 8] };
+/// m.forward(0);
+/// assert_eq!(m.tracer.summary().forwards, 1);
+/// ```
+#[cfg(not(model_tracer_no_hooks))]
+#[macro_export]
+macro_rules! traced {
+    ($config:ty, $($call:tt)*) => {
+        if <$config as $crate::TraceConfig>::ANY {
+            $($call)*;
+        }
+    };
+}
+
+// The baseline build: the cfg is read here, when this crate compiles (a
+// `RUSTFLAGS` cfg reaches every crate of a build), so that a user's crate
+// never tests a cfg it has not declared.
+#[cfg(model_tracer_no_hooks)]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! traced {
+    ($config:ty, $($call:tt)*) => {};
+}
+
 pub use activation::{residual_ratio, LayerActivationTrace, ModelActivationTrace, Stage};
 pub use anomaly::{Anomaly, AnomalyKind, Origin};
 pub use attention::{AttentionTraceConfig, AttentionWeightTrace};

@@ -24,6 +24,10 @@ use crate::summary::{SessionAggregates, TraceSummary};
 /// Where a tracer keeps its records. Implemented by [`Recorder`] and by `()`
 /// (nothing is ever recorded); other implementations are not expected.
 pub trait Storage: Clone + fmt::Debug + Send + Sync + 'static {
+    /// Whether this storage keeps records. A config that enables a system
+    /// must name a storage that does: [`ModelTracer::with_options`] checks
+    /// it at compile time.
+    const RECORDS: bool;
     /// Builds the storage for a tracer with `options`.
     fn create(options: TraceOptions) -> Self;
     /// The recorder, if this storage records.
@@ -33,6 +37,7 @@ pub trait Storage: Clone + fmt::Debug + Send + Sync + 'static {
 }
 
 impl Storage for () {
+    const RECORDS: bool = false;
     #[inline(always)]
     fn create(_: TraceOptions) -> Self {}
     #[inline(always)]
@@ -180,6 +185,7 @@ pub struct Recorder {
 }
 
 impl Storage for Recorder {
+    const RECORDS: bool = true;
     fn create(options: TraceOptions) -> Self {
         Recorder::new(options)
     }
@@ -516,6 +522,14 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// A tracer for `config` with explicit options (for the marker configs,
     /// whose options are otherwise the defaults).
     pub fn with_options(config: C, options: TraceOptions) -> Self {
+        // Evaluated when `ModelTracer<C>` is instantiated: a config that
+        // enables a system but stores nothing would record nothing, silently.
+        const {
+            assert!(
+                !C::ANY || <C::Storage as Storage>::RECORDS,
+                "a TraceConfig that enables a system must have `type Storage = Recorder`"
+            )
+        };
         Self {
             storage: C::Storage::create(options),
             config,

@@ -13,6 +13,7 @@ use std::path::Path;
 use model_tracer::config::TraceConfig;
 use model_tracer::kv_cache::KvCacheStateTrace;
 use model_tracer::quant::{BrickId, QuantType};
+use model_tracer::traced;
 use model_tracer::tracer::ModelTracer;
 use model_tracer::Stage;
 
@@ -706,26 +707,6 @@ pub struct Llama<C: TraceConfig = model_tracer::DefaultTrace> {
     steps: usize,
 }
 
-/// Calls a tracer hook, or compiles to nothing at all when the crate is
-/// built with `RUSTFLAGS="--cfg model_tracer_no_hooks"`: "the same model,
-/// never instrumented", the baseline of the instruction-count benchmarks.
-///
-/// Each hook begins with a test of its own system's const, inside the
-/// call; the call's arguments and closures are formed outside it. Testing
-/// `C::ANY` around the whole call, a literal `false` for `Disabled`, puts
-/// the call and its arguments in a branch that is dead from the start,
-/// rather than leaving the optimizer to prove each piece unused after
-/// inlining. `.ci/overhead` checks the outcome: `Disabled` runs exactly the
-/// instructions of the hook-free build.
-macro_rules! hook {
-    ($($call:tt)*) => {
-        #[cfg(not(model_tracer_no_hooks))]
-        if <C as TraceConfig>::ANY {
-            $($call)*;
-        }
-    };
-}
-
 /// Quantizes `x` for weights of type `ty` (nothing to do on the exact f32
 /// path). The types and lengths were checked when the weights were built, so
 /// this cannot fail.
@@ -935,17 +916,17 @@ impl<C: TraceConfig> Llama<C> {
         let slot = cache.push(token, pos);
         let n_ctx = cache.len;
         let fault = fault.filter(|f| f.position.is_none_or(|p| p == pos));
-        hook!(tracer.begin_forward(pos));
+        traced!(C, tracer.begin_forward(pos));
 
         // token embedding
         w.token_embd.dequantize_row(token as usize, &mut s.x);
-        hook!(tracer.activation(0, Stage::Embedding, &s.x));
+        traced!(C, tracer.activation(0, Stage::Embedding, &s.x));
 
         for (l, lw) in w.layers.iter().enumerate() {
-            hook!(tracer.activation(l, Stage::Input, &s.x));
+            traced!(C, tracer.activation(l, Stage::Input, &s.x));
             // attention rmsnorm
             rmsnorm(&mut s.xb, &s.x, &lw.attn_norm, c.rms_eps);
-            hook!(tracer.activation(l, Stage::PostNorm, &s.xb));
+            traced!(C, tracer.activation(l, Stage::PostNorm, &s.xb));
 
             // q, k, v projections into one buffer [q | k | v]
             {
@@ -962,26 +943,32 @@ impl<C: TraceConfig> Llama<C> {
                 }
                 matmul(&lw.attn_v, &s.xq, &s.xb, v, exact);
             }
-            hook!(tracer.quant_error(
-                BrickId::QkvProjection,
-                l,
-                lw.attn_q.quant_type(),
-                &s.qkv,
-                |r| {
-                    let (q, kv) = r.split_at_mut(dim);
-                    let (k, v) = kv.split_at_mut(kv_dim);
-                    lw.attn_q.reference(&s.xb, q);
-                    lw.attn_k.reference(&s.xb, k);
-                    lw.attn_v.reference(&s.xb, v);
-                },
-            ));
-            hook!(trace_what_if(
-                tracer,
-                BrickId::QkvProjection,
-                l,
-                &[&lw.attn_q, &lw.attn_k, &lw.attn_v],
-                &s.xb
-            ));
+            traced!(
+                C,
+                tracer.quant_error(
+                    BrickId::QkvProjection,
+                    l,
+                    lw.attn_q.quant_type(),
+                    &s.qkv,
+                    |r| {
+                        let (q, kv) = r.split_at_mut(dim);
+                        let (k, v) = kv.split_at_mut(kv_dim);
+                        lw.attn_q.reference(&s.xb, q);
+                        lw.attn_k.reference(&s.xb, k);
+                        lw.attn_v.reference(&s.xb, v);
+                    },
+                )
+            );
+            traced!(
+                C,
+                trace_what_if(
+                    tracer,
+                    BrickId::QkvProjection,
+                    l,
+                    &[&lw.attn_q, &lw.attn_k, &lw.attn_v],
+                    &s.xb
+                )
+            );
 
             // RoPE relative positional encoding on q and k
             {
@@ -1009,7 +996,7 @@ impl<C: TraceConfig> Llama<C> {
                     *a = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
                 }
                 softmax(att);
-                hook!(tracer.attention(l, h, pos, att));
+                traced!(C, tracer.attention(l, h, pos, att));
                 let out = &mut s.xb[h * hd..(h + 1) * hd];
                 out.fill(0.0);
                 for (t, &a) in att.iter().enumerate() {
@@ -1023,32 +1010,38 @@ impl<C: TraceConfig> Llama<C> {
             // output projection
             quantize(&mut s.xq, &s.xb, lw.attn_output.weight.ty(), exact);
             matmul(&lw.attn_output, &s.xq, &s.xb, &mut s.xb2, exact);
-            hook!(tracer.quant_error(
-                BrickId::AttentionOutput,
-                l,
-                lw.attn_output.quant_type(),
-                &s.xb2,
-                |r| lw.attn_output.reference(&s.xb, r),
-            ));
-            hook!(trace_what_if(
-                tracer,
-                BrickId::AttentionOutput,
-                l,
-                &[&lw.attn_output],
-                &s.xb
-            ));
+            traced!(
+                C,
+                tracer.quant_error(
+                    BrickId::AttentionOutput,
+                    l,
+                    lw.attn_output.quant_type(),
+                    &s.xb2,
+                    |r| lw.attn_output.reference(&s.xb, r),
+                )
+            );
+            traced!(
+                C,
+                trace_what_if(
+                    tracer,
+                    BrickId::AttentionOutput,
+                    l,
+                    &[&lw.attn_output],
+                    &s.xb
+                )
+            );
             if let Some(f) = fault.filter(|f| f.layer == l && f.kind == FaultKind::NaN) {
                 s.xb2[f.layer % dim] = f32::NAN;
             }
-            hook!(tracer.activation(l, Stage::PostAttn, &s.xb2));
+            traced!(C, tracer.activation(l, Stage::PostAttn, &s.xb2));
 
             // residual connection
-            hook!(tracer.residual(l, &s.x, &s.xb2));
+            traced!(C, tracer.residual(l, &s.x, &s.xb2));
             s.x.iter_mut().zip(&s.xb2).for_each(|(x, d)| *x += d);
 
             // ffn rmsnorm
             rmsnorm(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps);
-            hook!(tracer.activation(l, Stage::PostFfnNorm, &s.xb));
+            traced!(C, tracer.activation(l, Stage::PostFfnNorm, &s.xb));
 
             // gate and up projections
             quantize(&mut s.xq, &s.xb, lw.ffn_gate.weight.ty(), exact);
@@ -1057,30 +1050,26 @@ impl<C: TraceConfig> Llama<C> {
                 quantize(&mut s.xq, &s.xb, lw.ffn_up.weight.ty(), exact);
             }
             matmul(&lw.ffn_up, &s.xq, &s.xb, &mut s.hb2, exact);
-            hook!(
+            traced!(
+                C,
                 tracer.quant_error(BrickId::FfnGate, l, lw.ffn_gate.quant_type(), &s.hb, |r| {
                     lw.ffn_gate.reference(&s.xb, r)
                 })
             );
-            hook!(
+            traced!(
+                C,
                 tracer.quant_error(BrickId::FfnUp, l, lw.ffn_up.quant_type(), &s.hb2, |r| {
                     lw.ffn_up.reference(&s.xb, r)
                 })
             );
-            hook!(trace_what_if(
-                tracer,
-                BrickId::FfnGate,
-                l,
-                &[&lw.ffn_gate],
-                &s.xb
-            ));
-            hook!(trace_what_if(
-                tracer,
-                BrickId::FfnUp,
-                l,
-                &[&lw.ffn_up],
-                &s.xb
-            ));
+            traced!(
+                C,
+                trace_what_if(tracer, BrickId::FfnGate, l, &[&lw.ffn_gate], &s.xb)
+            );
+            traced!(
+                C,
+                trace_what_if(tracer, BrickId::FfnUp, l, &[&lw.ffn_up], &s.xb)
+            );
 
             // SwiGLU non-linearity
             for (g, &u) in s.hb.iter_mut().zip(&s.hb2) {
@@ -1090,80 +1079,82 @@ impl<C: TraceConfig> Llama<C> {
             // down projection
             quantize(&mut s.xq, &s.hb, lw.ffn_down.weight.ty(), exact);
             matmul(&lw.ffn_down, &s.xq, &s.hb, &mut s.xb2, exact);
-            hook!(
+            traced!(
+                C,
                 tracer.quant_error(BrickId::FfnDown, l, lw.ffn_down.quant_type(), &s.xb2, |r| {
                     lw.ffn_down.reference(&s.hb, r)
                 })
             );
-            hook!(trace_what_if(
-                tracer,
-                BrickId::FfnDown,
-                l,
-                &[&lw.ffn_down],
-                &s.hb
-            ));
+            traced!(
+                C,
+                trace_what_if(tracer, BrickId::FfnDown, l, &[&lw.ffn_down], &s.hb)
+            );
             match fault.filter(|f| f.layer == l).map(|f| f.kind) {
                 Some(FaultKind::Inf) => s.xb2[l % dim] = f32::INFINITY,
                 Some(FaultKind::Explode) => s.xb2.iter_mut().for_each(|v| *v *= 1e8),
                 _ => {}
             }
-            hook!(tracer.activation(l, Stage::PostFfn, &s.xb2));
+            traced!(C, tracer.activation(l, Stage::PostFfn, &s.xb2));
 
             // residual connection
-            hook!(tracer.residual(l, &s.x, &s.xb2));
+            traced!(C, tracer.residual(l, &s.x, &s.xb2));
             s.x.iter_mut().zip(&s.xb2).for_each(|(x, d)| *x += d);
-            hook!(tracer.activation(l, Stage::Output, &s.x));
+            traced!(C, tracer.activation(l, Stage::Output, &s.x));
 
             // logit lens: what the model would predict if it stopped here
-            hook!(if tracer.wants_logit_lens() {
-                let (lens_x, lens_q, x) = (&mut s.lens_x, &mut s.lens_q, &s.x);
-                tracer.logit_lens(l, c.vocab_size, |out| {
-                    rmsnorm(lens_x, x, &w.output_norm, c.rms_eps);
-                    quantize(lens_q, lens_x, w.output.weight.ty(), exact);
-                    matmul(&w.output, lens_q, lens_x, out, exact);
-                });
-            });
+            traced!(
+                C,
+                if tracer.wants_logit_lens() {
+                    let (lens_x, lens_q, x) = (&mut s.lens_x, &mut s.lens_q, &s.x);
+                    tracer.logit_lens(l, c.vocab_size, |out| {
+                        rmsnorm(lens_x, x, &w.output_norm, c.rms_eps);
+                        quantize(lens_q, lens_x, w.output.weight.ty(), exact);
+                        matmul(&w.output, lens_q, lens_x, out, exact);
+                    });
+                }
+            );
         }
 
         // final rmsnorm
         rmsnorm(&mut s.xb, &s.x, &w.output_norm, c.rms_eps);
-        hook!(tracer.activation(0, Stage::FinalNorm, &s.xb));
+        traced!(C, tracer.activation(0, Stage::FinalNorm, &s.xb));
 
         // classifier into logits
         quantize(&mut s.xq, &s.xb, w.output.weight.ty(), exact);
         matmul(&w.output, &s.xq, &s.xb, &mut s.logits, exact);
-        hook!(
+        traced!(
+            C,
             tracer.quant_error(BrickId::LmHead, 0, w.output.quant_type(), &s.logits, |r| {
                 w.output.reference(&s.xb, r)
             })
         );
-        hook!(trace_what_if(
-            tracer,
-            BrickId::LmHead,
-            0,
-            &[&w.output],
-            &s.xb
-        ));
-        hook!(tracer.final_logits(&s.logits));
+        traced!(
+            C,
+            trace_what_if(tracer, BrickId::LmHead, 0, &[&w.output], &s.xb)
+        );
+        traced!(C, tracer.final_logits(&s.logits));
 
         // KV cache bookkeeping
         let step = *steps;
         *steps += 1;
-        hook!(tracer.kv_state(|| {
-            let reused = n_ctx - 1;
-            let looked_up = pos + 1;
-            KvCacheStateTrace {
-                step,
-                max_positions: cap,
-                valid_positions: n_ctx,
-                cache_size_bytes: cache.bytes_in_use(c.n_layers),
-                cache_hit_rate: reused as f32 / looked_up as f32,
-                evictions_this_step: cache.step_evictions,
-                reused_positions: reused,
-                computed_positions: 1,
-            }
-        }));
-        hook!(tracer.end_forward());
+        traced!(
+            C,
+            tracer.kv_state(|| {
+                let reused = n_ctx - 1;
+                let looked_up = pos + 1;
+                KvCacheStateTrace {
+                    step,
+                    max_positions: cap,
+                    valid_positions: n_ctx,
+                    cache_size_bytes: cache.bytes_in_use(c.n_layers),
+                    cache_hit_rate: reused as f32 / looked_up as f32,
+                    evictions_this_step: cache.step_evictions,
+                    reused_positions: reused,
+                    computed_positions: 1,
+                }
+            })
+        );
+        traced!(C, tracer.end_forward());
         &s.logits
     }
 
