@@ -473,6 +473,19 @@ impl Fault {
         }
     }
 
+    /// Injects the fault into `v`, the tensor of `stage` in `layer`, if it
+    /// belongs there: the decoder's one point of fault injection.
+    fn apply(&self, layer: usize, stage: Stage, v: &mut [f32]) {
+        if self.layer != layer || self.stage() != stage || v.is_empty() {
+            return;
+        }
+        match self.kind {
+            FaultKind::NaN => v[layer % v.len()] = f32::NAN,
+            FaultKind::Inf => v[layer % v.len()] = f32::INFINITY,
+            FaultKind::Explode => v.iter_mut().for_each(|x| *x *= 1e8),
+        }
+    }
+
     /// Parses `nan@LAYER`, `inf@LAYER` or `explode@LAYER`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let (kind, layer) = text
@@ -707,28 +720,75 @@ pub struct Llama<C: TraceConfig = model_tracer::DefaultTrace> {
     steps: usize,
 }
 
-/// Quantizes `x` for weights of type `ty` (nothing to do on the exact f32
-/// path). The types and lengths were checked when the weights were built, so
-/// this cannot fail.
-#[inline]
-fn quantize(xq: &mut QuantizedActivations, x: &[f32], ty: GgmlType, exact: bool) {
-    if exact {
-        return;
+/// The input of one or more products: `x` and its 8-bit form, quantized
+/// for the weight type a product needs, once per type.
+struct Input<'a> {
+    x: &'a [f32],
+    q: &'a mut QuantizedActivations,
+    /// The weight type `q` was quantized for.
+    quantized_for: Option<GgmlType>,
+    /// The exact f32 path multiplies `x` itself.
+    exact: bool,
+}
+
+impl<'a> Input<'a> {
+    fn new(x: &'a [f32], q: &'a mut QuantizedActivations, exact: bool) -> Self {
+        Self {
+            x,
+            q,
+            quantized_for: None,
+            exact,
+        }
     }
-    if let Err(e) = xq.quantize_from(x, ty) {
-        unreachable!("activation shapes are validated at load: {e}");
+
+    /// `out = W x`, on the quantized path (weights times 8-bit activations)
+    /// or the exact f32 path.
+    fn multiply(&mut self, w: &Linear, out: &mut [f32]) {
+        if self.exact {
+            return w.reference(self.x, out);
+        }
+        let ty = w.weight.ty();
+        if self.quantized_for != Some(ty) {
+            // The types and lengths were checked when the weights were
+            // built, so this cannot fail.
+            if let Err(e) = self.q.quantize_from(self.x, ty) {
+                unreachable!("activation shapes are validated at load: {e}");
+            }
+            self.quantized_for = Some(ty);
+        }
+        w.forward(self.q, out);
     }
 }
 
-/// `out = W x`: on the quantized path (weights times 8-bit activations) or
-/// the exact f32 path.
-#[inline]
-fn matmul(w: &Linear, xq: &QuantizedActivations, x: &[f32], out: &mut [f32], exact: bool) {
-    if exact {
-        w.reference(x, out);
-    } else {
-        w.forward(xq, out);
+/// A traced product: `out = [W_0; W_1; ...] x`, the rows of each weight in
+/// turn (q, k and v into one buffer), and, where the tracer asks for them,
+/// the quantization error of `brick` in `layer` against the f32 reference
+/// and the what-if copies of its weights.
+fn project<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    brick: BrickId,
+    layer: usize,
+    weights: &[&Linear],
+    input: &mut Input<'_>,
+    out: &mut [f32],
+) {
+    let mut at = 0;
+    for w in weights {
+        input.multiply(w, &mut out[at..at + w.rows()]);
+        at += w.rows();
     }
+    let x = input.x;
+    traced!(
+        C,
+        tracer.quant_error(brick, layer, weights[0].quant_type(), out, |r| {
+            let mut at = 0;
+            for w in weights {
+                w.reference(x, &mut r[at..at + w.rows()]);
+                at += w.rows();
+            }
+        })
+    );
+    traced!(C, trace_what_if(tracer, brick, layer, weights, x));
 }
 
 fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
@@ -929,53 +989,14 @@ impl<C: TraceConfig> Llama<C> {
             traced!(C, tracer.activation(l, Stage::PostNorm, &s.xb));
 
             // q, k, v projections into one buffer [q | k | v]
-            {
-                let (q, kv) = s.qkv.split_at_mut(dim);
-                let (k, v) = kv.split_at_mut(kv_dim);
-                quantize(&mut s.xq, &s.xb, lw.attn_q.weight.ty(), exact);
-                matmul(&lw.attn_q, &s.xq, &s.xb, q, exact);
-                if lw.attn_k.weight.ty() != lw.attn_q.weight.ty() {
-                    quantize(&mut s.xq, &s.xb, lw.attn_k.weight.ty(), exact);
-                }
-                matmul(&lw.attn_k, &s.xq, &s.xb, k, exact);
-                if lw.attn_v.weight.ty() != lw.attn_k.weight.ty() {
-                    quantize(&mut s.xq, &s.xb, lw.attn_v.weight.ty(), exact);
-                }
-                matmul(&lw.attn_v, &s.xq, &s.xb, v, exact);
-            }
-            traced!(
-                C,
-                tracer.quant_error(
-                    BrickId::QkvProjection,
-                    l,
-                    lw.attn_q.quant_type(),
-                    &s.qkv,
-                    |r| {
-                        let (q, kv) = r.split_at_mut(dim);
-                        let (k, v) = kv.split_at_mut(kv_dim);
-                        lw.attn_q.reference(&s.xb, q);
-                        lw.attn_k.reference(&s.xb, k);
-                        lw.attn_v.reference(&s.xb, v);
-                    },
-                )
-            );
-            traced!(
-                C,
-                trace_what_if(
-                    tracer,
-                    BrickId::QkvProjection,
-                    l,
-                    &[&lw.attn_q, &lw.attn_k, &lw.attn_v],
-                    &s.xb
-                )
-            );
+            let qkv = [&lw.attn_q, &lw.attn_k, &lw.attn_v];
+            let mut xb = Input::new(&s.xb, &mut s.xq, exact);
+            project(tracer, BrickId::QkvProjection, l, &qkv, &mut xb, &mut s.qkv);
 
             // RoPE relative positional encoding on q and k
-            {
-                let (q, kv) = s.qkv.split_at_mut(dim);
-                rope(q, hd, &s.rope_freq, pos);
-                rope(&mut kv[..kv_dim], hd, &s.rope_freq, pos);
-            }
+            let (q, kv) = s.qkv.split_at_mut(dim);
+            rope(q, hd, &s.rope_freq, pos);
+            rope(&mut kv[..kv_dim], hd, &s.rope_freq, pos);
 
             // write k, v of this position into the cache
             let layer_off = l * cap * kv_dim;
@@ -1008,30 +1029,17 @@ impl<C: TraceConfig> Llama<C> {
             }
 
             // output projection
-            quantize(&mut s.xq, &s.xb, lw.attn_output.weight.ty(), exact);
-            matmul(&lw.attn_output, &s.xq, &s.xb, &mut s.xb2, exact);
-            traced!(
-                C,
-                tracer.quant_error(
-                    BrickId::AttentionOutput,
-                    l,
-                    lw.attn_output.quant_type(),
-                    &s.xb2,
-                    |r| lw.attn_output.reference(&s.xb, r),
-                )
+            let mut xb = Input::new(&s.xb, &mut s.xq, exact);
+            project(
+                tracer,
+                BrickId::AttentionOutput,
+                l,
+                &[&lw.attn_output],
+                &mut xb,
+                &mut s.xb2,
             );
-            traced!(
-                C,
-                trace_what_if(
-                    tracer,
-                    BrickId::AttentionOutput,
-                    l,
-                    &[&lw.attn_output],
-                    &s.xb
-                )
-            );
-            if let Some(f) = fault.filter(|f| f.layer == l && f.kind == FaultKind::NaN) {
-                s.xb2[f.layer % dim] = f32::NAN;
+            if let Some(f) = fault {
+                f.apply(l, Stage::PostAttn, &mut s.xb2);
             }
             traced!(C, tracer.activation(l, Stage::PostAttn, &s.xb2));
 
@@ -1043,32 +1051,23 @@ impl<C: TraceConfig> Llama<C> {
             rmsnorm(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps);
             traced!(C, tracer.activation(l, Stage::PostFfnNorm, &s.xb));
 
-            // gate and up projections
-            quantize(&mut s.xq, &s.xb, lw.ffn_gate.weight.ty(), exact);
-            matmul(&lw.ffn_gate, &s.xq, &s.xb, &mut s.hb, exact);
-            if lw.ffn_up.weight.ty() != lw.ffn_gate.weight.ty() {
-                quantize(&mut s.xq, &s.xb, lw.ffn_up.weight.ty(), exact);
-            }
-            matmul(&lw.ffn_up, &s.xq, &s.xb, &mut s.hb2, exact);
-            traced!(
-                C,
-                tracer.quant_error(BrickId::FfnGate, l, lw.ffn_gate.quant_type(), &s.hb, |r| {
-                    lw.ffn_gate.reference(&s.xb, r)
-                })
+            // gate and up projections, from one quantized input
+            let mut xb = Input::new(&s.xb, &mut s.xq, exact);
+            project(
+                tracer,
+                BrickId::FfnGate,
+                l,
+                &[&lw.ffn_gate],
+                &mut xb,
+                &mut s.hb,
             );
-            traced!(
-                C,
-                tracer.quant_error(BrickId::FfnUp, l, lw.ffn_up.quant_type(), &s.hb2, |r| {
-                    lw.ffn_up.reference(&s.xb, r)
-                })
-            );
-            traced!(
-                C,
-                trace_what_if(tracer, BrickId::FfnGate, l, &[&lw.ffn_gate], &s.xb)
-            );
-            traced!(
-                C,
-                trace_what_if(tracer, BrickId::FfnUp, l, &[&lw.ffn_up], &s.xb)
+            project(
+                tracer,
+                BrickId::FfnUp,
+                l,
+                &[&lw.ffn_up],
+                &mut xb,
+                &mut s.hb2,
             );
 
             // SwiGLU non-linearity
@@ -1077,22 +1076,17 @@ impl<C: TraceConfig> Llama<C> {
             }
 
             // down projection
-            quantize(&mut s.xq, &s.hb, lw.ffn_down.weight.ty(), exact);
-            matmul(&lw.ffn_down, &s.xq, &s.hb, &mut s.xb2, exact);
-            traced!(
-                C,
-                tracer.quant_error(BrickId::FfnDown, l, lw.ffn_down.quant_type(), &s.xb2, |r| {
-                    lw.ffn_down.reference(&s.hb, r)
-                })
+            let mut hb = Input::new(&s.hb, &mut s.xq, exact);
+            project(
+                tracer,
+                BrickId::FfnDown,
+                l,
+                &[&lw.ffn_down],
+                &mut hb,
+                &mut s.xb2,
             );
-            traced!(
-                C,
-                trace_what_if(tracer, BrickId::FfnDown, l, &[&lw.ffn_down], &s.hb)
-            );
-            match fault.filter(|f| f.layer == l).map(|f| f.kind) {
-                Some(FaultKind::Inf) => s.xb2[l % dim] = f32::INFINITY,
-                Some(FaultKind::Explode) => s.xb2.iter_mut().for_each(|v| *v *= 1e8),
-                _ => {}
+            if let Some(f) = fault {
+                f.apply(l, Stage::PostFfn, &mut s.xb2);
             }
             traced!(C, tracer.activation(l, Stage::PostFfn, &s.xb2));
 
@@ -1108,8 +1102,7 @@ impl<C: TraceConfig> Llama<C> {
                     let (lens_x, lens_q, x) = (&mut s.lens_x, &mut s.lens_q, &s.x);
                     tracer.logit_lens(l, c.vocab_size, |out| {
                         rmsnorm(lens_x, x, &w.output_norm, c.rms_eps);
-                        quantize(lens_q, lens_x, w.output.weight.ty(), exact);
-                        matmul(&w.output, lens_q, lens_x, out, exact);
+                        Input::new(lens_x, lens_q, exact).multiply(&w.output, out);
                     });
                 }
             );
@@ -1120,17 +1113,14 @@ impl<C: TraceConfig> Llama<C> {
         traced!(C, tracer.activation(0, Stage::FinalNorm, &s.xb));
 
         // classifier into logits
-        quantize(&mut s.xq, &s.xb, w.output.weight.ty(), exact);
-        matmul(&w.output, &s.xq, &s.xb, &mut s.logits, exact);
-        traced!(
-            C,
-            tracer.quant_error(BrickId::LmHead, 0, w.output.quant_type(), &s.logits, |r| {
-                w.output.reference(&s.xb, r)
-            })
-        );
-        traced!(
-            C,
-            trace_what_if(tracer, BrickId::LmHead, 0, &[&w.output], &s.xb)
+        let mut xb = Input::new(&s.xb, &mut s.xq, exact);
+        project(
+            tracer,
+            BrickId::LmHead,
+            0,
+            &[&w.output],
+            &mut xb,
+            &mut s.logits,
         );
         traced!(C, tracer.final_logits(&s.logits));
 
