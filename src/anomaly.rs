@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::activation::Stage;
+use crate::stage::Stage;
 
 /// The rule an activation broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

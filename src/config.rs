@@ -7,20 +7,10 @@
 //! arguments it would have consumed. [`ModelTracerConfig`] is the runtime
 //! variant: its consts say "may trace" and its methods read its fields.
 
+pub use crate::activation::DEFAULT_WARMUP_LAYERS;
 use crate::attention::AttentionTraceConfig;
-use crate::tracer::{Recorder, Storage};
-
-/// Forwards whose detailed records a tracer keeps by default (older ones are
-/// folded into the session aggregates and dropped).
-pub const DEFAULT_HISTORY: usize = 64;
-
-/// Layers exempt from the vanishing-activation rule by default: the first
-/// layers of a model legitimately carry small, low-variance activations.
-pub const DEFAULT_WARMUP_LAYERS: usize = 2;
-
-/// Final top-k tokens whose logit-lens trajectory is recorded when no
-/// tokens are tracked explicitly.
-pub const DEFAULT_LENS_TOP_K: usize = 3;
+use crate::storage::{Recorder, Storage};
+pub use crate::storage::{TraceOptions, DEFAULT_HISTORY, DEFAULT_LENS_TOP_K};
 
 /// Chooses, at compile time, which of the five trace systems may run.
 ///
@@ -182,35 +172,6 @@ cfg_if::cfg_if! {
     } else {
         /// The config chosen by cargo features: `Disabled` (no `trace-*` feature).
         pub type DefaultTrace = Disabled;
-    }
-}
-
-/// Knobs of the trace systems, independent of which systems are on.
-#[derive(Debug, Clone, PartialEq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-pub struct TraceOptions {
-    /// Which attention heads to summarize and how.
-    pub attention_config: AttentionTraceConfig,
-    /// Token ids whose logit-lens trajectory is recorded every forward. Empty:
-    /// the final top-[`lens_top_k`](Self::lens_top_k) tokens of each forward.
-    pub tracked_tokens: Vec<u32>,
-    /// Final top-k tokens tracked when `tracked_tokens` is empty.
-    pub lens_top_k: usize,
-    /// Layers `0..warmup_layers` are exempt from the vanishing rule.
-    pub warmup_layers: usize,
-    /// Forwards whose detailed records are kept (at least 1).
-    pub max_forwards: usize,
-}
-
-impl Default for TraceOptions {
-    fn default() -> Self {
-        Self {
-            attention_config: AttentionTraceConfig::default(),
-            tracked_tokens: Vec::new(),
-            lens_top_k: DEFAULT_LENS_TOP_K,
-            warmup_layers: DEFAULT_WARMUP_LAYERS,
-            max_forwards: DEFAULT_HISTORY,
-        }
     }
 }
 

@@ -51,6 +51,7 @@ pub mod activation;
 pub mod anomaly;
 pub mod attention;
 pub mod config;
+pub mod forward;
 pub mod kv_cache;
 pub mod logit;
 pub mod quant;
@@ -60,7 +61,9 @@ pub mod serde_float;
 #[cfg(feature = "serde")]
 mod serde_keyed;
 pub mod sink;
+pub mod stage;
 pub mod stats;
+pub mod storage;
 pub mod summary;
 pub mod tracer;
 

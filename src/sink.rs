@@ -42,7 +42,7 @@ use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use crate::tracer::ForwardTrace;
+use crate::forward::ForwardTrace;
 
 #[cfg(doc)]
 use crate::ModelTracer;
@@ -159,8 +159,8 @@ mod jsonl {
     use serde::ser::{Serialize, SerializeMap, Serializer};
 
     use super::ForwardSink;
+    use crate::forward::ForwardTrace;
     use crate::serde_float::Float;
-    use crate::tracer::ForwardTrace;
 
     /// Writes one JSON object per forward pass, one per line (JSON Lines),
     /// and flushes after each. The fields are documented in `features.md`

@@ -8,10 +8,10 @@ use std::fmt;
 
 use crate::activation::Stage;
 use crate::anomaly::{Anomaly, AnomalyKind};
+use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheSessionTrace;
 use crate::quant::{BrickId, QuantizationErrorTrace};
 use crate::stats::TensorStats;
-use crate::tracer::ForwardTrace;
 
 /// Attention weight on the first token above which a head counts as a sink.
 pub const SINK_THRESHOLD: f32 = 0.3;

@@ -9,198 +9,21 @@
 //! happens in an out-of-line method of the recorder.
 
 use std::collections::VecDeque;
-use std::fmt;
 
-use crate::activation::{ratio_of_norms, LayerActivationTrace, ModelActivationTrace, Stage};
+use crate::activation::{ratio_of_norms, LayerActivationTrace, Stage};
 use crate::anomaly::Anomaly;
 use crate::attention::AttentionWeightTrace;
-use crate::config::{TraceConfig, TraceOptions};
+use crate::config::TraceConfig;
+pub use crate::forward::ForwardTrace;
 use crate::kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
-use crate::logit::{LogitEvolutionTrace, TokenLogitEvolution};
-use crate::quant::{BrickId, ModelQuantizationError, QuantType, QuantizationErrorTrace};
+use crate::logit::LogitEvolutionTrace;
+use crate::quant::{BrickId, QuantType, QuantizationErrorTrace};
 use crate::stats::{self, TensorStats};
+pub use crate::storage::{QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE};
 use crate::summary::{SessionAggregates, TraceSummary};
 
-/// Where a tracer keeps its records. Implemented by [`Recorder`] and by `()`
-/// (nothing is ever recorded); other implementations are not expected.
-pub trait Storage: Clone + fmt::Debug + Send + Sync + 'static {
-    /// Whether this storage keeps records. A config that enables a system
-    /// must name a storage that does: [`ModelTracer::with_options`] checks
-    /// it at compile time.
-    const RECORDS: bool;
-    /// Builds the storage for a tracer with `options`.
-    fn create(options: TraceOptions) -> Self;
-    /// The recorder, if this storage records.
-    fn recorder(&self) -> Option<&Recorder>;
-    /// The recorder, if this storage records.
-    fn recorder_mut(&mut self) -> Option<&mut Recorder>;
-}
-
-impl Storage for () {
-    const RECORDS: bool = false;
-    #[inline(always)]
-    fn create(_: TraceOptions) -> Self {}
-    #[inline(always)]
-    fn recorder(&self) -> Option<&Recorder> {
-        None
-    }
-    #[inline(always)]
-    fn recorder_mut(&mut self) -> Option<&mut Recorder> {
-        None
-    }
-}
-
-/// Brick visits between two measured ones in the default sampling: prime, so
-/// that the measured sites drift through every (brick, layer) of any model
-/// whose number of sites per forward is not a multiple of it.
-pub const DEFAULT_QUANT_STRIDE: usize = 37;
-
-/// How often the quantization-error hook runs its f32 reference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
-pub enum QuantSampling {
-    /// Every brick of every layer of every forward (costs a second, f32
-    /// matmul for each).
-    Every,
-    /// One brick kind per forward, rotating with the position through
-    /// [`BrickId::ALL`]; every layer of that kind is measured. Amortized cost:
-    /// about one f32 matmul per layer per forward.
-    RotateBrick,
-    /// Every brick, on one forward in `n` (by position).
-    EveryNth(usize),
-    /// One brick visit in `stride`, counted over the whole session: with
-    /// SmolLM2's 151 bricks per forward and the default stride of 37, about
-    /// four (brick, layer) sites per forward, drifting so that every site
-    /// is measured once every 37 forwards. Its cost per forward is about
-    /// `1/stride` of a second, f32 forward pass.
-    Strided(usize),
-}
-
-impl Default for QuantSampling {
-    /// [`QuantSampling::Strided`] with [`DEFAULT_QUANT_STRIDE`].
-    fn default() -> Self {
-        QuantSampling::Strided(DEFAULT_QUANT_STRIDE)
-    }
-}
-
-impl QuantSampling {
-    /// Whether `brick` is measured at token `position`, `visit` being the
-    /// number of brick visits of the session before this one.
-    pub fn selects(self, brick: BrickId, position: usize, visit: u64) -> bool {
-        match self {
-            QuantSampling::Every => true,
-            QuantSampling::RotateBrick => {
-                // The embedding lookup has no matmul to compare: skip it in the rotation.
-                let kinds = &BrickId::ALL[1..];
-                kinds[position % kinds.len()] == brick
-            }
-            QuantSampling::EveryNth(n) => position % n.max(1) == 0,
-            QuantSampling::Strided(stride) => visit % stride.max(1) as u64 == 0,
-        }
-    }
-}
-
-/// Everything traced in one forward pass.
-#[derive(Debug, Clone, PartialEq, Default)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-pub struct ForwardTrace {
-    /// Token position.
-    pub position: usize,
-    /// Activation statistics.
-    pub activations: ModelActivationTrace,
-    /// Attention summaries, in recording order.
-    pub attention: Vec<AttentionWeightTrace>,
-    /// Logit-lens trajectories of the tracked tokens.
-    pub logits: Option<LogitEvolutionTrace>,
-    /// Quantization errors measured in this forward.
-    pub quantization: ModelQuantizationError,
-    /// What-if comparisons: each brick's output with its weights
-    /// re-quantized to another type, against the model's own weights.
-    pub what_if: Vec<QuantizationErrorTrace>,
-    /// KV cache state after this forward.
-    pub kv_cache: Option<KvCacheStateTrace>,
-    /// Broken rules, at most one per kind, in forward order.
-    pub anomalies: Vec<Anomaly>,
-}
-
-impl ForwardTrace {
-    fn reset(&mut self, position: usize, warmup_layers: usize) {
-        self.position = position;
-        self.activations.reset(warmup_layers);
-        self.attention.clear();
-        if let Some(l) = &mut self.logits {
-            l.tokens.clear();
-            l.position = position;
-            l.selected_token = None;
-        }
-        self.quantization.clear();
-        self.what_if.clear();
-        self.kv_cache = None;
-        self.anomalies.clear();
-    }
-
-    /// The anomaly that matters most: the first non-finite one, else the first.
-    pub fn primary_anomaly(&self) -> Option<&Anomaly> {
-        self.anomalies
-            .iter()
-            .find(|a| a.kind.is_non_finite())
-            .or(self.anomalies.first())
-    }
-}
-
-/// The records of an enabled tracer: the forward in flight, the last few
-/// forwards in detail, and running aggregates over the whole session.
-#[derive(Debug, Clone)]
-pub struct Recorder {
-    options: TraceOptions,
-    quant_sampling: QuantSampling,
-    quant_visits: u64,
-    in_forward: bool,
-    current: ForwardTrace,
-    history: VecDeque<ForwardTrace>,
-    aggregates: SessionAggregates,
-    kv_session: KvCacheSessionTrace,
-    // Per-layer `(‖residual‖, Σ‖update‖)` of the forward in flight.
-    residual_norms: Vec<Option<(f32, f32)>>,
-    topk_scratch: Vec<(usize, f32)>,
-    // Records of recycled forwards, kept with their buffers so that a warm
-    // tracer fills them again instead of allocating new ones.
-    spare_attention: Vec<AttentionWeightTrace>,
-    spare_tokens: Vec<TokenLogitEvolution>,
-    // The most quantization-error and what-if records one forward has held:
-    // a recycled forward reserves room for them up front.
-    most_quant: usize,
-    most_what_if: usize,
-    // Logit-lens rows of the forward in flight: `lens_layers.len()` rows of `lens_vocab`.
-    lens: Vec<f32>,
-    lens_layers: Vec<usize>,
-    lens_vocab: usize,
-    tracked: Vec<usize>,
-    ranks: Vec<usize>,
-    reference: Vec<f32>,
-    candidate: Vec<f32>,
-    max_layer_seen: Option<usize>,
-    sink: Option<crate::sink::SinkHandle>,
-}
-
-impl Storage for Recorder {
-    const RECORDS: bool = true;
-    fn create(options: TraceOptions) -> Self {
-        Recorder::new(options)
-    }
-    #[inline(always)]
-    fn recorder(&self) -> Option<&Recorder> {
-        Some(self)
-    }
-    #[inline(always)]
-    fn recorder_mut(&mut self) -> Option<&mut Recorder> {
-        Some(self)
-    }
-}
-
 impl Recorder {
-    fn new(mut options: TraceOptions) -> Self {
+    pub(crate) fn new(mut options: TraceOptions) -> Self {
         options.max_forwards = options.max_forwards.max(1);
         Self {
             history: VecDeque::with_capacity(options.max_forwards),

@@ -1,0 +1,56 @@
+//! The record of one forward pass: what every system traced in it.
+
+use crate::activation::ModelActivationTrace;
+use crate::anomaly::Anomaly;
+use crate::attention::AttentionWeightTrace;
+use crate::kv_cache::KvCacheStateTrace;
+use crate::logit::LogitEvolutionTrace;
+use crate::quant::{ModelQuantizationError, QuantizationErrorTrace};
+
+/// Everything traced in one forward pass.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ForwardTrace {
+    /// Token position.
+    pub position: usize,
+    /// Activation statistics.
+    pub activations: ModelActivationTrace,
+    /// Attention summaries, in recording order.
+    pub attention: Vec<AttentionWeightTrace>,
+    /// Logit-lens trajectories of the tracked tokens.
+    pub logits: Option<LogitEvolutionTrace>,
+    /// Quantization errors measured in this forward.
+    pub quantization: ModelQuantizationError,
+    /// What-if comparisons: each brick's output with its weights
+    /// re-quantized to another type, against the model's own weights.
+    pub what_if: Vec<QuantizationErrorTrace>,
+    /// KV cache state after this forward.
+    pub kv_cache: Option<KvCacheStateTrace>,
+    /// Broken rules, at most one per kind, in forward order.
+    pub anomalies: Vec<Anomaly>,
+}
+
+impl ForwardTrace {
+    pub(crate) fn reset(&mut self, position: usize, warmup_layers: usize) {
+        self.position = position;
+        self.activations.reset(warmup_layers);
+        self.attention.clear();
+        if let Some(l) = &mut self.logits {
+            l.tokens.clear();
+            l.position = position;
+            l.selected_token = None;
+        }
+        self.quantization.clear();
+        self.what_if.clear();
+        self.kv_cache = None;
+        self.anomalies.clear();
+    }
+
+    /// The anomaly that matters most: the first non-finite one, else the first.
+    pub fn primary_anomaly(&self) -> Option<&Anomaly> {
+        self.anomalies
+            .iter()
+            .find(|a| a.kind.is_non_finite())
+            .or(self.anomalies.first())
+    }
+}

@@ -1,0 +1,183 @@
+//! Where a tracer keeps its records, and the options it keeps them with.
+//!
+//! Below the configs, which name a storage, and below the tracer, whose
+//! methods fill it: the [`Recorder`] is defined here and its work is done in
+//! [`tracer`](crate::tracer).
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use crate::activation::DEFAULT_WARMUP_LAYERS;
+use crate::attention::{AttentionTraceConfig, AttentionWeightTrace};
+use crate::forward::ForwardTrace;
+use crate::kv_cache::KvCacheSessionTrace;
+use crate::logit::TokenLogitEvolution;
+use crate::quant::BrickId;
+use crate::summary::SessionAggregates;
+
+/// Forwards whose detailed records a tracer keeps by default (older ones are
+/// folded into the session aggregates and dropped).
+pub const DEFAULT_HISTORY: usize = 64;
+
+/// Final top-k tokens whose logit-lens trajectory is recorded when no
+/// tokens are tracked explicitly.
+pub const DEFAULT_LENS_TOP_K: usize = 3;
+
+/// Knobs of the trace systems, independent of which systems are on.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct TraceOptions {
+    /// Which attention heads to summarize and how.
+    pub attention_config: AttentionTraceConfig,
+    /// Token ids whose logit-lens trajectory is recorded every forward. Empty:
+    /// the final top-[`lens_top_k`](Self::lens_top_k) tokens of each forward.
+    pub tracked_tokens: Vec<u32>,
+    /// Final top-k tokens tracked when `tracked_tokens` is empty.
+    pub lens_top_k: usize,
+    /// Layers `0..warmup_layers` are exempt from the vanishing rule.
+    pub warmup_layers: usize,
+    /// Forwards whose detailed records are kept (at least 1).
+    pub max_forwards: usize,
+}
+
+impl Default for TraceOptions {
+    fn default() -> Self {
+        Self {
+            attention_config: AttentionTraceConfig::default(),
+            tracked_tokens: Vec::new(),
+            lens_top_k: DEFAULT_LENS_TOP_K,
+            warmup_layers: DEFAULT_WARMUP_LAYERS,
+            max_forwards: DEFAULT_HISTORY,
+        }
+    }
+}
+
+/// Where a tracer keeps its records. Implemented by [`Recorder`] and by `()`
+/// (nothing is ever recorded); other implementations are not expected.
+pub trait Storage: Clone + fmt::Debug + Send + Sync + 'static {
+    /// Whether this storage keeps records. A config that enables a system
+    /// must name a storage that does: [`ModelTracer::with_options`](crate::ModelTracer::with_options) checks
+    /// it at compile time.
+    const RECORDS: bool;
+    /// Builds the storage for a tracer with `options`.
+    fn create(options: TraceOptions) -> Self;
+    /// The recorder, if this storage records.
+    fn recorder(&self) -> Option<&Recorder>;
+    /// The recorder, if this storage records.
+    fn recorder_mut(&mut self) -> Option<&mut Recorder>;
+}
+
+impl Storage for () {
+    const RECORDS: bool = false;
+    #[inline(always)]
+    fn create(_: TraceOptions) -> Self {}
+    #[inline(always)]
+    fn recorder(&self) -> Option<&Recorder> {
+        None
+    }
+    #[inline(always)]
+    fn recorder_mut(&mut self) -> Option<&mut Recorder> {
+        None
+    }
+}
+
+/// Brick visits between two measured ones in the default sampling: prime, so
+/// that the measured sites drift through every (brick, layer) of any model
+/// whose number of sites per forward is not a multiple of it.
+pub const DEFAULT_QUANT_STRIDE: usize = 37;
+
+/// How often the quantization-error hook runs its f32 reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum QuantSampling {
+    /// Every brick of every layer of every forward (costs a second, f32
+    /// matmul for each).
+    Every,
+    /// One brick kind per forward, rotating with the position through
+    /// [`BrickId::ALL`]; every layer of that kind is measured. Amortized cost:
+    /// about one f32 matmul per layer per forward.
+    RotateBrick,
+    /// Every brick, on one forward in `n` (by position).
+    EveryNth(usize),
+    /// One brick visit in `stride`, counted over the whole session: with
+    /// SmolLM2's 151 bricks per forward and the default stride of 37, about
+    /// four (brick, layer) sites per forward, drifting so that every site
+    /// is measured once every 37 forwards. Its cost per forward is about
+    /// `1/stride` of a second, f32 forward pass.
+    Strided(usize),
+}
+
+impl Default for QuantSampling {
+    /// [`QuantSampling::Strided`] with [`DEFAULT_QUANT_STRIDE`].
+    fn default() -> Self {
+        QuantSampling::Strided(DEFAULT_QUANT_STRIDE)
+    }
+}
+
+impl QuantSampling {
+    /// Whether `brick` is measured at token `position`, `visit` being the
+    /// number of brick visits of the session before this one.
+    pub fn selects(self, brick: BrickId, position: usize, visit: u64) -> bool {
+        match self {
+            QuantSampling::Every => true,
+            QuantSampling::RotateBrick => {
+                // The embedding lookup has no matmul to compare: skip it in the rotation.
+                let kinds = &BrickId::ALL[1..];
+                kinds[position % kinds.len()] == brick
+            }
+            QuantSampling::EveryNth(n) => position % n.max(1) == 0,
+            QuantSampling::Strided(stride) => visit % stride.max(1) as u64 == 0,
+        }
+    }
+}
+
+/// The records of an enabled tracer: the forward in flight, the last few
+/// forwards in detail, and running aggregates over the whole session.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    pub(crate) options: TraceOptions,
+    pub(crate) quant_sampling: QuantSampling,
+    pub(crate) quant_visits: u64,
+    pub(crate) in_forward: bool,
+    pub(crate) current: ForwardTrace,
+    pub(crate) history: VecDeque<ForwardTrace>,
+    pub(crate) aggregates: SessionAggregates,
+    pub(crate) kv_session: KvCacheSessionTrace,
+    // Per-layer `(‖residual‖, Σ‖update‖)` of the forward in flight.
+    pub(crate) residual_norms: Vec<Option<(f32, f32)>>,
+    pub(crate) topk_scratch: Vec<(usize, f32)>,
+    // Records of recycled forwards, kept with their buffers so that a warm
+    // tracer fills them again instead of allocating new ones.
+    pub(crate) spare_attention: Vec<AttentionWeightTrace>,
+    pub(crate) spare_tokens: Vec<TokenLogitEvolution>,
+    // The most quantization-error and what-if records one forward has held:
+    // a recycled forward reserves room for them up front.
+    pub(crate) most_quant: usize,
+    pub(crate) most_what_if: usize,
+    // Logit-lens rows of the forward in flight: `lens_layers.len()` rows of `lens_vocab`.
+    pub(crate) lens: Vec<f32>,
+    pub(crate) lens_layers: Vec<usize>,
+    pub(crate) lens_vocab: usize,
+    pub(crate) tracked: Vec<usize>,
+    pub(crate) ranks: Vec<usize>,
+    pub(crate) reference: Vec<f32>,
+    pub(crate) candidate: Vec<f32>,
+    pub(crate) max_layer_seen: Option<usize>,
+    pub(crate) sink: Option<crate::sink::SinkHandle>,
+}
+
+impl Storage for Recorder {
+    const RECORDS: bool = true;
+    fn create(options: TraceOptions) -> Self {
+        Recorder::new(options)
+    }
+    #[inline(always)]
+    fn recorder(&self) -> Option<&Recorder> {
+        Some(self)
+    }
+    #[inline(always)]
+    fn recorder_mut(&mut self) -> Option<&mut Recorder> {
+        Some(self)
+    }
+}
