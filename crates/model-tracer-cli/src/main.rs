@@ -8,11 +8,12 @@
 //! another GGUF file. See `model-tracer run --help`.
 
 use std::fmt::Write as _;
-use std::io::{IsTerminal as _, Write as _};
+use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use model_tracer::{
     AttentionTraceConfig, Disabled, Full, Lightweight, ModelTracer, TraceConfig, TraceOptions,
@@ -343,23 +344,20 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
 
     let t0 = Instant::now();
     let mut first_token: Option<f64> = None;
-    let mut done = 0usize;
-    let progress = std::io::stderr().is_terminal();
+    // Drawn on stderr only where a terminal is attached (indicatif hides
+    // itself otherwise), so piped output stays clean.
+    let bar = ProgressBar::new(args.max_tokens as u64).with_style(
+        ProgressStyle::with_template("  {msg} [{bar:30}] {pos}/{len} tokens, {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message("prompt");
     let generation = model.generate(&prompt_ids, args.max_tokens, |_| {
-        done += 1;
-        let now = t0.elapsed().as_secs_f64();
-        first_token.get_or_insert(now);
-        if progress {
-            eprint!(
-                "\r  generated {done}/{} tokens ({now:.1} s)",
-                args.max_tokens
-            );
-            let _ = std::io::stderr().flush();
-        }
+        first_token.get_or_insert(t0.elapsed().as_secs_f64());
+        bar.set_message("generating");
+        bar.inc(1);
     });
-    if progress {
-        eprintln!();
-    }
+    bar.finish_and_clear();
     let timing = Timing::new(
         load_secs,
         &generation,
