@@ -1069,14 +1069,18 @@ mod tests {
             tail_mass: 0.25,
             ..AttentionWeightTrace::default()
         };
-        let mut f = ForwardTrace::default();
-        f.attention = vec![head(f32::NAN, 1.0), head(0.5, f32::INFINITY)];
+        let mut f = ForwardTrace {
+            attention: vec![head(f32::NAN, 1.0), head(0.5, f32::INFINITY)],
+            ..ForwardTrace::default()
+        };
         f.quantization.kl_divergence = Some(f32::NAN);
         f.quantization.top1_agrees = Some(true);
         f.activations.layer_mut(0).residual_ratio = f32::NAN;
         agg.absorb(&f);
-        let mut g = ForwardTrace::default();
-        g.attention = vec![head(0.7, 2.0)];
+        let mut g = ForwardTrace {
+            attention: vec![head(0.7, 2.0)],
+            ..ForwardTrace::default()
+        };
         g.quantization.kl_divergence = Some(0.5);
         g.quantization.top1_agrees = Some(false);
         g.activations.layer_mut(0).residual_ratio = 0.25;
