@@ -43,8 +43,9 @@ const DEFAULT_GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const DEFAULT_CHAT: &str = "What is the capital of France?";
 /// The system message of a chat unless `--system` says otherwise. With the
 /// template's own ("You are a helpful AI assistant named SmolLM, trained by
-/// Hugging Face"), SmolLM2-135M answers the default question in French
-/// verse; with this one it answers it.
+/// Hugging Face"), SmolLM2-135M answers the default question with a list
+/// of French words ("L'Étoile, la Marseillaise, ..."); with this one it
+/// answers it.
 const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
 
 #[derive(Debug, Clone, clap::Args)]
