@@ -108,7 +108,7 @@ struct Args {
     #[arg(
         long,
         value_name = "PATH",
-        help_heading = "Output (each file is created before the model loads)"
+        help_heading = OUTPUT
     )]
     json: Option<String>,
     /// Stream every forward as it completes, one JSON object per line
@@ -116,17 +116,20 @@ struct Args {
     #[arg(
         long,
         value_name = "PATH",
-        help_heading = "Output (each file is created before the model loads)"
+        help_heading = OUTPUT
     )]
     jsonl: Option<String>,
     /// Write the HTML report, one self-contained file; needs tracing
     #[arg(
         long,
         value_name = "PATH",
-        help_heading = "Output (each file is created before the model loads)"
+        help_heading = OUTPUT
     )]
     html: Option<String>,
 }
+
+/// The heading of the output options, and the promise they share.
+const OUTPUT: &str = "Output (each file is created before the model loads)";
 
 fn parse_type(name: &str) -> Result<GgmlType, String> {
     Ok(match name.trim().to_ascii_lowercase().as_str() {
