@@ -258,6 +258,31 @@ impl ModelTracerConfig {
         }
     }
 
+    /// The config whose systems [`describe`] names `description` (`"full"`,
+    /// `"lightweight"`, `"disabled"`, or a `+`-joined list such as
+    /// `"activations+logits"`); `None` for a name it does not know.
+    pub fn from_description(description: &str) -> Option<Self> {
+        match description {
+            "full" => return Some(Self::full()),
+            "lightweight" => return Some(Self::lightweight()),
+            "disabled" => return Some(Self::default()),
+            _ => {}
+        }
+        let mut c = Self::default();
+        for name in description.split('+') {
+            let flag = match name {
+                "activations" => &mut c.trace_activations,
+                "attention" => &mut c.trace_attention,
+                "logits" => &mut c.trace_logits,
+                "quant_error" => &mut c.trace_quant_error,
+                "kv_cache" => &mut c.trace_kv_cache,
+                _ => return None,
+            };
+            *flag = true;
+        }
+        Some(c)
+    }
+
     /// At least one system is on.
     pub fn is_enabled(&self) -> bool {
         self.trace_activations
@@ -344,6 +369,20 @@ mod tests {
         assert_eq!(describe(&Lightweight), "lightweight");
         assert_eq!(describe(&Full), "full");
         assert_eq!(describe(&Disabled), "disabled");
+        for c in [l.clone(), f.clone(), ModelTracerConfig::default()] {
+            assert_eq!(ModelTracerConfig::from_description(&describe(&c)), Some(c));
+        }
+        let some = ModelTracerConfig {
+            trace_logits: true,
+            trace_attention: true,
+            ..ModelTracerConfig::default()
+        };
+        assert_eq!(describe(&some), "attention+logits");
+        assert_eq!(
+            ModelTracerConfig::from_description("attention+logits"),
+            Some(some)
+        );
+        assert_eq!(ModelTracerConfig::from_description("attention+warp"), None);
     }
 
     #[test]

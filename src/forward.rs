@@ -13,6 +13,10 @@ use crate::quant::{ModelQuantizationError, QuantizationErrorTrace};
 pub struct ForwardTrace {
     /// Token position.
     pub position: usize,
+    /// The token id fed at this position, when the model told the tracer
+    /// ([`ModelTracer::input_token`](crate::ModelTracer::input_token)).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub token: Option<u32>,
     /// Activation statistics.
     pub activations: ModelActivationTrace,
     /// Attention summaries, in recording order.
@@ -33,6 +37,7 @@ pub struct ForwardTrace {
 impl ForwardTrace {
     pub(crate) fn reset(&mut self, position: usize, warmup_layers: usize) {
         self.position = position;
+        self.token = None;
         self.activations.reset(warmup_layers);
         self.attention.clear();
         if let Some(l) = &mut self.logits {

@@ -54,7 +54,12 @@ pub mod config;
 pub mod forward;
 pub mod kv_cache;
 pub mod logit;
+pub mod model_info;
 pub mod quant;
+#[cfg(feature = "serde")]
+pub mod read;
+#[cfg(feature = "serde")]
+pub mod replay;
 pub mod report;
 #[cfg(feature = "serde")]
 pub mod serde_float;
@@ -134,10 +139,11 @@ pub use config::{
 };
 pub use kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
 pub use logit::{LogitEvolutionTrace, TokenLogitEvolution};
+pub use model_info::ModelInfo;
 pub use quant::{
     BrickId, ModelQuantizationError, QuantTraceError, QuantType, QuantizationErrorTrace, Severity,
 };
-pub use report::{write_html, ModelInfo, ReportInput};
+pub use report::{write_html, ReportInput};
 #[cfg(feature = "serde")]
 pub use sink::JsonlSink;
 pub use sink::{ForwardSink, SinkFailure, SinkHandle, SinkStatus};

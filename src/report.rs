@@ -35,37 +35,13 @@ use crate::activation::Stage;
 use crate::anomaly::Origin;
 use crate::config::TraceConfig;
 use crate::kv_cache::KvCacheStateTrace;
+pub use crate::model_info::ModelInfo;
 use crate::quant::BrickId;
 use crate::summary::TraceSummary;
 use crate::tracer::{ForwardTrace, ModelTracer};
 
 /// Positions of context shown before a query in the attention view.
 pub const CONTEXT_WINDOW: usize = 48;
-
-/// The model a report describes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ModelInfo {
-    /// Display name (a file name, "synthetic tiny", ...).
-    pub name: String,
-    /// Transformer layers.
-    pub layers: usize,
-    /// Query heads per layer.
-    pub heads: usize,
-    /// Key/value heads per layer.
-    pub kv_heads: usize,
-    /// Hidden size.
-    pub dim: usize,
-    /// Vocabulary size.
-    pub vocab: usize,
-    /// KV cache capacity, in positions (0 when unknown).
-    pub kv_capacity: usize,
-    /// First cache positions never evicted (StreamingLLM's attention
-    /// sinks). Attention summaries index the cache in chronological order;
-    /// once the cache has evicted, slot `i` holds position `i` for
-    /// `i < kv_sinks` and a recent position otherwise. 0 for a plain
-    /// sliding window.
-    pub kv_sinks: usize,
-}
 
 /// Everything [`write_html`] shows.
 #[derive(Debug, Clone)]

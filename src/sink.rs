@@ -53,6 +53,12 @@ pub trait ForwardSink: Send {
     /// `end_forward`, so it should be quick; an error stops the sink (see
     /// [`SinkHandle`]).
     fn write_forward(&mut self, forward: &ForwardTrace) -> io::Result<()>;
+
+    /// Told, when the sink is installed in a tracer, which systems that
+    /// tracer records (`"full"`, `"lightweight"`, `"activations+logits"`:
+    /// [`describe`](crate::config::describe)'s text). Does nothing unless
+    /// the sink writes it down.
+    fn tracer_config(&mut self, _description: &str) {}
 }
 
 /// Why a sink stopped.
@@ -127,6 +133,13 @@ impl SinkHandle {
         }
     }
 
+    /// Tells the sink which systems its tracer records.
+    pub(crate) fn announce(&self, description: &str) {
+        if let Ok(mut slot) = self.slot.lock() {
+            slot.sink.tracer_config(description);
+        }
+    }
+
     /// Hands `forward` to the sink, unless it failed before. A sink that
     /// panicked (its lock is poisoned) is treated as failed.
     pub(crate) fn write(&self, forward: &ForwardTrace) {
@@ -160,16 +173,35 @@ mod jsonl {
 
     use super::ForwardSink;
     use crate::forward::ForwardTrace;
+    use crate::model_info::ModelInfo;
     use crate::serde_float::Float;
 
     /// Writes one JSON object per forward pass, one per line (JSON Lines),
     /// and flushes after each. The fields are documented in `features.md`
     /// ("JSON Lines schema"); the file loads with
     /// `pandas.read_json(path, lines=True)`, one row per forward.
-    #[derive(Debug)]
     pub struct JsonlSink<W: Write> {
         out: W,
         line: Vec<u8>,
+        context: Context,
+    }
+
+    /// What the sink knows about the run besides the forwards.
+    #[derive(Default)]
+    struct Context {
+        model: Option<ModelInfo>,
+        config: Option<String>,
+        vocabulary: Option<Box<dyn Fn(u32) -> String + Send>>,
+    }
+
+    impl<W: Write> std::fmt::Debug for JsonlSink<W> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("JsonlSink")
+                .field("model", &self.context.model)
+                .field("config", &self.context.config)
+                .field("vocabulary", &self.context.vocabulary.is_some())
+                .finish_non_exhaustive()
+        }
     }
 
     impl<W: Write> JsonlSink<W> {
@@ -179,7 +211,24 @@ mod jsonl {
             Self {
                 out,
                 line: Vec::new(),
+                context: Context::default(),
             }
+        }
+
+        /// Writes `model` into every row (`model`), so that any part of the
+        /// stream (a tail, a grep, the lines before a crash) describes the
+        /// model it traced.
+        pub fn with_model(mut self, model: ModelInfo) -> Self {
+            self.context.model = Some(model);
+            self
+        }
+
+        /// Writes the text of the token ids each row names: `token_text`
+        /// for the input token, `vocab` (id → text) for the chosen and the
+        /// logit-lens tokens.
+        pub fn with_vocabulary(mut self, text: impl Fn(u32) -> String + Send + 'static) -> Self {
+            self.context.vocabulary = Some(Box::new(text));
+            self
         }
 
         /// The writer.
@@ -195,7 +244,8 @@ mod jsonl {
         /// Writes the line of `forward` and flushes.
         pub fn write(&mut self, forward: &ForwardTrace) -> io::Result<()> {
             self.line.clear();
-            serde_json::to_writer(&mut self.line, &Row(forward)).map_err(io::Error::other)?;
+            serde_json::to_writer(&mut self.line, &Row(forward, &self.context))
+                .map_err(io::Error::other)?;
             self.line.push(b'\n');
             self.out.write_all(&self.line)?;
             self.out.flush()
@@ -206,12 +256,16 @@ mod jsonl {
         fn write_forward(&mut self, forward: &ForwardTrace) -> io::Result<()> {
             self.write(forward)
         }
+
+        fn tracer_config(&mut self, description: &str) {
+            self.context.config = Some(description.to_string());
+        }
     }
 
     /// The JSON Lines record of `forward`, without the newline.
     pub fn forward_json_line(forward: &ForwardTrace) -> String {
         // Plain data with string keys: serializing cannot fail.
-        serde_json::to_string(&Row(forward)).unwrap_or_default()
+        serde_json::to_string(&Row(forward, &Context::default())).unwrap_or_default()
     }
 
     /// A column: the sequence an iterator yields, serialized lazily.
@@ -228,13 +282,16 @@ mod jsonl {
         }
     }
 
-    struct Row<'a>(&'a ForwardTrace);
+    struct Row<'a>(&'a ForwardTrace, &'a Context);
 
     impl Serialize for Row<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let f = self.0;
+            let (f, context) = (self.0, self.1);
+            let text = |id: u32| context.vocabulary.as_ref().map(|v| v(id));
             let mut m = s.serialize_map(None)?;
             m.serialize_entry("position", &f.position)?;
+            m.serialize_entry("token", &f.token)?;
+            m.serialize_entry("token_text", &f.token.and_then(text))?;
             m.serialize_entry(
                 "selected_token",
                 &f.logits.as_ref().and_then(|l| l.selected_token),
@@ -277,6 +334,7 @@ mod jsonl {
             let at = &f.attention;
             m.serialize_entry("attn_layer", &Col(|| at.iter().map(|t| t.layer_idx)))?;
             m.serialize_entry("attn_head", &Col(|| at.iter().map(|t| t.head_idx)))?;
+            m.serialize_entry("attn_query_pos", &Col(|| at.iter().map(|t| t.query_pos)))?;
             m.serialize_entry(
                 "attn_context_len",
                 &Col(|| at.iter().map(|t| t.context_len)),
@@ -365,6 +423,14 @@ mod jsonl {
             )?;
             m.serialize_entry("whatif_mse", &Col(|| w.iter().map(|t| Float(t.mse))))?;
             m.serialize_entry("whatif_snr_db", &Col(|| w.iter().map(|t| Float(t.snr_db))))?;
+            m.serialize_entry(
+                "whatif_max_abs_error",
+                &Col(|| w.iter().map(|t| Float(t.max_abs_error))),
+            )?;
+            m.serialize_entry(
+                "whatif_elements",
+                &Col(|| w.iter().map(|t| t.element_count)),
+            )?;
 
             let kv = f.kv_cache.as_ref();
             m.serialize_entry("kv_step", &kv.map(|k| k.step))?;
@@ -376,6 +442,22 @@ mod jsonl {
             m.serialize_entry("kv_evictions", &kv.map(|k| k.evictions_this_step))?;
             m.serialize_entry("kv_reused", &kv.map(|k| k.reused_positions))?;
             m.serialize_entry("kv_computed", &kv.map(|k| k.computed_positions))?;
+
+            // The run: the tracer's systems, the model, the token texts.
+            m.serialize_entry("config", &context.config)?;
+            m.serialize_entry("model", &context.model)?;
+            if context.vocabulary.is_some() {
+                let ids = f.logits.iter().flat_map(|l| {
+                    l.selected_token
+                        .into_iter()
+                        .chain(l.tokens.iter().map(|t| t.token_id))
+                });
+                let vocab: std::collections::BTreeMap<u32, String> =
+                    ids.filter_map(|id| Some((id, text(id)?))).collect();
+                m.serialize_entry("vocab", &vocab)?;
+            } else {
+                m.serialize_entry("vocab", &None::<()>)?;
+            }
             m.end()
         }
     }

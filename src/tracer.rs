@@ -376,8 +376,14 @@ impl<C: TraceConfig> ModelTracer<C> {
         &mut self,
         sink: Option<crate::sink::SinkHandle>,
     ) -> Option<crate::sink::SinkHandle> {
+        let description = crate::config::describe(&self.config);
         match self.storage.recorder_mut() {
-            Some(r) => std::mem::replace(&mut r.sink, sink),
+            Some(r) => {
+                if let Some(s) = &sink {
+                    s.announce(&description);
+                }
+                std::mem::replace(&mut r.sink, sink)
+            }
             None => sink,
         }
     }
@@ -441,6 +447,19 @@ impl<C: TraceConfig> ModelTracer<C> {
         if C::ANY {
             if let Some(r) = self.storage.recorder_mut() {
                 r.begin(position);
+            }
+        }
+    }
+
+    /// Names the token fed at the position of the forward in flight, so
+    /// that sinks and views can show it ([`ForwardTrace::token`]).
+    #[inline(always)]
+    pub fn input_token(&mut self, token: u32) {
+        if C::ANY {
+            if let Some(r) = self.storage.recorder_mut() {
+                if r.in_forward {
+                    r.current.token = Some(token);
+                }
             }
         }
     }
@@ -676,6 +695,60 @@ impl<C: TraceConfig> ModelTracer<C> {
             if let Some(r) = self.storage.recorder_mut() {
                 r.kv_state(trace);
             }
+        }
+    }
+
+    /// Takes a forward completed elsewhere (read back from a JSON Lines
+    /// trace, received from another process) as if this tracer had just
+    /// ended it: retained, folded into the session aggregates, its KV state
+    /// added to the KV session, and handed to the sink. Its anomalies are
+    /// kept as recorded (the rules ran when it was traced). A forward in
+    /// flight is ended first. Systems this tracer's config does not trace
+    /// are dropped from the forward, as they would not have been recorded.
+    pub fn replay_forward(&mut self, mut forward: ForwardTrace) {
+        if !C::ANY {
+            return;
+        }
+        let (activations, attention, logits, quant, kv) = (
+            self.activations_on(),
+            self.attention_on(),
+            self.logits_on(),
+            self.quant_on(),
+            self.kv_on(),
+        );
+        let Some(r) = self.storage.recorder_mut() else {
+            return;
+        };
+        if r.in_forward {
+            r.end();
+        }
+        if !activations {
+            forward.activations = Default::default();
+            forward.anomalies.clear();
+        }
+        if !attention {
+            forward.attention.clear();
+        }
+        if !logits {
+            forward.logits = None;
+        }
+        if !quant {
+            forward.quantization = Default::default();
+            forward.what_if.clear();
+        }
+        if !kv {
+            forward.kv_cache = None;
+        }
+        if let Some(state) = forward.kv_cache {
+            r.kv_session.add_step(state);
+        }
+        r.aggregates.absorb(&forward);
+        if r.history.len() >= r.options.max_forwards {
+            r.history.pop_front();
+        }
+        r.history.push_back(forward);
+        if let (Some(sink), Some(done)) = (&r.sink, r.history.back()) {
+            sink.write(done);
         }
     }
 

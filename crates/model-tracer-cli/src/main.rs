@@ -34,7 +34,24 @@ struct Cli {
 enum Command {
     /// Run a model on a prompt and trace it: activations, attention, logit
     /// lens, quantization error and KV cache.
-    Run(Args),
+    Run(Box<Args>),
+    /// Render the HTML report of a JSON Lines trace written earlier (`run
+    /// --jsonl`, or any `JsonlSink`): the same report `run --html` writes
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ReportArgs {
+    /// The JSON Lines trace
+    #[arg(value_name = "TRACE")]
+    trace: String,
+    /// Where to write the report [default: TRACE with the extension .html]
+    #[arg(short, long, value_name = "PATH")]
+    output: Option<String>,
+    /// Forwards shown in detail: the last N of the trace (the summary
+    /// covers all of them)
+    #[arg(long, value_name = "N", default_value_t = model_tracer::replay::DEFAULT_REPLAY_FORWARDS)]
+    last: usize,
 }
 
 /// Where `bash .ci/fetch-model` puts SmolLM2-135M-Instruct.
@@ -218,7 +235,18 @@ fn source(args: &Args) -> Source {
 }
 
 fn main() -> ExitCode {
-    let Command::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Run(args) => *args,
+        Command::Report(args) => {
+            return match report(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    };
     if let Err(e) = validate(&args) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -243,6 +271,50 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `model-tracer report`: the HTML report of a JSON Lines trace.
+fn report(args: &ReportArgs) -> Result<(), String> {
+    let output = args.output.clone().unwrap_or_else(|| {
+        std::path::Path::new(&args.trace)
+            .with_extension("html")
+            .to_string_lossy()
+            .into_owned()
+    });
+    if output == args.trace {
+        return Err(format!(
+            "the report would overwrite the trace {output}: name it with -o"
+        ));
+    }
+    let file = std::fs::File::open(&args.trace).map_err(|e| format!("{}: {e}", args.trace))?;
+    let replay =
+        model_tracer::replay::ReplayedTrace::read_jsonl(std::io::BufReader::new(file), args.last)
+            .map_err(|e| format!("{}: {e}", args.trace))?;
+    let name = std::path::Path::new(&args.trace)
+        .file_name()
+        .map_or_else(|| args.trace.clone(), |n| n.to_string_lossy().into_owned());
+    let input = replay.report_input(&name);
+    let summary = &input.summary;
+    println!(
+        "{}: {} forwards{}, traced {}; model {} ({} layers, hidden {})",
+        args.trace,
+        replay.rows(),
+        summary
+            .positions
+            .map_or(String::new(), |(a, b)| format!(" (positions {a}..={b})")),
+        summary.config,
+        input.model.name,
+        input.model.layers,
+        input.model.dim,
+    );
+    let file =
+        std::fs::File::create(&output).map_err(|e| format!("cannot create {output}: {e}"))?;
+    let mut out = std::io::BufWriter::new(file);
+    model_tracer::write_html(&mut out, &input)
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("{output}: {e}"))?;
+    println!("wrote the HTML report to {output}");
+    Ok(())
 }
 
 /// Printable form of a token: control characters and quotes escaped.
@@ -337,7 +409,7 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
     let config = model.tracer().config().clone();
     *model.tracer_mut() = ModelTracer::with_options(config, options);
     if let Some((_, file)) = &outputs.jsonl {
-        open_jsonl(&mut model, file)?;
+        open_jsonl(&mut model, file, &source)?;
     }
     println!(
         "trace: {} | prompt: {} tokens | generating up to {} tokens",
@@ -493,9 +565,25 @@ impl std::fmt::Display for Timing {
     }
 }
 
-fn open_jsonl<C: TraceConfig>(model: &mut Llama<C>, file: &std::fs::File) -> Result<(), String> {
+/// Streams every forward of `model` to `file`; each row names the model
+/// and the text of its tokens, so that `model-tracer report` can render it.
+fn open_jsonl<C: TraceConfig>(
+    model: &mut Llama<C>,
+    file: &std::fs::File,
+    name: &str,
+) -> Result<(), String> {
     let file = file.try_clone().map_err(|e| e.to_string())?;
-    let sink = model_tracer::JsonlSink::new(std::io::BufWriter::new(file));
+    let vocab: Vec<String> = (0..model.config.vocab_size as u32)
+        .map(|id| model.token_text(id))
+        .collect();
+    let sink = model_tracer::JsonlSink::new(std::io::BufWriter::new(file))
+        .with_model(model_tracer_llama::report::model_info(model, name))
+        .with_vocabulary(move |id| {
+            vocab
+                .get(id as usize)
+                .cloned()
+                .unwrap_or_else(|| format!("<{id}>"))
+        });
     model
         .tracer_mut()
         .set_sink(Some(model_tracer::SinkHandle::new(sink)));

@@ -151,3 +151,121 @@ fn the_default_run_answers_the_default_question_on_the_real_model() {
         doc["prompt_ids"].as_array().unwrap().len() + 7
     );
 }
+
+/// `model-tracer ARGS` in `cwd`.
+fn program(args: &[&str], cwd: &Path) -> Output {
+    let bin = env!("CARGO_BIN_EXE_model-tracer");
+    match Command::new(bin).args(args).current_dir(cwd).output() {
+        Ok(o) => o,
+        Err(e) => panic!("running model-tracer {args:?}: {e}"),
+    }
+}
+
+/// `run --jsonl --html` and then `report` of the JSON Lines trace: the two
+/// HTML files must be the same, byte for byte.
+fn report_matches_run(dir: &Path, model: &[&str]) -> String {
+    let (jsonl, html, again) = (
+        dir.join("trace.jsonl"),
+        dir.join("run.html"),
+        dir.join("report.html"),
+    );
+    let (jsonl_s, html_s, again_s) = (
+        jsonl.to_string_lossy(),
+        html.to_string_lossy(),
+        again.to_string_lossy(),
+    );
+    let mut args = model.to_vec();
+    args.extend(["--jsonl", &jsonl_s, "--html", &html_s]);
+    let out = run(&args, dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = program(&["report", &jsonl_s, "-o", &again_s], dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (a, b) = match (std::fs::read(&html), std::fs::read(&again)) {
+        (Ok(a), Ok(b)) => (a, b),
+        other => panic!("a report is missing: {other:?}"),
+    };
+    assert!(a.len() > 10_000, "a report of {} bytes", a.len());
+    assert!(
+        a == b,
+        "report differs from run --html ({} vs {} bytes)",
+        b.len(),
+        a.len()
+    );
+    text(&out.stdout)
+}
+
+#[test]
+fn report_renders_the_same_page_as_run_html_synthetic() {
+    let dir = scratch_dir("cli-report-synthetic");
+    // A cache smaller than the run: evictions, and attention slots that
+    // map to positions through the cache's sinks.
+    let stdout = report_matches_run(
+        &dir,
+        &[
+            "--synthetic",
+            "tiny",
+            "--max-tokens",
+            "12",
+            "--ctx",
+            "10",
+            "--prompt",
+            "hello",
+        ],
+    );
+    assert!(
+        stdout.contains("16 forwards (positions 0..=15), traced full"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn report_renders_the_same_page_as_run_html_on_the_real_model() {
+    let Some(gguf) = support::real_model() else {
+        return;
+    };
+    let gguf = gguf.to_string_lossy().into_owned();
+    let dir = scratch_dir("cli-report-real");
+    let stdout = report_matches_run(
+        &dir,
+        &[
+            "--gguf",
+            &gguf,
+            "--max-tokens",
+            "6",
+            "--ctx",
+            "24",
+            "--trace",
+            "full",
+        ],
+    );
+    assert!(stdout.contains("30 layers, hidden 576"), "{stdout}");
+}
+
+#[test]
+fn report_of_a_bad_trace_names_the_line_and_writes_nothing() {
+    let dir = scratch_dir("cli-report-bad");
+    let trace = dir.join("bad.jsonl");
+    let row = r#"{"position":0,"act_layer":[0],"act_stage":["input"],"act_count":[2],"act_min":[1],"act_max":[2],"act_mean":[1.5],"act_std":[0.7],"act_l2_norm":[2.2],"act_nan_count":[0],"act_inf_count":[0]}"#;
+    let truncated = &row[..row.len() / 2];
+    std::fs::write(&trace, format!("{row}\n{row}\n{truncated}")).expect("write the trace");
+    let out_path = dir.join("bad.html");
+    let out = program(&["report", &trace.to_string_lossy()], &dir);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("line 3") && err.contains("ends early"),
+        "{err}"
+    );
+    assert!(!out_path.exists(), "a report of a bad trace was written");
+
+    let missing = dir.join("missing.jsonl");
+    let out = program(&["report", &missing.to_string_lossy()], &dir);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("missing.jsonl"));
+
+    // Whole rows render, with the report named after the trace.
+    std::fs::write(&trace, format!("{row}\n{row}\n")).expect("write the trace");
+    let out = program(&["report", &trace.to_string_lossy()], &dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out_path.exists());
+}

@@ -601,6 +601,11 @@ impl KvCache {
         self.len == 0
     }
 
+    /// First positions never evicted (StreamingLLM's attention sinks).
+    pub fn sinks(&self) -> usize {
+        self.sinks
+    }
+
     /// Capacity in positions.
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -977,6 +982,7 @@ impl<C: TraceConfig> Llama<C> {
         let n_ctx = cache.len;
         let fault = fault.filter(|f| f.position.is_none_or(|p| p == pos));
         traced!(C, tracer.begin_forward(pos));
+        traced!(C, tracer.input_token(token));
 
         // token embedding
         w.token_embd.dequantize_row(token as usize, &mut s.x);

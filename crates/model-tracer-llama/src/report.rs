@@ -4,6 +4,21 @@ use super::model::Llama;
 use model_tracer::config::TraceConfig;
 use model_tracer::report::{ModelInfo, ReportInput};
 
+/// What the report and the JSON Lines rows say of `model`, named `name`.
+pub fn model_info<C: TraceConfig>(model: &Llama<C>, name: &str) -> ModelInfo {
+    let c = &model.config;
+    ModelInfo {
+        name: name.to_string(),
+        layers: c.n_layers,
+        heads: c.n_heads,
+        kv_heads: c.n_kv_heads,
+        dim: c.dim,
+        vocab: c.vocab_size,
+        kv_capacity: model.cache().capacity(),
+        kv_sinks: model.cache().sinks(),
+    }
+}
+
 /// The report input for `model`'s tracer after it ran `tokens` (the prompt
 /// followed by the generated tokens; position `p` holds `tokens[p]`, as
 /// when the cache started empty), named `name`. Token strings come from the
@@ -13,29 +28,7 @@ pub fn report_input<'a, C: TraceConfig>(
     tokens: &[u32],
     name: &str,
 ) -> ReportInput<'a> {
-    let c = &model.config;
-    // The cache pins its first `sinks` slots to positions 0.. forever; the
-    // ring after them holds recent positions. The length of the leading run
-    // `positions[i] == i` is therefore the number of sinks once the cache
-    // has evicted (before that every slot is its position and the number
-    // does not matter).
-    let kv_sinks = model
-        .cache()
-        .positions()
-        .enumerate()
-        .take_while(|&(i, p)| i == p)
-        .count();
-    let info = ModelInfo {
-        name: name.to_string(),
-        layers: c.n_layers,
-        heads: c.n_heads,
-        kv_heads: c.n_kv_heads,
-        dim: c.dim,
-        vocab: c.vocab_size,
-        kv_capacity: model.cache().capacity(),
-        kv_sinks,
-    };
-    let mut input = ReportInput::from_tracer(model.tracer(), info);
+    let mut input = ReportInput::from_tracer(model.tracer(), model_info(model, name));
     input.position_text = tokens.iter().map(|&t| model.token_text(t)).collect();
     input.token_text = input
         .token_ids()
