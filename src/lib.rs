@@ -51,6 +51,8 @@ pub mod activation;
 pub mod anomaly;
 pub mod attention;
 pub mod config;
+#[cfg(feature = "serde")]
+pub mod diff;
 pub mod forward;
 pub mod kv_cache;
 pub mod logit;
