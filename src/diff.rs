@@ -659,7 +659,7 @@ pub fn diff(a: &Side, b: &Side, tolerance: f32) -> Result<DiffReport, DiffError>
             };
             let e = site_error(ta, tb);
             let err = e.error.0;
-            if first_divergence.is_none() && !(err <= tolerance) {
+            if first_divergence.is_none() && (err > tolerance || err.is_nan()) {
                 first_divergence = Some(Place {
                     position: p,
                     layer: site.layer,
@@ -776,7 +776,7 @@ pub fn diff(a: &Side, b: &Side, tolerance: f32) -> Result<DiffReport, DiffError>
             let worst = sites.iter().filter(|s| s.layer == Some(l)).fold(
                 None::<&SiteRow>,
                 |w, s| match w {
-                    Some(w) if !(s.max_error.0 > w.max_error.0) => Some(w),
+                    Some(w) if s.max_error.0 <= w.max_error.0 || w.max_error.0.is_nan() => Some(w),
                     _ => Some(s),
                 },
             );
@@ -991,7 +991,7 @@ mod tests {
 
     #[test]
     fn sites_order_as_the_forward_pass() {
-        let mut sites = vec![
+        let mut sites = [
             Site {
                 layer: None,
                 stage: Stage::Logits,
