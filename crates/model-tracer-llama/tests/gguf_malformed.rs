@@ -12,6 +12,7 @@ use model_tracer_llama::gguf::{
     GgufError, GgufFile, GgufWriter, MetadataArray, MetadataValue, DEFAULT_ALIGNMENT,
     MAX_ARRAY_NESTING,
 };
+use model_tracer_test_support::SplitMix64;
 
 /// Fixed header: magic, version, tensor count, metadata count.
 const HEADER_LEN: usize = 4 + 4 + 8 + 8;
@@ -614,27 +615,11 @@ fn open_reports_io_errors_and_reads_written_files() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// xorshift64*: a small deterministic generator for the mutation loop.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[test]
 fn random_mutations_never_panic() {
     let original = sample_bytes();
     let header_len = parse(original.clone()).unwrap().data_offset() as usize;
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = SplitMix64::new(0x9e37_79b9_7f4a_7c15);
     let mut rejected = 0;
     let start = Instant::now();
     for _ in 0..4000 {
@@ -648,7 +633,7 @@ fn random_mutations_never_panic() {
             };
             match rng.below(4) {
                 0 => bytes[at] ^= 1 << rng.below(8),
-                1 => bytes[at] = rng.next() as u8,
+                1 => bytes[at] = rng.byte(),
                 2 => {
                     let extreme = [0u8, 0xff][rng.below(2)];
                     let end = (at + 8).min(bytes.len());

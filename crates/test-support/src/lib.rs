@@ -7,6 +7,10 @@ use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod rng;
+
+pub use rng::SplitMix64;
+
 thread_local! {
     static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
 }
