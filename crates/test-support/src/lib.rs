@@ -7,6 +7,7 @@ use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod gguf;
 mod rng;
 
 pub use rng::SplitMix64;
