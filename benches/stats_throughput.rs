@@ -11,6 +11,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use model_tracer::stats::TensorStats;
+use model_tracer_test_support::SplitMix64;
 use wide::f32x8;
 
 /// Elements processed per timed sample of the vectorised functions.
@@ -96,26 +97,6 @@ fn plain_sum(data: &[f32]) -> f32 {
     total.reduce_add() + vectors.remainder().iter().sum::<f32>()
 }
 
-/// Deterministic standard normal samples (SplitMix64 + Box–Muller).
-fn normal_data(n: usize, offset: f32, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u, v) = (next(), next());
-            let g = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
-            offset + g as f32
-        })
-        .collect()
-}
-
 /// Elements per second of one sample of `reps` calls.
 fn sample<R>(data: &[f32], reps: usize, f: &impl Fn(&[f32]) -> R) -> f64 {
     let start = Instant::now();
@@ -197,8 +178,11 @@ fn main() {
     );
     let rows: Vec<(&str, Vec<f32>)> = sizes
         .iter()
-        .map(|&n| ("N(0,1)", normal_data(n, 0.0, n as u64)))
-        .chain(std::iter::once(("1e4+N(0,1)", normal_data(4096, 1e4, 7))))
+        .map(|&n| ("N(0,1)", SplitMix64::new(n as u64).normals(n, 0.0, 1.0)))
+        .chain(std::iter::once((
+            "1e4+N(0,1)",
+            SplitMix64::new(7).normals(4096, 1e4, 1.0),
+        )))
         .collect();
     for (label, data) in &rows {
         check_agreement(data);

@@ -5,40 +5,11 @@ use model_tracer::stats::{
     argmax, entropy, error_metrics, l2_norm, log_softmax_kl, rank_of, ranks_of, top_k,
     StatsAccumulator, TensorStats, BLOCK_LEN,
 };
+use model_tracer_test_support::SplitMix64;
 use proptest::prelude::*;
 
 /// Relative tolerance of mean (relative to |mean| + std), std and L2.
 const TOL: f64 = 1e-5;
-
-/// SplitMix64: small, deterministic, good enough for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1).
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// Standard normal by Box–Muller.
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-
-    fn normals(&mut self, n: usize, offset: f64, scale: f64) -> Vec<f32> {
-        (0..n)
-            .map(|_| (offset + scale * self.normal()) as f32)
-            .collect()
-    }
-}
 
 /// Two-pass `f64` statistics of the finite elements.
 #[derive(Debug)]
@@ -139,7 +110,7 @@ fn check(data: &[f32], label: &str) -> TensorStats {
 
 #[test]
 fn every_length_up_to_70_normal_and_offset() {
-    let mut rng = Rng(1);
+    let mut rng = SplitMix64::new(1);
     for n in 0..=70 {
         check(&rng.normals(n, 0.0, 1.0), &format!("N(0,1) n={n}"));
         check(&rng.normals(n, 1e4, 1.0), &format!("1e4+N(0,1) n={n}"));
@@ -149,14 +120,14 @@ fn every_length_up_to_70_normal_and_offset() {
 
 #[test]
 fn one_million_elements() {
-    let mut rng = Rng(2);
+    let mut rng = SplitMix64::new(2);
     check(&rng.normals(1_000_000, 1e4, 1.0), "1e4+N(0,1) n=1e6");
     check(&rng.normals(1_000_000, 0.0, 1.0), "N(0,1) n=1e6");
 }
 
 #[test]
 fn lengths_around_block_and_vector_boundaries() {
-    let mut rng = Rng(3);
+    let mut rng = SplitMix64::new(3);
     for base in [BLOCK_LEN, 2 * BLOCK_LEN, 512, 1024] {
         for n in base.saturating_sub(9)..=base + 9 {
             check(&rng.normals(n, 2.0, 3.0), &format!("n={n}"));
@@ -190,7 +161,7 @@ fn alternating_plus_minus_1e30() {
 
 #[test]
 fn denormals() {
-    let mut rng = Rng(4);
+    let mut rng = SplitMix64::new(4);
     let tiny = f32::MIN_POSITIVE as f64;
     for n in [1usize, 5, 64, 1000, 5000] {
         let v: Vec<f32> = (0..n)
@@ -212,7 +183,7 @@ fn denormals() {
 
 #[test]
 fn huge_values_mixed_with_small_ones() {
-    let mut rng = Rng(5);
+    let mut rng = SplitMix64::new(5);
     for n in [3usize, 40, 700, 5000] {
         let mut v = rng.normals(n, 0.0, 1.0);
         v[n / 3] = 1e38;
@@ -234,7 +205,7 @@ fn huge_values_mixed_with_small_ones() {
 
 #[test]
 fn non_finite_at_first_last_and_tail_positions() {
-    let mut rng = Rng(6);
+    let mut rng = SplitMix64::new(6);
     let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
     let lengths: Vec<usize> = (1..=70).chain([576, 4095, 4096, 4097, 9001]).collect();
     for n in lengths {
@@ -268,7 +239,7 @@ fn non_finite_at_first_last_and_tail_positions() {
 
 #[test]
 fn nan_everywhere_in_a_long_tensor_is_counted() {
-    let mut rng = Rng(7);
+    let mut rng = SplitMix64::new(7);
     let mut v = rng.normals(20_000, 0.0, 1.0);
     for i in (0..v.len()).step_by(7) {
         v[i] = f32::NAN;
@@ -280,7 +251,7 @@ fn nan_everywhere_in_a_long_tensor_is_counted() {
 #[test]
 fn drifting_data_keeps_its_accuracy() {
     // The mean moves by far more than the spread from block to block.
-    let mut rng = Rng(8);
+    let mut rng = SplitMix64::new(8);
     let v: Vec<f32> = (0..50_000)
         .map(|i| (i as f64 * 0.5 + rng.normal()) as f32)
         .collect();
@@ -293,7 +264,7 @@ fn drifting_data_keeps_its_accuracy() {
 
 #[test]
 fn merge_and_accumulator_match_one_pass() {
-    let mut rng = Rng(9);
+    let mut rng = SplitMix64::new(9);
     let data = rng.normals(10_000, 3.0, 2.0);
     let whole = TensorStats::from_slice(&data);
     for cut in [0usize, 1, 7, 576, 4096, 9999, 10_000] {
@@ -362,7 +333,7 @@ proptest! {
     fn prop_offset_normal_data_matches_reference(
         seed in any::<u64>(), n in 0usize..6000, offset in -1e6f64..1e6, scale in 1e-3f64..1e3
     ) {
-        let v = Rng(seed).normals(n, offset, scale);
+        let v = SplitMix64::new(seed).normals(n, offset, scale);
         check(&v, "prop offset normal");
     }
 
@@ -438,7 +409,7 @@ proptest! {
 
 #[test]
 fn error_metrics_identical_and_negated() {
-    let mut rng = Rng(10);
+    let mut rng = SplitMix64::new(10);
     let r = rng.normals(3000, 0.5, 2.0);
     let m = error_metrics(&r, &r);
     assert_eq!(m.mse, 0.0);
@@ -458,7 +429,7 @@ fn error_metrics_identical_and_negated() {
 
 #[test]
 fn error_metrics_match_f64_reference() {
-    let mut rng = Rng(11);
+    let mut rng = SplitMix64::new(11);
     for n in [1usize, 7, 8, 9, 1000, 4099] {
         let r = rng.normals(n, 0.0, 1.0);
         let q: Vec<f32> = r.iter().map(|x| x + (rng.normal() * 0.01) as f32).collect();
@@ -545,7 +516,7 @@ fn error_metrics_defined_edge_cases() {
 
 #[test]
 fn l2_norm_plain() {
-    let mut rng = Rng(12);
+    let mut rng = SplitMix64::new(12);
     let v = rng.normals(5000, 1.0, 1.0);
     let want = v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
     assert!(((l2_norm(&v) as f64 - want) / want).abs() < 1e-6);
@@ -595,7 +566,7 @@ fn top_k_edges_and_buffer_reuse() {
     top_k(&[f32::NAN; 5], 3, &mut out);
     assert!(out.is_empty());
 
-    let mut rng = Rng(13);
+    let mut rng = SplitMix64::new(13);
     let logits = rng.normals(49152, 0.0, 3.0);
     let mut buf = Vec::new();
     top_k(&logits, 10, &mut buf);
@@ -611,7 +582,7 @@ fn top_k_edges_and_buffer_reuse() {
 
 #[test]
 fn ranks_over_a_vocabulary() {
-    let mut rng = Rng(14);
+    let mut rng = SplitMix64::new(14);
     let mut logits = rng.normals(49152, 0.0, 2.0);
     logits[77] = f32::NAN;
     let targets = [0usize, 77, 49151, 1234, 49152, 40000];
@@ -670,7 +641,7 @@ fn kl_reference(p: &[f32], q: &[f32]) -> f64 {
 
 #[test]
 fn kl_known_values() {
-    let mut rng = Rng(15);
+    let mut rng = SplitMix64::new(15);
     let p = rng.normals(49152, 0.0, 3.0);
     assert_eq!(log_softmax_kl(&p, &p), 0.0);
     // softmax([0,0]) = [1/2, 1/2], softmax([0, ln 3]) = [1/4, 3/4]:

@@ -6,7 +6,6 @@
 //! `RUSTFLAGS="" cargo bench --bench decode` measures the default target).
 
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use model_tracer::{Disabled, Full, Lightweight, TraceConfig};
@@ -52,12 +51,7 @@ fn main() {
         "decode, single thread, {STEPS} steps after a {}-token prompt, median and best of {ROUNDS} runs",
         PROMPT.len()
     );
-    let path = std::env::var_os("MODEL_TRACER_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+    let path = model_tracer_test_support::model_path();
     let cache = Some(KvCacheOptions {
         capacity: 256,
         sinks: 4,

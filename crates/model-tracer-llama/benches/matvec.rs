@@ -10,18 +10,12 @@ use std::time::{Duration, Instant};
 
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::quant::{QMatrix, QuantizedActivations};
+use model_tracer_test_support::SplitMix64;
 
-/// Deterministic pseudo-random values in roughly [-1, 1].
+/// Deterministic pseudo-random values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| rng.signed()).collect()
 }
 
 /// Minimum and median time of single calls over about `budget` of calls.

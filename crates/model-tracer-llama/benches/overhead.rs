@@ -51,9 +51,10 @@ use iai_callgrind::{
 use model_tracer::tracer::DEFAULT_QUANT_STRIDE;
 use model_tracer::{Disabled, Full, Lightweight, Recorder, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::gguf::{GgufFile, GgufWriter};
+use model_tracer_llama::gguf::GgufFile;
 use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama, Weights};
 use model_tracer_llama::quant::QMatrix;
+use model_tracer_test_support::gguf::GgufWriter;
 
 /// Tokens run before the measured step; the step runs at this position.
 const PREFILL: usize = 32;
@@ -105,12 +106,12 @@ fn tensor_name(layer: usize, tensor: &str) -> String {
 
 fn add_matrix(out: &mut GgufWriter, name: &str, m: &QMatrix) {
     let dims = [m.cols() as u64, m.rows() as u64];
-    out.add_tensor(name, &dims, m.ty(), m.bytes().to_vec());
+    out.add_tensor(name, &dims, m.ty().id(), m.bytes().to_vec());
 }
 
 fn add_vector(out: &mut GgufWriter, name: &str, v: &[f32]) {
     let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    out.add_tensor(name, &[v.len() as u64], GgmlType::F32, bytes);
+    out.add_tensor(name, &[v.len() as u64], GgmlType::F32.id(), bytes);
 }
 
 /// The address of `Llama::<C>::forward`.

@@ -1,4 +1,4 @@
-//! The GGUF container: a validating reader and a minimal writer.
+//! The GGUF container: a validating reader.
 //!
 //! A GGUF file (versions 2 and 3, little-endian) is laid out as
 //!
@@ -1209,149 +1209,21 @@ fn read_array(r: &mut Reader<'_>, key: &str, depth: usize) -> Result<MetadataArr
     })
 }
 
-/// Builds a GGUF v3 file from metadata and already-encoded tensor data.
-///
-/// The writer lays tensors out in insertion order, each padded to the
-/// alignment (`general.alignment` when that metadata entry is a valid `u32`,
-/// otherwise [`DEFAULT_ALIGNMENT`]). It does not validate what it is given:
-/// a tensor whose data does not match its shape and type is written as is,
-/// and the reader rejects the result. That makes it usable to build
-/// malformed files as well as real ones.
-#[derive(Debug, Clone, Default)]
-pub struct GgufWriter {
-    metadata: Vec<(String, MetadataValue)>,
-    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
-}
-
-impl GgufWriter {
-    /// An empty file: no metadata, no tensors.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Appends a metadata entry (duplicates are written as given).
-    pub fn add_metadata(&mut self, key: &str, value: MetadataValue) {
-        self.metadata.push((key.to_owned(), value));
-    }
-
-    /// Appends a tensor: its name, dimensions in ggml order (`dims[0]` is the
-    /// row length), element type and encoded data.
-    pub fn add_tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, bytes: Vec<u8>) {
-        self.tensors
-            .push((name.to_owned(), dims.to_vec(), ty, bytes));
-    }
-
-    fn alignment(&self) -> usize {
-        self.metadata
-            .iter()
-            .rev()
-            .find(|(k, _)| k == ALIGNMENT_KEY)
-            .and_then(|(_, v)| match v {
-                MetadataValue::U32(a) if a.is_power_of_two() => Some(*a as usize),
-                _ => None,
-            })
-            .unwrap_or(DEFAULT_ALIGNMENT)
-    }
-
-    /// The encoded file.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let align = self.alignment();
-        let mut out = Vec::new();
-        out.extend_from_slice(&GGUF_MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (key, value) in &self.metadata {
-            write_str(&mut out, key);
-            out.extend_from_slice(&value.value_type().id().to_le_bytes());
-            write_value(&mut out, value);
-        }
-        let mut offset = 0usize;
-        for (name, dims, ty, bytes) in &self.tensors {
-            write_str(&mut out, name);
-            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend_from_slice(&d.to_le_bytes());
-            }
-            out.extend_from_slice(&ty.id().to_le_bytes());
-            out.extend_from_slice(&(offset as u64).to_le_bytes());
-            offset += bytes.len().next_multiple_of(align);
-        }
-        out.resize(out.len().next_multiple_of(align), 0);
-        for (_, _, _, bytes) in &self.tensors {
-            out.extend_from_slice(bytes);
-            out.resize(out.len().next_multiple_of(align), 0);
-        }
-        out
-    }
-
-    /// Writes the encoded file to `path`.
-    pub fn write(&self, path: impl AsRef<Path>) -> io::Result<()> {
-        std::fs::write(path, self.to_bytes())
-    }
-}
-
-fn write_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn write_value(out: &mut Vec<u8>, value: &MetadataValue) {
-    match value {
-        MetadataValue::U8(v) => out.push(*v),
-        MetadataValue::I8(v) => out.extend_from_slice(&v.to_le_bytes()),
-        MetadataValue::U16(v) => out.extend_from_slice(&v.to_le_bytes()),
-        MetadataValue::I16(v) => out.extend_from_slice(&v.to_le_bytes()),
-        MetadataValue::U32(v) => out.extend_from_slice(&v.to_le_bytes()),
-        MetadataValue::I32(v) => out.extend_from_slice(&v.to_le_bytes()),
-        MetadataValue::F32(v) => out.extend_from_slice(&v.to_le_bytes()),
-        MetadataValue::Bool(v) => out.push(u8::from(*v)),
-        MetadataValue::String(s) => write_str(out, s),
-        MetadataValue::Array(a) => write_array(out, a),
-        MetadataValue::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
-        MetadataValue::I64(v) => out.extend_from_slice(&v.to_le_bytes()),
-        MetadataValue::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
-    }
-}
-
-fn write_array(out: &mut Vec<u8>, a: &MetadataArray) {
-    out.extend_from_slice(&a.element_type().id().to_le_bytes());
-    out.extend_from_slice(&(a.len() as u64).to_le_bytes());
-    fn each<T>(out: &mut Vec<u8>, v: &[T], f: impl Fn(&T) -> Vec<u8>) {
-        for x in v {
-            out.extend_from_slice(&f(x));
-        }
-    }
-    match a {
-        MetadataArray::U8(v) => out.extend_from_slice(v),
-        MetadataArray::I8(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetadataArray::U16(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetadataArray::I16(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetadataArray::U32(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetadataArray::I32(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetadataArray::F32(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetadataArray::Bool(v) => each(out, v, |x| vec![u8::from(*x)]),
-        MetadataArray::String(v) => v.iter().for_each(|s| write_str(out, s)),
-        MetadataArray::Array(v) => v.iter().for_each(|inner| write_array(out, inner)),
-        MetadataArray::U64(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetadataArray::I64(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetadataArray::F64(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use model_tracer_test_support::gguf::{self as write, GgufWriter};
+
     use super::*;
 
     fn sample() -> GgufWriter {
         let mut w = GgufWriter::new();
         w.add_metadata(
             "general.architecture",
-            MetadataValue::String("llama".into()),
+            write::MetadataValue::String("llama".into()),
         );
-        w.add_metadata("n", MetadataValue::U32(7));
-        w.add_tensor("a", &[4, 2], GgmlType::F32, vec![1u8; 32]);
-        w.add_tensor("b", &[32], GgmlType::Q8_0, vec![2u8; 34]);
+        w.add_metadata("n", write::MetadataValue::U32(7));
+        w.add_tensor("a", &[4, 2], GgmlType::F32.id(), vec![1u8; 32]);
+        w.add_tensor("b", &[32], GgmlType::Q8_0.id(), vec![2u8; 34]);
         w
     }
 

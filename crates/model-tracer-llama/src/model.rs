@@ -1354,17 +1354,18 @@ fn load_weights(gguf: &GgufFile, c: &Config) -> Result<Weights, ModelError> {
 }
 
 /// Deterministic pseudo-random numbers (SplitMix64) for synthetic weights.
+/// A seed must always give the same weights: keep the sequence unchanged.
 #[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
+struct SplitMix64(u64);
 
 impl SplitMix64 {
     /// A generator from `seed`.
-    pub fn new(seed: u64) -> Self {
+    fn new(seed: u64) -> Self {
         Self(seed)
     }
 
     /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
+    fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -1373,7 +1374,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in `[-1, 1)`.
-    pub fn next_signed(&mut self) -> f32 {
+    fn next_signed(&mut self) -> f32 {
         ((self.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
     }
 }

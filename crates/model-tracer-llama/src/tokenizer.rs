@@ -1036,7 +1036,7 @@ fn decode_piece(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::{GgufWriter, MetadataArray, MetadataValue};
+    use model_tracer_test_support::gguf::{GgufWriter, MetadataArray, MetadataValue};
 
     fn strings(v: &[&str]) -> MetadataValue {
         MetadataValue::Array(MetadataArray::String(

@@ -8,10 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::gguf::{
-    GgufError, GgufFile, GgufWriter, MetadataArray, MetadataValue, DEFAULT_ALIGNMENT,
-    MAX_ARRAY_NESTING,
-};
+use model_tracer_llama::gguf::{self, GgufError, GgufFile, DEFAULT_ALIGNMENT, MAX_ARRAY_NESTING};
+use model_tracer_test_support::gguf::{GgufWriter, MetadataArray, MetadataValue};
+use model_tracer_test_support::SplitMix64;
 
 /// Fixed header: magic, version, tensor count, metadata count.
 const HEADER_LEN: usize = 4 + 4 + 8 + 8;
@@ -66,6 +65,45 @@ fn all_kinds_of_metadata() -> Vec<(&'static str, MetadataValue)> {
     ]
 }
 
+/// The reader's form of a value the writer was given.
+fn as_read(v: &MetadataValue) -> gguf::MetadataValue {
+    use gguf::MetadataValue as R;
+    match v.clone() {
+        MetadataValue::U8(x) => R::U8(x),
+        MetadataValue::I8(x) => R::I8(x),
+        MetadataValue::U16(x) => R::U16(x),
+        MetadataValue::I16(x) => R::I16(x),
+        MetadataValue::U32(x) => R::U32(x),
+        MetadataValue::I32(x) => R::I32(x),
+        MetadataValue::F32(x) => R::F32(x),
+        MetadataValue::Bool(x) => R::Bool(x),
+        MetadataValue::String(x) => R::String(x),
+        MetadataValue::Array(a) => R::Array(array_as_read(a)),
+        MetadataValue::U64(x) => R::U64(x),
+        MetadataValue::I64(x) => R::I64(x),
+        MetadataValue::F64(x) => R::F64(x),
+    }
+}
+
+fn array_as_read(a: MetadataArray) -> gguf::MetadataArray {
+    use gguf::MetadataArray as R;
+    match a {
+        MetadataArray::U8(v) => R::U8(v),
+        MetadataArray::I8(v) => R::I8(v),
+        MetadataArray::U16(v) => R::U16(v),
+        MetadataArray::I16(v) => R::I16(v),
+        MetadataArray::U32(v) => R::U32(v),
+        MetadataArray::I32(v) => R::I32(v),
+        MetadataArray::F32(v) => R::F32(v),
+        MetadataArray::Bool(v) => R::Bool(v),
+        MetadataArray::String(v) => R::String(v),
+        MetadataArray::Array(v) => R::Array(v.into_iter().map(array_as_read).collect()),
+        MetadataArray::U64(v) => R::U64(v),
+        MetadataArray::I64(v) => R::I64(v),
+        MetadataArray::F64(v) => R::F64(v),
+    }
+}
+
 /// Deterministic filler so that tensor data differ from each other.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -81,22 +119,22 @@ fn sample_writer() -> GgufWriter {
     w.add_tensor(
         "token_embd.weight",
         &[64, 3],
-        GgmlType::Q8_0,
+        GgmlType::Q8_0.id(),
         pattern(3 * 68, 1),
     );
     w.add_tensor(
         "blk.0.attn_norm.weight",
         &[64],
-        GgmlType::F32,
+        GgmlType::F32.id(),
         pattern(256, 2),
     );
     w.add_tensor(
         "blk.0.attn_q.weight",
         &[64, 2],
-        GgmlType::Q4_1,
+        GgmlType::Q4_1.id(),
         pattern(2 * 40, 3),
     );
-    w.add_tensor("odd.f16", &[3], GgmlType::F16, pattern(6, 4));
+    w.add_tensor("odd.f16", &[3], GgmlType::F16.id(), pattern(6, 4));
     w
 }
 
@@ -128,7 +166,7 @@ struct OneTensor {
 
 fn one_tensor(name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> OneTensor {
     let mut w = GgufWriter::new();
-    w.add_tensor(name, dims, ty, data);
+    w.add_tensor(name, dims, ty.id(), data);
     let n_dims_at = HEADER_LEN + 8 + name.len();
     let dims_at = n_dims_at + 4;
     let type_at = dims_at + 8 * dims.len();
@@ -161,7 +199,7 @@ fn round_trip_keeps_metadata_order_values_and_tensor_bytes() {
     let expected_keys: Vec<&str> = expected.iter().map(|(k, _)| *k).collect();
     assert_eq!(keys, expected_keys);
     for (k, v) in &expected {
-        assert_eq!(f.metadata(k), Some(v), "value of {k}");
+        assert_eq!(f.metadata(k), Some(&as_read(v)), "value of {k}");
     }
 
     let names: Vec<&str> = f.tensors().iter().map(|t| t.name.as_str()).collect();
@@ -503,7 +541,7 @@ fn tensor_data_shorter_than_its_shape_is_rejected() {
 #[test]
 fn duplicates_are_rejected() {
     let mut w = sample_writer();
-    w.add_tensor("odd.f16", &[3], GgmlType::F16, vec![0; 6]);
+    w.add_tensor("odd.f16", &[3], GgmlType::F16.id(), vec![0; 6]);
     assert!(matches!(parse(w.to_bytes()), Err(GgufError::DuplicateTensor(n)) if n == "odd.f16"));
 
     let mut w = sample_writer();
@@ -593,8 +631,7 @@ fn open_reports_io_errors_and_reads_written_files() {
         Err(GgufError::Io(_))
     ));
 
-    let dir = std::env::temp_dir().join(format!("gguf-open-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("gguf-open");
     let path = dir.join("sample.gguf");
     sample_writer().write(&path).unwrap();
     let mapped = GgufFile::open(&path).unwrap();
@@ -614,27 +651,11 @@ fn open_reports_io_errors_and_reads_written_files() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// xorshift64*: a small deterministic generator for the mutation loop.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[test]
 fn random_mutations_never_panic() {
     let original = sample_bytes();
     let header_len = parse(original.clone()).unwrap().data_offset() as usize;
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = SplitMix64::new(0x9e37_79b9_7f4a_7c15);
     let mut rejected = 0;
     let start = Instant::now();
     for _ in 0..4000 {
@@ -648,7 +669,7 @@ fn random_mutations_never_panic() {
             };
             match rng.below(4) {
                 0 => bytes[at] ^= 1 << rng.below(8),
-                1 => bytes[at] = rng.next() as u8,
+                1 => bytes[at] = rng.byte(),
                 2 => {
                     let extreme = [0u8, 0xff][rng.below(2)];
                     let end = (at + 8).min(bytes.len());

@@ -2,56 +2,15 @@
 //! keeps the last `max_forwards` forwards and aggregates whose size depends
 //! on the model (layers, heads, bricks), never on the number of tokens.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
 use model_tracer::{Full, ModelTracer, TraceOptions};
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama};
-
-/// Live heap bytes of the whole process: allocated minus freed.
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-struct Counting;
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_add(
-                new_size as isize - layout.size() as isize,
-                Ordering::Relaxed,
-            );
-        }
-        p
-    }
-}
+use model_tracer_test_support::{live_bytes, CountingAllocator};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
-}
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// Runs `total` decode steps of the tiny synthetic model under `Full`
 /// with `max_forwards = 64` and a 256-position StreamingLLM cache, and
@@ -90,11 +49,11 @@ fn run_flat(total: usize) {
             .map_or(0, |(i, _)| i as u32);
         token = (best + (step as u32 % 7)) % 512;
         if step == checkpoint {
-            at_checkpoint = live();
+            at_checkpoint = live_bytes();
             checkpoint_time = started.elapsed().as_secs_f64();
         }
     }
-    let at_end = live();
+    let at_end = live_bytes();
     let secs = started.elapsed().as_secs_f64();
     let summary = model.tracer().summary();
     let kv = summary.kv_cache.unwrap();

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use model_tracer_llama::gguf::GgufFile;
 use model_tracer_llama::tokenizer::{ChatMessage, TokenType, Tokenizer};
+use model_tracer_test_support::SplitMix64;
 
 /// The tokenizer, built once for all tests (or `None` without the file).
 fn tokenizer() -> Option<&'static Tokenizer> {
@@ -202,23 +203,9 @@ fn chat_template_matches_jinja_rendering() {
     assert_eq!(tok.decode(&ids), user);
 }
 
-/// xorshift64*: deterministic pseudo-random strings.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-fn random_string(rng: &mut Rng) -> String {
+/// A deterministic pseudo-random string: pieces of `POOL` and random
+/// characters.
+fn random_string(rng: &mut SplitMix64) -> String {
     const POOL: &[&str] = &[
         "a",
         "Z",
@@ -304,7 +291,7 @@ fn decode_inverts_encode() {
     );
     assert_eq!(tok.decode(&tok.encode("a\u{4}b\u{1d}")), "ab");
 
-    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut rng = SplitMix64::new(0x1234_5678_9abc_def1);
     let fixture_texts = fixture().into_iter().map(|c| c.text);
     let random = (0..3000).map(|_| random_string(&mut rng));
     let mut lossy = 0;

@@ -1,45 +1,78 @@
-//! Helpers shared by the tests of every crate in the workspace. Not part of
-//! any crate's API: it depends on nothing, so that the tracer's own unit
-//! tests can use it too.
+//! Helpers shared by the tests and benchmarks of every crate in the
+//! workspace: the counting allocator, the seeded generator of test data
+//! ([`SplitMix64`]), a GGUF writer for test files ([`gguf::GgufWriter`]),
+//! the real model's path and the CI-or-skip rule. Not part of any crate's
+//! API: it depends on nothing, so that the tracer's own unit tests can use
+//! it too.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+pub mod gguf;
+mod rng;
+
+pub use rng::SplitMix64;
 
 thread_local! {
     static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
 }
 
+/// Live heap bytes of the whole process: allocated minus freed.
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
 /// The system allocator, counting the allocations and reallocations of the
-/// calling thread. A test binary installs it with
+/// calling thread, and the live heap bytes of the whole process. A test
+/// binary installs it with
 /// `#[global_allocator] static A: CountingAllocator = CountingAllocator;`;
-/// counts are per thread because the test harness runs tests on parallel
-/// threads.
+/// allocation counts are per thread because the test harness runs tests on
+/// parallel threads.
 pub struct CountingAllocator;
+
+fn count_one() {
+    let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+}
 
 // SAFETY: every call is forwarded unchanged to the system allocator; the
 // counter is a thread-local `Cell` that never allocates (`const` init) and
-// is skipped once the thread-local is gone.
+// is skipped once the thread-local is gone, and the byte count an atomic.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        count_one();
         // SAFETY: the caller's contract is System's contract.
-        unsafe { System.alloc(layout) }
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        count_one();
         // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        count_one();
         // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
+        }
+        p
     }
 }
 
@@ -55,6 +88,13 @@ pub fn count_allocations<R>(f: impl FnOnce() -> R) -> (R, usize) {
     let before = allocations();
     let r = f();
     (r, allocations() - before)
+}
+
+/// Heap bytes the whole process holds (through [`CountingAllocator`], when
+/// it is the global allocator): every thread's, so a test that reads it
+/// must not run beside others that allocate.
+pub fn live_bytes() -> isize {
+    LIVE_BYTES.load(Ordering::Relaxed)
 }
 
 /// The workspace's top directory.

@@ -72,6 +72,8 @@ pub fn f32_to_bf16(value: f32) -> u16 {
 
 #[cfg(test)]
 mod tests {
+    use model_tracer_test_support::SplitMix64;
+
     use super::*;
 
     /// The value an f16 bit pattern denotes, computed from the definition.
@@ -151,7 +153,7 @@ mod tests {
 
     #[test]
     fn f32_to_f16_rounds_to_nearest_even() {
-        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut rng = SplitMix64::new(0x1234_5678_9abc_def0);
         let mut samples = vec![
             0.0f32,
             -0.0,
@@ -170,12 +172,10 @@ mod tests {
             1e-10,
         ];
         for _ in 0..300 {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let exponent = ((state >> 33) % 40) as i32 - 28;
-            let mantissa = ((state >> 11) & 0xffff) as f32 / 65536.0 + 1.0;
-            let sign = if state & 1 == 0 { 1.0 } else { -1.0 };
+            let bits = rng.next_u64();
+            let exponent = ((bits >> 33) % 40) as i32 - 28;
+            let mantissa = ((bits >> 11) & 0xffff) as f32 / 65536.0 + 1.0;
+            let sign = if bits & 1 == 0 { 1.0 } else { -1.0 };
             samples.push(sign * mantissa * 2f32.powi(exponent));
         }
         for value in samples {

@@ -1,6 +1,7 @@
 //! Checks of the SIMD kernels against plain scalar transcriptions of ggml's
 //! reference `ggml_vec_dot_*` loops, and of the matrix and activation types.
 
+use model_tracer_test_support::SplitMix64;
 use wide::i16x16;
 
 use super::blocks::{f16_at, k4_scale_min, u32_at};
@@ -10,54 +11,30 @@ use super::dot::{
 };
 use super::*;
 
-/// Small deterministic generator (PCG-style LCG with xorshift output).
-struct Rng(u64);
-
-impl Rng {
-    fn next_u32(&mut self) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let x = self.0 ^ (self.0 >> 29);
-        (x >> 32) as u32
-    }
-    fn byte(&mut self) -> u8 {
-        self.next_u32() as u8
-    }
-    /// Uniform in [-1, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next_u32() >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-    }
-    /// Roughly normal (sum of uniforms).
-    fn normal(&mut self) -> f32 {
-        (0..4).map(|_| self.unit()).sum::<f32>() * 0.87
-    }
-    fn f16_in(&mut self, lo: f32, hi: f32) -> [u8; 2] {
-        let t = (self.unit() + 1.0) / 2.0;
-        f32_to_f16(lo + (hi - lo) * t).to_le_bytes()
-    }
+/// An f16 uniform in `[lo, hi)`, as its little-endian bytes.
+fn f16_in(rng: &mut SplitMix64, lo: f32, hi: f32) -> [u8; 2] {
+    f32_to_f16(rng.range_f32(lo, hi)).to_le_bytes()
 }
 
 /// Random blocks of `ty` with every code pattern possible but scales in a
 /// sane range (the way real weights look).
-fn random_blocks(rng: &mut Rng, ty: GgmlType, blocks: usize) -> Vec<u8> {
+fn random_blocks(rng: &mut SplitMix64, ty: GgmlType, blocks: usize) -> Vec<u8> {
     let mut out = Vec::new();
     for _ in 0..blocks {
         let mut b: Vec<u8> = (0..ty.block_bytes()).map(|_| rng.byte()).collect();
         match ty {
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
-                b[0..2].copy_from_slice(&rng.f16_in(1e-3, 2e-2));
+                b[0..2].copy_from_slice(&f16_in(rng, 1e-3, 2e-2));
             }
             GgmlType::Q4_1 | GgmlType::Q5_1 => {
-                b[0..2].copy_from_slice(&rng.f16_in(1e-3, 2e-2));
-                b[2..4].copy_from_slice(&rng.f16_in(-0.2, 0.0));
+                b[0..2].copy_from_slice(&f16_in(rng, 1e-3, 2e-2));
+                b[2..4].copy_from_slice(&f16_in(rng, -0.2, 0.0));
             }
             GgmlType::Q4_K => {
-                b[0..2].copy_from_slice(&rng.f16_in(1e-4, 1e-3));
-                b[2..4].copy_from_slice(&rng.f16_in(1e-4, 1e-3));
+                b[0..2].copy_from_slice(&f16_in(rng, 1e-4, 1e-3));
+                b[2..4].copy_from_slice(&f16_in(rng, 1e-4, 1e-3));
             }
-            GgmlType::Q6_K => b[208..210].copy_from_slice(&rng.f16_in(1e-4, 1e-3)),
+            GgmlType::Q6_K => b[208..210].copy_from_slice(&f16_in(rng, 1e-4, 1e-3)),
             _ => {}
         }
         out.extend(b);
@@ -65,8 +42,10 @@ fn random_blocks(rng: &mut Rng, ty: GgmlType, blocks: usize) -> Vec<u8> {
     out
 }
 
-fn random_vec(rng: &mut Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.normal()).collect()
+/// `n` roughly normal values without tail outliers: the tolerances below
+/// are set for such data (a test adds its outliers on purpose).
+fn random_vec(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.bounded_normal()).collect()
 }
 
 /// Codes of one weight block as ggml's scalar loops see them (signed, with
@@ -191,7 +170,7 @@ const ALL_KERNEL_TYPES: [GgmlType; 7] = [
 
 #[test]
 fn integer_block_sums_equal_the_scalar_sums_exactly() {
-    let mut rng = Rng(1);
+    let mut rng = SplitMix64::new(1);
     for ty in [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
@@ -225,7 +204,7 @@ fn integer_block_sums_equal_the_scalar_sums_exactly() {
 
 #[test]
 fn k_quant_integer_sums_equal_the_scalar_sums_exactly() {
-    let mut rng = Rng(2);
+    let mut rng = SplitMix64::new(2);
     for _ in 0..50 {
         let x = random_vec(&mut rng, 256);
         let mut acts = QuantizedActivations::new();
@@ -267,7 +246,7 @@ fn k_quant_integer_sums_equal_the_scalar_sums_exactly() {
 
 #[test]
 fn matvec_equals_the_scalar_reference_kernels() {
-    let mut rng = Rng(3);
+    let mut rng = SplitMix64::new(3);
     for ty in ALL_KERNEL_TYPES {
         let per_block = ty.block_len();
         // Every length up to a full group of eight blocks, then lengths that
@@ -317,7 +296,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn matvec_f32_equals_a_plain_loop_over_dequantized_weights() {
-    let mut rng = Rng(4);
+    let mut rng = SplitMix64::new(4);
     for ty in ALL_KERNEL_TYPES
         .into_iter()
         .chain([GgmlType::F32, GgmlType::F16, GgmlType::BF16])
@@ -361,7 +340,7 @@ fn matvec_f32_equals_a_plain_loop_over_dequantized_weights() {
 
 #[test]
 fn plain_float_matrices_accept_any_length_and_use_f32_activations() {
-    let mut rng = Rng(5);
+    let mut rng = SplitMix64::new(5);
     for cols in [1usize, 7, 8, 13, 33] {
         let w = random_vec(&mut rng, 3 * cols);
         let m = QMatrix::from_f32(GgmlType::F32, 3, cols, &w).unwrap();
@@ -387,7 +366,7 @@ fn plain_float_matrices_accept_any_length_and_use_f32_activations() {
 
 #[test]
 fn quantized_and_f32_products_agree_on_random_matrices() {
-    let mut rng = Rng(6);
+    let mut rng = SplitMix64::new(6);
     for ty in [
         GgmlType::Q4_1,
         GgmlType::Q8_0,
@@ -428,7 +407,7 @@ fn quantized_and_f32_products_agree_on_random_matrices() {
 
 #[test]
 fn row_ranges_match_the_full_product() {
-    let mut rng = Rng(7);
+    let mut rng = SplitMix64::new(7);
     let (rows, cols) = (10, 64);
     let m = QMatrix::from_f32(
         GgmlType::Q8_0,
@@ -454,7 +433,7 @@ fn row_ranges_match_the_full_product() {
 
 #[test]
 fn activations_match_the_reference_quantizers_byte_for_byte() {
-    let mut rng = Rng(8);
+    let mut rng = SplitMix64::new(8);
     for (weights, format) in [
         (GgmlType::Q8_0, GgmlType::Q8_0),
         (GgmlType::Q4_1, GgmlType::Q8_1),
@@ -514,7 +493,7 @@ fn activation_buffers_are_reused_when_not_growing() {
 
 #[test]
 fn non_finite_activations_make_their_outputs_non_finite() {
-    let mut rng = Rng(9);
+    let mut rng = SplitMix64::new(9);
     let m = QMatrix::from_f32(GgmlType::Q4_1, 2, 64, &random_vec(&mut rng, 128)).unwrap();
     let mut x = random_vec(&mut rng, 64);
     x[3] = f32::INFINITY;
@@ -641,7 +620,7 @@ fn matvec_rejects_a_wrong_activation_length() {
 
 #[test]
 fn quantize_round_trip_error_is_within_half_a_step() {
-    let mut rng = Rng(10);
+    let mut rng = SplitMix64::new(10);
     let x = random_vec(&mut rng, 256);
     for ty in [
         GgmlType::Q4_0,
@@ -697,7 +676,7 @@ fn vector_f16_conversion_equals_the_scalar_one_for_every_pattern() {
 
 #[test]
 fn padding_of_a_longer_earlier_vector_does_not_leak_into_a_shorter_one() {
-    let mut rng = Rng(11);
+    let mut rng = SplitMix64::new(11);
     let m = QMatrix::from_f32(GgmlType::Q4_1, 3, 64, &random_vec(&mut rng, 192)).unwrap();
     let x = random_vec(&mut rng, 64);
     let mut fresh = QuantizedActivations::new();
@@ -716,7 +695,7 @@ fn padding_of_a_longer_earlier_vector_does_not_leak_into_a_shorter_one() {
 
 #[test]
 fn k_quant_quantizers_round_trip_closely() {
-    let mut rng = Rng(12);
+    let mut rng = SplitMix64::new(12);
     let mut x = random_vec(&mut rng, 1024);
     // An all-zero super-block and one with a single outlier.
     x[256..512].fill(0.0);
@@ -757,7 +736,7 @@ fn activation_codes(acts: &QuantizedActivations, b: usize) -> [i32; 32] {
 
 #[test]
 fn q4_1_pair_sums_are_256_times_the_scalar_sums_exactly() {
-    let mut rng = Rng(12);
+    let mut rng = SplitMix64::new(12);
     for blocks in 1..=19 {
         let w = random_blocks(&mut rng, GgmlType::Q4_1, blocks);
         let mut acts = QuantizedActivations::new();
@@ -818,7 +797,7 @@ fn q4_1_pair_sums_are_256_times_the_scalar_sums_exactly() {
 
 #[test]
 fn q8_0_even_odd_sums_are_256_times_the_scalar_sums_exactly() {
-    let mut rng = Rng(13);
+    let mut rng = SplitMix64::new(13);
     for blocks in [1, 7, 18] {
         // Random code bytes, so -128 occurs among the weights.
         let w = random_blocks(&mut rng, GgmlType::Q8_0, blocks);
@@ -863,7 +842,7 @@ fn fast_f16_conversion_is_exact_for_every_finite_pattern() {
 
 #[test]
 fn non_finite_weight_scales_make_their_rows_non_finite_and_only_those() {
-    let mut rng = Rng(14);
+    let mut rng = SplitMix64::new(14);
     let (rows, blocks) = (4, 18);
     for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
         let bb = ty.block_bytes();
@@ -894,7 +873,7 @@ fn non_finite_weight_scales_make_their_rows_non_finite_and_only_those() {
 fn a_row_gives_the_same_product_alone_as_inside_a_matrix() {
     // The last, partial group of a row reads on into the next row; a row at
     // the end of its matrix goes through a zero-padded copy instead.
-    let mut rng = Rng(15);
+    let mut rng = SplitMix64::new(15);
     for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
         for blocks in [1, 3, 8, 9, 18] {
             let (rows, cols) = (3, 32 * blocks);
@@ -936,7 +915,7 @@ fn interleaved_rows_visit_every_row_once_and_store_it_in_place() {
 
 /// Random blocks of `ty` whose scales (and Q4_1 minimums) are any finite
 /// f16, of either sign, subnormals included.
-fn blocks_with_any_finite_scales(rng: &mut Rng, ty: GgmlType, blocks: usize) -> Vec<u8> {
+fn blocks_with_any_finite_scales(rng: &mut SplitMix64, ty: GgmlType, blocks: usize) -> Vec<u8> {
     let heads = if ty == GgmlType::Q4_1 { 2 } else { 1 };
     let mut out = random_blocks(rng, ty, blocks);
     for block in out.chunks_exact_mut(ty.block_bytes()) {
@@ -968,7 +947,7 @@ const LANE_DECODED_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlT
 
 #[test]
 fn f32_kernels_equal_an_f64_dot_of_the_decoded_rows() {
-    let mut rng = Rng(16);
+    let mut rng = SplitMix64::new(16);
     for ty in LANE_DECODED_TYPES {
         // 1 to 48 blocks: partial groups alone, whole groups alone, and both.
         for cols in [32, 96, 224, 256, 288, 576, 1536] {
@@ -1025,7 +1004,7 @@ fn zero_weight(ty: GgmlType, block: &mut [u8], e: usize) {
 /// infinity where it is infinite.
 #[test]
 fn f32_kernels_propagate_non_finite_activations_as_the_plain_dot() {
-    let mut rng = Rng(17);
+    let mut rng = SplitMix64::new(17);
     for ty in LANE_DECODED_TYPES {
         for cols in [32, 288, 576] {
             let rows = 8;
@@ -1073,7 +1052,7 @@ fn f32_kernels_propagate_non_finite_activations_as_the_plain_dot() {
 
 #[test]
 fn f32_kernels_make_rows_with_non_finite_scales_non_finite() {
-    let mut rng = Rng(18);
+    let mut rng = SplitMix64::new(18);
     for ty in LANE_DECODED_TYPES {
         // Whole groups and a partial one: both scale conversions.
         let (rows, blocks) = (4, 11);
