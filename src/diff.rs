@@ -7,7 +7,8 @@
 //! final logits. [`Side::from_jsonl`] reads a JSON Lines trace; an
 //! activation dump gives the same records computed from its vectors, as the
 //! tracer would have computed them. [`diff`] compares the positions both
-//! sides hold and reports:
+//! sides hold — up to the first whose tokens differ, since from there the
+//! two runs attend to different contexts — and reports:
 //!
 //! - the **first divergence**: the first (position, layer, stage), in
 //!   forward order, whose error exceeds the tolerance;
@@ -512,6 +513,10 @@ pub struct DiffReport {
     pub only_b: Vec<usize>,
     /// Shared positions whose tokens differ.
     pub token_mismatches: Vec<TokenMismatch>,
+    /// The first shared position whose tokens differ: from there on the
+    /// two runs see different contexts, and their activations are not
+    /// compared (the final distributions still are).
+    pub contexts_differ_from: Option<usize>,
     /// Sites both sides recorded at some shared position, in forward order.
     pub sites_compared: usize,
     /// The first (position, layer, stage) in forward order whose error
@@ -642,6 +647,7 @@ pub fn diff(a: &Side, b: &Side, tolerance: f32) -> Result<DiffReport, DiffError>
     let (mut agree, mut chosen) = (0usize, 0usize);
     let mut kls = Vec::new();
 
+    let mut contexts_differ_from = None;
     for (column, &p) in shared.iter().enumerate() {
         let (ra, rb) = (&a.positions[&p], &b.positions[&p]);
         if let (Some(ta), Some(tb)) = (ra.token, rb.token) {
@@ -651,7 +657,19 @@ pub fn diff(a: &Side, b: &Side, tolerance: f32) -> Result<DiffReport, DiffError>
                     a: Some(ta),
                     b: Some(tb),
                 });
+                contexts_differ_from.get_or_insert(p);
             }
+        }
+        let top = |r: &PositionRecord| r.selected.or_else(|| r.logits.as_deref().and_then(argmax));
+        if let (Some(x), Some(y)) = (top(ra), top(rb)) {
+            chosen += 1;
+            agree += usize::from(x == y);
+        }
+        if let (Some(x), Some(y)) = (&ra.logits, &rb.logits) {
+            kls.push(kl(x, y));
+        }
+        if contexts_differ_from.is_some() {
+            continue;
         }
         for (site, ta) in &ra.tensors {
             let Some(tb) = rb.tensors.get(site) else {
@@ -716,14 +734,6 @@ pub fn diff(a: &Side, b: &Side, tolerance: f32) -> Result<DiffReport, DiffError>
                     *e = (*e).max(change);
                 }
             }
-        }
-        let top = |r: &PositionRecord| r.selected.or_else(|| r.logits.as_deref().and_then(argmax));
-        if let (Some(x), Some(y)) = (top(ra), top(rb)) {
-            chosen += 1;
-            agree += usize::from(x == y);
-        }
-        if let (Some(x), Some(y)) = (&ra.logits, &rb.logits) {
-            kls.push(kl(x, y));
         }
     }
 
@@ -801,6 +811,7 @@ pub fn diff(a: &Side, b: &Side, tolerance: f32) -> Result<DiffReport, DiffError>
         only_b: pb.difference(&pa).copied().collect(),
         positions: shared,
         token_mismatches,
+        contexts_differ_from,
         sites_compared: per_site.len(),
         first_divergence,
         largest_jump: largest_jump.map(|(_, p)| p),
@@ -861,8 +872,16 @@ impl fmt::Display for DiffReport {
         for m in self.token_mismatches.iter().take(8) {
             writeln!(
                 f,
-                "tokens differ at position {}: A {:?}, B {:?}",
-                m.position, m.a, m.b
+                "tokens differ at position {}: A {}, B {}",
+                m.position,
+                m.a.map_or("-".into(), |t| t.to_string()),
+                m.b.map_or("-".into(), |t| t.to_string())
+            )?;
+        }
+        if let Some(p) = self.contexts_differ_from {
+            writeln!(
+                f,
+                "activations compared before position {p} only: from there the runs read different tokens"
             )?;
         }
         let place = |p: &Place| {
@@ -1130,6 +1149,28 @@ mod tests {
             (vec![1, 2], vec![0])
         );
         assert!(d.to_string().contains("skipped 1 only in A (0)"), "{d}");
+    }
+
+    #[test]
+    fn activations_are_compared_before_the_first_token_that_differs() {
+        let a = run(None);
+        let mut b = run(Some((0, Stage::Input, 2.0)));
+        for (p, r) in b.positions.iter_mut() {
+            r.token = Some(7);
+            if *p == 0 {
+                // The same activations at position 0.
+                r.tensors = a.positions[&0].tensors.clone();
+            }
+        }
+        let mut a = a;
+        for (p, r) in a.positions.iter_mut() {
+            r.token = Some(if *p < 1 { 7 } else { 8 });
+        }
+        let d = diff(&a, &b, DEFAULT_TOLERANCE).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.contexts_differ_from, Some(1));
+        assert_eq!(d.token_mismatches.len(), 2);
+        assert_eq!(d.first_divergence, None, "positions 1 and 2 were compared");
+        assert!(d.to_string().contains("before position 1 only"), "{d}");
     }
 
     #[test]

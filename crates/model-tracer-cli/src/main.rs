@@ -38,6 +38,26 @@ enum Command {
     /// Render the HTML report of a JSON Lines trace written earlier (`run
     /// --jsonl`, or any `JsonlSink`): the same report `run --html` writes
     Report(ReportArgs),
+    /// Where two runs part: compare two traces (JSON Lines) position by
+    /// position and stage by stage; report the first divergence and the
+    /// largest jump. Exit status 0: no divergence, 1: they diverge, 2: error
+    Diff(DiffArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct DiffArgs {
+    /// The reference run: a JSON Lines trace
+    #[arg(value_name = "A")]
+    a: String,
+    /// The run compared with it
+    #[arg(value_name = "B")]
+    b: String,
+    /// Relative error above which a (position, layer, stage) diverges
+    #[arg(long, value_name = "X", default_value_t = model_tracer::diff::DEFAULT_TOLERANCE)]
+    tolerance: f32,
+    /// Write the comparison as JSON
+    #[arg(long, value_name = "PATH")]
+    json: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -110,7 +130,9 @@ struct Args {
           value_parser = ["off", "lightweight", "full"], help_heading = "Tracing")]
     trace: String,
     /// nan@LAYER | inf@LAYER | explode@LAYER: inject a fault into every
-    /// forward pass and watch it be found
+    /// forward pass and watch it be found. scale@LAYER[:STAGE] (x1.01) and
+    /// swap@LAYER[:STAGE] (heads 0 and 1 swapped), STAGE post_attn (default)
+    /// or post_ffn: errors no anomaly rule sees, for `model-tracer diff`
     #[arg(long, value_name = "FAULT", value_parser = Fault::parse, help_heading = "Tracing")]
     inject: Option<Fault>,
     /// Also trace every brick with its weights re-quantized to each of TYPES
@@ -237,6 +259,16 @@ fn source(args: &Args) -> Source {
 fn main() -> ExitCode {
     let args = match Cli::parse().command {
         Command::Run(args) => *args,
+        Command::Diff(args) => {
+            return match diff(&args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Report(args) => {
             return match report(&args) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -271,6 +303,47 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One side of a diff, read from `path`.
+fn load_side(path: &str) -> Result<model_tracer::diff::Side, String> {
+    let name = std::path::Path::new(path)
+        .file_name()
+        .map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned());
+    let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    model_tracer::diff::Side::from_jsonl(&name, std::io::BufReader::new(file))
+        .map_err(|e| format!("{path}: {e}"))
+}
+
+/// `model-tracer diff`: whether the two runs agree within the tolerance.
+fn diff(args: &DiffArgs) -> Result<bool, String> {
+    if args.tolerance.is_nan() || args.tolerance < 0.0 {
+        return Err(format!(
+            "--tolerance {} is not a relative error",
+            args.tolerance
+        ));
+    }
+    let json = args
+        .json
+        .as_ref()
+        .map(|p| {
+            std::fs::File::create(p)
+                .map(|f| (p, f))
+                .map_err(|e| format!("cannot create {p}: {e}"))
+        })
+        .transpose()?;
+    let (a, b) = (load_side(&args.a)?, load_side(&args.b)?);
+    let report = model_tracer::diff::diff(&a, &b, args.tolerance).map_err(|e| e.to_string())?;
+    // A closed pipe (`| head`) is not an error of the comparison.
+    let _ = write!(std::io::stdout(), "{report}");
+    if let Some((path, file)) = json {
+        let mut out = std::io::BufWriter::new(file);
+        out.write_all(report.to_json().as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("{path}: {e}"))?;
+        println!("wrote the comparison to {path}");
+    }
+    Ok(report.first_divergence.is_none())
 }
 
 /// `model-tracer report`: the HTML report of a JSON Lines trace.

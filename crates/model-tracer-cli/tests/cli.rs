@@ -269,3 +269,166 @@ fn report_of_a_bad_trace_names_the_line_and_writes_nothing() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(out_path.exists());
 }
+
+/// Traces the tiny synthetic model on a fixed prompt into `dir/name`,
+/// with `extra` options; returns the trace's path.
+fn tiny_trace(dir: &Path, name: &str, extra: &[&str]) -> String {
+    let path = dir.join(name).to_string_lossy().into_owned();
+    let mut args = vec![
+        "--synthetic",
+        "tiny",
+        "--prompt",
+        "where do they part",
+        "--max-tokens",
+        "4",
+        "--jsonl",
+        &path,
+    ];
+    args.extend(extra);
+    let out = run(&args, dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    path
+}
+
+/// `model-tracer diff A B --json`: exit code and the JSON document.
+fn diff_json(
+    dir: &Path,
+    a: &str,
+    b: &str,
+    extra: &[&str],
+) -> (Option<i32>, serde_json::Value, String) {
+    let json = dir
+        .join(format!("diff-{}.json", extra.len()))
+        .to_string_lossy()
+        .into_owned();
+    let mut args = vec!["diff", a, b, "--json", &json];
+    args.extend(extra);
+    let out = program(&args, dir);
+    let doc = std::fs::read(&json)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (
+        out.status.code(),
+        doc,
+        text(&out.stdout) + &text(&out.stderr),
+    )
+}
+
+#[test]
+fn diff_of_two_identical_runs_finds_nothing() {
+    let dir = scratch_dir("cli-diff-same");
+    let a = tiny_trace(&dir, "a.jsonl", &[]);
+    let b = tiny_trace(&dir, "b.jsonl", &[]);
+    let (code, doc, out) = diff_json(&dir, &a, &b, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(doc["first_divergence"].is_null(), "{out}");
+    assert!(doc["largest_jump"].is_null(), "{out}");
+    let sites = doc["sites"].as_array().map_or(0, Vec::len);
+    assert_eq!(
+        sites,
+        1 + 4 * 6 + 2,
+        "embedding, 4 layers x 6 stages, final norm, logits"
+    );
+    assert!(doc["sites"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|s| s["max_error"] == 0.0));
+    assert_eq!(doc["positions"].as_array().map_or(0, Vec::len), 21);
+    assert_eq!(doc["top1_agreement"], 1.0);
+}
+
+#[test]
+fn diff_finds_a_planted_error_at_its_layer_and_stage() {
+    let dir = scratch_dir("cli-diff-scale");
+    let a = tiny_trace(&dir, "a.jsonl", &[]);
+    for (fault, layer, stage) in [
+        ("scale@0", 0, "post_attn"),
+        ("scale@2:post_ffn", 2, "post_ffn"),
+        ("scale@3", 3, "post_attn"),
+    ] {
+        let b = tiny_trace(&dir, &format!("{fault}.jsonl"), &["--inject", fault]);
+        let (code, doc, out) = diff_json(&dir, &a, &b, &[]);
+        assert_eq!(code, Some(1), "{fault}: {out}");
+        let first = &doc["first_divergence"];
+        assert_eq!(first["position"], 0, "{fault}: {out}");
+        assert_eq!(first["layer"], layer, "{fault}: {out}");
+        assert_eq!(first["stage"], stage, "{fault}: {out}");
+        let jump = &doc["largest_jump"];
+        assert_eq!(
+            (&jump["layer"], &jump["stage"]),
+            (&first["layer"], &first["stage"]),
+            "{out}"
+        );
+        // 1 + 1e-2 is below every anomaly rule: the runs differ by 1%.
+        let e = first["error"].as_f64().unwrap_or(0.0);
+        assert!((0.005..0.02).contains(&e), "{fault}: error {e}");
+        assert!(out.contains(&format!("layer {layer} {stage}")), "{out}");
+    }
+}
+
+#[test]
+fn diff_of_traces_that_cannot_be_compared_is_an_error() {
+    let dir = scratch_dir("cli-diff-bad");
+    let a = tiny_trace(&dir, "a.jsonl", &[]);
+    // Another shape: the SmolLM2-shaped synthetic model.
+    let other = dir.join("other.jsonl").to_string_lossy().into_owned();
+    let out = run(
+        &[
+            "--synthetic",
+            "smollm2",
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "1",
+            "--trace",
+            "lightweight",
+            "--jsonl",
+            &other,
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (code, _, out) = diff_json(&dir, &a, &other, &[]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("hidden size 256") && out.contains("hidden size 576"),
+        "{out}"
+    );
+
+    // No position in common: the same rows moved 1000 positions on.
+    let text_a = std::fs::read_to_string(&a).unwrap_or_default();
+    let moved: String = text_a
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            let p = v["position"].as_u64().unwrap_or(0);
+            v["position"] = serde_json::json!(p + 1000);
+            v.to_string() + "\n"
+        })
+        .collect();
+    let far = dir.join("far.jsonl");
+    std::fs::write(&far, moved).expect("write");
+    let (code, _, out) = diff_json(&dir, &a, &far.to_string_lossy(), &[]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("no position in common") && out.contains("1000..=1020"),
+        "{out}"
+    );
+
+    // A truncated line is named.
+    let cut = dir.join("cut.jsonl");
+    let keep = text_a.len() - 100;
+    std::fs::write(&cut, &text_a[..keep]).expect("write");
+    let (code, _, out) = diff_json(&dir, &a, &cut.to_string_lossy(), &[]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("line 21") && out.contains("ends early"),
+        "{out}"
+    );
+
+    // A tolerance that is not one.
+    let (code, _, out) = diff_json(&dir, &a, &a, &["--tolerance", "NaN"]);
+    assert_eq!(code, Some(2), "{out}");
+}

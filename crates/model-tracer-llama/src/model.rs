@@ -451,6 +451,14 @@ pub enum FaultKind {
     Inf,
     /// The feed-forward output of the layer scaled by 1e8 (stage `post_ffn`).
     Explode,
+    /// The output of the stage (`post_attn` or `post_ffn`) scaled by
+    /// `1 + 1e-2`: an error below every anomaly rule, which only a
+    /// comparison with another run finds.
+    Scale(Stage),
+    /// The values of heads 0 and 1 (the first two blocks of `head_dim`) of
+    /// the stage's output swapped: every moment of the tensor (mean, std,
+    /// L2 norm, max |x|) stays the same, as after a head-order bug.
+    SwapHeads(Stage),
 }
 
 /// Where and when to inject a fault.
@@ -470,12 +478,13 @@ impl Fault {
         match self.kind {
             FaultKind::NaN => Stage::PostAttn,
             FaultKind::Inf | FaultKind::Explode => Stage::PostFfn,
+            FaultKind::Scale(stage) | FaultKind::SwapHeads(stage) => stage,
         }
     }
 
     /// Injects the fault into `v`, the tensor of `stage` in `layer`, if it
     /// belongs there: the decoder's one point of fault injection.
-    fn apply(&self, layer: usize, stage: Stage, v: &mut [f32]) {
+    fn apply(&self, layer: usize, stage: Stage, v: &mut [f32], head_dim: usize) {
         if self.layer != layer || self.stage() != stage || v.is_empty() {
             return;
         }
@@ -483,24 +492,52 @@ impl Fault {
             FaultKind::NaN => v[layer % v.len()] = f32::NAN,
             FaultKind::Inf => v[layer % v.len()] = f32::INFINITY,
             FaultKind::Explode => v.iter_mut().for_each(|x| *x *= 1e8),
+            FaultKind::Scale(_) => v.iter_mut().for_each(|x| *x *= 1.01),
+            FaultKind::SwapHeads(_) => {
+                if v.len() >= 2 * head_dim {
+                    let (h0, rest) = v.split_at_mut(head_dim);
+                    h0.swap_with_slice(&mut rest[..head_dim]);
+                }
+            }
         }
     }
 
-    /// Parses `nan@LAYER`, `inf@LAYER` or `explode@LAYER`.
+    /// Parses `nan@LAYER`, `inf@LAYER`, `explode@LAYER`, `scale@LAYER` or
+    /// `swap@LAYER`; the last two take the stage after a colon
+    /// (`scale@3:post_ffn`; `post_attn` when none is given).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let (kind, layer) = text
+        let (kind, at) = text
             .split_once('@')
             .ok_or_else(|| format!("fault {text:?}: expected KIND@LAYER"))?;
+        let (layer, stage) = match at.split_once(':') {
+            Some((layer, stage)) => (layer, Some(stage)),
+            None => (at, None),
+        };
+        let stage = match stage {
+            None | Some("post_attn") => Stage::PostAttn,
+            Some("post_ffn") => Stage::PostFfn,
+            Some(other) => {
+                return Err(format!(
+                    "fault stage {other:?}: faults go into post_attn or post_ffn"
+                ))
+            }
+        };
         let kind = match kind {
             "nan" => FaultKind::NaN,
             "inf" => FaultKind::Inf,
             "explode" => FaultKind::Explode,
+            "scale" => FaultKind::Scale(stage),
+            "swap" => FaultKind::SwapHeads(stage),
             other => {
                 return Err(format!(
-                    "fault kind {other:?}: expected nan, inf or explode"
+                    "fault kind {other:?}: expected nan, inf, explode, scale or swap"
                 ))
             }
         };
+        if matches!(kind, FaultKind::NaN | FaultKind::Inf | FaultKind::Explode) && at.contains(':')
+        {
+            return Err(format!("fault {text:?}: only scale and swap take a stage"));
+        }
         let layer = layer
             .parse()
             .map_err(|_| format!("fault layer {layer:?} is not a number"))?;
@@ -1045,7 +1082,7 @@ impl<C: TraceConfig> Llama<C> {
                 &mut s.xb2,
             );
             if let Some(f) = fault {
-                f.apply(l, Stage::PostAttn, &mut s.xb2);
+                f.apply(l, Stage::PostAttn, &mut s.xb2, hd);
             }
             traced!(C, tracer.activation(l, Stage::PostAttn, &s.xb2));
 
@@ -1092,7 +1129,7 @@ impl<C: TraceConfig> Llama<C> {
                 &mut s.xb2,
             );
             if let Some(f) = fault {
-                f.apply(l, Stage::PostFfn, &mut s.xb2);
+                f.apply(l, Stage::PostFfn, &mut s.xb2, hd);
             }
             traced!(C, tracer.activation(l, Stage::PostFfn, &s.xb2));
 

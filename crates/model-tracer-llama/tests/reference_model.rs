@@ -141,6 +141,50 @@ fn a_cached_prefix_is_reused_and_gives_the_same_logits() {
 }
 
 #[test]
+fn scale_and_swap_faults_stay_below_every_anomaly_rule() {
+    let layers = Config::tiny().n_layers;
+    let mut clean = tiny(Lightweight);
+    for &t in &TOKENS[..4] {
+        clean.forward(t);
+    }
+    for text in ["scale@1", "scale@2:post_ffn", "swap@0", "swap@3:post_ffn"] {
+        let fault = Fault::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(fault.layer < layers);
+        let mut m = tiny(Lightweight);
+        m.set_fault(Some(fault));
+        for &t in &TOKENS[..4] {
+            m.forward(t);
+        }
+        assert_eq!(m.tracer().summary().total_anomalies(), 0, "{text}");
+        let (a, b) = (clean.tracer().last_forward(), m.tracer().last_forward());
+        let stats = |f: Option<&model_tracer::ForwardTrace>| {
+            f.and_then(|f| f.activations.stats(fault.layer, fault.stage()).copied())
+        };
+        let (sa, sb) = (stats(a), stats(b));
+        assert!(sa.is_some() && sb.is_some(), "{text}");
+        if let (Some(sa), Some(sb)) = (sa, sb) {
+            match fault.kind {
+                FaultKind::Scale(_) => {
+                    let r = sb.l2_norm / sa.l2_norm;
+                    assert!((r - 1.01).abs() < 1e-4, "{text}: ratio {r}");
+                }
+                // A permutation of the values: the same moments.
+                _ => {
+                    assert!(
+                        (sb.l2_norm - sa.l2_norm).abs() <= 1e-5 * sa.l2_norm,
+                        "{text}"
+                    );
+                    assert_eq!((sb.min, sb.max), (sa.min, sa.max), "{text}");
+                }
+            }
+        }
+    }
+    for bad in ["scale@1:output", "nan@1:post_attn", "swap@x", "warp@1"] {
+        assert!(Fault::parse(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
 fn injected_faults_are_found_at_their_origin_every_layer_every_kind() {
     let layers = Config::tiny().n_layers;
     for kind in [FaultKind::NaN, FaultKind::Inf, FaultKind::Explode] {
@@ -165,6 +209,7 @@ fn injected_faults_are_found_at_their_origin_every_layer_every_kind() {
                 FaultKind::NaN => AnomalyKind::NaN,
                 FaultKind::Inf => AnomalyKind::Inf,
                 FaultKind::Explode => AnomalyKind::Explosion,
+                FaultKind::Scale(_) | FaultKind::SwapHeads(_) => unreachable!("not in this loop"),
             };
             assert_eq!(a.kind, want, "{fault:?}: {a}");
             assert_eq!(a.layer, Some(layer), "{fault:?}: {a}");
