@@ -830,7 +830,38 @@ impl DiffReport {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
+
+    /// Writes the comparison as one self-contained HTML page: the verdict,
+    /// a layers × positions heatmap of the error with the first divergence
+    /// outlined, and the site and layer tables. Like the report, the data
+    /// is embedded as JSON that no string in it can close, and rendered
+    /// with `textContent`; `<body data-status="ok">` once it rendered.
+    pub fn write_html(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let title = crate::report::escape_html(&format!(
+            "model-tracer diff: {} vs {}",
+            self.a.name, self.b.name
+        ));
+        let data =
+            crate::report::script_safe_json(&serde_json::to_string(self).unwrap_or_default());
+        let mut page = String::with_capacity(data.len() + 16 * 1024);
+        page.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
+        page.push_str(&format!("<title>{title}</title>\n<style>"));
+        page.push_str(crate::report::STYLE);
+        page.push_str("</style>\n</head>\n<body data-status=\"loading\">\n");
+        page.push_str(&format!("<header><h1>{title}</h1></header>\n"));
+        page.push_str(DIFF_BODY);
+        page.push_str("<script type=\"application/json\" id=\"diff-data\">");
+        page.push_str(&data);
+        page.push_str("</script>\n<script>");
+        page.push_str(DIFF_SCRIPT);
+        page.push_str("</script>\n</body>\n</html>\n");
+        out.write_all(page.as_bytes())
+    }
 }
+
+// The page's parts, each in a file of its own language.
+const DIFF_BODY: &str = include_str!("report/diff_body.html");
+const DIFF_SCRIPT: &str = include_str!("report/diff.js");
 
 impl fmt::Display for DiffReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

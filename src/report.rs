@@ -550,8 +550,24 @@ pub fn write_html(out: &mut impl Write, input: &ReportInput<'_>) -> io::Result<(
     out.write_all(page.as_bytes())
 }
 
+/// Makes a JSON text safe inside a `<script>` element: `<`, `>`, `&`,
+/// U+2028 and U+2029 become `\u` escapes. In JSON these characters can only
+/// stand inside strings, where the escape means the same character.
+pub(crate) fn script_safe_json(json: &str) -> String {
+    let mut out = String::with_capacity(json.len() + 64);
+    for c in json.chars() {
+        match c {
+            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 // The page's parts, each in a file of its own language.
-const STYLE: &str = include_str!("report/report.css");
+pub(crate) const STYLE: &str = include_str!("report/report.css");
 const BODY: &str = include_str!("report/body.html");
 const SCRIPT: &str = include_str!("report/report.js");
 

@@ -58,6 +58,10 @@ struct DiffArgs {
     /// Write the comparison as JSON
     #[arg(long, value_name = "PATH")]
     json: Option<String>,
+    /// Write the comparison as an HTML page: a layers x positions heatmap
+    /// of the error, the divergence marked
+    #[arg(long, value_name = "PATH")]
+    html: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -323,15 +327,16 @@ fn diff(args: &DiffArgs) -> Result<bool, String> {
             args.tolerance
         ));
     }
-    let json = args
-        .json
-        .as_ref()
-        .map(|p| {
-            std::fs::File::create(p)
-                .map(|f| (p, f))
-                .map_err(|e| format!("cannot create {p}: {e}"))
-        })
-        .transpose()?;
+    let create = |path: &Option<String>| {
+        path.as_ref()
+            .map(|p| {
+                std::fs::File::create(p)
+                    .map(|f| (p.clone(), f))
+                    .map_err(|e| format!("cannot create {p}: {e}"))
+            })
+            .transpose()
+    };
+    let (json, html) = (create(&args.json)?, create(&args.html)?);
     let (a, b) = (load_side(&args.a)?, load_side(&args.b)?);
     let report = model_tracer::diff::diff(&a, &b, args.tolerance).map_err(|e| e.to_string())?;
     // A closed pipe (`| head`) is not an error of the comparison.
@@ -342,6 +347,14 @@ fn diff(args: &DiffArgs) -> Result<bool, String> {
             .and_then(|()| out.flush())
             .map_err(|e| format!("{path}: {e}"))?;
         println!("wrote the comparison to {path}");
+    }
+    if let Some((path, file)) = html {
+        let mut out = std::io::BufWriter::new(file);
+        report
+            .write_html(&mut out)
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("{path}: {e}"))?;
+        println!("wrote the comparison page to {path}");
     }
     Ok(report.first_divergence.is_none())
 }
