@@ -84,7 +84,7 @@ impl QuantType {
         32.0 / self.bits_per_element()
     }
 
-    /// ggml's name (`"Q4_K"`).
+    /// ggml's name (`"Q4_K"`), the one serde writes.
     pub fn name(self) -> &'static str {
         match self {
             QuantType::F32 => "F32",
@@ -113,6 +113,7 @@ impl fmt::Display for QuantType {
 /// A matmul of the decoder whose quantization error is traced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum BrickId {
     /// Token embedding lookup.
     Embedding,
@@ -142,7 +143,7 @@ impl BrickId {
         BrickId::LmHead,
     ];
 
-    /// Snake-case name (`"qkv_projection"`).
+    /// Snake-case name (`"qkv_projection"`), the one serde writes.
     pub fn name(self) -> &'static str {
         match self {
             BrickId::Embedding => "embedding",
@@ -201,6 +202,26 @@ pub enum Severity {
     Warning,
     /// Cosine <= 0.99, or not a number.
     Critical,
+}
+
+impl Severity {
+    /// Every class, from best to worst.
+    pub const ALL: [Severity; 3] = [Severity::Acceptable, Severity::Warning, Severity::Critical];
+
+    /// Snake-case name (`"critical"`), the one serde writes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Acceptable => "acceptable",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Error of one brick's quantized output against its f32 reference.

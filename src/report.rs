@@ -32,7 +32,6 @@ use std::fmt::Write as _;
 use std::io::{self, Write};
 
 use crate::activation::Stage;
-use crate::anomaly::Origin;
 use crate::config::TraceConfig;
 use crate::kv_cache::KvCacheStateTrace;
 use crate::quant::BrickId;
@@ -243,13 +242,6 @@ impl Json {
     }
 }
 
-fn origin_name(o: Origin) -> &'static str {
-    match o {
-        Origin::Produced => "produced",
-        Origin::Propagated => "propagated",
-    }
-}
-
 /// The embedded data: see the script for how each array is read.
 fn data_json(input: &ReportInput<'_>) -> String {
     let mut j = Json(String::with_capacity(64 * 1024));
@@ -374,10 +366,7 @@ fn data_json(input: &ReportInput<'_>) -> String {
                 .raw(",")
                 .str(a.stage.name())
                 .raw(",");
-            j.str(a.kind.name())
-                .raw(",")
-                .str(origin_name(a.origin))
-                .raw(",");
+            j.str(a.kind.name()).raw(",").str(a.origin.name()).raw(",");
             j.str(&a.to_string()).raw("]");
         });
         j.raw(",");
