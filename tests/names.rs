@@ -40,7 +40,9 @@ macro_rules! check_names {
 
 #[test]
 fn stage_names() {
-    let names = check_names!(Stage: Embedding, Input, PostNorm, PostAttn, PostFfnNorm, PostFfn, Output, FinalNorm, Logits);
+    let names = check_names!(Stage:
+        Embedding, Input, PostNorm, PostAttn, PostFfnNorm, PostFfn, Output, FinalNorm, Logits
+    );
     // `act_stage` and `anomaly_stage` of the JSON Lines schema.
     assert_eq!(
         names,
@@ -73,7 +75,9 @@ fn anomaly_kind_and_origin_names() {
 
 #[test]
 fn brick_and_quant_type_names() {
-    let bricks = check_names!(BrickId: Embedding, QkvProjection, AttentionOutput, FfnGate, FfnUp, FfnDown, LmHead);
+    let bricks = check_names!(BrickId:
+        Embedding, QkvProjection, AttentionOutput, FfnGate, FfnUp, FfnDown, LmHead
+    );
     // `quant_brick` and `whatif_brick` of the JSON Lines schema.
     assert_eq!(
         bricks,
@@ -87,7 +91,9 @@ fn brick_and_quant_type_names() {
             "lm_head"
         ]
     );
-    let types = check_names!(QuantType: F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K);
+    let types = check_names!(QuantType:
+        F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K
+    );
     // ggml's spelling, as GGUF tools print it.
     assert_eq!(types[9], "Q4_1");
     assert!(types.iter().all(|t| t.to_uppercase() == *t), "{types:?}");
