@@ -901,6 +901,7 @@ mod tests {
     use crate::config::Full;
     use crate::logit::LogitEvolutionTrace;
     use crate::quant::QuantType;
+    use crate::stats::ErrorMetrics;
     use crate::tracer::ModelTracer;
 
     fn quant(
@@ -914,10 +915,12 @@ mod tests {
             brick,
             layer_idx: layer,
             quant_type: QuantType::Q4_1,
-            mse,
-            max_abs_error: mse.sqrt(),
-            cosine_similarity: cosine,
-            snr_db: snr,
+            metrics: ErrorMetrics {
+                mse,
+                max_abs_error: mse.sqrt(),
+                cosine_similarity: cosine,
+                snr_db: snr,
+            },
             element_count: 64,
         }
     }

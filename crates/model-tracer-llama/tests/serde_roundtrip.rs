@@ -153,7 +153,7 @@ fn hand_built_records_with_every_special_value_round_trip() {
             QuantType::Q4_1,
         );
         assert_eq!(q.snr_db, f32::INFINITY, "identical vectors");
-        q.cosine_similarity = v;
+        q.metrics.cosine_similarity = v;
         f.quantization.add(q);
         f.anomalies.push(Anomaly {
             position: 7,
