@@ -55,6 +55,7 @@ pub mod forward;
 pub mod kv_cache;
 pub mod logit;
 pub mod quant;
+#[cfg(feature = "serde")]
 pub mod report;
 #[cfg(feature = "serde")]
 pub mod serde_float;
@@ -137,6 +138,7 @@ pub use logit::{LogitEvolutionTrace, TokenLogitEvolution};
 pub use quant::{
     BrickId, ModelQuantizationError, QuantTraceError, QuantType, QuantizationErrorTrace, Severity,
 };
+#[cfg(feature = "serde")]
 pub use report::{write_html, ModelInfo, ReportInput};
 #[cfg(feature = "serde")]
 pub use sink::JsonlSink;
