@@ -51,14 +51,15 @@ impl AnomalyKind {
         )
     }
 
-    /// Short name (`"NaN"`, `"explosion"`, ...).
+    /// Snake-case name (`"nan"`, `"residual_dominance"`, ...), the one
+    /// serde writes.
     pub fn name(self) -> &'static str {
         match self {
-            AnomalyKind::NaN => "NaN",
-            AnomalyKind::Inf => "Inf",
+            AnomalyKind::NaN => "nan",
+            AnomalyKind::Inf => "inf",
             AnomalyKind::Explosion => "explosion",
             AnomalyKind::Vanishing => "vanishing",
-            AnomalyKind::ResidualDominance => "residual dominance",
+            AnomalyKind::ResidualDominance => "residual_dominance",
         }
     }
 }
@@ -78,6 +79,25 @@ pub enum Origin {
     Produced,
     /// The stage recorded before it already held non-finite values.
     Propagated,
+}
+
+impl Origin {
+    /// Both origins.
+    pub const ALL: [Origin; 2] = [Origin::Produced, Origin::Propagated];
+
+    /// Snake-case name (`"produced"`), the one serde writes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::Produced => "produced",
+            Origin::Propagated => "propagated",
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// One broken rule at one place of one forward pass.
@@ -115,12 +135,12 @@ impl fmt::Display for Anomaly {
             Origin::Produced => "produced here",
             Origin::Propagated => "propagated",
         };
+        let (count, total) = (self.count, self.total);
+        // A sentence for people: NaN and Inf as they are usually written,
+        // not the kinds' identifiers.
         match self.kind {
-            AnomalyKind::NaN | AnomalyKind::Inf => write!(
-                f,
-                ": {} {origin} ({} of {} values)",
-                self.kind, self.count, self.total
-            ),
+            AnomalyKind::NaN => write!(f, ": NaN {origin} ({count} of {total} values)"),
+            AnomalyKind::Inf => write!(f, ": Inf {origin} ({count} of {total} values)"),
             AnomalyKind::Explosion => write!(f, ": explosion (magnitude {:.3e})", self.value),
             AnomalyKind::Vanishing => write!(f, ": vanishing (std {:.3e} < 1e-6)", self.value),
             AnomalyKind::ResidualDominance => {

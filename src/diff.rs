@@ -841,8 +841,7 @@ impl DiffReport {
             "model-tracer diff: {} vs {}",
             self.a.name, self.b.name
         ));
-        let data =
-            crate::report::script_safe_json(&serde_json::to_string(self).unwrap_or_default());
+        let data = crate::report::script_json(self).map_err(std::io::Error::other)?;
         let mut page = String::with_capacity(data.len() + 16 * 1024);
         page.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
         page.push_str(&format!("<title>{title}</title>\n<style>"));

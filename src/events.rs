@@ -5,33 +5,14 @@
 //! [`TARGET`] and the structured fields `position`, `layer` (absent for the
 //! embedding, final norm and logits), `stage`, `kind` (`nan`, `inf`,
 //! `explosion`, `vanishing`, `residual_dominance`), `origin` (`produced`,
-//! `propagated`), `count`, `total` and `value`; the message is the
-//! anomaly's `Display` text. A
-//! serving stack routes them like any other warning.
+//! `propagated`), `count`, `total` and `value`; stage, kind and origin are
+//! the names of the JSON forms. The message is the anomaly's `Display`
+//! text. A serving stack routes them like any other warning.
 
-use crate::anomaly::{Anomaly, AnomalyKind, Origin};
+use crate::anomaly::Anomaly;
 
 /// Target (log) and target name (tracing) of the anomaly events.
 pub const TARGET: &str = "model_tracer::anomaly";
-
-/// The kind as the identifier the JSON forms use (`nan`, `inf`,
-/// `explosion`, `vanishing`, `residual_dominance`).
-fn kind_id(k: AnomalyKind) -> &'static str {
-    match k {
-        AnomalyKind::NaN => "nan",
-        AnomalyKind::Inf => "inf",
-        AnomalyKind::Explosion => "explosion",
-        AnomalyKind::Vanishing => "vanishing",
-        AnomalyKind::ResidualDominance => "residual_dominance",
-    }
-}
-
-fn origin_name(o: Origin) -> &'static str {
-    match o {
-        Origin::Produced => "produced",
-        Origin::Propagated => "propagated",
-    }
-}
 
 /// Emits one warning per anomaly. Out of line: only forwards with
 /// anomalies reach it.
@@ -44,8 +25,8 @@ fn emit(anomalies: &[Anomaly]) {
             position = a.position,
             layer = a.layer,
             stage = a.stage.name(),
-            kind = kind_id(a.kind),
-            origin = origin_name(a.origin),
+            kind = a.kind.name(),
+            origin = a.origin.name(),
             count = a.count,
             total = a.total,
             value = a.value;
@@ -57,8 +38,8 @@ fn emit(anomalies: &[Anomaly]) {
             position = a.position as u64,
             layer = a.layer.map(|l| l as u64),
             stage = a.stage.name(),
-            kind = kind_id(a.kind),
-            origin = origin_name(a.origin),
+            kind = a.kind.name(),
+            origin = a.origin.name(),
             count = a.count as u64,
             total = a.total as u64,
             value = f64::from(a.value),

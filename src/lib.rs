@@ -62,6 +62,7 @@ pub mod quant;
 pub mod read;
 #[cfg(feature = "serde")]
 pub mod replay;
+#[cfg(feature = "serde")]
 pub mod report;
 #[cfg(feature = "serde")]
 pub mod serde_float;
@@ -145,6 +146,7 @@ pub use model_info::ModelInfo;
 pub use quant::{
     BrickId, ModelQuantizationError, QuantTraceError, QuantType, QuantizationErrorTrace, Severity,
 };
+#[cfg(feature = "serde")]
 pub use report::{write_html, ReportInput};
 #[cfg(feature = "serde")]
 pub use sink::JsonlSink;

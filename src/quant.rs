@@ -1,6 +1,7 @@
 //! Quantization error of a matmul ("brick") against its f32 reference.
 
 use std::fmt;
+use std::ops::Deref;
 
 use crate::stats::{self, ErrorMetrics};
 
@@ -84,7 +85,7 @@ impl QuantType {
         32.0 / self.bits_per_element()
     }
 
-    /// ggml's name (`"Q4_K"`).
+    /// ggml's name (`"Q4_K"`), the one serde writes.
     pub fn name(self) -> &'static str {
         match self {
             QuantType::F32 => "F32",
@@ -113,6 +114,7 @@ impl fmt::Display for QuantType {
 /// A matmul of the decoder whose quantization error is traced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum BrickId {
     /// Token embedding lookup.
     Embedding,
@@ -142,7 +144,7 @@ impl BrickId {
         BrickId::LmHead,
     ];
 
-    /// Snake-case name (`"qkv_projection"`).
+    /// Snake-case name (`"qkv_projection"`), the one serde writes.
     pub fn name(self) -> &'static str {
         match self {
             BrickId::Embedding => "embedding",
@@ -203,7 +205,31 @@ pub enum Severity {
     Critical,
 }
 
+impl Severity {
+    /// Every class, from best to worst.
+    pub const ALL: [Severity; 3] = [Severity::Acceptable, Severity::Warning, Severity::Critical];
+
+    /// Snake-case name (`"critical"`), the one serde writes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Acceptable => "acceptable",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Error of one brick's quantized output against its f32 reference.
+///
+/// The metrics are read through the trace (`trace.cosine_similarity`): it
+/// dereferences to its [`ErrorMetrics`]. Serialized, they are fields of the
+/// trace itself, as flat as a row of the JSON Lines schema.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct QuantizationErrorTrace {
@@ -213,20 +239,11 @@ pub struct QuantizationErrorTrace {
     pub layer_idx: usize,
     /// Weight format of the quantized path.
     pub quant_type: QuantType,
-    /// Mean squared error.
-    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
-    pub mse: f32,
-    /// Largest absolute difference.
-    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
-    pub max_abs_error: f32,
-    /// Cosine similarity in `[-1, 1]` (1 when both are zero; NaN when either
-    /// holds a non-finite value).
-    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
-    pub cosine_similarity: f32,
-    /// Signal-to-noise ratio in dB: `10 log10(Σ ref² / Σ (q - ref)²)`
-    /// (+inf when identical).
-    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
-    pub snr_db: f32,
+    /// MSE, largest absolute error, cosine similarity (1 when both are
+    /// zero; NaN, like every metric, when either holds a non-finite value)
+    /// and SNR in dB (+inf when identical).
+    #[cfg_attr(feature = "serde", serde(flatten))]
+    pub metrics: ErrorMetrics,
     /// Compared elements.
     pub element_count: usize,
 }
@@ -265,20 +282,11 @@ impl QuantizationErrorTrace {
                 reference: reference.len(),
             });
         }
-        let ErrorMetrics {
-            mse,
-            max_abs_error,
-            cosine_similarity,
-            snr_db,
-        } = stats::error_metrics(quantized, reference);
         Ok(Self {
             brick,
             layer_idx,
             quant_type,
-            mse,
-            max_abs_error,
-            cosine_similarity,
-            snr_db,
+            metrics: stats::error_metrics(quantized, reference),
             element_count: quantized.len(),
         })
     }
@@ -317,6 +325,14 @@ impl QuantizationErrorTrace {
         } else {
             -self.cosine_similarity
         }
+    }
+}
+
+impl Deref for QuantizationErrorTrace {
+    type Target = ErrorMetrics;
+
+    fn deref(&self) -> &ErrorMetrics {
+        &self.metrics
     }
 }
 
@@ -421,7 +437,7 @@ mod tests {
             (0.99, Severity::Critical),
             (f32::NAN, Severity::Critical),
         ] {
-            t.cosine_similarity = c;
+            t.metrics.cosine_similarity = c;
             assert_eq!(t.severity(), s, "{c}");
         }
     }
@@ -452,6 +468,33 @@ mod tests {
     #[should_panic(expected = "reference has 2")]
     fn compute_panics_on_mismatch_with_a_clear_message() {
         trace(&[1.0], &[1.0, 2.0]);
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn metrics_serialize_flat_and_non_finite_values_round_trip() {
+        let mut t = trace(&[1.0, 2.0], &[1.0, 2.0]);
+        t.metrics.mse = f32::NEG_INFINITY;
+        t.metrics.cosine_similarity = f32::NAN;
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(
+            json,
+            r#"{"brick":"qkv_projection","layer_idx":5,"quant_type":"Q4_K","mse":"-inf","max_abs_error":0.0,"cosine_similarity":"NaN","snr_db":"inf","element_count":2}"#
+        );
+        let back: QuantizationErrorTrace = serde_json::from_str(&json).unwrap();
+        assert!(back.cosine_similarity.is_nan());
+        assert_eq!(back.mse, f32::NEG_INFINITY);
+        assert_eq!(back.snr_db, f32::INFINITY);
+        assert_eq!(
+            (back.brick, back.layer_idx, back.element_count),
+            (t.brick, 5, 2)
+        );
+        assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        // What a plain serializer leaves for non-finite values reads as NaN.
+        let nulls = json.replace("\"-inf\"", "null").replace("\"inf\"", "null");
+        let old: QuantizationErrorTrace = serde_json::from_str(&nulls).unwrap();
+        assert!(old.mse.is_nan() && old.snr_db.is_nan());
+        assert_eq!(old.max_abs_error, 0.0);
     }
 
     #[test]

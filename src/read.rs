@@ -62,7 +62,7 @@ use crate::model_info::ModelInfo;
 use crate::quant::{BrickId, ModelQuantizationError, QuantType, QuantizationErrorTrace};
 use crate::serde_float::Float;
 use crate::stage::Stage;
-use crate::stats::TensorStats;
+use crate::stats::{ErrorMetrics, TensorStats};
 
 /// The largest layer count a row may name: a layer index at or beyond it
 /// is an error rather than an allocation of that many layers.
@@ -346,20 +346,8 @@ fn layer(value: usize, column: &str, entry: usize) -> Result<usize, String> {
     }
 }
 
-const STAGES: [Stage; 9] = [
-    Stage::Embedding,
-    Stage::Input,
-    Stage::PostNorm,
-    Stage::PostAttn,
-    Stage::PostFfnNorm,
-    Stage::PostFfn,
-    Stage::Output,
-    Stage::FinalNorm,
-    Stage::Logits,
-];
-
 fn stage(name: &str, column: &str, entry: usize) -> Result<Stage, String> {
-    STAGES
+    Stage::ALL
         .into_iter()
         .find(|s| s.name() == name)
         .ok_or_else(|| format!("{column}[{entry}]: unknown stage {name:?}"))
@@ -545,10 +533,12 @@ impl RawRow {
                 brick: brick(&self.quant_brick[i], "quant_brick", i)?,
                 layer_idx: layer(self.quant_layer[i], "quant_layer", i)?,
                 quant_type: quant_type(&self.quant_type[i], "quant_type", i)?,
-                mse: self.quant_mse[i].0,
-                max_abs_error: self.quant_max_abs_error[i].0,
-                cosine_similarity: self.quant_cosine[i].0,
-                snr_db: self.quant_snr_db[i].0,
+                metrics: ErrorMetrics {
+                    mse: self.quant_mse[i].0,
+                    max_abs_error: self.quant_max_abs_error[i].0,
+                    cosine_similarity: self.quant_cosine[i].0,
+                    snr_db: self.quant_snr_db[i].0,
+                },
                 element_count: self.quant_elements[i],
             });
         }
@@ -576,10 +566,12 @@ impl RawRow {
                 brick: brick(&self.whatif_brick[i], "whatif_brick", i)?,
                 layer_idx: layer(self.whatif_layer[i], "whatif_layer", i)?,
                 quant_type: quant_type(&self.whatif_type[i], "whatif_type", i)?,
-                mse: self.whatif_mse[i].0,
-                max_abs_error: max_abs.as_ref().map_or(f32::NAN, |m| m[i].0),
-                cosine_similarity: self.whatif_cosine[i].0,
-                snr_db: self.whatif_snr_db[i].0,
+                metrics: ErrorMetrics {
+                    mse: self.whatif_mse[i].0,
+                    max_abs_error: max_abs.as_ref().map_or(f32::NAN, |m| m[i].0),
+                    cosine_similarity: self.whatif_cosine[i].0,
+                    snr_db: self.whatif_snr_db[i].0,
+                },
                 element_count: elements.as_ref().map_or(0, |e| e[i]),
             });
         }

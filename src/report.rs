@@ -16,27 +16,34 @@
 //!   with the worst brick named;
 //! - **KV cache**: utilization, hit rate and evictions over the steps.
 //!
-//! The trace data is embedded as JSON in a `<script type="application/json">`
-//! element in which `<`, `>` and `&` are escaped (`\u003c` ...), so no
-//! token text can close the element; the script renders every token string
-//! with `textContent`, never as markup. Static text written by Rust is
-//! HTML-escaped. When rendering succeeds the script sets `data-status="ok"`
-//! on `<body>` (`"error"` plus a visible message otherwise) and
-//! `data-rendered` to the number of cells drawn per section.
+//! The trace data is serialized with serde into a
+//! `<script type="application/json">` element in which `<`, `>`, `&`,
+//! U+2028 and U+2029 are escaped (`\u003c` ...), so no token text can close
+//! the element; the script renders every token string with `textContent`,
+//! never as markup. Static text written by Rust is HTML-escaped. When
+//! rendering succeeds the script sets `data-status="ok"` on `<body>`
+//! (`"error"` plus a visible message otherwise) and `data-rendered` to the
+//! number of cells drawn per section.
 //!
-//! Non-finite numbers (a NaN mean, an infinite SNR) are embedded as `null`
-//! and shown as "n/a"; NaN and Inf counts are shown as data.
+//! Non-finite numbers (a NaN cosine, an infinite SNR) are embedded as
+//! `null` and shown as "n/a"; NaN and Inf counts are shown as data. Enum
+//! values (stages, bricks, anomaly kinds, ...) are embedded by their
+//! `name()`.
+//!
+//! Needs the `serde` feature.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::{self, Write};
 
+use serde::{Serialize, Serializer};
+
 use crate::activation::Stage;
-use crate::anomaly::Origin;
+use crate::anomaly::{AnomalyKind, Origin};
 use crate::config::TraceConfig;
 use crate::kv_cache::KvCacheStateTrace;
 pub use crate::model_info::ModelInfo;
-use crate::quant::BrickId;
+use crate::quant::{BrickId, QuantType};
 use crate::summary::TraceSummary;
 use crate::tracer::{ForwardTrace, ModelTracer};
 
@@ -145,395 +152,394 @@ pub fn escape_html(s: &str) -> String {
     out
 }
 
-/// A JSON text that is safe inside a `<script>` element: no `<`, `>` or
-/// `&` (escaped as `\u003c` ...), no U+2028/U+2029.
-struct Json(String);
+/// A number of the page: itself when finite, `null` otherwise (shown as
+/// "n/a"). Not [`serde_float::Float`](crate::serde_float::Float): the
+/// script computes with the numbers it reads and has no use for `"NaN"`.
+#[derive(Debug, Clone, Copy)]
+struct Num(f32);
 
-impl Json {
-    fn raw(&mut self, s: &str) -> &mut Self {
-        self.0.push_str(s);
-        self
-    }
-
-    fn str(&mut self, s: &str) -> &mut Self {
-        self.0.push('"');
-        for c in s.chars() {
-            match c {
-                '"' => self.0.push_str("\\\""),
-                '\\' => self.0.push_str("\\\\"),
-                '\n' => self.0.push_str("\\n"),
-                '\r' => self.0.push_str("\\r"),
-                '\t' => self.0.push_str("\\t"),
-                '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
-                    let _ = write!(self.0, "\\u{:04x}", c as u32);
-                }
-                c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                    let _ = write!(self.0, "\\u{:04x}", c as u32);
-                }
-                c => self.0.push(c),
-            }
-        }
-        self.0.push('"');
-        self
-    }
-
-    fn num(&mut self, v: f32) -> &mut Self {
-        if !v.is_finite() {
-            return self.raw("null");
-        }
-        let a = v.abs();
-        if a != 0.0 && !(1e-4..1e6).contains(&a) {
-            let _ = write!(self.0, "{v:e}");
+impl Serialize for Num {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_finite() {
+            s.serialize_f32(self.0)
         } else {
-            let _ = write!(self.0, "{v}");
+            s.serialize_none()
         }
-        self
-    }
-
-    fn int(&mut self, v: usize) -> &mut Self {
-        let _ = write!(self.0, "{v}");
-        self
-    }
-
-    fn opt_int(&mut self, v: Option<usize>) -> &mut Self {
-        match v {
-            Some(v) => self.int(v),
-            None => self.raw("null"),
-        }
-    }
-
-    fn key(&mut self, k: &str) -> &mut Self {
-        self.str(k).raw(":")
-    }
-
-    /// Writes `items` as an array, each through `f`.
-    fn arr<T>(&mut self, items: impl IntoIterator<Item = T>, mut f: impl FnMut(&mut Self, T)) {
-        self.0.push('[');
-        for (i, item) in items.into_iter().enumerate() {
-            if i > 0 {
-                self.0.push(',');
-            }
-            f(self, item);
-        }
-        self.0.push(']');
     }
 }
 
-fn origin_name(o: Origin) -> &'static str {
-    match o {
-        Origin::Produced => "produced",
-        Origin::Propagated => "propagated",
-    }
+// The embedded data, `D` in the page script. Records that come by the
+// hundred are arrays, read by index; the comment on each says what the
+// index holds.
+
+/// Everything the page shows.
+#[derive(Serialize)]
+struct PageData<'a> {
+    title: &'a str,
+    config: &'a str,
+    model: ModelData<'a>,
+    summary: SummaryData<'a>,
+    /// Layer stages in forward order: the stage selector.
+    stages: [Stage; 6],
+    /// The retained forwards, in order.
+    fw: Vec<ForwardData<'a>>,
+    heads: Vec<HeadRow>,
+    /// Every brick in forward order: the rows of the quantization grid.
+    brick_names: [BrickId; 7],
+    bricks: Vec<BrickLayerRow>,
+    brick_summary: Vec<BrickRow>,
+    worst: Option<WorstBrick>,
+    kv: Vec<KvRow>,
+    kv_total: Option<KvTotal>,
+    /// Text of the positions shown: the forwards, the context before each
+    /// query, and every attended position.
+    ptext: BTreeMap<usize, &'a str>,
+    /// Text of the vocabulary ids the logit lens names.
+    vocab: &'a BTreeMap<u32, String>,
 }
 
-/// The embedded data: see the script for how each array is read.
-fn data_json(input: &ReportInput<'_>) -> String {
-    let mut j = Json(String::with_capacity(64 * 1024));
-    let m = &input.model;
-    let s = &input.summary;
-    j.raw("{");
-    j.key("title").str(&input.title).raw(",");
-    j.key("config").str(&input.config).raw(",");
-    j.key("model").raw("{");
-    j.key("name").str(&m.name).raw(",");
-    for (k, v) in [
-        ("layers", m.layers),
-        ("heads", m.heads),
-        ("kv_heads", m.kv_heads),
-        ("dim", m.dim),
-        ("vocab", m.vocab),
-        ("kv_capacity", m.kv_capacity),
-        ("kv_sinks", m.kv_sinks),
-    ] {
-        j.key(k).int(v).raw(",");
-    }
-    j.key("seen_layers")
-        .int(
-            input
-                .forwards
+#[derive(Serialize)]
+struct ModelData<'a> {
+    name: &'a str,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    vocab: usize,
+    kv_capacity: usize,
+    kv_sinks: usize,
+    /// Layers seen in the records: the grid height when `layers` is 0.
+    seen_layers: usize,
+}
+
+#[derive(Serialize)]
+struct SummaryData<'a> {
+    forwards: usize,
+    positions: Option<(usize, usize)>,
+    /// `[kind, forwards]` for every kind.
+    anomaly_counts: Vec<(AnomalyKind, usize)>,
+    first_anomaly: Option<String>,
+    /// `[layer, count]`.
+    decisive: &'a [(usize, usize)],
+    /// `[layer, count]`.
+    won: &'a [(usize, usize)],
+    mean_kl: Option<Num>,
+    top1_agreement: Option<Num>,
+}
+
+#[derive(Serialize)]
+struct ForwardData<'a> {
+    /// Position.
+    p: usize,
+    /// The token chosen at this position.
+    sel: Option<u32>,
+    a: Vec<ActivationRow>,
+    an: Vec<AnomalyRow>,
+    at: Vec<AttentionRow>,
+    lens: Vec<LensRow<'a>>,
+}
+
+/// `[layer | null, stage, count, mean, std, l2, max_abs, nan, inf]`.
+#[derive(Serialize)]
+struct ActivationRow(
+    Option<usize>,
+    Stage,
+    usize,
+    Num,
+    Num,
+    Num,
+    Num,
+    usize,
+    usize,
+);
+
+/// `[layer | null, stage, kind, origin, text]`.
+#[derive(Serialize)]
+struct AnomalyRow(Option<usize>, Stage, AnomalyKind, Origin, String);
+
+/// `[layer, head, context_len, sink_weight, entropy, normalized_entropy,
+/// tail_mass, [position | null], [weight]]`: the top-k attended positions
+/// (`null` where the cache slot's position is unknown) and their weights.
+#[derive(Serialize)]
+struct AttentionRow(
+    usize,
+    usize,
+    usize,
+    Num,
+    Num,
+    Num,
+    Num,
+    Vec<Option<usize>>,
+    Vec<Num>,
+);
+
+/// `[token, [layer], [rank], decisive layer | null, won layer | null]`.
+#[derive(Serialize)]
+struct LensRow<'a>(u32, Vec<usize>, &'a [usize], Option<usize>, Option<usize>);
+
+/// `[layer, head, sink_share, mean_sink_weight, mean_normalized_entropy,
+/// mean_tail_mass, recency_share, records]`.
+#[derive(Serialize)]
+struct HeadRow(usize, usize, Num, Num, Num, Num, Num, usize);
+
+/// `[brick, layer, type, samples, mean_cosine, min_cosine, mean_snr_db]`.
+#[derive(Serialize)]
+struct BrickLayerRow(BrickId, usize, QuantType, usize, Num, Num, Num);
+
+/// `[brick, samples, mean_cosine, critical]`.
+#[derive(Serialize)]
+struct BrickRow(BrickId, usize, Num, usize);
+
+#[derive(Serialize)]
+struct WorstBrick {
+    brick: BrickId,
+    layer: usize,
+    #[serde(rename = "type")]
+    quant_type: QuantType,
+    cosine: Num,
+    snr_db: Num,
+    max_abs_error: Num,
+}
+
+/// `[step, utilization, hit_rate, evictions, valid, max, bytes]`.
+#[derive(Serialize)]
+struct KvRow(usize, Num, Num, usize, usize, usize, usize);
+
+#[derive(Serialize)]
+struct KvTotal {
+    steps: usize,
+    evictions: usize,
+    peak_utilization: Num,
+    avg_hit_rate: Num,
+    peak_bytes: usize,
+    reused: usize,
+    computed: usize,
+}
+
+impl<'a> PageData<'a> {
+    fn new(input: &'a ReportInput<'_>) -> Self {
+        let m = &input.model;
+        let s = &input.summary;
+        let seen_layers = input
+            .forwards
+            .iter()
+            .map(|f| f.activations.layers.len())
+            .chain(s.layers.iter().map(|l| l.layer + 1))
+            .chain(s.heads.iter().map(|h| h.layer + 1))
+            .max()
+            .unwrap_or(0);
+        let mut wanted = BTreeSet::new();
+        let fw = input
+            .forwards
+            .iter()
+            .map(|f| {
+                wanted.extend(f.position.saturating_sub(CONTEXT_WINDOW)..=f.position);
+                ForwardData::new(f, m.kv_sinks, &mut wanted)
+            })
+            .collect();
+        PageData {
+            title: &input.title,
+            config: &input.config,
+            model: ModelData {
+                name: &m.name,
+                layers: m.layers,
+                heads: m.heads,
+                kv_heads: m.kv_heads,
+                dim: m.dim,
+                vocab: m.vocab,
+                kv_capacity: m.kv_capacity,
+                kv_sinks: m.kv_sinks,
+                seen_layers,
+            },
+            summary: SummaryData {
+                forwards: s.forwards,
+                positions: s.positions,
+                anomaly_counts: AnomalyKind::ALL
+                    .iter()
+                    .map(|&k| (k, s.anomaly_counts[k as usize]))
+                    .collect(),
+                first_anomaly: s.first_anomaly.as_ref().map(|a| a.to_string()),
+                decisive: &s.decisive_layers,
+                won: &s.won_at_layers,
+                mean_kl: s.mean_kl_divergence.map(Num),
+                top1_agreement: s.top1_agreement.map(Num),
+            },
+            stages: Stage::LAYER_STAGES,
+            fw,
+            heads: s
+                .heads
                 .iter()
-                .map(|f| f.activations.layers.len())
-                .chain(s.layers.iter().map(|l| l.layer + 1))
-                .chain(s.heads.iter().map(|h| h.layer + 1))
-                .max()
-                .unwrap_or(0),
-        )
-        .raw("},");
-
-    j.key("summary").raw("{");
-    j.key("forwards").int(s.forwards).raw(",");
-    j.key("positions");
-    match s.positions {
-        Some((a, b)) => j.raw("[").int(a).raw(",").int(b).raw("]"),
-        None => j.raw("null"),
-    };
-    j.raw(",");
-    j.key("anomaly_counts");
-    j.arr(crate::AnomalyKind::ALL, |j, k| {
-        j.raw("[").str(k.name()).raw(",");
-        j.int(s.anomaly_counts[k as usize]).raw("]");
-    });
-    j.raw(",");
-    j.key("first_anomaly");
-    match &s.first_anomaly {
-        Some(a) => j.str(&a.to_string()),
-        None => j.raw("null"),
-    };
-    j.raw(",");
-    j.key("decisive");
-    j.arr(&s.decisive_layers, |j, &(l, c)| {
-        j.raw("[").int(l).raw(",").int(c).raw("]");
-    });
-    j.raw(",");
-    j.key("won");
-    j.arr(&s.won_at_layers, |j, &(l, c)| {
-        j.raw("[").int(l).raw(",").int(c).raw("]");
-    });
-    j.raw(",");
-    j.key("mean_kl");
-    match s.mean_kl_divergence {
-        Some(v) => j.num(v),
-        None => j.raw("null"),
-    };
-    j.raw(",");
-    j.key("top1_agreement");
-    match s.top1_agreement {
-        Some(v) => j.num(v),
-        None => j.raw("null"),
-    };
-    j.raw("},");
-
-    j.key("stages");
-    j.arr(Stage::LAYER_STAGES, |j, st| {
-        j.str(st.name());
-    });
-    j.raw(",");
-
-    // Positions whose text is shown: the forwards, the context before each
-    // query, and every attended position.
-    let mut wanted = BTreeSet::new();
-    j.key("fw");
-    j.arr(&input.forwards, |j, f| {
-        wanted.extend(f.position.saturating_sub(CONTEXT_WINDOW)..=f.position);
-        j.raw("{");
-        j.key("p").int(f.position).raw(",");
-        j.key("sel")
-            .opt_int(
-                f.logits
-                    .as_ref()
-                    .and_then(|l| l.selected_token)
-                    .map(|t| t as usize),
-            )
-            .raw(",");
-        // a: [layer|null, stage, count, mean, std, l2, max_abs, nan, inf]
-        j.key("a");
-        j.arr(f.activations.recorded(), |j, (layer, stage, st)| {
-            j.raw("[")
-                .opt_int(layer)
-                .raw(",")
-                .str(stage.name())
-                .raw(",");
-            j.int(st.count).raw(",").num(st.mean).raw(",").num(st.std);
-            j.raw(",")
-                .num(st.l2_norm)
-                .raw(",")
-                .num(st.max_abs())
-                .raw(",");
-            j.int(st.nan_count).raw(",").int(st.inf_count).raw("]");
-        });
-        j.raw(",");
-        // an: [layer|null, stage, kind, origin, text]
-        j.key("an");
-        j.arr(&f.anomalies, |j, a| {
-            j.raw("[")
-                .opt_int(a.layer)
-                .raw(",")
-                .str(a.stage.name())
-                .raw(",");
-            j.str(a.kind.name())
-                .raw(",")
-                .str(origin_name(a.origin))
-                .raw(",");
-            j.str(&a.to_string()).raw("]");
-        });
-        j.raw(",");
-        // at: [layer, head, context_len, sink_weight, entropy,
-        //      normalized_entropy, tail_mass, [positions], [weights]]
-        j.key("at");
-        j.arr(&f.attention, |j, t| {
-            j.raw("[")
-                .int(t.layer_idx)
-                .raw(",")
-                .int(t.head_idx)
-                .raw(",");
-            j.int(t.context_len).raw(",").num(t.sink_weight).raw(",");
-            j.num(t.entropy)
-                .raw(",")
-                .num(t.normalized_entropy())
-                .raw(",");
-            j.num(t.tail_mass).raw(",");
-            j.arr(&t.top_k_positions, |j, &slot| {
-                let p = slot_position(t.query_pos, t.context_len, m.kv_sinks, slot);
-                if let Some(p) = p {
-                    wanted.insert(p);
-                }
-                j.opt_int(p);
-            });
-            j.raw(",");
-            j.arr(&t.top_k_weights, |j, &w| {
-                j.num(w);
-            });
-            j.raw("]");
-        });
-        j.raw(",");
-        // lens: [token, [layers], [ranks], decisive|null, won|null]
-        j.key("lens");
-        j.arr(f.logits.iter().flat_map(|l| &l.tokens), |j, t| {
-            j.raw("[").int(t.token_id as usize).raw(",");
-            j.arr(0..t.ranks.len(), |j, i| {
-                j.int(t.layer_at(i));
-            });
-            j.raw(",");
-            j.arr(&t.ranks, |j, &r| {
-                j.int(r);
-            });
-            j.raw(",").opt_int(t.decisive_layer_log_rank()).raw(",");
-            j.opt_int(t.won_at_layer()).raw("]");
-        });
-        j.raw("}");
-    });
-    j.raw(",");
-
-    // heads: [layer, head, sink_share, mean_sink_weight,
-    //         mean_normalized_entropy, mean_tail_mass, recency_share, records]
-    j.key("heads");
-    j.arr(&s.heads, |j, h| {
-        j.raw("[").int(h.layer).raw(",").int(h.head).raw(",");
-        j.num(h.sink_share())
-            .raw(",")
-            .num(h.mean_sink_weight)
-            .raw(",");
-        j.num(h.mean_normalized_entropy)
-            .raw(",")
-            .num(h.mean_tail_mass);
-        j.raw(",")
-            .num(h.recency_share())
-            .raw(",")
-            .int(h.records)
-            .raw("]");
-    });
-    j.raw(",");
-
-    j.key("brick_names");
-    j.arr(BrickId::ALL, |j, b| {
-        j.str(b.name());
-    });
-    j.raw(",");
-    // bricks: [brick, layer, type, samples, mean_cosine, min_cosine, mean_snr_db]
-    j.key("bricks");
-    j.arr(&s.brick_layers, |j, b| {
-        j.raw("[")
-            .str(b.brick.name())
-            .raw(",")
-            .int(b.layer)
-            .raw(",");
-        j.str(b.quant_type.name()).raw(",").int(b.samples).raw(",");
-        j.num(b.mean_cosine).raw(",").num(b.min_cosine).raw(",");
-        j.num(b.mean_snr_db).raw("]");
-    });
-    j.raw(",");
-    // brick_summary: [brick, samples, mean_cosine, critical]
-    j.key("brick_summary");
-    j.arr(&s.bricks, |j, b| {
-        j.raw("[")
-            .str(b.brick.name())
-            .raw(",")
-            .int(b.samples)
-            .raw(",");
-        j.num(b.mean_cosine).raw(",").int(b.critical).raw("]");
-    });
-    j.raw(",");
-    j.key("worst");
-    match &s.worst_brick {
-        Some(w) => {
-            j.raw("{");
-            j.key("brick").str(w.brick.name()).raw(",");
-            j.key("layer").int(w.layer_idx).raw(",");
-            j.key("type").str(w.quant_type.name()).raw(",");
-            j.key("cosine").num(w.cosine_similarity).raw(",");
-            j.key("snr_db").num(w.snr_db).raw(",");
-            j.key("max_abs_error").num(w.max_abs_error).raw("}");
-        }
-        None => {
-            j.raw("null");
+                .map(|h| {
+                    HeadRow(
+                        h.layer,
+                        h.head,
+                        Num(h.sink_share()),
+                        Num(h.mean_sink_weight),
+                        Num(h.mean_normalized_entropy),
+                        Num(h.mean_tail_mass),
+                        Num(h.recency_share()),
+                        h.records,
+                    )
+                })
+                .collect(),
+            brick_names: BrickId::ALL,
+            bricks: s
+                .brick_layers
+                .iter()
+                .map(|b| {
+                    BrickLayerRow(
+                        b.brick,
+                        b.layer,
+                        b.quant_type,
+                        b.samples,
+                        Num(b.mean_cosine),
+                        Num(b.min_cosine),
+                        Num(b.mean_snr_db),
+                    )
+                })
+                .collect(),
+            brick_summary: s
+                .bricks
+                .iter()
+                .map(|b| BrickRow(b.brick, b.samples, Num(b.mean_cosine), b.critical))
+                .collect(),
+            worst: s.worst_brick.as_ref().map(|w| WorstBrick {
+                brick: w.brick,
+                layer: w.layer_idx,
+                quant_type: w.quant_type,
+                cosine: Num(w.cosine_similarity),
+                snr_db: Num(w.snr_db),
+                max_abs_error: Num(w.max_abs_error),
+            }),
+            kv: input
+                .kv_steps
+                .iter()
+                .map(|k| {
+                    KvRow(
+                        k.step,
+                        Num(k.utilization()),
+                        Num(k.cache_hit_rate),
+                        k.evictions_this_step,
+                        k.valid_positions,
+                        k.max_positions,
+                        k.cache_size_bytes,
+                    )
+                })
+                .collect(),
+            kv_total: s.kv_cache.as_ref().map(|k| KvTotal {
+                steps: k.steps,
+                evictions: k.total_evictions,
+                peak_utilization: Num(k.peak_utilization),
+                avg_hit_rate: Num(k.avg_hit_rate),
+                peak_bytes: k.peak_memory_bytes,
+                reused: k.total_reused,
+                computed: k.total_computed,
+            }),
+            ptext: wanted
+                .into_iter()
+                .filter_map(|p| Some((p, input.position_text.get(p)?.as_str())))
+                .collect(),
+            vocab: &input.token_text,
         }
     }
-    j.raw(",");
+}
 
-    // kv: [step, utilization, hit_rate, evictions, valid, max, bytes]
-    j.key("kv");
-    j.arr(&input.kv_steps, |j, k| {
-        j.raw("[")
-            .int(k.step)
-            .raw(",")
-            .num(k.utilization())
-            .raw(",");
-        j.num(k.cache_hit_rate)
-            .raw(",")
-            .int(k.evictions_this_step)
-            .raw(",");
-        j.int(k.valid_positions)
-            .raw(",")
-            .int(k.max_positions)
-            .raw(",");
-        j.int(k.cache_size_bytes).raw("]");
-    });
-    j.raw(",");
-    j.key("kv_total");
-    match &s.kv_cache {
-        Some(k) => {
-            j.raw("{");
-            j.key("steps").int(k.steps).raw(",");
-            j.key("evictions").int(k.total_evictions).raw(",");
-            j.key("peak_utilization").num(k.peak_utilization).raw(",");
-            j.key("avg_hit_rate").num(k.avg_hit_rate).raw(",");
-            j.key("peak_bytes").int(k.peak_memory_bytes).raw(",");
-            j.key("reused").int(k.total_reused).raw(",");
-            j.key("computed").int(k.total_computed).raw("}");
-        }
-        None => {
-            j.raw("null");
+impl<'a> ForwardData<'a> {
+    /// The data of `f`; adds the attended positions to `wanted`.
+    fn new(f: &'a ForwardTrace, kv_sinks: usize, wanted: &mut BTreeSet<usize>) -> Self {
+        ForwardData {
+            p: f.position,
+            sel: f.logits.as_ref().and_then(|l| l.selected_token),
+            a: f.activations
+                .recorded()
+                .map(|(layer, stage, st)| {
+                    ActivationRow(
+                        layer,
+                        stage,
+                        st.count,
+                        Num(st.mean),
+                        Num(st.std),
+                        Num(st.l2_norm),
+                        Num(st.max_abs()),
+                        st.nan_count,
+                        st.inf_count,
+                    )
+                })
+                .collect(),
+            an: f
+                .anomalies
+                .iter()
+                .map(|a| AnomalyRow(a.layer, a.stage, a.kind, a.origin, a.to_string()))
+                .collect(),
+            at: f
+                .attention
+                .iter()
+                .map(|t| {
+                    let positions = t
+                        .top_k_positions
+                        .iter()
+                        .map(|&slot| {
+                            let p = slot_position(t.query_pos, t.context_len, kv_sinks, slot);
+                            wanted.extend(p);
+                            p
+                        })
+                        .collect();
+                    AttentionRow(
+                        t.layer_idx,
+                        t.head_idx,
+                        t.context_len,
+                        Num(t.sink_weight),
+                        Num(t.entropy),
+                        Num(t.normalized_entropy()),
+                        Num(t.tail_mass),
+                        positions,
+                        t.top_k_weights.iter().map(|&w| Num(w)).collect(),
+                    )
+                })
+                .collect(),
+            lens: f
+                .logits
+                .iter()
+                .flat_map(|l| &l.tokens)
+                .map(|t| {
+                    LensRow(
+                        t.token_id,
+                        (0..t.ranks.len()).map(|i| t.layer_at(i)).collect(),
+                        &t.ranks,
+                        t.decisive_layer_log_rank(),
+                        t.won_at_layer(),
+                    )
+                })
+                .collect(),
         }
     }
-    j.raw(",");
+}
 
-    j.key("ptext").raw("{");
-    let mut first = true;
-    for p in wanted {
-        if let Some(t) = input.position_text.get(p) {
-            if !first {
-                j.raw(",");
+/// `data` as JSON text that stays data inside a `<script>` element.
+pub(crate) fn script_json(data: &impl Serialize) -> serde_json::Result<String> {
+    let json = serde_json::to_string(data)?;
+    // Outside its strings, JSON text is ASCII punctuation, digits, `true`,
+    // `false`, `null` and whitespace, so these characters can only be
+    // inside strings, where `\uXXXX` means the same character. Escaping
+    // them leaves the value as it was, and leaves the text nothing that
+    // could close the element (`</script>`), open a comment (`<!--`) or,
+    // for older JavaScript parsers, end a line (U+2028, U+2029).
+    let mut out = String::with_capacity(json.len() + json.len() / 16);
+    for c in json.chars() {
+        match c {
+            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
             }
-            first = false;
-            j.str(&p.to_string()).raw(":").str(t);
+            c => out.push(c),
         }
     }
-    j.raw("},");
-    j.key("vocab").raw("{");
-    for (i, (id, t)) in input.token_text.iter().enumerate() {
-        if i > 0 {
-            j.raw(",");
-        }
-        j.str(&id.to_string()).raw(":").str(t);
-    }
-    j.raw("}}");
-    j.0
+    Ok(out)
 }
 
 /// Writes the report of `input` as one self-contained HTML file.
 pub fn write_html(out: &mut impl Write, input: &ReportInput<'_>) -> io::Result<()> {
     let title = escape_html(&input.title);
-    let data = data_json(input);
+    let data = script_json(&PageData::new(input)).map_err(io::Error::other)?;
     let mut page = String::with_capacity(data.len() + STYLE.len() + SCRIPT.len() + 4096);
     page.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
     let _ = writeln!(page, "<title>{title}</title>");
@@ -550,22 +556,6 @@ pub fn write_html(out: &mut impl Write, input: &ReportInput<'_>) -> io::Result<(
     out.write_all(page.as_bytes())
 }
 
-/// Makes a JSON text safe inside a `<script>` element: `<`, `>`, `&`,
-/// U+2028 and U+2029 become `\u` escapes. In JSON these characters can only
-/// stand inside strings, where the escape means the same character.
-pub(crate) fn script_safe_json(json: &str) -> String {
-    let mut out = String::with_capacity(json.len() + 64);
-    for c in json.chars() {
-        match c {
-            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 // The page's parts, each in a file of its own language.
 pub(crate) const STYLE: &str = include_str!("report/report.css");
 const BODY: &str = include_str!("report/body.html");
@@ -574,6 +564,7 @@ const SCRIPT: &str = include_str!("report/report.js");
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::QuantizationErrorTrace;
 
     #[test]
     fn slot_positions_follow_the_streaming_cache_layout() {
@@ -592,23 +583,87 @@ mod tests {
         assert_eq!(slot_position(usize::MAX, 10, 4, 0), None);
     }
 
+    /// The page of `input` and the data embedded in it, parsed.
+    fn page(input: &ReportInput<'_>) -> (String, serde_json::Value) {
+        let mut out = Vec::new();
+        write_html(&mut out, input).unwrap();
+        let html = String::from_utf8(out).unwrap();
+        let open = "<script type=\"application/json\" id=\"trace-data\">";
+        let data = html
+            .split(open)
+            .nth(1)
+            .and_then(|rest| rest.split("</script>").next())
+            .unwrap_or_default();
+        let value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}"));
+        (html, value)
+    }
+
     #[test]
     fn json_strings_cannot_close_the_script_element() {
-        let mut j = Json(String::new());
-        j.str("</script><b>&\"\\\n\u{2028}\u{1}");
+        let text = "</script><b>&\"\\\n\u{2028}\u{2029}\u{1}";
+        let json = script_json(&text).unwrap();
         assert_eq!(
-            j.0,
-            r#""\u003c/script\u003e\u003cb\u003e\u0026\"\\\n\u2028\u0001""#
+            json,
+            r#""\u003c/script\u003e\u003cb\u003e\u0026\"\\\n\u2028\u2029\u0001""#
         );
-        let mut n = Json(String::new());
-        n.num(f32::NAN)
-            .raw(",")
-            .num(1.5)
-            .raw(",")
-            .num(2e-7)
-            .raw(",")
-            .num(f32::INFINITY);
-        assert_eq!(n.0, "null,1.5,2e-7,null");
+        // The same string, only spelled differently.
+        assert_eq!(serde_json::from_str::<String>(&json).unwrap(), text);
+        // Keys are strings too.
+        let map = BTreeMap::from([("<!--", 1)]);
+        assert_eq!(script_json(&map).unwrap(), r#"{"\u003c!--":1}"#);
+    }
+
+    #[test]
+    fn non_finite_numbers_are_embedded_as_null() {
+        let nums = [f32::NAN, 1.5, 2e-7, f32::INFINITY, f32::NEG_INFINITY, -0.25];
+        let json = script_json(&nums.map(Num)).unwrap();
+        assert_eq!(json, "[null,1.5,2e-7,null,null,-0.25]");
+
+        // Through a page: the SNR of an exact match is infinite, the
+        // metrics of a result holding a NaN are NaN; NaN and Inf counts of
+        // activations are data.
+        let mut t = ModelTracer::new(crate::Full);
+        t.begin_forward(0);
+        t.activation(0, Stage::Input, &[1.0, f32::NAN, f32::INFINITY, 2.0]);
+        let (q, r) = ([1.0, 2.0], [1.0, 2.0]);
+        let exact = QuantizationErrorTrace::compute(BrickId::FfnUp, 0, &q, &r, QuantType::Q8_0);
+        t.record_quant_error(exact);
+        let q = [f32::NAN, 2.0];
+        let broken = QuantizationErrorTrace::compute(BrickId::FfnDown, 0, &q, &r, QuantType::Q8_0);
+        t.record_quant_error(broken);
+        t.end_forward();
+        let (_, data) = page(&ReportInput::from_tracer(&t, ModelInfo::default()));
+        let row = &data["fw"][0]["a"][0];
+        assert_eq!((row[0].as_u64(), row[1].as_str()), (Some(0), Some("input")));
+        assert_eq!(
+            (row[7].as_u64(), row[8].as_u64()),
+            (Some(1), Some(1)),
+            "{row}"
+        );
+        assert_eq!(row[3], 1.5, "the mean of the finite values: {row}");
+        // bricks: [brick, layer, type, samples, mean_cosine, min_cosine, mean_snr_db]
+        let bricks = &data["bricks"];
+        assert_eq!(bricks[0][0], "ffn_up", "{bricks}");
+        assert_eq!(
+            (&bricks[0][4], &bricks[0][6]),
+            (&serde_json::json!(1.0), &serde_json::Value::Null)
+        );
+        assert_eq!(bricks[1][0], "ffn_down", "{bricks}");
+        assert!(bricks[1][4].is_null() && bricks[1][5].is_null() && bricks[1][6].is_null());
+        let worst = &data["worst"];
+        assert_eq!(worst["brick"], "ffn_down", "{worst}");
+        assert!(
+            worst["cosine"].is_null() && worst["snr_db"].is_null(),
+            "{worst}"
+        );
+        let an = &data["fw"][0]["an"][0];
+        assert_eq!(
+            (an[2].as_str(), an[3].as_str()),
+            (Some("nan"), Some("produced"))
+        );
+        let counts = &data["summary"]["anomaly_counts"];
+        assert_eq!(counts[0], serde_json::json!(["nan", 1]), "{counts}");
+        assert!(data["summary"]["mean_kl"].is_null());
     }
 
     #[test]
@@ -616,12 +671,52 @@ mod tests {
         let off = ModelTracer::new(crate::Disabled);
         let input = ReportInput::from_tracer(&off, ModelInfo::default());
         assert!(input.forwards.is_empty() && input.token_ids().is_empty());
-        let mut out = Vec::new();
-        write_html(&mut out, &input).unwrap();
-        let html = String::from_utf8(out).unwrap();
+        let (html, data) = page(&input);
         assert!(html.contains("\"fw\":[]"));
         assert!(html.contains("\"config\":\"disabled\""));
         assert!(html.ends_with("</html>\n"));
+        assert_eq!(data["model"]["seen_layers"], 0);
+        for empty in ["bricks", "heads", "kv", "brick_summary"] {
+            assert_eq!(data[empty], serde_json::json!([]), "{empty}");
+        }
+        for none in ["worst", "kv_total"] {
+            assert!(data[none].is_null(), "{none}");
+        }
+        assert!(data["summary"]["positions"].is_null());
+        assert_eq!(data["stages"][2], "post_attn");
+        assert_eq!(data["brick_names"][1], "qkv_projection");
+    }
+
+    #[test]
+    fn the_data_has_every_field_the_script_reads() {
+        let mut t = ModelTracer::new(crate::Full);
+        t.begin_forward(0);
+        t.activation(0, Stage::Input, &[1.0, -2.0]);
+        t.end_forward();
+        let (_, data) = page(&ReportInput::from_tracer(&t, ModelInfo::default()));
+        // `D.name`, `D.model.name`, `D.summary.name` in the script.
+        for prefix in ["D.", "D.model.", "D.summary."] {
+            let object = match prefix {
+                "D." => &data,
+                p => &data[p.trim_start_matches("D.").trim_end_matches('.')],
+            };
+            let mut read = 0;
+            for (i, _) in SCRIPT.match_indices(prefix) {
+                let name: String = SCRIPT[i + prefix.len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if name.is_empty() || (prefix == "D." && (name == "model" || name == "summary")) {
+                    continue;
+                }
+                read += 1;
+                assert!(
+                    object.get(&name).is_some(),
+                    "{prefix}{name} is not in the data"
+                );
+            }
+            assert!(read > 0, "the script reads nothing through {prefix}");
+        }
     }
 
     #[test]
@@ -648,9 +743,7 @@ mod tests {
         t.final_logits(&rows[3]);
         t.end_forward();
         let input = ReportInput::from_tracer(&t, ModelInfo::default());
-        let mut out = Vec::new();
-        write_html(&mut out, &input).unwrap();
-        let html = String::from_utf8(out).unwrap();
+        let (html, data) = page(&input);
         // [token, [layers], [ranks], decisive, won]
         let lens = html.split("\"lens\":").nth(1).unwrap_or("");
         assert!(
@@ -658,8 +751,10 @@ mod tests {
             "{}",
             lens.chars().take(200).collect::<String>()
         );
+        assert_eq!(data["fw"][0]["sel"], 0);
         // Ids 1 and 2, tracked as the final top-3, never improve.
         assert_eq!(input.summary.decisive_layers, vec![(3, 1)]);
+        assert_eq!(data["summary"]["decisive"], serde_json::json!([[3, 1]]));
     }
 
     #[test]

@@ -5,17 +5,20 @@
 //! fails. Each record already carries its key, so the map is written as the
 //! list of its values (in key order) and rebuilt from them when read; a key
 //! that occurs twice keeps its last record.
+//!
+//! One record type may sit in maps keyed differently (a brick-and-layer
+//! aggregate by `(brick, layer)`, or by `(type, brick, layer)` for a what-if
+//! comparison): the key type of the map being read picks the [`Keyed`]
+//! implementation.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// A record that knows its own key in the map that holds it.
-pub(crate) trait Keyed {
-    /// The map key.
-    type Key: Ord;
+/// A record that knows its own key `K` in a map that holds it.
+pub(crate) trait Keyed<K> {
     /// The key of this record.
-    fn key(&self) -> Self::Key;
+    fn key(&self) -> K;
 }
 
 /// Writes the values of `map` in key order.
@@ -27,9 +30,10 @@ pub(crate) fn serialize<K, V: Serialize, S: Serializer>(
 }
 
 /// Reads a sequence of records and indexes them by their keys.
-pub(crate) fn deserialize<'de, V, D>(d: D) -> Result<BTreeMap<V::Key, V>, D::Error>
+pub(crate) fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
 where
-    V: Keyed + Deserialize<'de>,
+    K: Ord,
+    V: Keyed<K> + Deserialize<'de>,
     D: Deserializer<'de>,
 {
     let records = Vec::<V>::deserialize(d)?;

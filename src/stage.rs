@@ -29,6 +29,19 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Every stage, in forward order.
+    pub const ALL: [Stage; 9] = [
+        Stage::Embedding,
+        Stage::Input,
+        Stage::PostNorm,
+        Stage::PostAttn,
+        Stage::PostFfnNorm,
+        Stage::PostFfn,
+        Stage::Output,
+        Stage::FinalNorm,
+        Stage::Logits,
+    ];
+
     /// Stages that belong to a layer, in forward order.
     pub const LAYER_STAGES: [Stage; 6] = [
         Stage::Input,
@@ -44,7 +57,7 @@ impl Stage {
         !matches!(self, Stage::Embedding | Stage::FinalNorm | Stage::Logits)
     }
 
-    /// Snake-case name (`"post_attn"`).
+    /// Snake-case name (`"post_attn"`), the one serde writes.
     pub fn name(self) -> &'static str {
         match self {
             Stage::Embedding => "embedding",

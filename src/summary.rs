@@ -10,7 +10,7 @@ use crate::activation::Stage;
 use crate::anomaly::{Anomaly, AnomalyKind};
 use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheSessionTrace;
-use crate::quant::{BrickId, QuantizationErrorTrace};
+use crate::quant::{BrickId, QuantType, QuantizationErrorTrace};
 use crate::stats::TensorStats;
 
 /// Attention weight on the first token above which a head counts as a sink.
@@ -159,36 +159,6 @@ pub struct BrickAggregate {
     pub snr_samples: usize,
 }
 
-/// What-if aggregates of one (target type, brick, layer).
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-pub struct WhatIfAggregate {
-    /// The type the weights were re-quantized to.
-    pub quant_type: crate::quant::QuantType,
-    /// The brick.
-    pub brick: BrickId,
-    /// Layer index.
-    pub layer: usize,
-    /// Comparisons folded in.
-    pub samples: usize,
-    /// Mean cosine similarity against the model's own weights (finite
-    /// samples; NaN while none was finite).
-    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
-    pub mean_cosine: f32,
-    /// Lowest cosine similarity seen (NaN if any was NaN).
-    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
-    pub min_cosine: f32,
-    /// Mean SNR in dB (finite samples; NaN while none was finite).
-    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
-    pub mean_snr_db: f32,
-    /// Finite cosines folded into [`mean_cosine`](Self::mean_cosine).
-    #[cfg_attr(feature = "serde", serde(default))]
-    pub cosine_samples: usize,
-    /// Finite SNRs folded into [`mean_snr_db`](Self::mean_snr_db).
-    #[cfg_attr(feature = "serde", serde(default))]
-    pub snr_samples: usize,
-}
-
 /// Running aggregates over every forward of a session.
 #[derive(Debug, Clone, PartialEq, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -242,13 +212,14 @@ pub struct SessionAggregates {
     pub kl_samples: usize,
     /// LM-head comparisons whose top-1 tokens agreed.
     pub top1_agreements: usize,
-    /// What-if comparisons by (target type, brick, layer).
+    /// What-if comparisons by (target type, brick, layer): the error of
+    /// the weights re-quantized to the target type against the model's own.
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_keyed"))]
-    pub what_if: BTreeMap<(crate::quant::QuantType, BrickId, usize), WhatIfAggregate>,
+    pub what_if: BTreeMap<(QuantType, BrickId, usize), BrickLayerAggregate>,
     /// Where anomalies first appeared, by (layer, stage).
     #[cfg_attr(feature = "serde", serde(default, with = "crate::serde_keyed"))]
     pub anomaly_sites: BTreeMap<(Option<usize>, Stage), AnomalySite>,
-    /// Quantization error by (brick, layer).
+    /// Quantization error of the model's own weights by (brick, layer).
     #[cfg_attr(feature = "serde", serde(default, with = "crate::serde_keyed"))]
     pub brick_layers: BTreeMap<(BrickId, usize), BrickLayerAggregate>,
 }
@@ -282,7 +253,9 @@ impl AnomalySite {
     }
 }
 
-/// Quantization error of one brick in one layer, over a session.
+/// Quantization error of one brick in one layer, over a session: of the
+/// model's own weights ([`SessionAggregates::brick_layers`]), or of the
+/// weights re-quantized to another type ([`SessionAggregates::what_if`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct BrickLayerAggregate {
@@ -290,8 +263,9 @@ pub struct BrickLayerAggregate {
     pub brick: BrickId,
     /// Layer index (0 for bricks outside layers).
     pub layer: usize,
-    /// Weight format of the last measurement.
-    pub quant_type: crate::quant::QuantType,
+    /// Weight format: of the last measurement for the model's own weights,
+    /// the target type for a what-if comparison.
+    pub quant_type: QuantType,
     /// Measurements folded in.
     pub samples: usize,
     /// Mean cosine similarity (finite samples; NaN while none was finite).
@@ -304,8 +278,8 @@ pub struct BrickLayerAggregate {
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub mean_snr_db: f32,
     /// Mean MSE (finite samples; NaN while none was finite), in squared
-    /// units of the brick's output.
-    #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
+    /// units of the brick's output. Read as NaN when absent.
+    #[cfg_attr(feature = "serde", serde(default = "nan", with = "crate::serde_float"))]
     pub mean_mse: f32,
     /// Finite cosines folded into [`mean_cosine`](Self::mean_cosine).
     #[cfg_attr(feature = "serde", serde(default))]
@@ -319,32 +293,70 @@ pub struct BrickLayerAggregate {
 }
 
 #[cfg(feature = "serde")]
+fn nan() -> f32 {
+    f32::NAN
+}
+
+impl BrickLayerAggregate {
+    /// No measurement yet, at the brick, layer and type of `t`.
+    fn empty(t: &QuantizationErrorTrace) -> Self {
+        Self {
+            brick: t.brick,
+            layer: t.layer_idx,
+            quant_type: t.quant_type,
+            samples: 0,
+            mean_cosine: f32::NAN,
+            min_cosine: f32::INFINITY,
+            mean_snr_db: f32::NAN,
+            mean_mse: f32::NAN,
+            cosine_samples: 0,
+            snr_samples: 0,
+            mse_samples: 0,
+        }
+    }
+
+    /// Folds the measurement `t` in.
+    fn fold(&mut self, t: &QuantizationErrorTrace) {
+        self.samples += 1;
+        self.quant_type = t.quant_type;
+        running_mean(
+            &mut self.mean_cosine,
+            &mut self.cosine_samples,
+            t.cosine_similarity,
+        );
+        running_mean(&mut self.mean_snr_db, &mut self.snr_samples, t.snr_db);
+        running_mean(&mut self.mean_mse, &mut self.mse_samples, t.mse);
+        self.min_cosine = if t.cosine_similarity.is_nan() || self.min_cosine.is_nan() {
+            f32::NAN
+        } else {
+            self.min_cosine.min(t.cosine_similarity)
+        };
+    }
+}
+
+#[cfg(feature = "serde")]
 mod keyed {
     use super::*;
     use crate::serde_keyed::Keyed;
 
-    impl Keyed for HeadAggregate {
-        type Key = (usize, usize);
-        fn key(&self) -> Self::Key {
+    impl Keyed<(usize, usize)> for HeadAggregate {
+        fn key(&self) -> (usize, usize) {
             (self.layer, self.head)
         }
     }
-    impl Keyed for WhatIfAggregate {
-        type Key = (crate::quant::QuantType, BrickId, usize);
-        fn key(&self) -> Self::Key {
-            (self.quant_type, self.brick, self.layer)
-        }
-    }
-    impl Keyed for AnomalySite {
-        type Key = (Option<usize>, Stage);
-        fn key(&self) -> Self::Key {
+    impl Keyed<(Option<usize>, Stage)> for AnomalySite {
+        fn key(&self) -> (Option<usize>, Stage) {
             (self.layer, self.stage)
         }
     }
-    impl Keyed for BrickLayerAggregate {
-        type Key = (BrickId, usize);
-        fn key(&self) -> Self::Key {
+    impl Keyed<(BrickId, usize)> for BrickLayerAggregate {
+        fn key(&self) -> (BrickId, usize) {
             (self.brick, self.layer)
+        }
+    }
+    impl Keyed<(QuantType, BrickId, usize)> for BrickLayerAggregate {
+        fn key(&self) -> (QuantType, BrickId, usize) {
+            (self.quant_type, self.brick, self.layer)
         }
     }
 }
@@ -478,64 +490,16 @@ impl SessionAggregates {
             if t.badness() > b.worst.badness() {
                 b.worst = *t;
             }
-            let bl =
-                self.brick_layers
-                    .entry((t.brick, t.layer_idx))
-                    .or_insert(BrickLayerAggregate {
-                        brick: t.brick,
-                        layer: t.layer_idx,
-                        quant_type: t.quant_type,
-                        samples: 0,
-                        mean_cosine: f32::NAN,
-                        min_cosine: f32::INFINITY,
-                        mean_snr_db: f32::NAN,
-                        mean_mse: f32::NAN,
-                        cosine_samples: 0,
-                        snr_samples: 0,
-                        mse_samples: 0,
-                    });
-            bl.samples += 1;
-            bl.quant_type = t.quant_type;
-            running_mean(
-                &mut bl.mean_cosine,
-                &mut bl.cosine_samples,
-                t.cosine_similarity,
-            );
-            running_mean(&mut bl.mean_snr_db, &mut bl.snr_samples, t.snr_db);
-            running_mean(&mut bl.mean_mse, &mut bl.mse_samples, t.mse);
-            bl.min_cosine = if t.cosine_similarity.is_nan() || bl.min_cosine.is_nan() {
-                f32::NAN
-            } else {
-                bl.min_cosine.min(t.cosine_similarity)
-            };
+            self.brick_layers
+                .entry((t.brick, t.layer_idx))
+                .or_insert_with(|| BrickLayerAggregate::empty(t))
+                .fold(t);
         }
         for t in &f.what_if {
-            let w = self
-                .what_if
+            self.what_if
                 .entry((t.quant_type, t.brick, t.layer_idx))
-                .or_insert(WhatIfAggregate {
-                    quant_type: t.quant_type,
-                    brick: t.brick,
-                    layer: t.layer_idx,
-                    samples: 0,
-                    mean_cosine: f32::NAN,
-                    min_cosine: f32::INFINITY,
-                    mean_snr_db: f32::NAN,
-                    cosine_samples: 0,
-                    snr_samples: 0,
-                });
-            w.samples += 1;
-            running_mean(
-                &mut w.mean_cosine,
-                &mut w.cosine_samples,
-                t.cosine_similarity,
-            );
-            running_mean(&mut w.mean_snr_db, &mut w.snr_samples, t.snr_db);
-            w.min_cosine = if t.cosine_similarity.is_nan() || w.min_cosine.is_nan() {
-                f32::NAN
-            } else {
-                w.min_cosine.min(t.cosine_similarity)
-            };
+                .or_insert_with(|| BrickLayerAggregate::empty(t))
+                .fold(t);
         }
         if let (Some(kl), Some(agree)) = (q.kl_divergence, q.top1_agrees) {
             self.logit_comparisons += 1;
@@ -598,7 +562,7 @@ pub struct TraceSummary {
     /// KV cache totals (recent steps omitted).
     pub kv_cache: Option<KvSummary>,
     /// What-if re-quantization, by (target type, brick, layer).
-    pub what_if: Vec<WhatIfAggregate>,
+    pub what_if: Vec<BrickLayerAggregate>,
     /// Where anomalies first appeared, by (layer, stage).
     #[cfg_attr(feature = "serde", serde(default))]
     pub anomaly_sites: Vec<AnomalySite>,
@@ -900,7 +864,7 @@ mod tests {
     use crate::attention::AttentionWeightTrace;
     use crate::config::Full;
     use crate::logit::LogitEvolutionTrace;
-    use crate::quant::QuantType;
+    use crate::stats::ErrorMetrics;
     use crate::tracer::ModelTracer;
 
     fn quant(
@@ -914,10 +878,12 @@ mod tests {
             brick,
             layer_idx: layer,
             quant_type: QuantType::Q4_1,
-            mse,
-            max_abs_error: mse.sqrt(),
-            cosine_similarity: cosine,
-            snr_db: snr,
+            metrics: ErrorMetrics {
+                mse,
+                max_abs_error: mse.sqrt(),
+                cosine_similarity: cosine,
+                snr_db: snr,
+            },
             element_count: 64,
         }
     }
@@ -1055,6 +1021,87 @@ mod tests {
         assert!(want.snr_db.is_finite());
         assert!(close(w.mean_snr_db, want.snr_db), "{w:?} vs {want:?}");
         assert!(close(w.min_cosine, want.cosine_similarity));
+        // The exact match has an MSE of 0, which is finite: it counts.
+        assert_eq!(w.mse_samples, 3);
+        assert!(close(w.mean_mse, want.mse * 2.0 / 3.0), "{w:?}");
+    }
+
+    /// Forwards that measured `traces` on the model's own weights and the
+    /// same `traces` as what-if comparisons, plus a Q8_0 what-if of every
+    /// measured brick.
+    fn own_and_what_if(traces: &[QuantizationErrorTrace]) -> SessionAggregates {
+        let mut agg = SessionAggregates::default();
+        for &t in traces {
+            let mut q8 = t;
+            q8.quant_type = QuantType::Q8_0;
+            q8.metrics.cosine_similarity = 0.999_9;
+            let mut f = ForwardTrace {
+                what_if: vec![t, q8],
+                ..ForwardTrace::default()
+            };
+            f.quantization.add(t);
+            agg.absorb(&f);
+        }
+        agg
+    }
+
+    #[test]
+    fn what_if_and_own_weights_fold_into_one_aggregate() {
+        let agg = own_and_what_if(&[
+            quant(BrickId::FfnDown, 4, 0.98, 0.25, 10.0),
+            quant(BrickId::FfnDown, 4, 1.0, 0.0, f32::INFINITY),
+            quant(BrickId::FfnDown, 4, 0.96, 0.5, 20.0),
+            quant(BrickId::LmHead, 0, f32::NAN, f32::NAN, f32::NAN),
+        ]);
+        assert_eq!(agg.brick_layers.len(), 2);
+        // Keyed by type too: the Q4_1 and the Q8_0 comparisons stay apart.
+        assert_eq!(agg.what_if.len(), 4);
+        for ((brick, layer), own) in &agg.brick_layers {
+            let what_if = agg.what_if[&(QuantType::Q4_1, *brick, *layer)];
+            // Debug text: equal floats, NaN included.
+            assert_eq!(format!("{own:?}"), format!("{what_if:?}"));
+            let q8 = agg.what_if[&(QuantType::Q8_0, *brick, *layer)];
+            assert_eq!((q8.quant_type, q8.samples), (QuantType::Q8_0, own.samples));
+            assert_eq!(q8.min_cosine, 0.999_9);
+        }
+        let down = agg.brick_layers[&(BrickId::FfnDown, 4)];
+        assert_eq!((down.samples, down.cosine_samples), (3, 3));
+        assert_eq!((down.snr_samples, down.mse_samples), (2, 3));
+        assert!(close(down.mean_snr_db, 15.0));
+        assert!(close(down.mean_mse, 0.25));
+        assert!(close(down.mean_cosine, (0.98 + 1.0 + 0.96) / 3.0));
+        assert!(close(down.min_cosine, 0.96));
+        let head = agg.brick_layers[&(BrickId::LmHead, 0)];
+        assert_eq!((head.samples, head.cosine_samples), (1, 0));
+        assert!(head.min_cosine.is_nan() && head.mean_cosine.is_nan());
+        assert!(head.mean_mse.is_nan());
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn both_maps_of_brick_layer_aggregates_read_back_by_their_own_keys() {
+        let agg = own_and_what_if(&[
+            quant(BrickId::FfnUp, 1, 0.97, 0.5, 12.0),
+            quant(BrickId::FfnUp, 2, 0.99, 0.1, 14.0),
+        ]);
+        let json = serde_json::to_string(&agg).unwrap();
+        let back: SessionAggregates = serde_json::from_str(&json).unwrap();
+        let keys = |a: &SessionAggregates| {
+            (
+                a.what_if.keys().copied().collect::<Vec<_>>(),
+                a.brick_layers.keys().copied().collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(keys(&back), keys(&agg));
+        assert_eq!(back.what_if.len(), 4);
+        assert_eq!(back, agg);
+        // A record without an MSE mean reads as "no finite sample".
+        let mut w = serde_json::to_value(agg.what_if.values().next()).unwrap();
+        assert!(w["mean_mse"].is_number(), "{w}");
+        w.as_object_mut().and_then(|o| o.remove("mean_mse"));
+        let w: BrickLayerAggregate = serde_json::from_value(w).unwrap();
+        assert!(w.mean_mse.is_nan());
+        assert_eq!(w.samples, 1);
     }
 
     #[test]

@@ -79,7 +79,7 @@ function renderMeta() {
 }
 
 // ---- activation health -------------------------------------------------
-var KIND_COLOR = { "NaN": "#d62728", "Inf": "#ff7f0e", "explosion": "#e377c2", "vanishing": "#1f77b4", "residual dominance": "#7f7f7f" };
+var KIND_COLOR = { "nan": "#d62728", "inf": "#ff7f0e", "explosion": "#e377c2", "vanishing": "#1f77b4", "residual_dominance": "#7f7f7f" };
 function actRows() {
   var rows = [{ label: "embedding", layer: null, stage: "embedding" }];
   for (var l = 0; l < L; l++) rows.push({ label: "L" + l, layer: l, stage: null });

@@ -25,5 +25,6 @@ pub mod export;
 pub mod gguf;
 pub mod model;
 pub mod quant;
+#[cfg(feature = "serde")]
 pub mod report;
 pub mod tokenizer;

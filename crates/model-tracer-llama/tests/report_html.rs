@@ -1,5 +1,6 @@
 //! The HTML report: escaping without a browser, then real rendering in
 //! headless Chromium (synthetic model always, the real model when present).
+#![cfg(feature = "serde")]
 
 mod common;
 

@@ -13,7 +13,7 @@ use model_tracer::attention::AttentionTraceConfig;
 use model_tracer::stats::ErrorMetrics;
 use model_tracer::summary::{
     AnomalySite, BrickAggregate, BrickLayerAggregate, HeadAggregate, KvSummary, LayerAggregate,
-    LayerSummary, WhatIfAggregate,
+    LayerSummary,
 };
 use model_tracer::*;
 use model_tracer_llama::model::{Fault, FaultKind};
@@ -41,7 +41,6 @@ static_assertions::assert_impl_all!(LayerAggregate: Serialize, DeserializeOwned)
 static_assertions::assert_impl_all!(HeadAggregate: Serialize, DeserializeOwned);
 static_assertions::assert_impl_all!(BrickAggregate: Serialize, DeserializeOwned);
 static_assertions::assert_impl_all!(BrickLayerAggregate: Serialize, DeserializeOwned);
-static_assertions::assert_impl_all!(WhatIfAggregate: Serialize, DeserializeOwned);
 static_assertions::assert_impl_all!(AnomalySite: Serialize, DeserializeOwned);
 static_assertions::assert_impl_all!(LayerSummary: Serialize, DeserializeOwned);
 static_assertions::assert_impl_all!(KvSummary: Serialize, DeserializeOwned);
@@ -153,7 +152,7 @@ fn hand_built_records_with_every_special_value_round_trip() {
             QuantType::Q4_1,
         );
         assert_eq!(q.snr_db, f32::INFINITY, "identical vectors");
-        q.cosine_similarity = v;
+        q.metrics.cosine_similarity = v;
         f.quantization.add(q);
         f.anomalies.push(Anomaly {
             position: 7,
