@@ -3,7 +3,7 @@
 //! A tracer keeps only the last `max_forwards` forwards in detail. To keep
 //! all of them, give it a sink: [`ModelTracer::set_sink`] installs a
 //! [`SinkHandle`], and every [`end_forward`](ModelTracer::end_forward) hands
-//! the completed [`ForwardTrace`] to it. [`JsonlSink`] writes one JSON object
+//! the completed [`ForwardTrace`] to it. `JsonlSink` (feature `serde`) writes one JSON object
 //! per forward to any [`io::Write`] (JSON Lines) and flushes it, so a crash
 //! loses at most the forward in flight.
 //!
