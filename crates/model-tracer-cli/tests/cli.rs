@@ -432,3 +432,35 @@ fn diff_of_traces_that_cannot_be_compared_is_an_error() {
     let (code, _, out) = diff_json(&dir, &a, &a, &["--tolerance", "NaN"]);
     assert_eq!(code, Some(2), "{out}");
 }
+
+#[test]
+fn diff_html_renders_in_chromium_with_the_divergence_marked() {
+    let Some(bin) = support::chromium() else {
+        support::require(false, "chromium (apt-get install chromium)");
+        return;
+    };
+    let dir = scratch_dir("cli-diff-html");
+    let a = tiny_trace(&dir, "a.jsonl", &[]);
+    let b = tiny_trace(&dir, "b.jsonl", &["--inject", "scale@1:post_ffn"]);
+    let page = dir.join("diff.html");
+    let (code, doc, out) = diff_json(&dir, &a, &b, &["--html", &page.to_string_lossy()]);
+    assert_eq!(code, Some(1), "{out}");
+    let dom = support::run_chromium(&bin, &dir, &page, &["--dump-dom".to_string()]);
+    assert!(
+        dom.contains("data-status=\"ok\""),
+        "the page did not render: {}",
+        &dom[..dom.len().min(2000)]
+    );
+    let positions = doc["positions"].as_array().map_or(0, Vec::len);
+    let want = format!(
+        "data-rendered=\"heatmap:{},sites:{},layers:4\"",
+        4 * positions,
+        27
+    );
+    assert!(dom.contains(&want), "{want} not in the page");
+    assert_eq!(dom.matches("id=\"divergence-mark\"").count(), 1);
+    assert!(
+        dom.contains("First divergence: position 0, layer 1 post_ffn"),
+        "verdict missing"
+    );
+}

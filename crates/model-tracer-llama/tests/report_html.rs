@@ -5,10 +5,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use model_tracer::{write_html, Full, ReportInput};
 use model_tracer_llama::model::Llama;
@@ -98,68 +95,7 @@ fn token_text_cannot_become_markup() {
 
 // ---- headless Chromium ----------------------------------------------------
 
-fn chromium() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("MODEL_TRACER_CHROMIUM") {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH")?;
-    for dir in std::env::split_paths(&path) {
-        for name in [
-            "chromium",
-            "chromium-browser",
-            "google-chrome",
-            "google-chrome-stable",
-        ] {
-            let p = dir.join(name);
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    None
-}
-
-/// Runs Chromium headless on `page` with `extra` flags and a fresh profile,
-/// killing it after two minutes; returns its standard output.
-fn run_chromium(bin: &Path, dir: &Path, page: &Path, extra: &[String]) -> String {
-    let profile = dir.join(format!("profile-{}", extra.len()));
-    let mut cmd = Command::new(bin);
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-    ])
-    .arg(format!("--user-data-dir={}", profile.display()))
-    .args(extra)
-    .arg(format!("file://{}", page.display()))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        stdout.read_to_string(&mut s).map(|_| s)
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("chromium did not finish in 2 minutes");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    reader.join().unwrap().unwrap()
-}
+use model_tracer_test_support::{chromium, run_chromium};
 
 /// Decodes an 8-bit RGB or RGBA, non-interlaced PNG into RGB pixels.
 fn decode_png(bytes: &[u8]) -> (usize, usize, Vec<[u8; 3]>) {

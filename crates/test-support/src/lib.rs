@@ -166,3 +166,82 @@ pub fn python_with(module: &str) -> Option<&'static str> {
         .is_ok_and(|o| o.status.success());
     ok.then_some("python3")
 }
+
+/// Headless Chromium: `MODEL_TRACER_CHROMIUM`, else the first of the usual
+/// names on `PATH`.
+pub fn chromium() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MODEL_TRACER_CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    for dir in std::env::split_paths(&path) {
+        for name in [
+            "chromium",
+            "chromium-browser",
+            "google-chrome",
+            "google-chrome-stable",
+        ] {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// Runs Chromium headless on `page` with `extra` flags and a fresh profile
+/// under `dir`, with no network and no background services, killing it
+/// after two minutes; returns its standard output.
+pub fn run_chromium(bin: &Path, dir: &Path, page: &Path, extra: &[String]) -> String {
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let profile = dir.join(format!("profile-{}", extra.len()));
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .args(extra)
+    .arg(format!("file://{}", page.display()))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => panic!("starting {}: {e}", bin.display()),
+    };
+    let Some(mut stdout) = child.stdout.take() else {
+        panic!("chromium has no standard output");
+    };
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).map(|_| s)
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) => {}
+            Err(e) => panic!("waiting for chromium: {e}"),
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chromium did not finish in 2 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match reader.join() {
+        Ok(Ok(s)) => s,
+        other => panic!("reading chromium's output: {other:?}"),
+    }
+}
