@@ -2,14 +2,15 @@
 //!
 //! Plain `std::time` timing (no harness): each case is repeated until it has
 //! run for a fixed wall time, and the best of several rounds is reported.
-//! Run with `cargo bench --bench matvec`; add
+//! Run with `cargo bench --bench matvec` (`-- rows` or `-- prefill` for
+//! the multi-row sections alone); add
 //! `RUSTFLAGS="-C target-cpu=native"` for the AVX2 build.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::quant::{QMatrix, QuantizedActivations};
+use model_tracer_llama::quant::{QMatrix, QuantizedActivations, QuantizedBatch};
 use model_tracer_test_support::SplitMix64;
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -43,6 +44,27 @@ struct Case {
 
 fn main() {
     let budget = Duration::from_millis(1500);
+    // `cargo bench --bench matvec -- rows prefill` runs only the sections
+    // named (`matvec`, `rows`, `prefill`); cargo adds `--bench`.
+    let sections: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let run = |name: &str| sections.is_empty() || sections.iter().any(|s| s == name);
+    if run("matvec") {
+        single_row(budget);
+    }
+    if run("rows") {
+        multi_row(budget);
+    }
+    if run("prefill") {
+        prefill_pass(budget);
+    }
+}
+
+/// One `matvec` (and one `matvec_f32`) per call on each shape, the token
+/// estimates built from them, and a whole token with distinct weights.
+fn single_row(budget: Duration) {
     let cases = [
         Case {
             rows: 576,
@@ -203,6 +225,164 @@ fn main() {
         );
     }
     full_token_pass(budget);
+}
+
+/// `QMatrix::matmul` on SmolLM2-135M's shapes for several batch sizes,
+/// against one `matvec` per row, kernels only (activations quantized
+/// beforehand; quantization is timed above, once per row either way).
+fn multi_row(budget: Duration) {
+    let shapes = [
+        (576, 576, GgmlType::Q4_1, "q, o"),
+        (192, 576, GgmlType::Q4_1, "k, v"),
+        (1536, 576, GgmlType::Q4_1, "gate, up"),
+        (576, 1536, GgmlType::Q4_1, "down"),
+        (49152, 576, GgmlType::Q8_0, "LM head"),
+        (576, 576, GgmlType::Q8_0, ""),
+        (576, 576, GgmlType::Q4_0, ""),
+    ];
+    let batch_sizes = [1usize, 8, 32, 64];
+    println!();
+    println!("multi-row products: median time per activation row (us), and matvec's median / it");
+    print!(
+        "{:<6} {:>6} x {:<5} {:<9} {:>9}",
+        "type", "rows", "cols", "", "matvec"
+    );
+    for t in batch_sizes {
+        print!(" {:>14}", format!("T = {t}"));
+    }
+    println!();
+    for (rows, cols, ty, what) in shapes {
+        let m = QMatrix::from_f32(ty, rows, cols, &values(rows * cols, rows as u64 * 7 + 1))
+            .unwrap_or_else(|e| panic!("cannot build the {ty} matrix: {e}"));
+        let max_t = batch_sizes[batch_sizes.len() - 1];
+        let x = values(max_t * cols, 5);
+        let mut acts = QuantizedActivations::new();
+        acts.quantize_from(&x[..cols], ty)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut out = vec![0.0f32; max_t * rows];
+        let (_, single) = time_per_call(
+            || {
+                m.matvec(black_box(&acts), &mut out[..rows]);
+                black_box(&out);
+            },
+            budget,
+        );
+        let single = single.as_secs_f64();
+        print!(
+            "{:<6} {:>6} x {:<5} {:<9} {:>9.2}",
+            ty.name(),
+            rows,
+            cols,
+            what,
+            single * 1e6
+        );
+        let mut batch = QuantizedBatch::new();
+        for t in batch_sizes {
+            batch
+                .quantize_from(&x[..t * cols], cols, ty)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let (_, median) = time_per_call(
+                || {
+                    m.matmul(black_box(&batch), &mut out[..t * rows]);
+                    black_box(&out);
+                },
+                budget,
+            );
+            let per_row = median.as_secs_f64() / t as f64;
+            print!(" {:>7.2} {:>5.2}x", per_row * 1e6, single / per_row);
+        }
+        println!();
+    }
+}
+
+/// The 30 layers' products for a chunk of `T` prompt positions, every
+/// matrix distinct (weights streamed from memory as in a real forward
+/// pass), per position: one `matvec` per position against one `matmul` per
+/// chunk. Activations are quantized once per chunk in both, once per input
+/// vector of a layer (q/k/v/gate/up share theirs).
+fn prefill_pass(budget: Duration) {
+    let shapes = [
+        (576, 576),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    let layers: Vec<Vec<QMatrix>> = (0..30u64)
+        .map(|l| {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(r, c))| {
+                    QMatrix::from_f32(GgmlType::Q4_1, r, c, &values(r * c, l * 16 + i as u64))
+                        .unwrap_or_else(|e| panic!("cannot build a {r}x{c} matrix: {e}"))
+                })
+                .collect()
+        })
+        .collect();
+    println!();
+    println!("30 layers of products (Q4_1, weights distinct), median ms per position:");
+    for t in [1usize, 8, 32, 64] {
+        let x = values(t * 576, 3);
+        let x_ffn = values(t * 1536, 4);
+        let mut batch = QuantizedBatch::new();
+        let mut batch_ffn = QuantizedBatch::new();
+        let mut out = vec![0.0f32; t * 1536];
+        let (_, chunk) = time_per_call(
+            || {
+                for layer in &layers {
+                    batch
+                        .quantize_from(black_box(&x), 576, GgmlType::Q4_1)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    for m in &layer[..6] {
+                        m.matmul(&batch, &mut out[..t * m.rows()]);
+                    }
+                    batch_ffn
+                        .quantize_from(black_box(&x_ffn), 1536, GgmlType::Q4_1)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    layer[6].matmul(&batch_ffn, &mut out[..t * 576]);
+                    black_box(&out);
+                }
+            },
+            budget * 2,
+        );
+        let mut acts = QuantizedActivations::new();
+        let mut acts_ffn = QuantizedActivations::new();
+        let (_, one_by_one) = time_per_call(
+            || {
+                for p in 0..t {
+                    for layer in &layers {
+                        acts.quantize_from(black_box(&x[p * 576..(p + 1) * 576]), GgmlType::Q4_1)
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        for m in &layer[..6] {
+                            m.matvec(&acts, &mut out[..m.rows()]);
+                        }
+                        acts_ffn
+                            .quantize_from(
+                                black_box(&x_ffn[p * 1536..(p + 1) * 1536]),
+                                GgmlType::Q4_1,
+                            )
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        layer[6].matvec(&acts_ffn, &mut out[..576]);
+                        black_box(&out);
+                    }
+                }
+            },
+            budget * 2,
+        );
+        let (per_chunk, per_one) = (
+            chunk.as_secs_f64() / t as f64,
+            one_by_one.as_secs_f64() / t as f64,
+        );
+        println!(
+            "T = {t:>2}: matmul {:.3} ms, matvec {:.3} ms, {:.2}x",
+            per_chunk * 1e3,
+            per_one * 1e3,
+            per_one / per_chunk
+        );
+    }
 }
 
 /// A whole token's worth of distinct matrices (30 layers plus the LM head,

@@ -37,7 +37,9 @@ pub struct QuantizedActivations {
     len: usize,
     /// The unquantized copy (format F32).
     pub(super) values: Vec<f32>,
-    /// Codes widened to i16, 16 per vector, in element order.
+    /// Codes widened to i16, 16 per vector, in element order. For Q8_0 and
+    /// Q8_1, zero-padded to whole groups of eight blocks (16 vectors), so
+    /// that the multi-row kernels can take a group's vectors at once.
     pub(super) quants: Vec<i16x16>,
     /// Per-block scale: the f16 value as f32 for Q8_0/Q8_1, the f32 for Q8_K.
     pub(super) scales: Vec<f32>,
@@ -56,7 +58,7 @@ pub struct QuantizedActivations {
     /// hold `256·a[2j]`, `16·a[2j+16]`, `a[2j+1]` and `256·a[2j+17]`, the
     /// factors complementing the ones the kernel's masks leave on the weight
     /// nibbles (see `dot::q4_1_pair`). Codes are within ±127, so the products
-    /// fit in i16.
+    /// fit in i16. Zero-padded to whole groups (16 vectors).
     pub(super) pairs: Vec<i16x16>,
     /// Q8_1 only: `scales` in the lane order of `pairs`, zero in lanes
     /// without a block.
@@ -66,7 +68,8 @@ pub struct QuantizedActivations {
     pub(super) pair_sums: Vec<f32>,
     /// Q8_0 only: per block, the codes of the even elements then those of the
     /// odd ones, matching the i16 lanes that the Q8_0 kernel reads its weight
-    /// bytes in (see `dot::q8_0_split`).
+    /// bytes in (see `dot::q8_0_split`). Zero-padded to whole groups (16
+    /// vectors).
     pub(super) split: Vec<i16x16>,
 }
 
@@ -131,15 +134,17 @@ impl QuantizedActivations {
         // The kernels read scales eight blocks at a time; the padding must be
         // zero so that it contributes nothing.
         let padded = blocks.div_ceil(8) * 8;
-        self.quants.resize(2 * blocks, i16x16::ZERO);
+        self.quants.truncate(2 * blocks);
+        self.quants.resize(2 * padded, i16x16::ZERO);
         self.scales.resize(padded, 0.0);
         self.scales[blocks..].fill(0.0);
         self.sums.resize(if with_sums { padded } else { 0 }, 0.0);
         if with_sums {
             self.sums[blocks..].fill(0.0);
         }
+        self.split.truncate(if with_sums { 0 } else { 2 * blocks });
         self.split
-            .resize(if with_sums { 0 } else { 2 * blocks }, i16x16::ZERO);
+            .resize(if with_sums { 0 } else { 2 * padded }, i16x16::ZERO);
         let mut codes = [0i8; 32];
         for (b, (values, lanes)) in x
             .chunks_exact(32)
@@ -215,6 +220,7 @@ impl QuantizedActivations {
                 ]);
             }
         }
+        self.pairs.resize(2 * padded, i16x16::ZERO);
     }
 
     fn quantize_q8_k(&mut self, x: &[f32]) {
@@ -313,5 +319,121 @@ fn widen(codes: &[i8]) -> i16x16 {
 fn push_codes(out: &mut Vec<u8>, lanes: &[i16x16]) {
     for lane in lanes {
         out.extend(lane.to_array().iter().map(|&q| q as i8 as u8));
+    }
+}
+
+/// `T` activation rows of one length, each quantized as
+/// [`QuantizedActivations`] quantizes it, for
+/// [`QMatrix::matmul`](super::QMatrix::matmul): the rows of a chunk of
+/// prompt positions, quantized once and multiplied with every weight matrix
+/// that takes them.
+///
+/// Row `t` is exactly what [`QuantizedActivations::quantize_from`] makes of
+/// row `t` of the input (see [`row`](Self::row)).
+///
+/// The buffers are reused: quantizing a batch with no more rows than any
+/// before, each no longer than any before, does not allocate.
+#[derive(Debug, Clone)]
+pub struct QuantizedBatch {
+    format: GgmlType,
+    cols: usize,
+    /// Number of rows in use; `rows` may hold more, kept for their buffers.
+    len: usize,
+    pub(super) rows: Vec<QuantizedActivations>,
+}
+
+impl Default for QuantizedBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl QuantizedBatch {
+    /// An empty F32 batch of no rows; nothing is allocated until the first
+    /// [`quantize_from`](Self::quantize_from).
+    pub fn new() -> Self {
+        Self {
+            format: GgmlType::F32,
+            cols: 0,
+            len: 0,
+            rows: Vec::new(),
+        }
+    }
+
+    /// Quantizes the row-major `T × cols` values `x` (`T = x.len() / cols`)
+    /// for a matrix whose weights have type `for_weights`, row by row in
+    /// the format given by [`activation_type`], replacing the previous
+    /// contents. An empty `x` makes a batch of no rows.
+    ///
+    /// # Errors
+    /// [`QuantError::Unsupported`] when there is no kernel for
+    /// `for_weights`, [`QuantError::NotWholeBlocks`] when `cols` is not a
+    /// whole number of activation blocks (32 or 256 elements), and
+    /// [`QuantError::NotWholeRows`] when `cols` is zero or `x.len()` is not a
+    /// multiple of it. The previous contents are kept.
+    pub fn quantize_from(
+        &mut self,
+        x: &[f32],
+        cols: usize,
+        for_weights: GgmlType,
+    ) -> Result<(), QuantError> {
+        let format = activation_type(for_weights).ok_or(QuantError::Unsupported(for_weights))?;
+        if cols % format.block_len() != 0 {
+            return Err(QuantError::NotWholeBlocks {
+                ty: format,
+                elements: cols,
+            });
+        }
+        if cols == 0 || x.len() % cols != 0 {
+            return Err(QuantError::NotWholeRows {
+                cols,
+                values: x.len(),
+            });
+        }
+        let len = x.len() / cols;
+        if self.rows.len() < len {
+            self.rows.resize_with(len, QuantizedActivations::new);
+        }
+        for (row, values) in self.rows.iter_mut().zip(x.chunks_exact(cols)) {
+            row.quantize_from(values, for_weights)?;
+        }
+        self.format = format;
+        self.cols = cols;
+        self.len = len;
+        Ok(())
+    }
+
+    /// The format the rows are held in: `F32`, `Q8_0`, `Q8_1` or `Q8_K`.
+    pub fn format(&self) -> GgmlType {
+        self.format
+    }
+
+    /// Number of rows `T`.
+    pub fn rows(&self) -> usize {
+        self.len
+    }
+
+    /// Length of each row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Whether the batch holds no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Row `t`, as [`QMatrix::matvec`](super::QMatrix::matvec) takes it.
+    ///
+    /// # Panics
+    /// If `t >= self.rows()`.
+    pub fn row(&self, t: usize) -> &QuantizedActivations {
+        assert!(t < self.len, "row {t} out of range for {} rows", self.len);
+        &self.rows[t]
+    }
+
+    /// The rows in use.
+    pub(super) fn used(&self) -> &[QuantizedActivations] {
+        &self.rows[..self.len]
     }
 }

@@ -18,6 +18,8 @@
 
 use wide::{bytemuck, f32x8, i16x16, i16x8, i32x8, i8x16, u16x16, u8x16};
 
+pub(super) mod rows;
+
 use super::blocks::{f16_at, k4_scale_min, u32_at};
 use super::float::{bf16_to_f32, f16_to_f32};
 
@@ -74,9 +76,16 @@ fn nibbles(bytes: &[u8]) -> (i16x16, i16x16) {
 /// Σ q·a over a Q4_0 block (codes minus 8), as eight partial sums.
 #[inline(always)]
 pub(super) fn q4_0_block(qs: &[u8], a: &[i16x16]) -> i32x8 {
+    let [lo, hi] = q4_0_codes(qs);
+    lo.dot(a[0]) + hi.dot(a[1])
+}
+
+/// The codes of a Q4_0 block (nibbles minus 8): elements 0–15, then 16–31.
+#[inline(always)]
+pub(super) fn q4_0_codes(qs: &[u8]) -> [i16x16; 2] {
     let (lo, hi) = nibbles(qs);
     let eight = i16x16::splat(8);
-    (lo - eight).dot(a[0]) + (hi - eight).dot(a[1])
+    [lo - eight, hi - eight]
 }
 
 /// Σ q·a over a Q4_1 block (unsigned codes).
@@ -459,11 +468,25 @@ fn load_two(lo: &[u8], hi: &[u8]) -> i16x16 {
 /// 2^22, exact in f32.
 #[inline(always)]
 pub(super) fn q4_1_pair(codes: i16x16, a: &[i16x16]) -> i32x8 {
+    q4_1_pair_sum(&q4_1_pair_codes(codes), a)
+}
+
+/// The four masked forms of a pair's code vector that [`q4_1_pair`]
+/// multiplies with the four activation vectors: elements 2j, 16·(2j+16),
+/// 256·(2j+1) and 2j+17 in i16 lane j of each block's half.
+#[inline(always)]
+pub(super) fn q4_1_pair_codes(codes: i16x16) -> [i16x16; 4] {
     let e_lo = codes & i16x16::splat(0x000f);
     let e_hi = codes & i16x16::splat(0x00f0);
     let o_lo = codes & i16x16::splat(0x0f00);
     let o_hi: i16x16 = bytemuck::cast(bytemuck::cast::<i16x16, u16x16>(codes) >> 12);
-    (e_lo.dot(a[0]) + e_hi.dot(a[1])) + (o_lo.dot(a[2]) + o_hi.dot(a[3]))
+    [e_lo, e_hi, o_lo, o_hi]
+}
+
+/// [`q4_1_pair`] from codes already split by [`q4_1_pair_codes`].
+#[inline(always)]
+pub(super) fn q4_1_pair_sum(c: &[i16x16; 4], a: &[i16x16]) -> i32x8 {
+    (c[0].dot(a[0]) + c[1].dot(a[1])) + (c[2].dot(a[2]) + c[3].dot(a[3]))
 }
 
 /// Bytes of eight Q4_1 blocks: how far a group's loads may reach.
@@ -616,12 +639,25 @@ pub(super) fn dot_q4_1_fast(
 /// i32 lanes stay within 2^24, exact in f32.
 #[inline(always)]
 pub(super) fn q8_0_split(codes: &[u8], a: &[i16x16]) -> i32x8 {
+    q8_0_split_sum(q8_0_split_codes(codes), a)
+}
+
+/// The even and odd codes of a Q8_0 block's 32 code bytes, each times 256,
+/// as [`q8_0_split`] multiplies them.
+#[inline(always)]
+pub(super) fn q8_0_split_codes(codes: &[u8]) -> [i16x16; 2] {
     let mut bytes = [0u8; 32];
     bytes.copy_from_slice(&codes[..32]);
     let lanes: i16x16 = bytemuck::cast(bytes);
     let even: i16x16 = lanes << 8;
     let odd = lanes & i16x16::splat(0xff00_u16 as i16);
-    even.dot(a[0]) + odd.dot(a[1])
+    [even, odd]
+}
+
+/// [`q8_0_split`] from codes already split by [`q8_0_split_codes`].
+#[inline(always)]
+pub(super) fn q8_0_split_sum(c: [i16x16; 2], a: &[i16x16]) -> i32x8 {
+    c[0].dot(a[0]) + c[1].dot(a[1])
 }
 
 /// Bytes of eight Q8_0 blocks: how far a group's loads may reach.

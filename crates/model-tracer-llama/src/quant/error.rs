@@ -46,6 +46,14 @@ pub enum QuantError {
         /// Columns of the matrix.
         cols: usize,
     },
+    /// `values` values are not a whole number of rows of `cols` (or `cols`
+    /// is zero).
+    NotWholeRows {
+        /// The length of a row.
+        cols: usize,
+        /// The number of values given.
+        values: usize,
+    },
     /// The value at `index` is infinite or NaN, which a block format cannot encode.
     NonFinite {
         /// Position of the offending value in the input.
@@ -82,6 +90,12 @@ impl fmt::Display for QuantError {
             ),
             Self::TooLarge { rows, cols } => {
                 write!(f, "a {rows}x{cols} matrix is too large for this machine")
+            }
+            Self::NotWholeRows { cols, values } => {
+                write!(
+                    f,
+                    "{values} values are not a whole number of rows of {cols}"
+                )
             }
             Self::NonFinite { index } => {
                 write!(f, "value {index} is not finite and cannot be quantized")

@@ -2,8 +2,9 @@
 
 use std::ops::Range;
 
-use super::activations::{activation_type, QuantizedActivations};
+use super::activations::{activation_type, QuantizedActivations, QuantizedBatch};
 use super::blocks::*;
+use super::dot::rows::{dot_q4_0_rows, dot_q4_1_fast_rows, dot_q8_0_fast_rows};
 use super::dot::*;
 use super::{dequantize, quantize, QuantError};
 use crate::dtype::GgmlType;
@@ -348,5 +349,271 @@ impl QMatrix {
             // Construction admits only the types above.
             other => panic!("no f32 kernel for {other} weights"),
         }
+    }
+
+    /// Matrix product with a batch of activation rows: `out[t * rows + r]`
+    /// is row `r` of the weights times row `t` of `x`, i.e. `out` holds the
+    /// `T × rows` products row-major, `T` being `x.rows()`. Each
+    /// `out[t * rows..(t + 1) * rows]` is bit for bit what
+    /// [`matvec`](Self::matvec) gives for `x.row(t)`.
+    ///
+    /// See the [module documentation](super#multi-row-products) for the
+    /// order of work and which types have a multi-row kernel.
+    ///
+    /// # Panics
+    /// If `x` was not quantized for this matrix's type (its format is not
+    /// [`activation_type`]`(self.ty())`), `x.cols() != self.cols()`, or
+    /// `out.len() != x.rows() * self.rows()`.
+    pub fn matmul(&self, x: &QuantizedBatch, out: &mut [f32]) {
+        assert_eq!(x.cols(), self.cols, "activation length must equal cols");
+        assert_eq!(
+            Some(x.format()),
+            activation_type(self.ty),
+            "activations quantized as {} cannot multiply {} weights",
+            x.format(),
+            self.ty
+        );
+        let acts = x.used();
+        assert_eq!(
+            Some(out.len()),
+            acts.len().checked_mul(self.rows),
+            "output length must equal activation rows times matrix rows"
+        );
+        if self.row_bytes == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let (m, n) = (self, acts.len());
+        match self.ty {
+            GgmlType::Q4_1 if self.finite_scales => self.tiled(out, n, &Q4_1Fast { m, acts }),
+            GgmlType::Q8_0 if self.finite_scales => self.tiled(out, n, &Q8_0Fast { m, acts }),
+            GgmlType::Q4_0 => self.tiled(out, n, &Q4_0Rows { m, acts }),
+            _ => self.tiled(out, n, &OneByOne { m, acts }),
+        }
+    }
+
+    /// Reference product of a batch: `x` holds `T` rows of `cols` f32
+    /// values, row-major, and `out[t * rows + r]` is row `r` of the weights
+    /// times row `t` of `x`, bit for bit what
+    /// [`matvec_f32`](Self::matvec_f32) gives for that row alone. Rows go
+    /// through the one-row f32 kernels in the cache-friendly order of
+    /// [`matmul`](Self::matmul), without sharing their decoding.
+    ///
+    /// # Panics
+    /// If `x.len()` is not a multiple of `self.cols()` (or, for a matrix of
+    /// no columns, if `x` is not empty), or `out.len()` is not
+    /// `x.len() / self.cols() * self.rows()`.
+    pub fn matmul_f32(&self, x: &[f32], out: &mut [f32]) {
+        if self.cols == 0 {
+            assert!(x.is_empty(), "a matrix of no columns takes no activations");
+            assert!(
+                self.rows == 0 || out.len() % self.rows == 0,
+                "output length must be a multiple of the matrix rows"
+            );
+            out.fill(0.0);
+            return;
+        }
+        assert_eq!(
+            x.len() % self.cols,
+            0,
+            "activations must be whole rows of cols values"
+        );
+        let rows_x = x.len() / self.cols;
+        assert_eq!(
+            Some(out.len()),
+            rows_x.checked_mul(self.rows),
+            "output length must equal activation rows times matrix rows"
+        );
+        if self.row_bytes == 0 {
+            out.fill(0.0);
+            return;
+        }
+        self.tiled(out, rows_x, &OneByOneF32 { m: self, x });
+    }
+
+    /// Runs `kernel(r, t0)`, which returns the products of weight row `r`
+    /// with activation rows `t0..t0 + N`, over every row and every
+    /// activation row, storing the results at `out[t * rows + r]`.
+    ///
+    /// Weight rows go in blocks of [`ROW_BLOCK`]; each block meets every
+    /// tile of activation rows in turn ([`TILE`] rows, the last ones in
+    /// tiles of 4, 2 and 1), so that its blocks are read from memory once
+    /// per call and from the cache for every other tile, and a tile's
+    /// activations stay in the cache for the whole block.
+    #[inline(always)]
+    fn tiled(&self, out: &mut [f32], rows_x: usize, kernel: &impl TileKernel) {
+        let whole = rows_x / TILE * TILE;
+        for first in (0..self.rows).step_by(ROW_BLOCK) {
+            let block = first..(first + ROW_BLOCK).min(self.rows);
+            for t0 in (0..whole).step_by(TILE) {
+                self.tile_into::<TILE>(out, block.clone(), t0, kernel);
+            }
+            let mut t0 = whole;
+            if (rows_x - t0) & 4 != 0 {
+                self.tile_into::<4>(out, block.clone(), t0, kernel);
+                t0 += 4;
+            }
+            if (rows_x - t0) & 2 != 0 {
+                self.tile_into::<2>(out, block.clone(), t0, kernel);
+                t0 += 2;
+            }
+            if (rows_x - t0) & 1 != 0 {
+                self.tile_into::<1>(out, block, t0, kernel);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn tile_into<const N: usize>(
+        &self,
+        out: &mut [f32],
+        rows: Range<usize>,
+        t0: usize,
+        kernel: &impl TileKernel,
+    ) {
+        for r in rows {
+            let products: [f32; N] = kernel.products(r, t0);
+            for (t, p) in products.into_iter().enumerate() {
+                out[(t0 + t) * self.rows + r] = p;
+            }
+        }
+    }
+
+    /// Row `r` times `x`, as [`matvec`](Self::matvec) computes it.
+    fn dot_row(&self, r: usize, x: &QuantizedActivations) -> f32 {
+        let rest = &self.data[r * self.row_bytes..];
+        let row = &rest[..self.row_bytes];
+        let (q, d) = (&x.quants[..], &x.scales[..]);
+        match self.ty {
+            GgmlType::Q4_1 if self.finite_scales => {
+                dot_q4_1_fast(rest, self.row_bytes, &x.pairs, &x.pair_scales, &x.pair_sums)
+            }
+            GgmlType::Q8_0 if self.finite_scales => {
+                dot_q8_0_fast(rest, self.row_bytes, &x.split, d)
+            }
+            GgmlType::Q4_0 => dot_q4_0(row, q, d),
+            GgmlType::Q4_1 => dot_q4_1(row, q, d, &x.sums),
+            GgmlType::Q5_0 => dot_q5_0(row, q, d),
+            GgmlType::Q5_1 => dot_q5_1(row, q, d, &x.sums),
+            GgmlType::Q8_0 => dot_q8_0(row, q, d),
+            GgmlType::Q4_K => dot_q4_k(row, q, d, &x.bsums),
+            GgmlType::Q6_K => dot_q6_k(row, q, d),
+            _ => self.dot_row_f32(r, &x.values[..x.len()]),
+        }
+    }
+
+    /// Row `r` times `x`, as [`matvec_f32`](Self::matvec_f32) computes it.
+    fn dot_row_f32(&self, r: usize, x: &[f32]) -> f32 {
+        let row = &self.data[r * self.row_bytes..(r + 1) * self.row_bytes];
+        let bb = self.ty.block_bytes();
+        match self.ty {
+            GgmlType::F32 => dot_f32_plain(row, 4, x, decode_f32),
+            GgmlType::F16 => dot_f32_plain(row, 2, x, decode_f16),
+            GgmlType::BF16 => dot_f32_plain(row, 2, x, decode_bf16),
+            GgmlType::Q4_0 => dot_f32_q4_0(row, x),
+            GgmlType::Q4_1 => dot_f32_q4_1(row, x),
+            GgmlType::Q5_0 => dot_f32_blocks::<32>(row, bb, x, dequantize_q5_0),
+            GgmlType::Q5_1 => dot_f32_blocks::<32>(row, bb, x, dequantize_q5_1),
+            GgmlType::Q8_0 => dot_f32_q8_0(row, x),
+            GgmlType::Q4_K => dot_f32_blocks::<256>(row, bb, x, dequantize_q4_k),
+            GgmlType::Q6_K => dot_f32_blocks::<256>(row, bb, x, dequantize_q6_k),
+            // Construction admits only the types above.
+            other => panic!("no f32 kernel for {other} weights"),
+        }
+    }
+}
+
+/// Activation rows per tile of [`QMatrix::matmul`]: the rows whose
+/// accumulators a multi-row kernel keeps at once.
+pub(super) const TILE: usize = 4;
+
+/// Weight rows per block of [`QMatrix::matmul`].
+pub(super) const ROW_BLOCK: usize = 16;
+
+/// The products of one weight row with a tile of `N` activation rows.
+trait TileKernel {
+    /// Row `r` of the weights times activation rows `t0..t0 + N`.
+    fn products<const N: usize>(&self, r: usize, t0: usize) -> [f32; N];
+}
+
+/// Activation rows `t0..t0 + N` of `acts`.
+#[inline(always)]
+fn tile<const N: usize>(acts: &[QuantizedActivations], t0: usize) -> &[QuantizedActivations; N] {
+    match acts[t0..t0 + N].try_into() {
+        Ok(tile) => tile,
+        Err(_) => unreachable!("a slice of N rows is an array of N rows"),
+    }
+}
+
+/// The Q4_1 multi-row kernel (finite scales only).
+struct Q4_1Fast<'a> {
+    m: &'a QMatrix,
+    acts: &'a [QuantizedActivations],
+}
+
+impl TileKernel for Q4_1Fast<'_> {
+    #[inline(always)]
+    fn products<const N: usize>(&self, r: usize, t0: usize) -> [f32; N] {
+        let rb = self.m.row_bytes;
+        dot_q4_1_fast_rows(&self.m.data[r * rb..], rb, tile(self.acts, t0))
+    }
+}
+
+/// The Q8_0 multi-row kernel (finite scales only).
+struct Q8_0Fast<'a> {
+    m: &'a QMatrix,
+    acts: &'a [QuantizedActivations],
+}
+
+impl TileKernel for Q8_0Fast<'_> {
+    #[inline(always)]
+    fn products<const N: usize>(&self, r: usize, t0: usize) -> [f32; N] {
+        let rb = self.m.row_bytes;
+        dot_q8_0_fast_rows(&self.m.data[r * rb..], rb, tile(self.acts, t0))
+    }
+}
+
+/// The Q4_0 multi-row kernel.
+struct Q4_0Rows<'a> {
+    m: &'a QMatrix,
+    acts: &'a [QuantizedActivations],
+}
+
+impl TileKernel for Q4_0Rows<'_> {
+    #[inline(always)]
+    fn products<const N: usize>(&self, r: usize, t0: usize) -> [f32; N] {
+        let rb = self.m.row_bytes;
+        dot_q4_0_rows(&self.m.data[r * rb..(r + 1) * rb], tile(self.acts, t0))
+    }
+}
+
+/// The one-row kernel of [`QMatrix::matvec`] once per activation row.
+struct OneByOne<'a> {
+    m: &'a QMatrix,
+    acts: &'a [QuantizedActivations],
+}
+
+impl TileKernel for OneByOne<'_> {
+    #[inline(always)]
+    fn products<const N: usize>(&self, r: usize, t0: usize) -> [f32; N] {
+        std::array::from_fn(|t| self.m.dot_row(r, &self.acts[t0 + t]))
+    }
+}
+
+/// The one-row kernel of [`QMatrix::matvec_f32`] once per activation row
+/// of `x` (row-major, `m.cols()` values a row).
+struct OneByOneF32<'a> {
+    m: &'a QMatrix,
+    x: &'a [f32],
+}
+
+impl TileKernel for OneByOneF32<'_> {
+    #[inline(always)]
+    fn products<const N: usize>(&self, r: usize, t0: usize) -> [f32; N] {
+        let cols = self.m.cols;
+        std::array::from_fn(|t| {
+            self.m
+                .dot_row_f32(r, &self.x[(t0 + t) * cols..(t0 + t + 1) * cols])
+        })
     }
 }

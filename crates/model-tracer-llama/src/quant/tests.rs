@@ -788,9 +788,11 @@ fn q4_1_pair_sums_are_256_times_the_scalar_sums_exactly() {
                 assert_eq!(acts.pair_sums[first + 4 + i], m);
             }
         }
+        // The rest pads the last group to 16 vectors, with zeros.
+        assert_eq!(acts.pairs.len(), 16 * blocks.div_ceil(8), "{blocks} blocks");
         assert!(
-            vectors.next().is_none(),
-            "{blocks} blocks: vectors left over"
+            vectors.all(|v| v.iter().all(|l| *l == i16x16::ZERO)),
+            "{blocks} blocks: padding not zero"
         );
     }
 }
@@ -1077,4 +1079,325 @@ fn f32_kernels_make_rows_with_non_finite_scales_non_finite() {
             );
         }
     }
+}
+
+/// Activation rows for a batch test: roughly normal values, with an
+/// all-zero block in one row and a large outlier in another.
+fn batch_values(rng: &mut SplitMix64, rows: usize, cols: usize) -> Vec<f32> {
+    let mut x = random_vec(rng, rows * cols);
+    if rows > 1 && cols >= 32 {
+        x[cols..cols + 32].fill(0.0);
+    }
+    if rows > 2 {
+        x[2 * cols + cols / 2] = 40.0;
+    }
+    x
+}
+
+/// A `rows x cols` matrix of `ty` with random codes; for the block types
+/// with a one-row fast kernel, scales of every finite f16 pattern
+/// (subnormals and both signs included) when `any_scales`.
+fn batch_matrix(
+    rng: &mut SplitMix64,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    any_scales: bool,
+) -> QMatrix {
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            QMatrix::from_f32(ty, rows, cols, &random_vec(rng, rows * cols)).unwrap()
+        }
+        _ => {
+            let blocks = rows * cols / ty.block_len();
+            let bytes =
+                if any_scales && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
+                    blocks_with_any_finite_scales(rng, ty, blocks)
+                } else {
+                    random_blocks(rng, ty, blocks)
+                };
+            QMatrix::from_bytes(ty, rows, cols, bytes).unwrap()
+        }
+    }
+}
+
+/// Column counts for the batch tests: small ones, partial groups of eight
+/// blocks, and SmolLM2's 576 and 1536.
+fn batch_cols(ty: GgmlType) -> Vec<usize> {
+    match ty.block_len() {
+        256 => vec![256, 512, 1536],
+        32 => vec![32, 96, 256, 288, 576, 1536],
+        _ => vec![1, 13, 96, 576],
+    }
+}
+
+/// Asserts that `got` is bit for bit `want`, naming the first difference.
+fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        panic!("{what}: element {i} is {} instead of {}", got[i], want[i]);
+    }
+}
+
+const BATCH_ROWS: [usize; 7] = [1, 2, 3, 7, 8, 9, 64];
+
+const BATCH_TYPES: [GgmlType; 10] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+];
+
+#[test]
+fn matmul_rows_equal_matvec_bit_for_bit() {
+    let mut rng = SplitMix64::new(19);
+    let mut batch = QuantizedBatch::new();
+    let mut acts = QuantizedActivations::new();
+    for ty in BATCH_TYPES {
+        for cols in batch_cols(ty) {
+            // Not a multiple of the tile or of the row block; the second
+            // matrix has scales of every finite pattern.
+            for (rows, any_scales) in [(37, false), (6, true)] {
+                let m = batch_matrix(&mut rng, ty, rows, cols, any_scales);
+                for t_rows in BATCH_ROWS {
+                    if t_rows == 64 && cols > 576 && rows < 37 {
+                        continue;
+                    }
+                    let x = batch_values(&mut rng, t_rows, cols);
+                    batch.quantize_from(&x, cols, ty).unwrap();
+                    assert_eq!(batch.rows(), t_rows);
+                    let mut out = vec![f32::NAN; t_rows * rows];
+                    m.matmul(&batch, &mut out);
+                    let mut want = vec![0f32; rows];
+                    for (t, got) in out.chunks_exact(rows).enumerate() {
+                        acts.quantize_from(&x[t * cols..(t + 1) * cols], ty)
+                            .unwrap();
+                        m.matvec(&acts, &mut want);
+                        let what = format!("{ty} {rows}x{cols}, T = {t_rows}, row {t}");
+                        assert_same_bits(got, &want, &what);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_f32_rows_equal_matvec_f32_bit_for_bit() {
+    let mut rng = SplitMix64::new(20);
+    for ty in BATCH_TYPES {
+        for cols in batch_cols(ty) {
+            let rows = 21;
+            let m = batch_matrix(&mut rng, ty, rows, cols, true);
+            for t_rows in [1, 3, 8, 9, 64] {
+                let x = batch_values(&mut rng, t_rows, cols);
+                let mut out = vec![f32::NAN; t_rows * rows];
+                m.matmul_f32(&x, &mut out);
+                let mut want = vec![0f32; rows];
+                for (t, got) in out.chunks_exact(rows).enumerate() {
+                    m.matvec_f32(&x[t * cols..(t + 1) * cols], &mut want);
+                    let what = format!("{ty} {rows}x{cols}, T = {t_rows}, row {t}");
+                    assert_same_bits(got, &want, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_agrees_with_the_f32_reference() {
+    let mut rng = SplitMix64::new(21);
+    let mut batch = QuantizedBatch::new();
+    for ty in BATCH_TYPES {
+        for cols in batch_cols(ty) {
+            let (rows, t_rows) = (29, 9);
+            let m = batch_matrix(&mut rng, ty, rows, cols, false);
+            let x = random_vec(&mut rng, t_rows * cols);
+            batch.quantize_from(&x, cols, ty).unwrap();
+            let mut quantized = vec![0f32; t_rows * rows];
+            let mut reference = vec![0f32; t_rows * rows];
+            m.matmul(&batch, &mut quantized);
+            m.matmul_f32(&x, &mut reference);
+            if batch.format() == GgmlType::F32 {
+                assert_same_bits(&quantized, &reference, &format!("{ty} x {cols}"));
+                continue;
+            }
+            // Each product within the activation quantization error: at
+            // most half a step (1/254 of the block maximum) per element, plus
+            // the f16 rounding of the step (at most 127 · 2^-11 of it), plus
+            // f32 rounding.
+            let dense = m.to_f32();
+            for (i, (q, f)) in quantized.iter().zip(&reference).enumerate() {
+                let (t, r) = (i / rows, i % rows);
+                let w = &dense[r * cols..(r + 1) * cols];
+                let xt = &x[t * cols..(t + 1) * cols];
+                let amax = f64::from(xt.iter().fold(0f32, |a, v| a.max(v.abs())));
+                let sum_w: f64 = w.iter().map(|w| f64::from(w.abs())).sum();
+                let mag: f64 = w.iter().zip(xt).map(|(w, x)| f64::from(w * x).abs()).sum();
+                let bound = sum_w * amax * (1.0 / 254.0 + 1.0 / 2048.0) + 1e-5 * mag;
+                let err = f64::from(q - f).abs();
+                assert!(
+                    err <= bound,
+                    "{ty} {rows}x{cols} product ({t}, {r}): {q} vs {f}, bound {bound}"
+                );
+            }
+            let cos = cosine(&quantized, &reference);
+            assert!(cos > 0.999, "{ty} x {cols}: cosine {cos}");
+        }
+    }
+}
+
+#[test]
+fn matmul_of_matrices_with_non_finite_scales_equals_matvec() {
+    // Such matrices skip the fast kernels, in matvec and in matmul alike.
+    let mut rng = SplitMix64::new(22);
+    let mut batch = QuantizedBatch::new();
+    let mut acts = QuantizedActivations::new();
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0] {
+        let (rows, blocks, t_rows) = (5, 18, 6);
+        let bb = ty.block_bytes();
+        let mut w = random_blocks(&mut rng, ty, rows * blocks);
+        w[(blocks + 4) * bb..][..2].copy_from_slice(&0x7c00u16.to_le_bytes());
+        w[(3 * blocks + 17) * bb..][..2].copy_from_slice(&0x7e00u16.to_le_bytes());
+        let cols = 32 * blocks;
+        let m = QMatrix::from_bytes(ty, rows, cols, w).unwrap();
+        let x = batch_values(&mut rng, t_rows, cols);
+        batch.quantize_from(&x, cols, ty).unwrap();
+        let mut out = vec![0f32; t_rows * rows];
+        m.matmul(&batch, &mut out);
+        let mut want = vec![0f32; rows];
+        for (t, got) in out.chunks_exact(rows).enumerate() {
+            acts.quantize_from(&x[t * cols..(t + 1) * cols], ty)
+                .unwrap();
+            m.matvec(&acts, &mut want);
+            assert_same_bits(got, &want, &format!("{ty} row {t}"));
+            assert!(!got[1].is_finite() && got[3].is_nan(), "{ty}: {got:?}");
+            assert!(got[0].is_finite() && got[4].is_finite(), "{ty}: {got:?}");
+        }
+    }
+}
+
+#[test]
+fn batch_rows_are_the_rows_quantized_alone() {
+    let mut rng = SplitMix64::new(23);
+    let mut batch = QuantizedBatch::new();
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::F16,
+    ] {
+        let cols = 512;
+        let x = batch_values(&mut rng, 5, cols);
+        batch.quantize_from(&x, cols, ty).unwrap();
+        assert_eq!(
+            (batch.rows(), batch.cols(), Some(batch.format())),
+            (5, cols, activation_type(ty))
+        );
+        assert!(!batch.is_empty());
+        for t in 0..5 {
+            let mut alone = QuantizedActivations::new();
+            alone
+                .quantize_from(&x[t * cols..(t + 1) * cols], ty)
+                .unwrap();
+            assert_eq!(batch.row(t).to_ggml_bytes(), alone.to_ggml_bytes(), "{ty}");
+            assert_eq!(batch.row(t).to_f32(), alone.to_f32(), "{ty}");
+        }
+    }
+}
+
+#[test]
+fn batch_buffers_are_reused_and_errors_keep_the_contents() {
+    let mut batch = QuantizedBatch::new();
+    batch
+        .quantize_from(&[0.5; 8 * 576], 576, GgmlType::Q4_1)
+        .unwrap();
+    let buffers = |b: &QuantizedBatch| -> Vec<*const i16x16> {
+        b.rows.iter().map(|r| r.pairs.as_ptr()).collect()
+    };
+    let before = buffers(&batch);
+    // Fewer rows, then as many again: the same buffers.
+    batch
+        .quantize_from(&[0.25; 3 * 576], 576, GgmlType::Q4_1)
+        .unwrap();
+    assert_eq!(batch.rows(), 3);
+    batch
+        .quantize_from(&[127.0; 8 * 576], 576, GgmlType::Q4_1)
+        .unwrap();
+    assert_eq!(buffers(&batch), before);
+    assert!((0..8).all(|t| batch.row(t).to_f32().iter().all(|&v| v == 127.0)));
+
+    let errors = [
+        (
+            batch.quantize_from(&[0.0; 100], 0, GgmlType::F32),
+            QuantError::NotWholeRows {
+                cols: 0,
+                values: 100,
+            },
+        ),
+        (
+            batch.quantize_from(&[0.0; 100], 64, GgmlType::Q8_0),
+            QuantError::NotWholeRows {
+                cols: 64,
+                values: 100,
+            },
+        ),
+        (
+            batch.quantize_from(&[0.0; 96], 48, GgmlType::Q8_0),
+            QuantError::NotWholeBlocks {
+                ty: GgmlType::Q8_0,
+                elements: 48,
+            },
+        ),
+        (
+            batch.quantize_from(&[0.0; 256], 256, GgmlType::Q2_K),
+            QuantError::Unsupported(GgmlType::Q2_K),
+        ),
+    ];
+    for (got, want) in errors {
+        assert_eq!(got, Err(want));
+        assert!(!want.to_string().is_empty());
+    }
+    assert_eq!(
+        (batch.rows(), batch.cols(), batch.format()),
+        (8, 576, GgmlType::Q8_1)
+    );
+    assert_eq!(batch.row(7).to_f32(), vec![127.0; 576]);
+
+    batch.quantize_from(&[], 576, GgmlType::Q4_1).unwrap();
+    assert!(batch.is_empty());
+    let m = QMatrix::from_f32(GgmlType::Q4_1, 3, 576, &[0.5; 3 * 576]).unwrap();
+    let mut out: [f32; 0] = [];
+    m.matmul(&batch, &mut out);
+}
+
+#[test]
+#[should_panic(expected = "cannot multiply")]
+fn matmul_rejects_activations_quantized_for_another_type() {
+    let m = QMatrix::from_f32(GgmlType::Q4_1, 1, 32, &[0.5; 32]).unwrap();
+    let mut batch = QuantizedBatch::new();
+    batch.quantize_from(&[0.5; 64], 32, GgmlType::Q8_0).unwrap();
+    m.matmul(&batch, &mut [0.0; 2]);
+}
+
+#[test]
+#[should_panic(expected = "output length")]
+fn matmul_rejects_a_wrong_output_length() {
+    let m = QMatrix::from_f32(GgmlType::Q8_0, 3, 32, &[0.5; 96]).unwrap();
+    let mut batch = QuantizedBatch::new();
+    batch.quantize_from(&[0.5; 64], 32, GgmlType::Q8_0).unwrap();
+    m.matmul(&batch, &mut [0.0; 3]);
+}
+
+#[test]
+#[should_panic(expected = "whole rows")]
+fn matmul_f32_rejects_a_partial_activation_row() {
+    let m = QMatrix::from_f32(GgmlType::Q8_0, 3, 32, &[0.5; 96]).unwrap();
+    m.matmul_f32(&[0.5; 40], &mut [0.0; 3]);
 }

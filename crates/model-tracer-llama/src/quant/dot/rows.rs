@@ -1,0 +1,366 @@
+//! One weight row times several activation rows at once: the kernels of
+//! [`QMatrix::matmul`](crate::quant::QMatrix::matmul).
+//!
+//! Each kernel takes a row of weights and a tile of `N` activation rows and
+//! returns the `N` dot products. The weight-side work (loading the blocks,
+//! converting their f16 scales, isolating the codes) is done once per tile;
+//! the activation-side work (the integer products, the scaling, the
+//! accumulation) once per activation row, with exactly the operations, in
+//! exactly the order, of the one-row kernel of the parent module, so that
+//! every result is bit for bit that of the one-row product: integer block
+//! sums are exact whatever their grouping, and every f32 operation on a
+//! row's accumulators is the one the one-row kernel performs, on the same
+//! values, in the same sequence.
+//!
+//! Pair and block indices are compile-time constants (const parameters)
+//! wherever they select an accumulator or a lane: with a run-time index the
+//! accumulators of the `N` rows would live in memory instead of registers.
+
+use wide::{f32x8, i16x16, i32x8};
+
+use super::super::activations::QuantizedActivations;
+use super::{
+    blend_heads, f16_high_to_f32, f16x8_to_f32, f32x8_of, gather_head, group_heads, load_i32x8,
+    load_two, q4_0_codes, q4_1_pair_codes, q4_1_pair_sum, q8_0_split_codes, q8_0_split_sum,
+    Q4_1Sums, F16_REBIAS, F16_REBIAS_BY_256, Q4_1_GROUP_BYTES, Q8_0_GROUP_BYTES,
+};
+
+/// Each row's `LEN` activation vectors from vector `at` on, in the layout
+/// that `layout` picks. Sliced to their length once, so that constant
+/// indices into them need no further checks.
+#[inline(always)]
+fn vectors<'a, const LEN: usize, const N: usize>(
+    acts: &'a [QuantizedActivations; N],
+    at: usize,
+    layout: impl Fn(&'a QuantizedActivations) -> &'a [i16x16],
+) -> [&'a [i16x16; LEN]; N] {
+    let mut a: [&[i16x16; LEN]; N] = [&[i16x16::ZERO; LEN]; N];
+    for (a, x) in a.iter_mut().zip(acts) {
+        *a = match layout(x)[at..at + LEN].try_into() {
+            Ok(v) => v,
+            Err(_) => unreachable!("a slice of LEN vectors is an array of LEN"),
+        };
+    }
+    a
+}
+
+/// Eight f32 of `values` from `at`.
+#[inline(always)]
+fn eight(values: &[f32], at: usize) -> f32x8 {
+    f32x8_of(&values[at..at + 8])
+}
+
+/// Lane `I` of `v` in the low four lanes and lane `I + 4` in the high four:
+/// the scale of pair `I` (`pair_scales`), one in-lane shuffle on x86.
+#[inline(always)]
+fn pair_scale<const I: usize>(v: f32x8) -> f32x8 {
+    let a = v.to_array();
+    let (lo, hi) = (a[I], a[I + 4]);
+    f32x8::new([lo, lo, lo, lo, hi, hi, hi, hi])
+}
+
+/// Adds pair `I` of a Q4_1 group (the code bytes `lo` and `hi` of its two
+/// blocks) to accumulator `I % 2` of each row, `a` being the rows'
+/// activation vectors of the group and `d` their block scales in lane
+/// order, as `Q4_1Sums::add_group` does for one row.
+#[inline(always)]
+fn q4_1_pair<const I: usize, const N: usize>(
+    sums: &mut [Q4_1Sums; N],
+    (lo, hi): (&[u8], &[u8]),
+    a: &[&[i16x16; 16]; N],
+    d: &[f32x8; N],
+) {
+    let c = q4_1_pair_codes(load_two(lo, hi));
+    for t in 0..N {
+        let sum = f32x8::from_i32x8(q4_1_pair_sum(&c, &a[t][4 * I..4 * I + 4]));
+        sums[t].acc[I % 2] = sum.mul_add(pair_scale::<I>(d[t]), sums[t].acc[I % 2]);
+    }
+}
+
+/// `Q4_1Sums::add_group` for `N` activation rows: the first `pairs` (1 to
+/// 4) pairs of a group whose heads are `heads`, `codes(i)` giving the code
+/// bytes of pair `i`, the group's first block being block `first` of the
+/// row.
+#[inline(always)]
+fn q4_1_group<'a, const N: usize>(
+    sums: &mut [Q4_1Sums; N],
+    heads: i32x8,
+    pairs: usize,
+    codes: impl Fn(usize) -> (&'a [u8], &'a [u8]),
+    acts: &[QuantizedActivations; N],
+    first: usize,
+) {
+    let wd = f16_high_to_f32(heads << 16u32, F16_REBIAS_BY_256);
+    let wm = f16_high_to_f32(heads, F16_REBIAS);
+    let mut d = [f32x8::ZERO; N];
+    for ((d, sums), x) in d.iter_mut().zip(sums.iter_mut()).zip(acts) {
+        *d = wd * eight(&x.pair_scales, first);
+        sums.mins = wm.mul_add(eight(&x.pair_sums, first), sums.mins);
+    }
+    let a = vectors::<16, N>(acts, 2 * first, |x| &x.pairs);
+    q4_1_pair::<0, N>(sums, codes(0), &a, &d);
+    if pairs > 1 {
+        q4_1_pair::<1, N>(sums, codes(1), &a, &d);
+    }
+    if pairs > 2 {
+        q4_1_pair::<2, N>(sums, codes(2), &a, &d);
+    }
+    if pairs > 3 {
+        q4_1_pair::<3, N>(sums, codes(3), &a, &d);
+    }
+}
+
+/// `Q4_1Sums::add_tail` for `N` activation rows, each from zero.
+#[inline(always)]
+fn q4_1_tail<const N: usize>(
+    src: &[u8],
+    at: usize,
+    n: usize,
+    acts: &[QuantizedActivations; N],
+    first: usize,
+) -> [Q4_1Sums; N] {
+    const BB: usize = 20;
+    let h = n.div_ceil(2);
+    let block = |lane: usize| if lane < 4 { lane } else { h + lane - 4 };
+    let heads = blend_heads(std::array::from_fn(|lane| {
+        load_i32x8(src, at + BB * block(lane) - 4 * lane)
+    }));
+    let (low, high) = (h as i32, (n - h) as i32);
+    let blocks_per_half = i32x8::new([low, low, low, low, high, high, high, high]);
+    let present = blocks_per_half.simd_gt(i32x8::new([0, 1, 2, 3, 0, 1, 2, 3]));
+    let codes = |i: usize| (&src[at + BB * i + 4..], &src[at + BB * (i + h) + 4..]);
+    let mut sums = [Q4_1Sums::ZERO; N];
+    q4_1_group(&mut sums, heads & present, h, codes, acts, first);
+    sums
+}
+
+/// [`q4_1_tail`] from a zero-padded copy of the `n` blocks, for a row at
+/// the end of its matrix.
+#[cold]
+#[inline(never)]
+fn q4_1_padded_tail<const N: usize>(
+    blocks: &[u8],
+    n: usize,
+    acts: &[QuantizedActivations; N],
+    first: usize,
+) -> [Q4_1Sums; N] {
+    let mut padded = [0u8; Q4_1_GROUP_BYTES];
+    padded[..blocks.len()].copy_from_slice(blocks);
+    q4_1_tail(&padded, 0, n, acts, first)
+}
+
+/// `dot_q4_1_fast` of one row with `N` activation rows (Q8_1, pair layout);
+/// `rest` and `row_bytes` as there. Every block scale and minimum must be
+/// finite.
+#[inline(always)]
+pub(in crate::quant) fn dot_q4_1_fast_rows<const N: usize>(
+    rest: &[u8],
+    row_bytes: usize,
+    acts: &[QuantizedActivations; N],
+) -> [f32; N] {
+    const BB: usize = 20;
+    let mut sums = [Q4_1Sums::ZERO; N];
+    let blocks = row_bytes / BB;
+    let whole = blocks / 8 * 8;
+    let body = &rest[..whole * BB];
+    // The heads of the next group are loaded before the codes of this one,
+    // as in `dot_q4_1_fast`.
+    let mut groups = body.chunks_exact(Q4_1_GROUP_BYTES).enumerate();
+    let mut next = body.get(..Q4_1_GROUP_BYTES).map(group_heads::<BB>);
+    while let (Some(heads), Some((g, group))) = (next, groups.next()) {
+        let start = (g + 1) * Q4_1_GROUP_BYTES;
+        next = body
+            .get(start..start + Q4_1_GROUP_BYTES)
+            .map(group_heads::<BB>);
+        let codes = |i: usize| (&group[BB * i + 4..], &group[BB * (i + 4) + 4..]);
+        q4_1_group(&mut sums, heads, 4, codes, acts, 8 * g);
+    }
+    let n = blocks - whole;
+    if n > 0 {
+        let at = whole * BB;
+        let tails = if rest.len() >= at + Q4_1_GROUP_BYTES {
+            q4_1_tail(rest, at, n, acts, whole)
+        } else {
+            q4_1_padded_tail(&rest[at..at + n * BB], n, acts, whole)
+        };
+        for (sum, tail) in sums.iter_mut().zip(tails) {
+            sum.acc[0] += tail.acc[0] + tail.acc[1];
+            sum.mins += tail.mins;
+        }
+    }
+    let mut totals = [0f32; N];
+    for (total, sum) in totals.iter_mut().zip(sums) {
+        *total = sum.total();
+    }
+    totals
+}
+
+/// Adds block `K` of a group of eight 32-element blocks, whose codes `c`
+/// are laid out as the rows' activation vectors `a` of the group (two
+/// vectors a block), to accumulator `K % 2` of each row, `d` being the
+/// rows' block scales.
+#[inline(always)]
+fn add_block<const K: usize, const N: usize>(
+    acc: &mut [[f32x8; 2]; N],
+    c: [i16x16; 2],
+    a: &[&[i16x16; 16]; N],
+    d: &[[f32; 8]; N],
+) {
+    for t in 0..N {
+        let sum = f32x8::from_i32x8(q8_0_split_sum(c, &a[t][2 * K..2 * K + 2]));
+        acc[t][K % 2] = sum.mul_add(f32x8::splat(d[t][K]), acc[t][K % 2]);
+    }
+}
+
+/// Calls `add_block::<K, N>(acc, codes(K), a, d)` for each `K < n` (at
+/// most 8), in order.
+#[inline(always)]
+fn add_blocks<const N: usize>(
+    acc: &mut [[f32x8; 2]; N],
+    n: usize,
+    codes: impl Fn(usize) -> [i16x16; 2],
+    a: &[&[i16x16; 16]; N],
+    d: &[[f32; 8]; N],
+) {
+    add_block::<0, N>(acc, codes(0), a, d);
+    if n > 1 {
+        add_block::<1, N>(acc, codes(1), a, d);
+    }
+    if n > 2 {
+        add_block::<2, N>(acc, codes(2), a, d);
+    }
+    if n > 3 {
+        add_block::<3, N>(acc, codes(3), a, d);
+    }
+    if n > 4 {
+        add_block::<4, N>(acc, codes(4), a, d);
+    }
+    if n > 5 {
+        add_block::<5, N>(acc, codes(5), a, d);
+    }
+    if n > 6 {
+        add_block::<6, N>(acc, codes(6), a, d);
+    }
+    if n > 7 {
+        add_block::<7, N>(acc, codes(7), a, d);
+    }
+}
+
+/// `q8_0_group` for `N` activation rows, the group's first block being
+/// block `first` of the row.
+#[inline(always)]
+fn q8_0_group_rows<const N: usize>(
+    group: &[u8],
+    heads: i32x8,
+    n: usize,
+    acts: &[QuantizedActivations; N],
+    first: usize,
+    acc: &mut [[f32x8; 2]; N],
+) {
+    const BB: usize = 34;
+    let wd = f16_high_to_f32(heads << 16u32, F16_REBIAS_BY_256);
+    let mut d = [[0f32; 8]; N];
+    for (d, x) in d.iter_mut().zip(acts) {
+        *d = (wd * eight(&x.scales, first)).to_array();
+    }
+    let a = vectors::<16, N>(acts, 2 * first, |x| &x.split);
+    let codes = |k: usize| q8_0_split_codes(&group[BB * k + 2..]);
+    add_blocks(acc, n, codes, &a, &d);
+}
+
+/// `q8_0_tail` for `N` activation rows.
+#[inline(always)]
+fn q8_0_tail_rows<const N: usize>(
+    group: &[u8],
+    n: usize,
+    acts: &[QuantizedActivations; N],
+    first: usize,
+) -> [f32x8; N] {
+    let present = i32x8::splat(n as i32).simd_gt(i32x8::new([0, 1, 2, 3, 4, 5, 6, 7]));
+    let mut acc = [[f32x8::ZERO; 2]; N];
+    let heads = group_heads::<34>(group) & present;
+    q8_0_group_rows(group, heads, n, acts, first, &mut acc);
+    let mut sums = [f32x8::ZERO; N];
+    for (sum, [a, b]) in sums.iter_mut().zip(acc) {
+        *sum = a + b;
+    }
+    sums
+}
+
+/// [`q8_0_tail_rows`] on a zero-padded copy, for the end of the matrix.
+#[cold]
+#[inline(never)]
+fn q8_0_padded_tail_rows<const N: usize>(
+    blocks: &[u8],
+    n: usize,
+    acts: &[QuantizedActivations; N],
+    first: usize,
+) -> [f32x8; N] {
+    let mut padded = [0u8; Q8_0_GROUP_BYTES];
+    padded[..blocks.len()].copy_from_slice(blocks);
+    q8_0_tail_rows(&padded, n, acts, first)
+}
+
+/// `dot_q8_0_fast` of one row with `N` activation rows (Q8_0, even/odd
+/// layout); `rest` and `row_bytes` as there. Every block scale must be
+/// finite.
+#[inline(always)]
+pub(in crate::quant) fn dot_q8_0_fast_rows<const N: usize>(
+    rest: &[u8],
+    row_bytes: usize,
+    acts: &[QuantizedActivations; N],
+) -> [f32; N] {
+    const BB: usize = 34;
+    let mut acc = [[f32x8::ZERO; 2]; N];
+    let blocks = row_bytes / BB;
+    let whole = blocks / 8 * 8;
+    let body = &rest[..whole * BB];
+    for (g, group) in body.chunks_exact(Q8_0_GROUP_BYTES).enumerate() {
+        q8_0_group_rows(group, group_heads::<BB>(group), 8, acts, 8 * g, &mut acc);
+    }
+    let n = blocks - whole;
+    if n > 0 {
+        let at = whole * BB;
+        let tails = match rest.get(at..at + Q8_0_GROUP_BYTES) {
+            Some(group) => q8_0_tail_rows(group, n, acts, whole),
+            None => q8_0_padded_tail_rows(&rest[at..at + n * BB], n, acts, whole),
+        };
+        for (acc, tail) in acc.iter_mut().zip(tails) {
+            acc[0] += tail;
+        }
+    }
+    let mut totals = [0f32; N];
+    for (total, [a, b]) in totals.iter_mut().zip(acc) {
+        *total = (a + b).reduce_add();
+    }
+    totals
+}
+
+/// `dot_q4_0` (the generic 32-element kernel with Q4_0 blocks) of one row
+/// with `N` activation rows (Q8_0, plain layout).
+#[inline(always)]
+pub(in crate::quant) fn dot_q4_0_rows<const N: usize>(
+    row: &[u8],
+    acts: &[QuantizedActivations; N],
+) -> [f32; N] {
+    const BB: usize = 18;
+    let mut acc = [[f32x8::ZERO; 2]; N];
+    for (g, weights) in row.chunks(8 * BB).enumerate() {
+        let heads = gather_head::<BB>(weights);
+        let wd = f16x8_to_f32(heads & i32x8::splat(0xffff));
+        let mut d = [[0f32; 8]; N];
+        for (d, x) in d.iter_mut().zip(acts) {
+            *d = (wd * eight(&x.scales, 8 * g)).to_array();
+        }
+        let a = vectors::<16, N>(acts, 16 * g, |x| &x.quants);
+        // The one-row kernel adds block k of a group to accumulator k % 2,
+        // whether the group is whole or not.
+        let codes = |k: usize| q4_0_codes(&weights[BB * k + 2..BB * k + 18]);
+        add_blocks(&mut acc, weights.len() / BB, codes, &a, &d);
+    }
+    let mut totals = [0f32; N];
+    for (total, [a, b]) in totals.iter_mut().zip(acc) {
+        *total = (a + b + f32x8::ZERO).reduce_add();
+    }
+    totals
+}
