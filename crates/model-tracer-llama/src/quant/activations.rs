@@ -60,6 +60,13 @@ pub struct QuantizedActivations {
     /// nibbles (see `dot::q4_1_pair`). Codes are within ±127, so the products
     /// fit in i16. Zero-padded to whole groups (16 vectors).
     pub(super) pairs: Vec<i16x16>,
+    /// Q8_1 rows of a [`QuantizedBatch`] only, and only where the multi-row
+    /// Q4_1 kernel multiplies bytes (see `dot::rows`): the codes of each
+    /// pair of `pairs` as bytes, two vectors a pair, the first holding
+    /// elements 0–15 of the pair's first block then of its second, the
+    /// other elements 16–31 (zero where there is no second block).
+    /// Zero-padded to whole groups (8 vectors). Empty otherwise.
+    pub(super) pair_bytes: Vec<i16x16>,
     /// Q8_1 only: `scales` in the lane order of `pairs`, zero in lanes
     /// without a block.
     pub(super) pair_scales: Vec<f32>,
@@ -92,6 +99,7 @@ impl QuantizedActivations {
             sums: Vec::new(),
             bsums: Vec::new(),
             pairs: Vec::new(),
+            pair_bytes: Vec::new(),
             pair_scales: Vec::new(),
             pair_sums: Vec::new(),
             split: Vec::new(),
@@ -118,6 +126,7 @@ impl QuantizedActivations {
         }
         self.format = format;
         self.len = x.len();
+        self.pair_bytes.clear();
         match format {
             GgmlType::F32 => {
                 self.values.clear();
@@ -221,6 +230,31 @@ impl QuantizedActivations {
             }
         }
         self.pairs.resize(2 * padded, i16x16::ZERO);
+    }
+
+    /// Builds `pair_bytes` from `quants`, for a Q8_1 vector.
+    pub(super) fn fill_pair_bytes(&mut self) {
+        let blocks = self.len / 32;
+        self.pair_bytes.clear();
+        let code = |b: usize, e: usize| -> u8 {
+            self.quants[2 * b + e / 16].to_array()[e % 16] as i8 as u8
+        };
+        for first in (0..blocks).step_by(8) {
+            let n = (blocks - first).min(8);
+            let h = n.div_ceil(2);
+            for i in 0..h {
+                let (low, high) = (first + i, (i + h < n).then_some(first + h + i));
+                for half in [0, 16] {
+                    let bytes: [u8; 32] = std::array::from_fn(|j| match (j < 16, high) {
+                        (true, _) => code(low, half + j),
+                        (false, Some(high)) => code(high, half + j - 16),
+                        (false, None) => 0,
+                    });
+                    self.pair_bytes.push(wide::bytemuck::cast(bytes));
+                }
+            }
+        }
+        self.pair_bytes.resize(blocks.div_ceil(8) * 8, i16x16::ZERO);
     }
 
     fn quantize_q8_k(&mut self, x: &[f32]) {
@@ -396,6 +430,9 @@ impl QuantizedBatch {
         }
         for (row, values) in self.rows.iter_mut().zip(x.chunks_exact(cols)) {
             row.quantize_from(values, for_weights)?;
+            if format == GgmlType::Q8_1 && super::dot::rows::Q4_1_BYTES {
+                row.fill_pair_bytes();
+            }
         }
         self.format = format;
         self.cols = cols;

@@ -21,8 +21,8 @@ use wide::{f32x8, i16x16, i32x8};
 use super::super::activations::QuantizedActivations;
 use super::{
     blend_heads, f16_high_to_f32, f16x8_to_f32, f32x8_of, gather_head, group_heads, load_i32x8,
-    load_two, q4_0_codes, q4_1_pair_codes, q4_1_pair_sum, q8_0_split_codes, q8_0_split_sum,
-    Q4_1Sums, F16_REBIAS, F16_REBIAS_BY_256, Q4_1_GROUP_BYTES, Q8_0_GROUP_BYTES,
+    load_two, q4_0_codes, q8_0_split_codes, q8_0_split_sum, Q4_1Sums, F16_REBIAS,
+    F16_REBIAS_BY_256, Q4_1_GROUP_BYTES, Q8_0_GROUP_BYTES,
 };
 
 /// Each row's `LEN` activation vectors from vector `at` on, in the layout
@@ -59,6 +59,96 @@ fn pair_scale<const I: usize>(v: f32x8) -> f32x8 {
     f32x8::new([lo, lo, lo, lo, hi, hi, hi, hi])
 }
 
+/// Whether the multi-row Q4_1 kernel multiplies code bytes with `pmaddubsw`
+/// (x86 with AVX2), reading the activations' `pair_bytes`; otherwise it
+/// uses the `i16x16` products of the one-row kernel and `pairs`.
+///
+/// `pmaddubsw` multiplies 32 unsigned bytes with 32 signed ones and adds
+/// adjacent products into i16 lanes. The low nibbles of a pair's 32 code
+/// bytes are elements 0–15 of its two blocks and the high nibbles elements
+/// 16–31; against the activation bytes of the same elements, the two
+/// products added (at most 4 · 15 · 127 in a lane, no saturation) and then
+/// multiplied by 256 in pairs of lanes (`pmaddwd`) give i32 lane `k` of
+/// each block the sum over elements `4k..4k + 4` and `4k + 16..4k + 20`
+/// times 256: exactly the lanes of `q4_1_pair`. Two byte products and an
+/// i16 addition replace three of its four `pmaddwd` and two additions.
+pub(in crate::quant) const Q4_1_BYTES: bool = cfg!(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+));
+
+/// A pair's codes as its multi-row product takes them.
+#[cfg(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+))]
+type PairCodes = [safe_arch::m256i; 2];
+#[cfg(not(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+)))]
+type PairCodes = [i16x16; 4];
+
+/// Activation vectors of a group per row: `pair_bytes` (8) or `pairs` (16).
+const GROUP_VECTORS: usize = if Q4_1_BYTES { 8 } else { 16 };
+
+/// The vectors of a row's activations that [`q4_1_product`] reads.
+#[inline(always)]
+fn pair_layout(x: &QuantizedActivations) -> &[i16x16] {
+    if Q4_1_BYTES {
+        &x.pair_bytes
+    } else {
+        &x.pairs
+    }
+}
+
+/// The codes of a pair (its 32 code bytes read as `i16x16`) split for
+/// [`q4_1_product`].
+#[inline(always)]
+fn q4_1_decode(codes: i16x16) -> PairCodes {
+    #[cfg(all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        target_feature = "avx2"
+    ))]
+    {
+        let nibbles = i16x16::splat(0x0f0f);
+        let low = codes & nibbles;
+        let high: i16x16 = (codes >> 4) & nibbles;
+        [wide::bytemuck::cast(low), wide::bytemuck::cast(high)]
+    }
+    #[cfg(not(all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        target_feature = "avx2"
+    )))]
+    {
+        super::q4_1_pair_codes(codes)
+    }
+}
+
+/// 256 × the partial sums of a pair against one row's activation vectors
+/// of the pair (two of `pair_bytes` or four of `pairs`): `q4_1_pair`'s
+/// lanes.
+#[inline(always)]
+fn q4_1_product(c: &PairCodes, a: &[i16x16]) -> i32x8 {
+    #[cfg(all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        target_feature = "avx2"
+    ))]
+    {
+        use safe_arch::mul_u8i8_add_horizontal_saturating_m256i as maddubs;
+        let low: i16x16 = wide::bytemuck::cast(maddubs(c[0], wide::bytemuck::cast(a[0])));
+        let high: i16x16 = wide::bytemuck::cast(maddubs(c[1], wide::bytemuck::cast(a[1])));
+        (low + high).dot(i16x16::splat(256))
+    }
+    #[cfg(not(all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        target_feature = "avx2"
+    )))]
+    {
+        super::q4_1_pair_sum(c, a)
+    }
+}
+
 /// Adds pair `I` of a Q4_1 group (the code bytes `lo` and `hi` of its two
 /// blocks) to accumulator `I % 2` of each row, `a` being the rows'
 /// activation vectors of the group and `d` their block scales in lane
@@ -67,12 +157,14 @@ fn pair_scale<const I: usize>(v: f32x8) -> f32x8 {
 fn q4_1_pair<const I: usize, const N: usize>(
     sums: &mut [Q4_1Sums; N],
     (lo, hi): (&[u8], &[u8]),
-    a: &[&[i16x16; 16]; N],
+    a: &[&[i16x16; GROUP_VECTORS]; N],
     d: &[f32x8; N],
 ) {
-    let c = q4_1_pair_codes(load_two(lo, hi));
+    const PER_PAIR: usize = GROUP_VECTORS / 4;
+    let c = q4_1_decode(load_two(lo, hi));
     for t in 0..N {
-        let sum = f32x8::from_i32x8(q4_1_pair_sum(&c, &a[t][4 * I..4 * I + 4]));
+        let product = q4_1_product(&c, &a[t][PER_PAIR * I..PER_PAIR * (I + 1)]);
+        let sum = f32x8::from_i32x8(product);
         sums[t].acc[I % 2] = sum.mul_add(pair_scale::<I>(d[t]), sums[t].acc[I % 2]);
     }
 }
@@ -97,7 +189,7 @@ fn q4_1_group<'a, const N: usize>(
         *d = wd * eight(&x.pair_scales, first);
         sums.mins = wm.mul_add(eight(&x.pair_sums, first), sums.mins);
     }
-    let a = vectors::<16, N>(acts, 2 * first, |x| &x.pairs);
+    let a = vectors::<GROUP_VECTORS, N>(acts, GROUP_VECTORS / 8 * first, pair_layout);
     q4_1_pair::<0, N>(sums, codes(0), &a, &d);
     if pairs > 1 {
         q4_1_pair::<1, N>(sums, codes(1), &a, &d);
