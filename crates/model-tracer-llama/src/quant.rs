@@ -45,10 +45,14 @@
 //! - **Which types are fast.** Q4_1, Q8_0 and Q4_0 have multi-row
 //!   kernels: a weight row's blocks are loaded, their scales converted and
 //!   their codes isolated once per tile and used for its 4 activation
-//!   rows, whose accumulators stay in registers. The other types (Q5_0,
-//!   Q5_1, Q4_K, Q6_K, F32, F16, BF16, and Q4_1/Q8_0 matrices with a
-//!   non-finite scale) run the one-row kernel once per activation row, in
-//!   the same cache-friendly order; so does `matmul_f32` for every type.
+//!   rows, whose accumulators stay in registers. On x86 with AVX2 the Q4_1
+//!   kernel multiplies code bytes (`pmaddubsw`), which gives the same
+//!   integer sums in fewer instructions. The other types (Q5_0, Q5_1,
+//!   Q4_K, Q6_K, F32, F16, BF16, and Q4_1/Q8_0 matrices with a non-finite
+//!   scale) run the one-row kernel once per activation row, in the same
+//!   cache-friendly order. `matmul_f32` has multi-row kernels for Q4_1,
+//!   Q8_0 and Q4_0 (tiles of 8 rows; each block's weights formed once per
+//!   tile) and runs the one-row kernel for the others.
 
 mod activations;
 mod blocks;

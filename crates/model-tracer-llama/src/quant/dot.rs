@@ -836,7 +836,12 @@ fn widen_i8(bytes: &[u8]) -> [i32x8; 2] {
 /// 24–31 of a block) as eight partial sums.
 #[inline(always)]
 fn codes_dot_x(codes: [i32x8; 4], x: &[f32]) -> f32x8 {
-    let c = codes.map(f32x8::from_i32x8);
+    codes_dot_x_f32(&codes.map(f32x8::from_i32x8), x)
+}
+
+/// [`codes_dot_x`] from codes already converted to f32.
+#[inline(always)]
+fn codes_dot_x_f32(c: &[f32x8; 4], x: &[f32]) -> f32x8 {
     // Two chains of two, so the block's sum waits on two roundings only.
     let low = c[0] * f32x8_of(&x[..8]);
     let high = c[1] * f32x8_of(&x[8..16]);

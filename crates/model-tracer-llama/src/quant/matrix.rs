@@ -4,7 +4,10 @@ use std::ops::Range;
 
 use super::activations::{activation_type, QuantizedActivations, QuantizedBatch};
 use super::blocks::*;
-use super::dot::rows::{dot_q4_0_rows, dot_q4_1_fast_rows, dot_q8_0_fast_rows};
+use super::dot::rows::{
+    dot_f32_q4_1_rows, dot_f32_q8_0_q4_0_rows, dot_q4_0_rows, dot_q4_1_fast_rows,
+    dot_q8_0_fast_rows,
+};
 use super::dot::*;
 use super::{dequantize, quantize, QuantError};
 use crate::dtype::GgmlType;
@@ -385,19 +388,25 @@ impl QMatrix {
         }
         let (m, n) = (self, acts.len());
         match self.ty {
-            GgmlType::Q4_1 if self.finite_scales => self.tiled(out, n, &Q4_1Fast { m, acts }),
-            GgmlType::Q8_0 if self.finite_scales => self.tiled(out, n, &Q8_0Fast { m, acts }),
-            GgmlType::Q4_0 => self.tiled(out, n, &Q4_0Rows { m, acts }),
-            _ => self.tiled(out, n, &OneByOne { m, acts }),
+            GgmlType::Q4_1 if self.finite_scales => {
+                self.tiled::<TILE>(out, n, &Q4_1Fast { m, acts })
+            }
+            GgmlType::Q8_0 if self.finite_scales => {
+                self.tiled::<TILE>(out, n, &Q8_0Fast { m, acts })
+            }
+            GgmlType::Q4_0 => self.tiled::<TILE>(out, n, &Q4_0Rows { m, acts }),
+            _ => self.tiled::<TILE>(out, n, &OneByOne { m, acts }),
         }
     }
 
     /// Reference product of a batch: `x` holds `T` rows of `cols` f32
     /// values, row-major, and `out[t * rows + r]` is row `r` of the weights
     /// times row `t` of `x`, bit for bit what
-    /// [`matvec_f32`](Self::matvec_f32) gives for that row alone. Rows go
-    /// through the one-row f32 kernels in the cache-friendly order of
-    /// [`matmul`](Self::matmul), without sharing their decoding.
+    /// [`matvec_f32`](Self::matvec_f32) gives for that row alone, non-finite
+    /// values included. Q4_1, Q8_0 and Q4_0 rows are decoded once per tile
+    /// of 8 activation rows; other types run the one-row f32 kernel once per
+    /// activation row. Both go in the cache-friendly order of
+    /// [`matmul`](Self::matmul).
     ///
     /// # Panics
     /// If `x.len()` is not a multiple of `self.cols()` (or, for a matrix of
@@ -428,7 +437,13 @@ impl QMatrix {
             out.fill(0.0);
             return;
         }
-        self.tiled(out, rows_x, &OneByOneF32 { m: self, x });
+        let (m, cols) = (self, self.cols);
+        match self.ty {
+            GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_0 => {
+                self.tiled::<F32_TILE>(out, rows_x, &F32Rows { m, x, cols })
+            }
+            _ => self.tiled::<TILE>(out, rows_x, &OneByOneF32 { m, x }),
+        }
     }
 
     /// Runs `kernel(r, t0)`, which returns the products of weight row `r`
@@ -441,7 +456,7 @@ impl QMatrix {
     /// per call and from the cache for every other tile, and a tile's
     /// activations stay in the cache for the whole block.
     #[inline(always)]
-    fn tiled(&self, out: &mut [f32], rows_x: usize, kernel: &impl TileKernel) {
+    fn tiled<const TILE: usize>(&self, out: &mut [f32], rows_x: usize, kernel: &impl TileKernel) {
         let whole = rows_x / TILE * TILE;
         for first in (0..self.rows).step_by(ROW_BLOCK) {
             let block = first..(first + ROW_BLOCK).min(self.rows);
@@ -527,6 +542,9 @@ impl QMatrix {
 /// accumulators a multi-row kernel keeps at once.
 pub(super) const TILE: usize = 4;
 
+/// Activation rows per tile of the multi-row f32 kernels.
+pub(super) const F32_TILE: usize = 8;
+
 /// Weight rows per block of [`QMatrix::matmul`].
 pub(super) const ROW_BLOCK: usize = 16;
 
@@ -597,6 +615,31 @@ impl TileKernel for OneByOne<'_> {
     #[inline(always)]
     fn products<const N: usize>(&self, r: usize, t0: usize) -> [f32; N] {
         std::array::from_fn(|t| self.m.dot_row(r, &self.acts[t0 + t]))
+    }
+}
+
+/// The multi-row f32 kernels of Q4_1, Q8_0 and Q4_0 matrices, on the rows
+/// of `x` (row-major, `cols` values a row).
+struct F32Rows<'a> {
+    m: &'a QMatrix,
+    x: &'a [f32],
+    cols: usize,
+}
+
+impl TileKernel for F32Rows<'_> {
+    #[inline(always)]
+    fn products<const N: usize>(&self, r: usize, t0: usize) -> [f32; N] {
+        let rb = self.m.row_bytes;
+        let row = &self.m.data[r * rb..(r + 1) * rb];
+        let mut x: [&[f32]; N] = [&[]; N];
+        for (t, x) in x.iter_mut().enumerate() {
+            *x = &self.x[(t0 + t) * self.cols..(t0 + t + 1) * self.cols];
+        }
+        match self.m.ty {
+            GgmlType::Q4_1 => dot_f32_q4_1_rows(row, &x),
+            GgmlType::Q8_0 => dot_f32_q8_0_q4_0_rows::<false, N>(row, &x),
+            _ => dot_f32_q8_0_q4_0_rows::<true, N>(row, &x),
+        }
     }
 }
 

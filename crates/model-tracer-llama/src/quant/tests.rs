@@ -1401,3 +1401,44 @@ fn matmul_f32_rejects_a_partial_activation_row() {
     let m = QMatrix::from_f32(GgmlType::Q8_0, 3, 32, &[0.5; 96]).unwrap();
     m.matmul_f32(&[0.5; 40], &mut [0.0; 3]);
 }
+
+#[test]
+fn matmul_f32_propagates_non_finite_values_as_matvec_f32() {
+    let mut rng = SplitMix64::new(24);
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_1,
+    ] {
+        let (rows, blocks, t_rows) = (5, 11, 9);
+        let bb = ty.block_bytes();
+        let mut w = random_blocks(&mut rng, ty, rows * blocks);
+        // An infinite scale in a whole group, a NaN in the partial one.
+        w[(blocks + 2) * bb..][..2].copy_from_slice(&0xfc00u16.to_le_bytes());
+        w[(3 * blocks + 9) * bb..][..2].copy_from_slice(&0x7e00u16.to_le_bytes());
+        let cols = 32 * blocks;
+        let m = QMatrix::from_bytes(ty, rows, cols, w).unwrap();
+        let mut x = random_vec(&mut rng, t_rows * cols);
+        x[2 * cols + 40] = f32::INFINITY;
+        x[5 * cols + 300] = f32::NEG_INFINITY;
+        x[7 * cols + 3] = f32::NAN;
+        let mut out = vec![0f32; t_rows * rows];
+        m.matmul_f32(&x, &mut out);
+        let mut want = vec![0f32; rows];
+        for (t, got) in out.chunks_exact(rows).enumerate() {
+            m.matvec_f32(&x[t * cols..(t + 1) * cols], &mut want);
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                let same = if w.is_nan() {
+                    g.is_nan()
+                } else {
+                    g.to_bits() == w.to_bits()
+                };
+                assert!(same, "{ty} row {t}, weight row {r}: {g} vs {w}");
+            }
+            assert!(got[3].is_nan(), "{ty} row {t}: {got:?}");
+        }
+        assert!(out[7 * rows..8 * rows].iter().all(|v| v.is_nan()));
+        assert!(out[2 * rows..3 * rows].iter().any(|v| v.is_infinite()));
+    }
+}

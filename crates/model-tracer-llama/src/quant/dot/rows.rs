@@ -19,10 +19,12 @@
 use wide::{f32x8, i16x16, i32x8};
 
 use super::super::activations::QuantizedActivations;
+use super::super::blocks::f16_at;
 use super::{
-    blend_heads, f16_high_to_f32, f16x8_to_f32, f32x8_of, gather_head, group_heads, load_i32x8,
-    load_two, q4_0_codes, q8_0_split_codes, q8_0_split_sum, Q4_1Sums, F16_REBIAS,
-    F16_REBIAS_BY_256, Q4_1_GROUP_BYTES, Q8_0_GROUP_BYTES,
+    blend_heads, codes_dot_x_f32, f16_high_to_f32, f16x8_to_f32, f32x8_of, gather_head,
+    group_heads, group_scales_f32, load_i32x8, load_two, q4_0_codes, q8_0_split_codes,
+    q8_0_split_sum, widen_i8, widen_u8, widen_u8_whole, Q4_1Sums, F16_REBIAS, F16_REBIAS_BY_256,
+    Q4_1_GROUP_BYTES, Q8_0_GROUP_BYTES,
 };
 
 /// Each row's `LEN` activation vectors from vector `at` on, in the layout
@@ -453,6 +455,114 @@ pub(in crate::quant) fn dot_q4_0_rows<const N: usize>(
     let mut totals = [0f32; N];
     for (total, [a, b]) in totals.iter_mut().zip(acc) {
         *total = (a + b + f32x8::ZERO).reduce_add();
+    }
+    totals
+}
+
+/// Calls `block(b, codes, d, m, b % 2)` for every 32-element block `b` of
+/// `row` as `for_each_f32_block` does (the same scales, converted the same
+/// way), with the block's index in the row instead of its index in its
+/// group, and its parity as a literal (so that an accumulator it selects
+/// can stay in a register).
+#[inline(always)]
+fn for_each_f32_block_at<const BLOCK_BYTES: usize, const HEAD: usize>(
+    row: &[u8],
+    mut block: impl FnMut(usize, &[u8], f32, f32, usize),
+) {
+    let groups = row.chunks_exact(8 * BLOCK_BYTES);
+    let tail = groups.remainder();
+    let mut b = 0;
+    for group in groups {
+        let (d, m) = group_scales_f32::<BLOCK_BYTES>(group);
+        for k in (0..8).step_by(2) {
+            let codes = |k: usize| &group[k * BLOCK_BYTES + HEAD..(k + 1) * BLOCK_BYTES];
+            block(b + k, codes(k), d[k], m[k], 0);
+            block(b + k + 1, codes(k + 1), d[k + 1], m[k + 1], 1);
+        }
+        b += 8;
+    }
+    // Whole groups hold an even number of blocks: the tail starts even.
+    let mut blocks = tail.chunks_exact(BLOCK_BYTES);
+    let head = |blk: &[u8]| (f16_at(blk, 0), if HEAD == 4 { f16_at(blk, 2) } else { 0.0 });
+    while let Some(blk) = blocks.next() {
+        let (d, m) = head(blk);
+        block(b, &blk[HEAD..], d, m, 0);
+        if let Some(blk) = blocks.next() {
+            let (d, m) = head(blk);
+            block(b + 1, &blk[HEAD..], d, m, 1);
+        }
+        b += 2;
+    }
+}
+
+/// The 32 activations of block `b` of each row.
+#[inline(always)]
+fn block_x<'a, const N: usize>(x: &[&'a [f32]; N], b: usize) -> [&'a [f32]; N] {
+    let mut out: [&[f32]; N] = [&[]; N];
+    for (out, x) in out.iter_mut().zip(x) {
+        *out = &x[32 * b..32 * b + 32];
+    }
+    out
+}
+
+/// `dot_f32_q4_1` of one row with `N` rows of f32 activations: each
+/// block's weights are formed once and multiplied with every row.
+#[inline(always)]
+pub(in crate::quant) fn dot_f32_q4_1_rows<const N: usize>(row: &[u8], x: &[&[f32]; N]) -> [f32; N] {
+    let mut acc = [[f32x8::ZERO; 4]; N];
+    for_each_f32_block_at::<20, 4>(row, |b, codes, d, m, _| {
+        let [b0, b1] = widen_u8_whole(codes);
+        let fifteen = i32x8::splat(15);
+        let nibbles = [b0 & fifteen, b1 & fifteen, b0 >> 4u32, b1 >> 4u32];
+        let (d, m) = (f32x8::splat(d), f32x8::splat(m));
+        let w = nibbles.map(|q| f32x8::from_i32x8(q).mul_add(d, m));
+        for (acc, x) in acc.iter_mut().zip(block_x(x, b)) {
+            for ((w, x), acc) in w.iter().zip(x.chunks_exact(8)).zip(acc) {
+                *acc = w.mul_add(f32x8_of(x), *acc);
+            }
+        }
+    });
+    let mut totals = [0f32; N];
+    for (total, acc) in totals.iter_mut().zip(acc) {
+        *total = ((acc[0] + acc[1]) + (acc[2] + acc[3])).reduce_add();
+    }
+    totals
+}
+
+/// `dot_f32_q8_0` (`Q4_0` false) or `dot_f32_q4_0` (`Q4_0` true) of one
+/// row with `N` rows of f32 activations: each block's codes are converted
+/// once and multiplied with every row.
+#[inline(always)]
+pub(in crate::quant) fn dot_f32_q8_0_q4_0_rows<const Q4_0: bool, const N: usize>(
+    row: &[u8],
+    x: &[&[f32]; N],
+) -> [f32; N] {
+    let mut acc = [[f32x8::ZERO; 2]; N];
+    // Block b goes to accumulator b % 2, as in the one-row kernels.
+    let mut add = |b: usize, codes: [i32x8; 4], d: f32, parity: usize| {
+        let c = codes.map(f32x8::from_i32x8);
+        for (acc, x) in acc.iter_mut().zip(block_x(x, b)) {
+            let sum = codes_dot_x_f32(&c, x);
+            acc[parity] = sum.mul_add(f32x8::splat(d), acc[parity]);
+        }
+    };
+    if Q4_0 {
+        for_each_f32_block_at::<18, 2>(row, |b, codes, d, _, parity| {
+            let [b0, b1] = widen_u8(codes);
+            let (fifteen, eight) = (i32x8::splat(15), i32x8::splat(8));
+            let nibbles = [b0 & fifteen, b1 & fifteen, b0 >> 4u32, b1 >> 4u32];
+            add(b, nibbles.map(|q| q - eight), d, parity);
+        });
+    } else {
+        for_each_f32_block_at::<34, 2>(row, |b, codes, d, _, parity| {
+            let [c0, c1] = widen_i8(&codes[..16]);
+            let [c2, c3] = widen_i8(&codes[16..32]);
+            add(b, [c0, c1, c2, c3], d, parity);
+        });
+    }
+    let mut totals = [0f32; N];
+    for (total, [a, b]) in totals.iter_mut().zip(acc) {
+        *total = (a + b).reduce_add();
     }
     totals
 }
