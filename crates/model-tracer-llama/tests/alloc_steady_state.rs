@@ -142,3 +142,37 @@ fn every_brick_measured_allocates_nothing_after_warm_up() {
         .collect();
     assert_none("Full, every brick", &per_step);
 }
+
+/// Quantizing a chunk of activation rows and multiplying it with matrices
+/// allocates nothing once the batch has held its largest chunk.
+#[test]
+fn batched_products_allocate_nothing_after_the_first_chunk() {
+    use model_tracer_llama::quant::{QMatrix, QuantizedBatch};
+    let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
+    let (cols, max_rows) = (128, 9);
+    let x: Vec<f32> = (0..max_rows * cols).map(value).collect();
+    let matrices: Vec<QMatrix> = [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q5_1]
+        .into_iter()
+        .map(|ty| {
+            let w: Vec<f32> = (0..7 * cols).map(|i| value(i + 5)).collect();
+            QMatrix::from_f32(ty, 7, cols, &w).expect("a small matrix")
+        })
+        .collect();
+    let mut batches: Vec<QuantizedBatch> = matrices.iter().map(|_| QuantizedBatch::new()).collect();
+    let mut out = vec![0f32; max_rows * 7];
+    let mut run = |t_rows: usize| {
+        for (m, batch) in matrices.iter().zip(&mut batches) {
+            batch
+                .quantize_from(&x[..t_rows * cols], cols, m.ty())
+                .expect("whole rows of whole blocks");
+            m.matmul(batch, &mut out[..t_rows * 7]);
+            m.matmul_f32(&x[..t_rows * cols], &mut out[..t_rows * 7]);
+        }
+    };
+    run(max_rows);
+    let before = allocations();
+    for t_rows in [1, 4, max_rows, 2, max_rows] {
+        run(t_rows);
+    }
+    assert_eq!(allocations() - before, 0);
+}
