@@ -421,3 +421,78 @@ fn smollm2_full_trace_lens_ends_at_the_chosen_token_and_exports() {
     assert_eq!(generated, g.tokens);
     assert_eq!(doc["prompt_ids"].as_array().unwrap().len(), ids.len());
 }
+
+/// The batched products of the real weights (every matrix of the first and
+/// last layers, and the LM head) equal the one-row products bit for bit,
+/// on activation rows made of the prompt's token embeddings.
+#[test]
+fn smollm2_batched_products_equal_one_row_products() {
+    use model_tracer_llama::quant::{QMatrix, QuantizedActivations, QuantizedBatch};
+    let Some(path) = common::real_model() else {
+        return;
+    };
+    let m = Llama::from_gguf(&path, None, Disabled).unwrap();
+    let tok = m.tokenizer.as_ref().unwrap();
+    let ids = tok.encode("The capital of France is Paris, and the capital of Italy is Rome.");
+    let dim = m.config.dim;
+    let mut rows = vec![0f32; 0];
+    let mut row = vec![0f32; dim];
+    for &id in ids.iter().cycle().take(19) {
+        m.weights.token_embd.dequantize_row(id as usize, &mut row);
+        rows.extend(row.iter().map(|v| v * 40.0));
+    }
+    let ffn: Vec<f32> = rows
+        .iter()
+        .cycle()
+        .take(19 * m.config.ffn_dim)
+        .enumerate()
+        .map(|(i, v)| v * if i % 3 == 0 { -1.5 } else { 0.5 })
+        .collect();
+    let w = &m.weights;
+    let mut matrices: Vec<(&str, &QMatrix)> = vec![("output", &w.output.weight)];
+    for layer in [&w.layers[0], &w.layers[29]] {
+        matrices.extend([
+            ("q", &layer.attn_q.weight),
+            ("k", &layer.attn_k.weight),
+            ("v", &layer.attn_v.weight),
+            ("o", &layer.attn_output.weight),
+            ("gate", &layer.ffn_gate.weight),
+            ("up", &layer.ffn_up.weight),
+            ("down", &layer.ffn_down.weight),
+        ]);
+    }
+    let mut batch = QuantizedBatch::new();
+    let mut acts = QuantizedActivations::new();
+    for (name, w) in matrices {
+        let x = if w.cols() == dim { &rows } else { &ffn };
+        let t_rows = x.len() / w.cols();
+        batch.quantize_from(x, w.cols(), w.ty()).unwrap();
+        let mut out = vec![0f32; t_rows * w.rows()];
+        let mut exact = vec![0f32; t_rows * w.rows()];
+        w.matmul(&batch, &mut out);
+        w.matmul_f32(x, &mut exact);
+        let mut one = vec![0f32; w.rows()];
+        for t in 0..t_rows {
+            let xt = &x[t * w.cols()..(t + 1) * w.cols()];
+            acts.quantize_from(xt, w.ty()).unwrap();
+            w.matvec(&acts, &mut one);
+            let got = &out[t * w.rows()..(t + 1) * w.rows()];
+            assert!(
+                got.iter()
+                    .zip(&one)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} ({}): row {t} differs from matvec",
+                w.ty()
+            );
+            w.matvec_f32(xt, &mut one);
+            let got = &exact[t * w.rows()..(t + 1) * w.rows()];
+            assert!(
+                got.iter()
+                    .zip(&one)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} ({}): row {t} differs from matvec_f32",
+                w.ty()
+            );
+        }
+    }
+}
