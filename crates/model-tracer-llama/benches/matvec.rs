@@ -2,8 +2,8 @@
 //!
 //! Plain `std::time` timing (no harness): each case is repeated until it has
 //! run for a fixed wall time, and the best of several rounds is reported.
-//! Run with `cargo bench --bench matvec` (`-- rows` or `-- prefill` for
-//! the multi-row sections alone); add
+//! Run with `cargo bench --bench matvec` (`-- rows`, `-- exact` or
+//! `-- prefill` for the multi-row sections alone); add
 //! `RUSTFLAGS="-C target-cpu=native"` for the AVX2 build.
 
 use std::hint::black_box;
@@ -45,7 +45,7 @@ struct Case {
 fn main() {
     let budget = Duration::from_millis(1500);
     // `cargo bench --bench matvec -- rows prefill` runs only the sections
-    // named (`matvec`, `rows`, `prefill`); cargo adds `--bench`.
+    // named (`matvec`, `rows`, `exact`, `prefill`); cargo adds `--bench`.
     let sections: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -56,6 +56,9 @@ fn main() {
     }
     if run("rows") {
         multi_row(budget);
+    }
+    if run("exact") {
+        multi_row_f32(budget);
     }
     if run("prefill") {
         prefill_pass(budget);
@@ -284,6 +287,64 @@ fn multi_row(budget: Duration) {
             let (_, median) = time_per_call(
                 || {
                     m.matmul(black_box(&batch), &mut out[..t * rows]);
+                    black_box(&out);
+                },
+                budget,
+            );
+            let per_row = median.as_secs_f64() / t as f64;
+            print!(" {:>7.2} {:>5.2}x", per_row * 1e6, single / per_row);
+        }
+        println!();
+    }
+}
+
+/// `QMatrix::matmul_f32` (the exact path) against one `matvec_f32` per
+/// row, as [`multi_row`] does for the quantized products.
+fn multi_row_f32(budget: Duration) {
+    let shapes = [
+        (576, 576, GgmlType::Q4_1),
+        (1536, 576, GgmlType::Q4_1),
+        (576, 1536, GgmlType::Q4_1),
+        (576, 576, GgmlType::Q8_0),
+        (576, 576, GgmlType::Q4_0),
+        (576, 576, GgmlType::Q5_1),
+    ];
+    let batch_sizes = [8usize, 32];
+    println!();
+    println!("exact path: median time per activation row (us), and matvec_f32's median / it");
+    print!(
+        "{:<6} {:>6} x {:<5} {:>11}",
+        "type", "rows", "cols", "matvec_f32"
+    );
+    for t in batch_sizes {
+        print!(" {:>14}", format!("T = {t}"));
+    }
+    println!();
+    for (rows, cols, ty) in shapes {
+        let m = QMatrix::from_f32(ty, rows, cols, &values(rows * cols, rows as u64 * 7 + 1))
+            .unwrap_or_else(|e| panic!("cannot build the {ty} matrix: {e}"));
+        let max_t = batch_sizes[batch_sizes.len() - 1];
+        let x = values(max_t * cols, 5);
+        let mut out = vec![0.0f32; max_t * rows];
+        let (_, single) = time_per_call(
+            || {
+                m.matvec_f32(black_box(&x[..cols]), &mut out[..rows]);
+                black_box(&out);
+            },
+            budget,
+        );
+        let single = single.as_secs_f64();
+        print!(
+            "{:<6} {:>6} x {:<5} {:>11.2}",
+            ty.name(),
+            rows,
+            cols,
+            single * 1e6
+        );
+        for t in batch_sizes {
+            let (_, median) = time_per_call(
+                || {
+                    m.matmul_f32(black_box(&x[..t * cols]), &mut out[..t * rows]);
                     black_box(&out);
                 },
                 budget,

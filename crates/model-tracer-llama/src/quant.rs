@@ -51,8 +51,9 @@
 //!   Q4_K, Q6_K, F32, F16, BF16, and Q4_1/Q8_0 matrices with a non-finite
 //!   scale) run the one-row kernel once per activation row, in the same
 //!   cache-friendly order. `matmul_f32` has multi-row kernels for Q4_1,
-//!   Q8_0 and Q4_0 (tiles of 8 rows; each block's weights formed once per
-//!   tile) and runs the one-row kernel for the others.
+//!   Q8_0 and Q4_0 (tiles of 8 rows, 4 beyond 768 columns; each block's
+//!   weights formed once per tile) and runs the one-row kernel for the
+//!   others.
 
 mod activations;
 mod blocks;

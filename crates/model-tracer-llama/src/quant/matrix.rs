@@ -404,8 +404,8 @@ impl QMatrix {
     /// times row `t` of `x`, bit for bit what
     /// [`matvec_f32`](Self::matvec_f32) gives for that row alone, non-finite
     /// values included. Q4_1, Q8_0 and Q4_0 rows are decoded once per tile
-    /// of 8 activation rows; other types run the one-row f32 kernel once per
-    /// activation row. Both go in the cache-friendly order of
+    /// of 8 activation rows (4 beyond 768 columns); other types run the
+    /// one-row f32 kernel once per activation row. Both go in the cache-friendly order of
     /// [`matmul`](Self::matmul).
     ///
     /// # Panics
@@ -439,8 +439,13 @@ impl QMatrix {
         }
         let (m, cols) = (self, self.cols);
         match self.ty {
-            GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_0 => {
+            // A tile's activations should stay in a 32 KiB L1 cache with
+            // room for the weights: 8 rows up to 768 columns, else 4.
+            GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_0 if cols <= 768 => {
                 self.tiled::<F32_TILE>(out, rows_x, &F32Rows { m, x, cols })
+            }
+            GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_0 => {
+                self.tiled::<{ F32_TILE / 2 }>(out, rows_x, &F32Rows { m, x, cols })
             }
             _ => self.tiled::<TILE>(out, rows_x, &OneByOneF32 { m, x }),
         }
