@@ -452,21 +452,27 @@ impl QMatrix {
     }
 
     /// Runs `kernel(r, t0)`, which returns the products of weight row `r`
-    /// with activation rows `t0..t0 + N`, over every row and every
+    /// with activation rows `t0..t0 + n`, over every row and every
     /// activation row, storing the results at `out[t * rows + r]`.
     ///
     /// Weight rows go in blocks of [`ROW_BLOCK`]; each block meets every
-    /// tile of activation rows in turn ([`TILE`] rows, the last ones in
-    /// tiles of 4, 2 and 1), so that its blocks are read from memory once
-    /// per call and from the cache for every other tile, and a tile's
+    /// tile of activation rows in turn (`N` rows, at most 8, the last ones
+    /// in tiles of 4, 2 and 1), so that its blocks are read from memory
+    /// once per call and from the cache for every other tile, and a tile's
     /// activations stay in the cache for the whole block.
     #[inline(always)]
-    fn tiled<const TILE: usize>(&self, out: &mut [f32], rows_x: usize, kernel: &impl TileKernel) {
-        let whole = rows_x / TILE * TILE;
+    fn tiled<const N: usize>(&self, out: &mut [f32], rows_x: usize, kernel: &impl TileKernel) {
+        const {
+            assert!(
+                N >= 1 && N <= 8,
+                "the remainder goes in tiles of 4, 2 and 1"
+            )
+        };
+        let whole = rows_x / N * N;
         for first in (0..self.rows).step_by(ROW_BLOCK) {
             let block = first..(first + ROW_BLOCK).min(self.rows);
-            for t0 in (0..whole).step_by(TILE) {
-                self.tile_into::<TILE>(out, block.clone(), t0, kernel);
+            for t0 in (0..whole).step_by(N) {
+                self.tile_into::<N>(out, block.clone(), t0, kernel);
             }
             let mut t0 = whole;
             if (rows_x - t0) & 4 != 0 {
