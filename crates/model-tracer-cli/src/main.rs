@@ -217,17 +217,20 @@ struct Outputs {
     html: Option<(String, std::fs::File)>,
 }
 
+/// Creates the output file `path` names, if it names one.
+fn create_output(path: &Option<String>) -> Result<Option<(String, std::fs::File)>, String> {
+    path.as_ref()
+        .map(|p| {
+            std::fs::File::create(p)
+                .map(|f| (p.clone(), f))
+                .map_err(|e| format!("cannot create {p}: {e}"))
+        })
+        .transpose()
+}
+
 impl Outputs {
     fn create(args: &Args) -> Result<Self, String> {
-        let create = |path: &Option<String>| -> Result<Option<(String, std::fs::File)>, String> {
-            path.as_ref()
-                .map(|p| {
-                    std::fs::File::create(p)
-                        .map(|f| (p.clone(), f))
-                        .map_err(|e| format!("cannot create {p}: {e}"))
-                })
-                .transpose()
-        };
+        let create = create_output;
         Ok(Self {
             json: create(&args.json)?,
             jsonl: create(&args.jsonl)?,
@@ -327,16 +330,7 @@ fn diff(args: &DiffArgs) -> Result<bool, String> {
             args.tolerance
         ));
     }
-    let create = |path: &Option<String>| {
-        path.as_ref()
-            .map(|p| {
-                std::fs::File::create(p)
-                    .map(|f| (p.clone(), f))
-                    .map_err(|e| format!("cannot create {p}: {e}"))
-            })
-            .transpose()
-    };
-    let (json, html) = (create(&args.json)?, create(&args.html)?);
+    let (json, html) = (create_output(&args.json)?, create_output(&args.html)?);
     let (a, b) = (load_side(&args.a)?, load_side(&args.b)?);
     let report = model_tracer::diff::diff(&a, &b, args.tolerance).map_err(|e| e.to_string())?;
     // A closed pipe (`| head`) is not an error of the comparison.
