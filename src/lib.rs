@@ -51,6 +51,7 @@ pub mod activation;
 pub mod anomaly;
 pub mod attention;
 pub mod config;
+pub mod fingerprint;
 pub mod forward;
 pub mod kv_cache;
 pub mod logit;
