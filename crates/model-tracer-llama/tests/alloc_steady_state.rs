@@ -143,7 +143,10 @@ fn fingerprints_allocate_nothing_after_warm_up() {
             .filter(|&(l, s, _)| f.activations.fingerprint(l.unwrap_or(0), s).is_some())
             .count()
     });
-    assert!(traced.is_some_and(|n| n > 20), "{traced:?} stages fingerprinted");
+    assert!(
+        traced.is_some_and(|n| n > 20),
+        "{traced:?} stages fingerprinted"
+    );
     let per_step: Vec<usize> = (WARM_UP..WARM_UP + MEASURED)
         .map(|position| {
             let before = allocations();
