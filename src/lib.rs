@@ -53,6 +53,7 @@ pub mod attention;
 pub mod config;
 #[cfg(feature = "serde")]
 pub mod diff;
+pub mod fingerprint;
 pub mod forward;
 pub mod kv_cache;
 pub mod logit;

@@ -55,6 +55,7 @@ use serde::Deserialize;
 use crate::activation::{LayerActivationTrace, ModelActivationTrace};
 use crate::anomaly::{Anomaly, AnomalyKind, Origin};
 use crate::attention::AttentionWeightTrace;
+use crate::fingerprint::Fingerprint;
 use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheStateTrace;
 use crate::logit::{LogitEvolutionTrace, TokenLogitEvolution};
@@ -214,6 +215,8 @@ struct RawRow {
     act_nan_count: Vec<usize>,
     #[serde(default)]
     act_inf_count: Vec<usize>,
+    #[serde(default)]
+    act_fingerprint: Option<Vec<Option<Fingerprint>>>,
 
     #[serde(default)]
     res_layer: Vec<usize>,
@@ -378,6 +381,7 @@ impl RawRow {
         };
 
         // Activations.
+        let fingerprints = self.act_fingerprint;
         let n = same_length(&[
             ("act_layer", self.act_layer.len()),
             ("act_stage", self.act_stage.len()),
@@ -389,6 +393,10 @@ impl RawRow {
             ("act_l2_norm", self.act_l2_norm.len()),
             ("act_nan_count", self.act_nan_count.len()),
             ("act_inf_count", self.act_inf_count.len()),
+            (
+                "act_fingerprint",
+                fingerprints.as_ref().map_or(self.act_layer.len(), Vec::len),
+            ),
         ])?;
         for i in 0..n {
             let st = stage(&self.act_stage[i], "act_stage", i)?;
@@ -407,6 +415,9 @@ impl RawRow {
                 nan_count: self.act_nan_count[i],
                 inf_count: self.act_inf_count[i],
             };
+            if let Some(fp) = &fingerprints {
+                *f.activations.fingerprint_mut(l, st) = fp[i];
+            }
         }
         let n = same_length(&[
             ("res_layer", self.res_layer.len()),
@@ -669,6 +680,44 @@ mod tests {
             .err()
             .unwrap_or_default();
         assert!(e.contains("anomaly_stage"), "{e}");
+    }
+
+    #[test]
+    fn fingerprints_read_back_and_bad_ones_are_errors() {
+        let stats = r#""act_count":[3,3],"act_min":[0,0],"act_max":[1,1],"act_mean":[0.5,0.5],
+            "act_std":[0.5,0.5],"act_l2_norm":[1,1],"act_nan_count":[0,0],"act_inf_count":[0,0]"#;
+        let sixteen: Vec<String> = (0..16).map(|i| i.to_string()).collect();
+        let row = |fingerprints: &str| {
+            format!(
+                r#"{{"position":0,"act_layer":[null,4],"act_stage":["embedding","output"],{stats},"act_fingerprint":{fingerprints}}}"#
+            )
+            .replace('\n', "")
+        };
+        let good = row(&format!(r#"[null,[{},"inf"]]"#, sixteen[..15].join(",")));
+        let read = parse_row(&good);
+        let Ok(read) = read else {
+            panic!("{read:?}");
+        };
+        let a = &read.forward.activations;
+        assert_eq!(a.fingerprint(0, Stage::Embedding), None);
+        let out = a.fingerprint(4, Stage::Output).map(|f| f.0);
+        let mut want = [0.0f32; 16];
+        for (i, w) in want.iter_mut().enumerate() {
+            *w = i as f32;
+        }
+        want[15] = f32::INFINITY;
+        assert_eq!(out, Some(want));
+        let e = parse_row(&row("[null]")).err().unwrap_or_default();
+        assert!(
+            e.contains("act_fingerprint") && e.contains("act_layer"),
+            "{e}"
+        );
+        let e = parse_row(&row("[null,[1,2,3]]")).err().unwrap_or_default();
+        assert!(e.contains("16 values, not 3"), "{e}");
+        // Rows written before fingerprints existed have no such column.
+        let old = row("[]").replace(r#","act_fingerprint":[]"#, "");
+        let read = parse_row(&old).map(|r| r.forward.activations.has_fingerprints());
+        assert_eq!(read, Ok(false));
     }
 
     #[test]

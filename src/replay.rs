@@ -149,6 +149,7 @@ fn systems_of(f: &ForwardTrace) -> ModelTracerConfig {
         trace_logits: f.logits.is_some(),
         trace_quant_error: !f.quantization.traces.is_empty() || !f.what_if.is_empty(),
         trace_kv_cache: f.kv_cache.is_some(),
+        trace_fingerprints: f.activations.has_fingerprints(),
         ..ModelTracerConfig::default()
     }
 }

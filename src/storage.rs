@@ -9,6 +9,7 @@ use std::fmt;
 
 use crate::activation::DEFAULT_WARMUP_LAYERS;
 use crate::attention::{AttentionTraceConfig, AttentionWeightTrace};
+use crate::fingerprint::Fingerprinter;
 use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheSessionTrace;
 use crate::logit::TokenLogitEvolution;
@@ -164,6 +165,9 @@ pub struct Recorder {
     pub(crate) reference: Vec<f32>,
     pub(crate) candidate: Vec<f32>,
     pub(crate) max_layer_seen: Option<usize>,
+    // Sign table of the activation fingerprints, grown to the longest
+    // tensor fingerprinted.
+    pub(crate) fingerprinter: Fingerprinter,
     pub(crate) sink: Option<crate::sink::SinkHandle>,
 }
 

@@ -14,6 +14,7 @@ use crate::activation::{ratio_of_norms, LayerActivationTrace, Stage};
 use crate::anomaly::Anomaly;
 use crate::attention::AttentionWeightTrace;
 use crate::config::TraceConfig;
+use crate::fingerprint::Fingerprinter;
 pub use crate::forward::ForwardTrace;
 use crate::kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
 use crate::logit::LogitEvolutionTrace;
@@ -48,6 +49,7 @@ impl Recorder {
             reference: Vec::new(),
             candidate: Vec::new(),
             max_layer_seen: None,
+            fingerprinter: Fingerprinter::new(),
             sink: None,
         }
     }
@@ -79,11 +81,21 @@ impl Recorder {
     }
 
     #[inline(never)]
-    fn activation(&mut self, layer: usize, stage: Stage, x: &[f32]) {
+    fn activation(&mut self, layer: usize, stage: Stage, x: &[f32], fingerprint: bool) {
         if stage.is_layer_stage() {
             self.see_layer(layer);
         }
         *self.current.activations.stats_mut(layer, stage) = TensorStats::from_slice(x);
+        if fingerprint {
+            self.fingerprint(layer, stage, x);
+        }
+    }
+
+    /// The fingerprint of `x` at `(layer, stage)`; none for an empty `x`,
+    /// whose stage counts as not recorded.
+    fn fingerprint(&mut self, layer: usize, stage: Stage, x: &[f32]) {
+        let f = (!x.is_empty()).then(|| self.fingerprinter.fingerprint(x));
+        *self.current.activations.fingerprint_mut(layer, stage) = f;
     }
 
     #[inline(never)]
@@ -145,9 +157,12 @@ impl Recorder {
     }
 
     #[inline(never)]
-    fn final_logits(&mut self, logits: &[f32], activations: bool, lens: bool) {
+    fn final_logits(&mut self, logits: &[f32], activations: bool, fingerprint: bool, lens: bool) {
         if activations {
             self.current.activations.logits_stats = TensorStats::from_slice(logits);
+            if fingerprint {
+                self.fingerprint(0, Stage::Logits, logits);
+            }
         }
         if !lens {
             return;
@@ -279,9 +294,12 @@ impl Recorder {
         let options = self.options.clone();
         let sampling = self.quant_sampling;
         let sink = self.sink.take();
+        let fingerprinter = std::mem::take(&mut self.fingerprinter);
         *self = Recorder::new(options);
         self.quant_sampling = sampling;
         self.sink = sink;
+        // The sign table depends on nothing recorded: keep it warm.
+        self.fingerprinter = fingerprinter;
     }
 }
 
@@ -417,6 +435,11 @@ impl<C: TraceConfig> ModelTracer<C> {
     fn activations_on(&self) -> bool {
         C::ACTIVATIONS && self.config.activations()
     }
+    /// Fingerprints are taken where activation statistics are taken.
+    #[inline(always)]
+    fn fingerprints_on(&self) -> bool {
+        self.activations_on() && C::FINGERPRINTS && self.config.fingerprints()
+    }
     #[inline(always)]
     fn attention_on(&self) -> bool {
         C::ATTENTION && self.config.attention()
@@ -464,14 +487,16 @@ impl<C: TraceConfig> ModelTracer<C> {
         }
     }
 
-    /// Records the statistics of activation `x` at `(layer, stage)`. For
-    /// [`Stage::Embedding`], [`Stage::FinalNorm`] and [`Stage::Logits`] the
-    /// layer is ignored.
+    /// Records the statistics of activation `x` at `(layer, stage)`, and
+    /// its fingerprint when fingerprints are traced
+    /// ([`TraceConfig::FINGERPRINTS`]). For [`Stage::Embedding`],
+    /// [`Stage::FinalNorm`] and [`Stage::Logits`] the layer is ignored.
     #[inline(always)]
     pub fn activation(&mut self, layer: usize, stage: Stage, x: &[f32]) {
         if self.activations_on() {
+            let fingerprint = self.fingerprints_on();
             if let Some(r) = self.storage.recorder_mut() {
-                r.activation(layer, stage, x);
+                r.activation(layer, stage, x, fingerprint);
             }
         }
     }
@@ -529,15 +554,17 @@ impl<C: TraceConfig> ModelTracer<C> {
         }
     }
 
-    /// Records the output logits: their statistics (activations) and the
-    /// ranks of the tracked tokens at every lens layer (logits). The tracked
-    /// tokens are the configured ones, or else the top-k of these logits.
+    /// Records the output logits: their statistics and fingerprint
+    /// (activations) and the ranks of the tracked tokens at every lens
+    /// layer (logits). The tracked tokens are the configured ones, or else
+    /// the top-k of these logits.
     #[inline(always)]
     pub fn final_logits(&mut self, logits: &[f32]) {
         let (a, l) = (self.activations_on(), self.logits_on());
         if a || l {
+            let f = self.fingerprints_on();
             if let Some(r) = self.storage.recorder_mut() {
-                r.final_logits(logits, a, l);
+                r.final_logits(logits, a, f, l);
             }
         }
     }
@@ -704,11 +731,13 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// added to the KV session, and handed to the sink. Its anomalies are
     /// kept as recorded (the rules ran when it was traced). A forward in
     /// flight is ended first. Systems this tracer's config does not trace
-    /// are dropped from the forward, as they would not have been recorded.
+    /// are dropped from the forward, as they would not have been recorded,
+    /// and so are the fingerprints when it does not trace them.
     pub fn replay_forward(&mut self, mut forward: ForwardTrace) {
         if !C::ANY {
             return;
         }
+        let fingerprints = self.fingerprints_on();
         let (activations, attention, logits, quant, kv) = (
             self.activations_on(),
             self.attention_on(),
@@ -725,6 +754,9 @@ impl<C: TraceConfig> ModelTracer<C> {
         if !activations {
             forward.activations = Default::default();
             forward.anomalies.clear();
+        }
+        if !fingerprints {
+            forward.activations.clear_fingerprints();
         }
         if !attention {
             forward.attention.clear();
@@ -805,6 +837,7 @@ impl<C: TraceConfig> ModelTracer<C> {
 mod tests {
     use super::*;
     use crate::config::{Disabled, Full, Lightweight, ModelTracerConfig};
+    use crate::fingerprint::fingerprint;
     use crate::AnomalyKind;
 
     static_assertions::assert_eq_size!(ModelTracer<Disabled>, ());
@@ -1181,6 +1214,160 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Activations and their fingerprints, nothing else.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Fingerprints;
+
+    impl TraceConfig for Fingerprints {
+        const ACTIVATIONS: bool = true;
+        const ATTENTION: bool = false;
+        const LOGITS: bool = false;
+        const QUANT_ERROR: bool = false;
+        const KV_CACHE: bool = false;
+        const FINGERPRINTS: bool = true;
+        type Storage = Recorder;
+    }
+
+    /// Stages recorded with a fingerprint, in forward order.
+    fn fingerprinted(f: &ForwardTrace) -> Vec<(Option<usize>, Stage)> {
+        f.activations
+            .recorded()
+            .filter(|&(l, s, _)| f.activations.fingerprint(l.unwrap_or(0), s).is_some())
+            .map(|(l, s, _)| (l, s))
+            .collect()
+    }
+
+    #[test]
+    fn fingerprints_are_taken_where_statistics_are_when_the_config_says_so() {
+        let x: Vec<f32> = (0..40).map(|i| (i as f32 * 0.7).sin()).collect();
+        let run = |t: &mut dyn FnMut(usize, Stage, &[f32])| {
+            t(0, Stage::Embedding, &x);
+            t(1, Stage::PostAttn, &x[..17]);
+            t(1, Stage::Output, &[]);
+            t(0, Stage::Logits, &x[3..]);
+        };
+        let mut full = ModelTracer::new(Full);
+        full.begin_forward(0);
+        run(&mut |l, s, v| {
+            if s == Stage::Logits {
+                full.final_logits(v)
+            } else {
+                full.activation(l, s, v)
+            }
+        });
+        full.end_forward();
+        let f = full.last_forward().unwrap();
+        assert_eq!(
+            fingerprinted(f),
+            vec![
+                (None, Stage::Embedding),
+                (Some(1), Stage::PostAttn),
+                (None, Stage::Logits)
+            ]
+        );
+        let a = &f.activations;
+        assert_eq!(a.fingerprint(0, Stage::Embedding), Some(&fingerprint(&x)));
+        assert_eq!(
+            a.fingerprint(1, Stage::PostAttn),
+            Some(&fingerprint(&x[..17]))
+        );
+        assert_eq!(a.fingerprint(0, Stage::Logits), Some(&fingerprint(&x[3..])));
+        assert_eq!(
+            a.fingerprint(1, Stage::Output),
+            None,
+            "an empty tensor is not recorded"
+        );
+
+        for (name, mut t) in [
+            (
+                "lightweight",
+                ModelTracer::new(ModelTracerConfig::lightweight()),
+            ),
+            (
+                "fingerprints without activations",
+                ModelTracer::new(ModelTracerConfig {
+                    trace_fingerprints: true,
+                    trace_kv_cache: true,
+                    ..ModelTracerConfig::default()
+                }),
+            ),
+        ] {
+            t.begin_forward(0);
+            t.activation(0, Stage::Input, &x);
+            t.final_logits(&x);
+            t.end_forward();
+            let f = t.last_forward().unwrap();
+            assert!(!f.activations.has_fingerprints(), "{name}");
+        }
+        let mut rt = ModelTracer::new(ModelTracerConfig {
+            trace_fingerprints: true,
+            ..ModelTracerConfig::lightweight()
+        });
+        rt.begin_forward(0);
+        rt.activation(2, Stage::Input, &x);
+        rt.end_forward();
+        let f = rt.last_forward().unwrap();
+        assert_eq!(
+            f.activations.fingerprint(2, Stage::Input),
+            Some(&fingerprint(&x))
+        );
+        let mut light = ModelTracer::new(Lightweight);
+        light.begin_forward(0);
+        light.activation(2, Stage::Input, &x);
+        light.end_forward();
+        assert!(!light.last_forward().unwrap().activations.has_fingerprints());
+    }
+
+    #[test]
+    fn a_warm_tracer_takes_fingerprints_without_allocating() {
+        let options = TraceOptions {
+            max_forwards: 4,
+            ..TraceOptions::default()
+        };
+        let mut t = ModelTracer::with_options(Fingerprints, options);
+        let mut x = vec![0.25f32; 32];
+        for pos in 0..8 {
+            toy_forward(&mut t, pos, &mut x);
+        }
+        let (_, allocs) = model_tracer_test_support::count_allocations(|| {
+            for pos in 8..40 {
+                x.iter_mut().for_each(|v| *v = (*v * 0.5).sin());
+                toy_forward(&mut t, pos, &mut x);
+            }
+        });
+        assert_eq!(allocs, 32 * (3 + 1), "the tracer allocated in steady state");
+        let f = t.last_forward().unwrap();
+        // The embedding, each layer's input and output, the logits.
+        assert_eq!(fingerprinted(f).len(), 1 + 3 * 2 + 1);
+        assert_eq!(
+            f.activations.fingerprint(2, Stage::Output),
+            Some(&fingerprint(&x))
+        );
+    }
+
+    #[test]
+    fn a_replay_keeps_fingerprints_only_for_a_config_that_traces_them() {
+        let mut t = ModelTracer::new(Full);
+        let mut x = vec![0.5f32; 24];
+        toy_forward(&mut t, 0, &mut x);
+        let forward = t.last_forward().unwrap().clone();
+        assert!(forward.activations.has_fingerprints());
+        let mut keeps = ModelTracer::new(Fingerprints);
+        keeps.replay_forward(forward.clone());
+        assert_eq!(
+            keeps.last_forward().map(|f| &f.activations),
+            Some(&forward.activations)
+        );
+        let mut drops = ModelTracer::new(Lightweight);
+        drops.replay_forward(forward.clone());
+        let kept = &drops.last_forward().unwrap().activations;
+        assert!(!kept.has_fingerprints());
+        assert_eq!(
+            kept.layers[1].output_stats,
+            forward.activations.layers[1].output_stats
+        );
     }
 
     #[test]

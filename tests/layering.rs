@@ -106,6 +106,27 @@ fn the_layers_point_down() {
             "{m} imports {other}, which sits above it"
         );
     };
+    // The kernels sit below everything that records.
+    for kernel in ["stats", "fingerprint"] {
+        for upper in [
+            "stage",
+            "anomaly",
+            "activation",
+            "attention",
+            "logit",
+            "quant",
+            "kv_cache",
+            "forward",
+            "summary",
+            "sink",
+            "storage",
+            "config",
+            "tracer",
+            "report",
+        ] {
+            below(kernel, upper);
+        }
+    }
     for record in [
         "stage",
         "anomaly",
