@@ -165,6 +165,9 @@ pub struct Recorder {
     pub(crate) candidate: Vec<f32>,
     pub(crate) max_layer_seen: Option<usize>,
     pub(crate) sink: Option<crate::sink::SinkHandle>,
+    // Full tensors of the forwards, when a dump is installed.
+    #[cfg(feature = "dump")]
+    pub(crate) dump: Option<Box<crate::dump::DumpRecorder>>,
 }
 
 impl Storage for Recorder {
