@@ -937,13 +937,15 @@ fn diagnose(bytes: &[u8], n: usize, error: SafeTensorError) -> DumpError {
         let (s, e) = offsets;
         match size {
             None => return layout(name, format!("shape {shape:?} overflows")),
-            Some(size) if e < s || e - s != size => return layout(
-                name,
-                format!(
+            Some(size) if e < s || e - s != size => {
+                return layout(
+                    name,
+                    format!(
                     "data_offsets [{s}, {e}] hold {} bytes, but {dtype:?} {shape:?} needs {size}",
                     e.saturating_sub(s)
                 ),
-            ),
+                )
+            }
             Some(_) if e > data_len => {
                 return layout(
                     name,
