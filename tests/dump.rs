@@ -171,6 +171,42 @@ fn the_numpy_script_writes_the_fixture_bytes() {
     );
 }
 
+/// What `safetensors.numpy.save_file` writes (its own order of tensors,
+/// positions before tokens) reads back.
+#[test]
+fn a_file_written_by_the_safetensors_package_reads_back() {
+    let Some(python) = model_tracer_test_support::python_with("safetensors.numpy") else {
+        model_tracer_test_support::require(false, "python3 with safetensors and numpy");
+        return;
+    };
+    let dir = model_tracer_test_support::scratch_dir(env!("CARGO_TARGET_TMPDIR"), "st-dump");
+    let out = dir.join("st.safetensors");
+    let script = r#"
+import sys
+import numpy as np
+from safetensors.numpy import save_file
+x = np.arange(6, dtype=np.float32).reshape(2, 3)
+save_file({"tokens": np.array([9, 8]), "positions": np.array([3, 4]),
+           "layers.2.post_ffn": x, "embedding": -x, "logits": np.ones((2, 7), np.float32)},
+          sys.argv[1], metadata={"format": "model-tracer-dump", "version": "1"})
+"#;
+    let status = std::process::Command::new(python)
+        .args(["-c", script])
+        .arg(&out)
+        .status()
+        .expect("python3 runs");
+    assert!(status.success());
+    let d = ActivationDump::read(&out).unwrap();
+    assert_eq!((d.tokens(), d.positions()), (&[9, 8][..], &[3, 4][..]));
+    assert_eq!((d.dim(), d.vocab()), (Some(3), Some(7)));
+    let ffn = d.activation(Some(2), Stage::PostFfn).unwrap();
+    assert_eq!(ffn.row(1), Some(&[3.0, 4.0, 5.0][..]));
+    assert_eq!(
+        d.activation(None, Stage::Embedding).unwrap().data()[5],
+        -5.0
+    );
+}
+
 #[test]
 fn tokens_and_positions_of_any_integer_type_read_back() {
     let values: [i64; 3] = [0, 7, 100];
