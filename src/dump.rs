@@ -470,7 +470,7 @@ impl ActivationDump {
             ));
         };
         let t = self.tokens.len();
-        let rows = if width == 0 { t } else { data.len() / width };
+        let rows = data.len().checked_div(width).unwrap_or(t);
         if rows != t || rows.checked_mul(width) != Some(data.len()) {
             return Err(DumpError::tensor_error(
                 &slot.name(),
