@@ -169,6 +169,9 @@ pub struct Recorder {
     // tensor fingerprinted.
     pub(crate) fingerprinter: Fingerprinter,
     pub(crate) sink: Option<crate::sink::SinkHandle>,
+    // Full tensors of the forwards, when a dump is installed.
+    #[cfg(feature = "dump")]
+    pub(crate) dump: Option<Box<crate::dump::DumpRecorder>>,
 }
 
 impl Storage for Recorder {

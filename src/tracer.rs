@@ -51,6 +51,8 @@ impl Recorder {
             max_layer_seen: None,
             fingerprinter: Fingerprinter::new(),
             sink: None,
+            #[cfg(feature = "dump")]
+            dump: None,
         }
     }
 
@@ -74,6 +76,10 @@ impl Recorder {
         self.residual_norms.iter_mut().for_each(|r| *r = None);
         self.lens_layers.clear();
         self.max_layer_seen = None;
+        #[cfg(feature = "dump")]
+        if let Some(d) = &mut self.dump {
+            d.begin_forward(position);
+        }
     }
 
     fn see_layer(&mut self, layer: usize) {
@@ -88,6 +94,10 @@ impl Recorder {
         *self.current.activations.stats_mut(layer, stage) = TensorStats::from_slice(x);
         if fingerprint {
             self.fingerprint(layer, stage, x);
+        }
+        #[cfg(feature = "dump")]
+        if let Some(d) = &mut self.dump {
+            d.activation(layer, stage, x);
         }
     }
 
@@ -162,6 +172,10 @@ impl Recorder {
             self.current.activations.logits_stats = TensorStats::from_slice(logits);
             if fingerprint {
                 self.fingerprint(0, Stage::Logits, logits);
+            }
+            #[cfg(feature = "dump")]
+            if let Some(d) = &mut self.dump {
+                d.activation(0, Stage::Logits, logits);
             }
         }
         if !lens {
@@ -269,6 +283,13 @@ impl Recorder {
             return None;
         }
         self.in_forward = false;
+        #[cfg(feature = "dump")]
+        if let Some(d) = &mut self.dump {
+            if let Some(token) = self.current.token {
+                d.input_token(token);
+            }
+            d.end_forward();
+        }
         let position = self.current.position;
         let mut anomalies = std::mem::take(&mut self.current.anomalies);
         self.current
@@ -295,11 +316,17 @@ impl Recorder {
         let sampling = self.quant_sampling;
         let sink = self.sink.take();
         let fingerprinter = std::mem::take(&mut self.fingerprinter);
+        #[cfg(feature = "dump")]
+        let dump = self.dump.take();
         *self = Recorder::new(options);
         self.quant_sampling = sampling;
         self.sink = sink;
         // The sign table depends on nothing recorded: keep it warm.
         self.fingerprinter = fingerprinter;
+        #[cfg(feature = "dump")]
+        {
+            self.dump = dump.map(|d| Box::new(crate::dump::DumpRecorder::new(d.filter().clone())));
+        }
     }
 }
 
@@ -825,11 +852,53 @@ impl<C: TraceConfig> ModelTracer<C> {
         )
     }
 
-    /// Forgets every record and aggregate; the config, options and sink stay.
+    /// Forgets every record and aggregate; the config, options and sink
+    /// stay, and so does an installed dump, emptied.
     pub fn clear(&mut self) {
         if let Some(r) = self.storage.recorder_mut() {
             r.clear();
         }
+    }
+}
+
+/// Activation dumps: full tensors, copied in the activation hooks.
+#[cfg(feature = "dump")]
+impl<C: TraceConfig> ModelTracer<C> {
+    /// Installs `dump` (or removes the dump, with `None`): every following
+    /// forward whose position its filter selects copies the tensors the
+    /// filter selects, in the hooks [`activation`](Self::activation) (every
+    /// stage) and [`final_logits`](Self::final_logits) (`logits`), with
+    /// the token named by [`input_token`](Self::input_token).
+    ///
+    /// The copies are made where the activation statistics are computed, so
+    /// a dump needs activation tracing: a tracer that does not trace
+    /// activations (such as `ModelTracer<Disabled>`) installs nothing and
+    /// hands `dump` back. Otherwise returns the dump it replaces. Without a
+    /// dump the hooks pay one predictable branch each, in their
+    /// out-of-line part; a `Disabled` tracer has no hooks to pay in.
+    pub fn set_dump(
+        &mut self,
+        dump: Option<crate::dump::DumpRecorder>,
+    ) -> Option<crate::dump::DumpRecorder> {
+        if !self.activations_on() {
+            return dump;
+        }
+        match self.storage.recorder_mut() {
+            Some(r) => std::mem::replace(&mut r.dump, dump.map(Box::new)).map(|d| *d),
+            None => dump,
+        }
+    }
+
+    /// The installed dump recorder.
+    pub fn dump(&self) -> Option<&crate::dump::DumpRecorder> {
+        self.storage.recorder().and_then(|r| r.dump.as_deref())
+    }
+
+    /// Removes the installed dump and returns what it holds: the forwards
+    /// that ended since it was installed (a forward in flight is left out).
+    pub fn take_dump(&mut self) -> Option<crate::dump::ActivationDump> {
+        let r = self.storage.recorder_mut()?;
+        r.dump.take().map(|d| d.finish())
     }
 }
 

@@ -146,6 +146,11 @@ fn the_layers_point_down() {
         below("storage", upper);
         below("summary", upper);
         below("sink", upper);
+        below("dump", upper);
+    }
+    // The storage holds the dump recorder: the dump sits below it.
+    for upper in ["storage", "summary", "sink", "forward"] {
+        below("dump", upper);
     }
     below("config", "tracer");
 }
