@@ -324,8 +324,8 @@ impl<'a> PageData<'a> {
             .forwards
             .iter()
             .map(|f| f.activations.layers.len())
-            .chain(s.layers.iter().map(|l| l.layer + 1))
-            .chain(s.heads.iter().map(|h| h.layer + 1))
+            .chain(s.layers.iter().map(|l| l.layer.saturating_add(1)))
+            .chain(s.heads.iter().map(|h| h.layer.saturating_add(1)))
             .max()
             .unwrap_or(0);
         let mut wanted = BTreeSet::new();

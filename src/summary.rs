@@ -642,7 +642,10 @@ impl TraceSummary {
                     .filter(|s| s.finite_count() > 0)
                     .map(TensorStats::max_abs)
                     .fold(0.0, f32::max),
-                non_finite: l.stages.iter().map(|s| s.nan_count + s.inf_count).sum(),
+                non_finite: l
+                    .stages
+                    .iter()
+                    .fold(0usize, |n, s| n.saturating_add(s.nan_count).saturating_add(s.inf_count)),
                 residual_ratio: l.residual_ratio_mean,
             })
             .collect();
