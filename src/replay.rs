@@ -125,12 +125,10 @@ impl ReplayedTrace {
                 .cloned()
                 .unwrap_or_else(|| format!("<{id}>"))
         };
-        let last = self.position_tokens.keys().next_back().copied();
-        input.position_text = (0..last.map_or(0, |p| p + 1))
-            .map(|p| match self.position_tokens.get(&p) {
-                Some(&id) => text(id),
-                None => format!("#{p}"),
-            })
+        input.position_text = self
+            .position_tokens
+            .iter()
+            .map(|(&p, &id)| (p, text(id)))
             .collect();
         input.token_text = input
             .token_ids()
@@ -261,7 +259,7 @@ mod tests {
         }
         assert_eq!(t.summary(), replay.tracer().summary());
         let input = replay.report_input("ignored");
-        assert_eq!(input.position_text[4], "tok104");
+        assert_eq!(input.position_text[&4], "tok104");
         assert_eq!(input.token_text.get(&3).map(String::as_str), Some("tok3"));
     }
 
@@ -327,6 +325,25 @@ mod tests {
             (2, m, m, m)
         );
         let input = replay.report_input("hostile");
+        let mut page = Vec::new();
+        assert!(crate::report::write_html(&mut page, &input).is_ok());
+    }
+
+    /// The report names positions in a map: a row at position 10^18 costs
+    /// one entry, not a vector of 10^18 texts.
+    #[test]
+    fn a_huge_position_costs_one_text() {
+        let rows = "{\"position\":1000000000000000000,\"token\":7,\"token_text\":\"x\",\
+                    \"kv_step\":0,\"kv_max_positions\":4,\"kv_valid_positions\":1,\
+                    \"kv_bytes\":8,\"kv_hit_rate\":0,\"kv_evictions\":0,\"kv_reused\":0,\
+                    \"kv_computed\":1}";
+        let replay = ReplayedTrace::read_jsonl(rows.as_bytes(), 8);
+        let Ok(replay) = replay else {
+            panic!("{replay:?}");
+        };
+        let input = replay.report_input("far");
+        assert_eq!(input.position_text.len(), 1);
+        assert_eq!(input.position_text[&1_000_000_000_000_000_000], "x");
         let mut page = Vec::new();
         assert!(crate::report::write_html(&mut page, &input).is_ok());
     }
