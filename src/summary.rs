@@ -12,6 +12,7 @@ use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheSessionTrace;
 use crate::quant::{BrickId, QuantType, QuantizationErrorTrace};
 use crate::stats::TensorStats;
+use crate::storage::MAX_LAYERS;
 
 /// Attention weight on the first token above which a head counts as a sink.
 pub const SINK_THRESHOLD: f32 = 0.3;
@@ -375,7 +376,8 @@ impl SessionAggregates {
                 .iter()
                 .any(|&s| l.stats(s).is_some_and(|st| st.count > 0))
                 || l.residual_ratio > 0.0;
-            if !touched {
+            // Replayed and hand-made forwards may name any layer.
+            if !touched || l.layer_idx >= MAX_LAYERS {
                 continue;
             }
             if self.layers.len() <= l.layer_idx {
