@@ -1,13 +1,11 @@
 //! The record of one forward pass: what every system traced in it.
 
-use crate::activation::{LayerActivationTrace, ModelActivationTrace};
+use crate::activation::{LayerActivationTrace, ModelActivationTrace, MAX_LAYERS};
 use crate::anomaly::Anomaly;
-use crate::attention::AttentionWeightTrace;
+use crate::attention::{AttentionWeightTrace, MAX_HEADS};
 use crate::kv_cache::KvCacheStateTrace;
-use crate::logit::LogitEvolutionTrace;
-use crate::logit::TokenLogitEvolution;
+use crate::logit::{LogitEvolutionTrace, TokenLogitEvolution};
 use crate::quant::{ModelQuantizationError, QuantizationErrorTrace};
-use crate::storage::{MAX_HEADS, MAX_LAYERS};
 
 /// Everything traced in one forward pass.
 #[derive(Debug, Clone, PartialEq, Default)]

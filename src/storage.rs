@@ -19,17 +19,8 @@ use crate::summary::SessionAggregates;
 /// folded into the session aggregates and dropped).
 pub const DEFAULT_HISTORY: usize = 64;
 
-/// Layers a trace may have: the hooks ignore a record of layer
-/// `MAX_LAYERS` or beyond, rather than growing a forward's per-layer
-/// records to that length, and the JSON Lines reader refuses one. Each
-/// layer of a forward takes about 300 bytes, so a forward's activation
-/// records stay under 1.2 MiB whatever indices a caller passes; the
-/// deepest published transformers have a few hundred layers.
-pub const MAX_LAYERS: usize = 1 << 12;
-
-/// Attention heads a layer may have: the attention hook ignores a head
-/// index at or beyond it, and the JSON Lines reader refuses one.
-pub const MAX_HEADS: usize = MAX_LAYERS;
+pub use crate::activation::MAX_LAYERS;
+pub use crate::attention::MAX_HEADS;
 
 /// Longest vector a hook allocates a buffer for: a logit-lens row of
 /// `vocab` values or a what-if output of `len` values (16 Mi values, 64 MiB

@@ -6,13 +6,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::activation::Stage;
+use crate::activation::{Stage, MAX_LAYERS};
 use crate::anomaly::{Anomaly, AnomalyKind};
 use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheSessionTrace;
 use crate::quant::{BrickId, QuantType, QuantizationErrorTrace};
 use crate::stats::TensorStats;
-use crate::storage::MAX_LAYERS;
 
 /// Attention weight on the first token above which a head counts as a sink.
 pub const SINK_THRESHOLD: f32 = 0.3;
@@ -644,10 +643,9 @@ impl TraceSummary {
                     .filter(|s| s.finite_count() > 0)
                     .map(TensorStats::max_abs)
                     .fold(0.0, f32::max),
-                non_finite: l
-                    .stages
-                    .iter()
-                    .fold(0usize, |n, s| n.saturating_add(s.nan_count).saturating_add(s.inf_count)),
+                non_finite: l.stages.iter().fold(0usize, |n, s| {
+                    n.saturating_add(s.nan_count).saturating_add(s.inf_count)
+                }),
                 residual_ratio: l.residual_ratio_mean,
             })
             .collect();
