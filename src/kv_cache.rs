@@ -123,9 +123,7 @@ impl KvCacheSessionTrace {
         };
         self.avg_hit_rate += (hit - self.avg_hit_rate) / self.total_steps as f32;
         self.total_reused = self.total_reused.saturating_add(trace.reused_positions);
-        self.total_computed = self
-            .total_computed
-            .saturating_add(trace.computed_positions);
+        self.total_computed = self.total_computed.saturating_add(trace.computed_positions);
         if self.steps.len() == self.max_retained_steps {
             self.steps.pop_front();
         }

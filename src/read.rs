@@ -697,7 +697,10 @@ mod tests {
             "anomaly_kind":["nan"],"anomaly_origin":["produced"],"anomaly_count":[1],
             "anomaly_tensor_len":[1],"anomaly_value":["NaN"]}"#;
         let e = parse_row(&row.replace('\n', "")).err().unwrap_or_default();
-        assert!(e.contains("anomaly_layer[0]") && e.contains("beyond"), "{e}");
+        assert!(
+            e.contains("anomaly_layer[0]") && e.contains("beyond"),
+            "{e}"
+        );
     }
 
     /// The output logits sit after the last layer: a lens entry may name

@@ -321,7 +321,12 @@ mod tests {
         assert_eq!(s.layers[0].non_finite, m);
         let kv = s.kv_cache.unwrap_or_default();
         assert_eq!(
-            (kv.steps, kv.total_evictions, kv.total_reused, kv.total_computed),
+            (
+                kv.steps,
+                kv.total_evictions,
+                kv.total_reused,
+                kv.total_computed
+            ),
             (2, m, m, m)
         );
         let input = replay.report_input("hostile");

@@ -20,8 +20,8 @@ use crate::logit::LogitEvolutionTrace;
 use crate::quant::{BrickId, QuantType, QuantizationErrorTrace};
 use crate::stats::{self, TensorStats};
 pub use crate::storage::{
-    QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE, MAX_BUFFER_LEN, MAX_HEADS,
-    MAX_LAYERS,
+    QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE, MAX_BUFFER_LEN,
+    MAX_HEADS, MAX_LAYERS,
 };
 use crate::summary::{SessionAggregates, TraceSummary};
 

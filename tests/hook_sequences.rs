@@ -9,9 +9,8 @@
 use model_tracer::tracer::{MAX_BUFFER_LEN, MAX_HEADS, MAX_LAYERS};
 use model_tracer::{
     Anomaly, AnomalyKind, AttentionWeightTrace, BrickId, ForwardTrace, Full, KvCacheStateTrace,
-    LayerActivationTrace, Lightweight, LogitEvolutionTrace, ModelTracer, Origin,
-    QuantizationErrorTrace, QuantType, Stage, TensorStats, TokenLogitEvolution, TraceConfig,
-    TraceOptions,
+    LayerActivationTrace, Lightweight, LogitEvolutionTrace, ModelTracer, Origin, QuantType,
+    QuantizationErrorTrace, Stage, TensorStats, TokenLogitEvolution, TraceConfig, TraceOptions,
 };
 use proptest::prelude::*;
 
@@ -90,18 +89,28 @@ fn declared_len() -> impl Strategy<Value = usize> {
 }
 
 fn stats() -> impl Strategy<Value = TensorStats> {
-    (count(), value(), value(), value(), value(), value(), count(), count()).prop_map(
-        |(count, min, max, mean, std, l2_norm, nan_count, inf_count)| TensorStats {
-            count,
-            min,
-            max,
-            mean,
-            std,
-            l2_norm,
-            nan_count,
-            inf_count,
-        },
+    (
+        count(),
+        value(),
+        value(),
+        value(),
+        value(),
+        value(),
+        count(),
+        count(),
     )
+        .prop_map(
+            |(count, min, max, mean, std, l2_norm, nan_count, inf_count)| TensorStats {
+                count,
+                min,
+                max,
+                mean,
+                std,
+                l2_norm,
+                nan_count,
+                inf_count,
+            },
+        )
 }
 
 fn kv_state() -> impl Strategy<Value = KvCacheStateTrace> {
@@ -115,8 +124,8 @@ fn kv_state() -> impl Strategy<Value = KvCacheStateTrace> {
         count(),
         count(),
     )
-        .prop_map(|(step, max, valid, bytes, hit, ev, reused, computed)| {
-            KvCacheStateTrace {
+        .prop_map(
+            |(step, max, valid, bytes, hit, ev, reused, computed)| KvCacheStateTrace {
                 step,
                 max_positions: max,
                 valid_positions: valid,
@@ -125,8 +134,8 @@ fn kv_state() -> impl Strategy<Value = KvCacheStateTrace> {
                 evictions_this_step: ev,
                 reused_positions: reused,
                 computed_positions: computed,
-            }
-        })
+            },
+        )
 }
 
 fn quant_trace() -> impl Strategy<Value = QuantizationErrorTrace> {
@@ -140,10 +149,7 @@ fn quant_trace() -> impl Strategy<Value = QuantizationErrorTrace> {
 /// `replay_forward`: layer entries whose index disagrees with their
 /// place, records of huge layers and heads, counts at `usize::MAX`.
 fn forward() -> impl Strategy<Value = ForwardTrace> {
-    let layers = prop::collection::vec(
-        (index(), prop::collection::vec(stats(), 6), value()),
-        0..4,
-    );
+    let layers = prop::collection::vec((index(), prop::collection::vec(stats(), 6), value()), 0..4);
     let attention = prop::collection::vec(
         (index(), index(), count(), count(), values(), value()),
         0..3,
@@ -384,7 +390,10 @@ fn check<C: TraceConfig>(config: C, calls: &[Call]) -> ModelTracer<C> {
     assert_eq!(retained.len(), e.completed.min(places));
     assert_eq!(
         s.positions,
-        e.positions.first().copied().zip(e.positions.last().copied())
+        e.positions
+            .first()
+            .copied()
+            .zip(e.positions.last().copied())
     );
     let tail = &e.positions[e.positions.len() - retained.len()..];
     let kept: Vec<usize> = retained.iter().map(|f| f.position).collect();
@@ -408,16 +417,14 @@ fn check<C: TraceConfig>(config: C, calls: &[Call]) -> ModelTracer<C> {
         }
         let first = retained.iter().find_map(|f| f.primary_anomaly().copied());
         assert_eq!(
-            s.first_anomaly.map(|a| (a.position, a.layer, a.stage, a.kind)),
+            s.first_anomaly
+                .map(|a| (a.position, a.layer, a.stage, a.kind)),
             first.map(|a| (a.position, a.layer, a.stage, a.kind))
         );
         let attention: usize = retained.iter().map(|f| f.attention.len()).sum();
         let folded: usize = s.heads.iter().map(|h| h.records).sum();
         assert_eq!(folded, attention, "attention records folded");
-        let quant: usize = retained
-            .iter()
-            .map(|f| f.quantization.traces.len())
-            .sum();
+        let quant: usize = retained.iter().map(|f| f.quantization.traces.len()).sum();
         let folded: usize = s.bricks.iter().map(|b| b.samples).sum();
         assert_eq!(folded, quant, "quantization records folded");
     }
@@ -507,7 +514,9 @@ fn huge_layer_indices_allocate_nothing_per_layer() {
         t.attention(huge, 0, 0, &[1.0]);
         t.attention(0, huge, 0, &[1.0]);
         t.logit_lens(huge, 2, |row| row.fill(1.0));
-        t.quant_error(BrickId::FfnUp, huge, QuantType::Q4_0, &[1.0], |r| r[0] = 1.0);
+        t.quant_error(BrickId::FfnUp, huge, QuantType::Q4_0, &[1.0], |r| {
+            r[0] = 1.0
+        });
         t.what_if(BrickId::FfnUp, huge, QuantType::Q8_0, 2, |c, r| {
             c.fill(1.0);
             r.fill(1.0);

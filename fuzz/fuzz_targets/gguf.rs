@@ -38,7 +38,8 @@ fuzz_target!(|data: &[u8]| {
             let mut out = vec![0.0f32; info.row_len()];
             let _ = dequantize(info.ggml_type, row, &mut out);
         }
-        if let Ok(m) = QMatrix::from_bytes(info.ggml_type, info.rows(), info.row_len(), bytes.to_vec())
+        if let Ok(m) =
+            QMatrix::from_bytes(info.ggml_type, info.rows(), info.row_len(), bytes.to_vec())
         {
             let mut out = vec![0.0f32; m.cols()];
             m.dequantize_row(m.rows() - 1, &mut out);

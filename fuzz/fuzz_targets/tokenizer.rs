@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
 
     for encoded in [tok.encode(&text), tok.encode_plain(&text)] {
         for &id in &encoded {
-            assert!((id as usize) < vocab, "id {id} outside a {vocab}-token vocabulary");
+            assert!(
+                (id as usize) < vocab,
+                "id {id} outside a {vocab}-token vocabulary"
+            );
         }
         let _ = tok.decode(&encoded);
     }

@@ -193,10 +193,8 @@ fn array_as_written(a: gguf::MetadataArray) -> MetadataArray {
 /// tokens into a kept token (in rank order).
 fn reduced_metadata(real: &GgufFile) -> Vec<(String, MetadataValue)> {
     let tokens = real.get_str_array(tk::KEY_TOKENS).expect("real vocabulary");
-    let kept: std::collections::HashSet<&str> = tokens[..KEPT_TOKENS]
-        .iter()
-        .map(String::as_str)
-        .collect();
+    let kept: std::collections::HashSet<&str> =
+        tokens[..KEPT_TOKENS].iter().map(String::as_str).collect();
     real.metadata_entries()
         .map(|(key, value)| {
             let value = match (key, value) {
@@ -209,7 +207,9 @@ fn reduced_metadata(real: &GgufFile) -> Vec<(String, MetadataValue)> {
                 (tk::KEY_MERGES, gguf::MetadataValue::Array(gguf::MetadataArray::String(m))) => {
                     let joins_kept = |line: &&String| {
                         line.split_once(' ').is_some_and(|(l, r)| {
-                            kept.contains(l) && kept.contains(r) && kept.contains(&*(l.to_owned() + r))
+                            kept.contains(l)
+                                && kept.contains(r)
+                                && kept.contains(&*(l.to_owned() + r))
                         })
                     };
                     MetadataValue::Array(MetadataArray::String(
@@ -229,10 +229,11 @@ fn reduced_metadata(real: &GgufFile) -> Vec<(String, MetadataValue)> {
 fn reduced_header(real: &GgufFile) -> Vec<u8> {
     let mut out = GgufWriter::new();
     let metadata = reduced_metadata(real);
-    let end = 24 + metadata
-        .iter()
-        .map(|(k, v)| 8 + k.len() + 4 + encoded_len(v))
-        .sum::<usize>();
+    let end = 24
+        + metadata
+            .iter()
+            .map(|(k, v)| 8 + k.len() + 4 + encoded_len(v))
+            .sum::<usize>();
     for (k, v) in metadata {
         out.add_metadata(&k, v);
     }
@@ -330,7 +331,10 @@ fn write_gguf_seeds() {
     let micro = micro_llama();
     write(&dir.join("gguf/micro-llama.gguf"), &micro);
     write(&dir.join("gguf/fixture-blocks.gguf"), &fixture_blocks());
-    write(&dir.join("gguf/smollm2-header.gguf"), &reduced_header(&real));
+    write(
+        &dir.join("gguf/smollm2-header.gguf"),
+        &reduced_header(&real),
+    );
 
     let vocab = reduced_vocabulary(&real);
     let tok = Tokenizer::from_gguf(&GgufFile::from_bytes(vocab.clone()).expect("vocabulary"))
@@ -402,9 +406,18 @@ fn byte_vocabulary() -> Vec<u8> {
     let s = |v: &str| MetadataValue::String(v.into());
     out.add_metadata(tk::KEY_MODEL, s("gpt2"));
     out.add_metadata(tk::KEY_PRE, s("smollm"));
-    out.add_metadata(tk::KEY_TOKENS, MetadataValue::Array(MetadataArray::String(tokens)));
-    out.add_metadata(tk::KEY_TOKEN_TYPE, MetadataValue::Array(MetadataArray::I32(types)));
-    out.add_metadata(tk::KEY_MERGES, MetadataValue::Array(MetadataArray::String(merges)));
+    out.add_metadata(
+        tk::KEY_TOKENS,
+        MetadataValue::Array(MetadataArray::String(tokens)),
+    );
+    out.add_metadata(
+        tk::KEY_TOKEN_TYPE,
+        MetadataValue::Array(MetadataArray::I32(types)),
+    );
+    out.add_metadata(
+        tk::KEY_MERGES,
+        MetadataValue::Array(MetadataArray::String(merges)),
+    );
     out.add_metadata(tk::KEY_BOS, MetadataValue::U32(256 + 3));
     out.add_metadata(tk::KEY_EOS, MetadataValue::U32(256 + 4));
     out.add_metadata(tk::KEY_ADD_BOS, MetadataValue::Bool(true));

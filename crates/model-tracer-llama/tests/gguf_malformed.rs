@@ -533,10 +533,16 @@ fn plausible_counts_do_not_allocate_ahead_of_the_entries() {
     // As many metadata entries as 13-byte entries could fill: the second
     // one (an empty key again) is a duplicate.
     let e = fails_small("plausible metadata count", header(0, rest / 13));
-    assert!(matches!(&e, GgufError::DuplicateKey(k) if k.is_empty()), "{e:?}");
+    assert!(
+        matches!(&e, GgufError::DuplicateKey(k) if k.is_empty()),
+        "{e:?}"
+    );
     // As many tensors as 24-byte headers could fill.
     let e = fails_small("plausible tensor count", header(rest / 24, 0));
-    assert!(matches!(&e, GgufError::DuplicateTensor(t) if t.is_empty()), "{e:?}");
+    assert!(
+        matches!(&e, GgufError::DuplicateTensor(t) if t.is_empty()),
+        "{e:?}"
+    );
 }
 
 #[test]
