@@ -682,6 +682,12 @@ mod tests {
         let row = r#"{"position":0,"res_layer":[1000000000000],"res_ratio":[0.5]}"#;
         let e = parse_row(row).err().unwrap_or_default();
         assert!(e.contains("res_layer[0]") && e.contains("beyond"), "{e}");
+        // The last layer a trace may have is read, the next one is not.
+        let row = |l: usize| format!(r#"{{"position":0,"res_layer":[{l}],"res_ratio":[0.5]}}"#);
+        let last = parse_row(&row(MAX_LAYERS - 1)).map(|r| r.forward.activations.layers.len());
+        assert_eq!(last, Ok(MAX_LAYERS));
+        let e = parse_row(&row(MAX_LAYERS)).err().unwrap_or_default();
+        assert!(e.contains(&format!("= {MAX_LAYERS} is beyond")), "{e}");
     }
 
     #[test]
