@@ -98,6 +98,14 @@ pub(crate) fn ratio_of_norms(residual_norm: f32, update_norm: f32) -> f32 {
 /// layers of a model legitimately carry small, low-variance activations.
 pub const DEFAULT_WARMUP_LAYERS: usize = 2;
 
+/// Layers a trace may have: the hooks ignore a record of layer
+/// `MAX_LAYERS` or beyond, rather than growing a forward's per-layer
+/// records to that length, and the JSON Lines reader refuses one. Each
+/// layer of a forward takes about 300 bytes, so a forward's activation
+/// records stay under 1.2 MiB whatever indices a caller passes; the
+/// deepest published transformers have a few hundred layers.
+pub const MAX_LAYERS: usize = 1 << 12;
+
 /// Residual ratio above which a layer is reported as bypassed.
 pub const RESIDUAL_DOMINANCE: f32 = 0.99;
 

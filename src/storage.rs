@@ -20,6 +20,15 @@ use crate::summary::SessionAggregates;
 /// folded into the session aggregates and dropped).
 pub const DEFAULT_HISTORY: usize = 64;
 
+pub use crate::activation::MAX_LAYERS;
+pub use crate::attention::MAX_HEADS;
+
+/// Longest vector a hook allocates a buffer for: a logit-lens row of
+/// `vocab` values or a what-if output of `len` values (16 Mi values, 64 MiB
+/// of `f32`, beyond any vocabulary or layer output). Longer ones are
+/// ignored.
+pub const MAX_BUFFER_LEN: usize = 1 << 24;
+
 /// Final top-k tokens whose logit-lens trajectory is recorded when no
 /// tokens are tracked explicitly.
 pub const DEFAULT_LENS_TOP_K: usize = 3;

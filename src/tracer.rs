@@ -20,7 +20,10 @@ use crate::kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
 use crate::logit::LogitEvolutionTrace;
 use crate::quant::{BrickId, QuantType, QuantizationErrorTrace};
 use crate::stats::{self, TensorStats};
-pub use crate::storage::{QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE};
+pub use crate::storage::{
+    QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE, MAX_BUFFER_LEN,
+    MAX_HEADS, MAX_LAYERS,
+};
 use crate::summary::{SessionAggregates, TraceSummary};
 
 impl Recorder {
@@ -89,6 +92,9 @@ impl Recorder {
     #[inline(never)]
     fn activation(&mut self, layer: usize, stage: Stage, x: &[f32], fingerprint: bool) {
         if stage.is_layer_stage() {
+            if layer >= MAX_LAYERS {
+                return;
+            }
             self.see_layer(layer);
         }
         *self.current.activations.stats_mut(layer, stage) = TensorStats::from_slice(x);
@@ -110,6 +116,9 @@ impl Recorder {
 
     #[inline(never)]
     fn residual(&mut self, layer: usize, residual: &[f32], update: &[f32]) {
+        if layer >= MAX_LAYERS {
+            return;
+        }
         self.see_layer(layer);
         if self.residual_norms.len() <= layer {
             self.residual_norms.resize(layer + 1, None);
@@ -130,7 +139,9 @@ impl Recorder {
 
     #[inline(never)]
     fn attention(&mut self, layer: usize, head: usize, query_pos: usize, weights: &[f32]) {
-        if !self.wants_attention(layer, head) {
+        // Both bounds are the same power of two: one compare tests both.
+        const { assert!(MAX_HEADS == MAX_LAYERS && MAX_LAYERS.is_power_of_two()) };
+        if (layer | head) >= MAX_LAYERS || !self.wants_attention(layer, head) {
             return;
         }
         self.see_layer(layer);
@@ -150,6 +161,9 @@ impl Recorder {
 
     #[inline(never)]
     fn logit_lens(&mut self, layer: usize, vocab: usize, fill: &mut dyn FnMut(&mut [f32])) {
+        if layer >= MAX_LAYERS || vocab > MAX_BUFFER_LEN {
+            return;
+        }
         if self.lens_layers.is_empty() {
             self.lens_vocab = vocab;
         } else if vocab != self.lens_vocab {
@@ -236,6 +250,9 @@ impl Recorder {
         quantized: &[f32],
         reference: &mut dyn FnMut(&mut [f32]),
     ) {
+        if layer >= MAX_LAYERS {
+            return;
+        }
         self.reference.clear();
         self.reference.resize(quantized.len(), 0.0);
         reference(&mut self.reference);
@@ -258,6 +275,9 @@ impl Recorder {
         len: usize,
         fill: &mut dyn FnMut(&mut [f32], &mut [f32]),
     ) {
+        if layer >= MAX_LAYERS || len > MAX_BUFFER_LEN {
+            return;
+        }
         self.candidate.clear();
         self.candidate.resize(len, 0.0);
         self.reference.clear();
@@ -517,7 +537,9 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// Records the statistics of activation `x` at `(layer, stage)`, and
     /// its fingerprint when fingerprints are traced
     /// ([`TraceConfig::FINGERPRINTS`]). For [`Stage::Embedding`],
-    /// [`Stage::FinalNorm`] and [`Stage::Logits`] the layer is ignored.
+    /// [`Stage::FinalNorm`] and [`Stage::Logits`] the layer is ignored. A
+    /// layer stage of a layer at or beyond [`MAX_LAYERS`] is not recorded
+    /// (as every hook's record of such a layer).
     #[inline(always)]
     pub fn activation(&mut self, layer: usize, stage: Stage, x: &[f32]) {
         if self.activations_on() {
@@ -552,7 +574,8 @@ impl<C: TraceConfig> ModelTracer<C> {
     }
 
     /// Records one head's softmax row for the query at `query_pos`, if the
-    /// attention config selects `(layer, head)`.
+    /// attention config selects `(layer, head)` and the head is below
+    /// [`MAX_HEADS`].
     #[inline(always)]
     pub fn attention(&mut self, layer: usize, head: usize, query_pos: usize, weights: &[f32]) {
         if self.attention_on() {
@@ -571,7 +594,10 @@ impl<C: TraceConfig> ModelTracer<C> {
 
     /// Records the logit lens at `layer`: `fill` writes the `vocab` logits
     /// that the final norm and LM head give for this layer's hidden state.
-    /// `fill` runs only when the lens is on ([`TraceConfig::LOGIT_LENS`]).
+    /// `fill` runs only when the lens is on ([`TraceConfig::LOGIT_LENS`]),
+    /// and not for a `vocab` above [`MAX_BUFFER_LEN`] (nothing is recorded)
+    /// or other than the first lens row's of this forward (the row could
+    /// not be ranked against the others).
     #[inline(always)]
     pub fn logit_lens(&mut self, layer: usize, vocab: usize, mut fill: impl FnMut(&mut [f32])) {
         if self.lens_on() {
@@ -658,7 +684,8 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// `quant_type` (candidate) and with the model's own weights
     /// (reference). Runs only when quantization-error tracing is on; unlike
     /// [`quant_error`](Self::quant_error) it is not sampled: what-if mode is
-    /// an analysis the caller switches on.
+    /// an analysis the caller switches on. A `len` above [`MAX_BUFFER_LEN`]
+    /// records nothing.
     #[inline(always)]
     pub fn what_if(
         &mut self,
@@ -707,7 +734,7 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// Records a layer's activation trace built by hand (replaces the
     /// layer's entry in the forward in flight).
     pub fn record_layer_activation(&mut self, trace: LayerActivationTrace) {
-        if self.activations_on() {
+        if self.activations_on() && trace.layer_idx < MAX_LAYERS {
             if let Some(r) = self.storage.recorder_mut() {
                 let layer = trace.layer_idx;
                 r.see_layer(layer);
@@ -718,17 +745,19 @@ impl<C: TraceConfig> ModelTracer<C> {
 
     /// Records an attention summary built by hand.
     pub fn record_attention(&mut self, trace: AttentionWeightTrace) {
-        if self.attention_on() {
+        if self.attention_on() && trace.layer_idx < MAX_LAYERS && trace.head_idx < MAX_HEADS {
             if let Some(r) = self.storage.recorder_mut() {
                 r.current.attention.push(trace);
             }
         }
     }
 
-    /// Records the logit trajectories of the forward in flight.
-    pub fn record_logits(&mut self, trace: LogitEvolutionTrace) {
+    /// Records the logit trajectories of the forward in flight (without
+    /// the tokens whose entries name a layer beyond [`MAX_LAYERS`]).
+    pub fn record_logits(&mut self, mut trace: LogitEvolutionTrace) {
         if self.logits_on() {
             if let Some(r) = self.storage.recorder_mut() {
+                trace.tokens.retain(crate::forward::lens_in_range);
                 r.current.logits = Some(trace);
             }
         }
@@ -736,7 +765,7 @@ impl<C: TraceConfig> ModelTracer<C> {
 
     /// Records a quantization-error trace built by hand.
     pub fn record_quant_error(&mut self, trace: QuantizationErrorTrace) {
-        if self.quant_on() {
+        if self.quant_on() && trace.layer_idx < MAX_LAYERS {
             if let Some(r) = self.storage.recorder_mut() {
                 r.current.quantization.add(trace);
             }
@@ -759,7 +788,9 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// kept as recorded (the rules ran when it was traced). A forward in
     /// flight is ended first. Systems this tracer's config does not trace
     /// are dropped from the forward, as they would not have been recorded,
-    /// and so are the fingerprints when it does not trace them.
+    /// and so are the fingerprints when it does not trace them, and the
+    /// records the hooks would not have recorded: of a layer at or beyond
+    /// [`MAX_LAYERS`], of a head at or beyond [`MAX_HEADS`].
     pub fn replay_forward(&mut self, mut forward: ForwardTrace) {
         if !C::ANY {
             return;
@@ -798,6 +829,7 @@ impl<C: TraceConfig> ModelTracer<C> {
         if !kv {
             forward.kv_cache = None;
         }
+        forward.drop_out_of_range();
         if let Some(state) = forward.kv_cache {
             r.kv_session.add_step(state);
         }
