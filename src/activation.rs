@@ -1,13 +1,18 @@
 //! Activation statistics per layer and per stage of a forward pass.
 
 use crate::anomaly::{Anomaly, AnomalyKind, Origin};
+use crate::fingerprint::Fingerprint;
 pub use crate::stage::Stage;
 use crate::stats::TensorStats;
 
 /// Statistics of one transformer layer in one forward pass.
 ///
 /// A stage that was not recorded keeps `TensorStats::default()` (count 0)
-/// and is ignored by the anomaly rules.
+/// and is ignored by the anomaly rules. Each stage's fingerprint
+/// ([`crate::fingerprint`]) is `None` unless fingerprints were traced
+/// ([`TraceConfig::FINGERPRINTS`](crate::TraceConfig::FINGERPRINTS)) and
+/// the stage recorded a non-empty tensor; with serde, a `None` fingerprint
+/// is left out.
 #[derive(Debug, Clone, PartialEq, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct LayerActivationTrace {
@@ -31,6 +36,42 @@ pub struct LayerActivationTrace {
     /// the stream. 0 when not measured.
     #[cfg_attr(feature = "serde", serde(with = "crate::serde_float"))]
     pub residual_ratio: f32,
+    /// Fingerprint of the residual stream entering the layer.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub input_fingerprint: Option<Fingerprint>,
+    /// Fingerprint of the attention input after normalization.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub post_norm_fingerprint: Option<Fingerprint>,
+    /// Fingerprint of the attention block output.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub post_attn_fingerprint: Option<Fingerprint>,
+    /// Fingerprint of the feed-forward input after normalization.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub post_ffn_norm_fingerprint: Option<Fingerprint>,
+    /// Fingerprint of the feed-forward block output.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub post_ffn_fingerprint: Option<Fingerprint>,
+    /// Fingerprint of the residual stream leaving the layer.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub output_fingerprint: Option<Fingerprint>,
 }
 
 /// Share of the residual stream in `residual + update`, in `[0, 1]`:
@@ -56,6 +97,14 @@ pub(crate) fn ratio_of_norms(residual_norm: f32, update_norm: f32) -> f32 {
 /// Layers exempt from the vanishing-activation rule by default: the first
 /// layers of a model legitimately carry small, low-variance activations.
 pub const DEFAULT_WARMUP_LAYERS: usize = 2;
+
+/// Layers a trace may have: the hooks ignore a record of layer
+/// `MAX_LAYERS` or beyond, rather than growing a forward's per-layer
+/// records to that length, and the JSON Lines reader refuses one. Each
+/// layer of a forward takes about 300 bytes, so a forward's activation
+/// records stay under 1.2 MiB whatever indices a caller passes; the
+/// deepest published transformers have a few hundred layers.
+pub const MAX_LAYERS: usize = 1 << 12;
 
 /// Residual ratio above which a layer is reported as bypassed.
 pub const RESIDUAL_DOMINANCE: f32 = 0.99;
@@ -95,6 +144,35 @@ impl LayerActivationTrace {
         })
     }
 
+    /// The fingerprint recorded for `stage` (`None` when none was, and for
+    /// stages outside a layer).
+    pub fn fingerprint(&self, stage: Stage) -> Option<&Fingerprint> {
+        match stage {
+            Stage::Input => &self.input_fingerprint,
+            Stage::PostNorm => &self.post_norm_fingerprint,
+            Stage::PostAttn => &self.post_attn_fingerprint,
+            Stage::PostFfnNorm => &self.post_ffn_norm_fingerprint,
+            Stage::PostFfn => &self.post_ffn_fingerprint,
+            Stage::Output => &self.output_fingerprint,
+            Stage::Embedding | Stage::FinalNorm | Stage::Logits => return None,
+        }
+        .as_ref()
+    }
+
+    /// Mutable access to the fingerprint slot of `stage` (`None` for stages
+    /// outside a layer).
+    pub fn fingerprint_mut(&mut self, stage: Stage) -> Option<&mut Option<Fingerprint>> {
+        Some(match stage {
+            Stage::Input => &mut self.input_fingerprint,
+            Stage::PostNorm => &mut self.post_norm_fingerprint,
+            Stage::PostAttn => &mut self.post_attn_fingerprint,
+            Stage::PostFfnNorm => &mut self.post_ffn_norm_fingerprint,
+            Stage::PostFfn => &mut self.post_ffn_fingerprint,
+            Stage::Output => &mut self.output_fingerprint,
+            Stage::Embedding | Stage::FinalNorm | Stage::Logits => return None,
+        })
+    }
+
     /// Whether any recorded stage breaks an anomaly rule that needs no
     /// context (NaN, Inf, explosion) or the residual ratio exceeds 0.99.
     pub fn has_anomaly(&self) -> bool {
@@ -110,7 +188,8 @@ impl LayerActivationTrace {
     }
 }
 
-/// Activation statistics of a whole forward pass.
+/// Activation statistics of a whole forward pass, and the fingerprints of
+/// the stages when they were traced.
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ModelActivationTrace {
@@ -128,6 +207,24 @@ pub struct ModelActivationTrace {
     pub has_anomaly: bool,
     /// Set by [`finalize`](Self::finalize): description of the first anomaly.
     pub anomaly_desc: Option<String>,
+    /// Fingerprint of the token embedding.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub embedding_fingerprint: Option<Fingerprint>,
+    /// Fingerprint of the hidden state after the final norm.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub final_norm_fingerprint: Option<Fingerprint>,
+    /// Fingerprint of the output logits.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub logits_fingerprint: Option<Fingerprint>,
 }
 
 impl Default for ModelActivationTrace {
@@ -147,6 +244,9 @@ impl ModelActivationTrace {
             warmup_layers: DEFAULT_WARMUP_LAYERS,
             has_anomaly: false,
             anomaly_desc: None,
+            embedding_fingerprint: None,
+            final_norm_fingerprint: None,
+            logits_fingerprint: None,
         }
     }
 
@@ -186,6 +286,56 @@ impl ModelActivationTrace {
                 Some(slot) => slot,
                 None => unreachable!("layer stages always have a slot"),
             },
+        }
+    }
+
+    /// The fingerprint recorded at `(layer, stage)`, if any; `layer` is
+    /// ignored for stages outside a layer.
+    pub fn fingerprint(&self, layer: usize, stage: Stage) -> Option<&Fingerprint> {
+        match stage {
+            Stage::Embedding => self.embedding_fingerprint.as_ref(),
+            Stage::FinalNorm => self.final_norm_fingerprint.as_ref(),
+            Stage::Logits => self.logits_fingerprint.as_ref(),
+            s => self.layers.get(layer).and_then(|l| l.fingerprint(s)),
+        }
+    }
+
+    /// Mutable fingerprint slot of `(layer, stage)`, creating the layer.
+    pub fn fingerprint_mut(&mut self, layer: usize, stage: Stage) -> &mut Option<Fingerprint> {
+        match stage {
+            Stage::Embedding => &mut self.embedding_fingerprint,
+            Stage::FinalNorm => &mut self.final_norm_fingerprint,
+            Stage::Logits => &mut self.logits_fingerprint,
+            s => match self.layer_mut(layer).fingerprint_mut(s) {
+                Some(slot) => slot,
+                None => unreachable!("layer stages always have a slot"),
+            },
+        }
+    }
+
+    /// Whether any stage holds a fingerprint.
+    pub fn has_fingerprints(&self) -> bool {
+        self.embedding_fingerprint.is_some()
+            || self.final_norm_fingerprint.is_some()
+            || self.logits_fingerprint.is_some()
+            || self.layers.iter().any(|l| {
+                Stage::LAYER_STAGES
+                    .iter()
+                    .any(|&s| l.fingerprint(s).is_some())
+            })
+    }
+
+    /// Drops every fingerprint, keeping the statistics.
+    pub fn clear_fingerprints(&mut self) {
+        self.embedding_fingerprint = None;
+        self.final_norm_fingerprint = None;
+        self.logits_fingerprint = None;
+        for l in &mut self.layers {
+            for s in Stage::LAYER_STAGES {
+                if let Some(slot) = l.fingerprint_mut(s) {
+                    *slot = None;
+                }
+            }
         }
     }
 
@@ -294,6 +444,9 @@ impl ModelActivationTrace {
         }
         self.final_norm_stats = TensorStats::default();
         self.logits_stats = TensorStats::default();
+        self.embedding_fingerprint = None;
+        self.final_norm_fingerprint = None;
+        self.logits_fingerprint = None;
         self.warmup_layers = warmup_layers;
         self.has_anomaly = false;
         self.anomaly_desc = None;
@@ -364,6 +517,49 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].kind, AnomalyKind::Vanishing);
         assert_eq!(out[0].layer, Some(2));
+    }
+
+    #[test]
+    fn fingerprint_slots_sit_beside_the_stats_slots() {
+        let mut t = ModelActivationTrace::with_capacity(2);
+        assert!(!t.has_fingerprints());
+        let all = [
+            (0, Stage::Embedding),
+            (1, Stage::Input),
+            (1, Stage::PostNorm),
+            (1, Stage::PostAttn),
+            (1, Stage::PostFfnNorm),
+            (1, Stage::PostFfn),
+            (1, Stage::Output),
+            (0, Stage::FinalNorm),
+            (0, Stage::Logits),
+        ];
+        for (k, &(layer, stage)) in all.iter().enumerate() {
+            let mut f = crate::fingerprint::Fingerprint::default();
+            f.0[0] = k as f32 + 1.0;
+            *t.fingerprint_mut(layer, stage) = Some(f);
+        }
+        assert!(t.has_fingerprints());
+        // Every slot holds its own value, and layer 0 none.
+        for (k, &(layer, stage)) in all.iter().enumerate() {
+            assert_eq!(
+                t.fingerprint(layer, stage).map(|f| f.0[0]),
+                Some(k as f32 + 1.0)
+            );
+        }
+        assert!(Stage::LAYER_STAGES
+            .iter()
+            .all(|&s| t.fingerprint(0, s).is_none()));
+        assert!(t.fingerprint(5, Stage::Input).is_none());
+        let mut cleared = t.clone();
+        cleared.clear_fingerprints();
+        assert!(!cleared.has_fingerprints());
+        t.reset(2);
+        assert!(
+            !t.has_fingerprints(),
+            "a recycled trace starts without fingerprints"
+        );
+        assert_eq!(t.layers.len(), 2);
     }
 
     #[test]

@@ -43,6 +43,12 @@ impl AttentionTraceConfig {
     }
 }
 
+/// Attention heads a layer may have (as many as
+/// [`MAX_LAYERS`](crate::activation::MAX_LAYERS)): the attention hook
+/// ignores a head index at or beyond it, and the JSON Lines reader refuses
+/// one.
+pub const MAX_HEADS: usize = 1 << 12;
+
 /// Summary of one head's attention distribution for one query position.
 ///
 /// Positions index the attended sequence (the KV cache in chronological

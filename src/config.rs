@@ -79,6 +79,12 @@ pub trait TraceConfig: Clone + Send + Sync + 'static {
     /// vocabulary-sized matmul per layer). `false` keeps the ranks of the
     /// tracked tokens on the final logits only. Defaults to `Self::LOGITS`.
     const LOGIT_LENS: bool = Self::LOGITS;
+    /// With [`Self::ACTIVATIONS`]: every activation whose statistics are
+    /// taken is fingerprinted too ([`crate::fingerprint`]: 16 random ±1
+    /// projections, which tell apart tensors whose moments agree). Costs
+    /// about 2.6 instructions per value, about as much as the statistics.
+    /// Defaults to `false`.
+    const FINGERPRINTS: bool = false;
     /// Any system may run; `false` means the tracer is inert.
     const ANY: bool =
         Self::ACTIVATIONS || Self::ATTENTION || Self::LOGITS || Self::QUANT_ERROR || Self::KV_CACHE;
@@ -92,6 +98,12 @@ pub trait TraceConfig: Clone + Send + Sync + 'static {
     #[inline(always)]
     fn activations(&self) -> bool {
         Self::ACTIVATIONS
+    }
+    /// Activation fingerprints are on (called only when
+    /// [`Self::FINGERPRINTS`], and heeded only when activations are on).
+    #[inline(always)]
+    fn fingerprints(&self) -> bool {
+        Self::FINGERPRINTS
     }
     /// Attention summaries are on (called only when [`Self::ATTENTION`]).
     #[inline(always)]
@@ -130,8 +142,8 @@ pub struct Disabled;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Lightweight;
 
-/// Debug tracing: all five systems, including the logit lens on every layer
-/// and sampled quantization-error references.
+/// Debug tracing: all five systems, including the logit lens on every layer,
+/// sampled quantization-error references and activation fingerprints.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Full;
 
@@ -159,6 +171,7 @@ impl TraceConfig for Full {
     const LOGITS: bool = true;
     const QUANT_ERROR: bool = true;
     const KV_CACHE: bool = true;
+    const FINGERPRINTS: bool = true;
     type Storage = Recorder;
 }
 
@@ -205,6 +218,10 @@ pub struct ModelTracerConfig {
     pub trace_quant_error: bool,
     /// KV cache state.
     pub trace_kv_cache: bool,
+    /// Activation fingerprints, taken where activation statistics are
+    /// taken: needs `trace_activations` (see [`TraceConfig::FINGERPRINTS`]).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub trace_fingerprints: bool,
     /// Which attention heads to summarize and how.
     pub attention_config: AttentionTraceConfig,
     /// Token ids whose logit-lens trajectory is recorded (see [`TraceOptions::tracked_tokens`]).
@@ -227,6 +244,7 @@ impl Default for ModelTracerConfig {
             trace_logits: false,
             trace_quant_error: false,
             trace_kv_cache: false,
+            trace_fingerprints: false,
             attention_config: o.attention_config,
             tracked_tokens: o.tracked_tokens,
             lens_top_k: o.lens_top_k,
@@ -246,7 +264,7 @@ impl ModelTracerConfig {
         }
     }
 
-    /// All five systems: what [`Full`] traces.
+    /// All five systems and activation fingerprints: what [`Full`] traces.
     pub fn full() -> Self {
         Self {
             trace_activations: true,
@@ -254,13 +272,15 @@ impl ModelTracerConfig {
             trace_logits: true,
             trace_quant_error: true,
             trace_kv_cache: true,
+            trace_fingerprints: true,
             ..Self::default()
         }
     }
 
     /// The config whose systems [`describe`] names `description` (`"full"`,
     /// `"lightweight"`, `"disabled"`, or a `+`-joined list such as
-    /// `"activations+logits"`); `None` for a name it does not know.
+    /// `"activations+logits"` or `"activations+fingerprints"`); `None` for a
+    /// name it does not know.
     pub fn from_description(description: &str) -> Option<Self> {
         match description {
             "full" => return Some(Self::full()),
@@ -276,6 +296,7 @@ impl ModelTracerConfig {
                 "logits" => &mut c.trace_logits,
                 "quant_error" => &mut c.trace_quant_error,
                 "kv_cache" => &mut c.trace_kv_cache,
+                "fingerprints" => &mut c.trace_fingerprints,
                 _ => return None,
             };
             *flag = true;
@@ -283,7 +304,8 @@ impl ModelTracerConfig {
         Some(c)
     }
 
-    /// At least one system is on.
+    /// At least one system is on (fingerprints are not a system of their
+    /// own: without activations they record nothing).
     pub fn is_enabled(&self) -> bool {
         self.trace_activations
             || self.trace_attention
@@ -299,6 +321,7 @@ impl TraceConfig for ModelTracerConfig {
     const LOGITS: bool = true;
     const QUANT_ERROR: bool = true;
     const KV_CACHE: bool = true;
+    const FINGERPRINTS: bool = true;
     type Storage = Recorder;
 
     #[inline(always)]
@@ -321,6 +344,10 @@ impl TraceConfig for ModelTracerConfig {
     fn kv_cache(&self) -> bool {
         self.trace_kv_cache
     }
+    #[inline(always)]
+    fn fingerprints(&self) -> bool {
+        self.trace_fingerprints
+    }
     fn options(&self) -> TraceOptions {
         TraceOptions {
             attention_config: self.attention_config.clone(),
@@ -334,9 +361,22 @@ impl TraceConfig for ModelTracerConfig {
 
 /// Short name of a config's set of systems, for reports (`"disabled"`,
 /// `"lightweight"`, `"full"` or a `+`-joined list).
+///
+/// Activation fingerprints count as a name of their own, `"fingerprints"`,
+/// after `"activations"` and only with it (without activations they record
+/// nothing): `"full"` is all five systems with fingerprints, as [`Full`]
+/// traces; the five without them are listed, `"activations+attention+
+/// logits+quant_error+kv_cache"`, and [`Lightweight`] with fingerprints is
+/// `"activations+fingerprints+kv_cache"`.
+/// [`ModelTracerConfig::from_description`] reads every such name back.
 pub fn describe<C: TraceConfig>(config: &C) -> String {
+    let activations = C::ACTIVATIONS && config.activations();
     let on = [
-        (C::ACTIVATIONS && config.activations(), "activations"),
+        (activations, "activations"),
+        (
+            activations && C::FINGERPRINTS && config.fingerprints(),
+            "fingerprints",
+        ),
         (C::ATTENTION && config.attention(), "attention"),
         (C::LOGITS && config.logits(), "logits"),
         (C::QUANT_ERROR && config.quant_error(), "quant_error"),
@@ -346,7 +386,7 @@ pub fn describe<C: TraceConfig>(config: &C) -> String {
     match names.as_slice() {
         [] => "disabled".to_string(),
         ["activations", "kv_cache"] => "lightweight".to_string(),
-        [_, _, _, _, _] => "full".to_string(),
+        [_, _, _, _, _, _] => "full".to_string(),
         _ => names.join("+"),
     }
 }
@@ -383,6 +423,76 @@ mod tests {
             Some(some)
         );
         assert_eq!(ModelTracerConfig::from_description("attention+warp"), None);
+    }
+
+    #[test]
+    fn fingerprints_are_on_in_full_only_and_need_activations() {
+        const { assert!(Full::FINGERPRINTS && !Lightweight::FINGERPRINTS && !Disabled::FINGERPRINTS) };
+        assert!(ModelTracerConfig::full().trace_fingerprints);
+        assert!(!ModelTracerConfig::lightweight().trace_fingerprints);
+        assert!(!ModelTracerConfig::default().trace_fingerprints);
+        let alone = ModelTracerConfig {
+            trace_fingerprints: true,
+            ..ModelTracerConfig::default()
+        };
+        assert!(
+            !alone.is_enabled(),
+            "fingerprints without activations trace nothing"
+        );
+        assert_eq!(describe(&alone), "disabled");
+        let five = ModelTracerConfig {
+            trace_fingerprints: false,
+            ..ModelTracerConfig::full()
+        };
+        assert_eq!(
+            describe(&five),
+            "activations+attention+logits+quant_error+kv_cache"
+        );
+        let light = ModelTracerConfig {
+            trace_fingerprints: true,
+            ..ModelTracerConfig::lightweight()
+        };
+        assert_eq!(describe(&light), "activations+fingerprints+kv_cache");
+    }
+
+    #[test]
+    fn every_description_reads_back_as_its_config() {
+        let mut names = std::collections::BTreeSet::new();
+        for bits in 0u32..64 {
+            let on = |b: u32| bits & (1 << b) != 0;
+            let c = ModelTracerConfig {
+                trace_activations: on(0),
+                trace_attention: on(1),
+                trace_logits: on(2),
+                trace_quant_error: on(3),
+                trace_kv_cache: on(4),
+                // Fingerprints are described only with the activations.
+                trace_fingerprints: on(5) && on(0),
+                ..ModelTracerConfig::default()
+            };
+            let name = describe(&c);
+            assert_eq!(
+                ModelTracerConfig::from_description(&name).as_ref(),
+                Some(&c),
+                "{name}"
+            );
+            names.insert(name);
+        }
+        // 32 sets of systems, and fingerprints or not for the 16 with activations.
+        assert_eq!(names.len(), 48);
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn a_config_serialized_before_fingerprints_still_reads() {
+        let mut json = serde_json::to_value(ModelTracerConfig::lightweight()).ok();
+        let removed = json
+            .as_mut()
+            .and_then(|v| v.as_object_mut())
+            .and_then(|m| m.remove("trace_fingerprints"));
+        assert_eq!(removed, Some(serde_json::Value::Bool(false)));
+        let c = json.and_then(|v| serde_json::from_value::<ModelTracerConfig>(v).ok());
+        assert_eq!(c, Some(ModelTracerConfig::lightweight()));
     }
 
     #[test]

@@ -371,7 +371,7 @@ fn vector_error(a: &[f32], b: &[f32]) -> (f32, f32) {
 pub fn site_error(a: &Tensor, b: &Tensor) -> SiteError {
     let (sa, sb) = (&a.stats, &b.stats);
     let rms = |s: &TensorStats| {
-        let n = s.count.saturating_sub(s.nan_count + s.inf_count);
+        let n = s.finite_count();
         if n == 0 {
             0.0
         } else {

@@ -1,10 +1,10 @@
 //! The record of one forward pass: what every system traced in it.
 
-use crate::activation::ModelActivationTrace;
+use crate::activation::{LayerActivationTrace, ModelActivationTrace, MAX_LAYERS};
 use crate::anomaly::Anomaly;
-use crate::attention::AttentionWeightTrace;
+use crate::attention::{AttentionWeightTrace, MAX_HEADS};
 use crate::kv_cache::KvCacheStateTrace;
-use crate::logit::LogitEvolutionTrace;
+use crate::logit::{LogitEvolutionTrace, TokenLogitEvolution};
 use crate::quant::{ModelQuantizationError, QuantizationErrorTrace};
 
 /// Everything traced in one forward pass.
@@ -51,6 +51,30 @@ impl ForwardTrace {
         self.anomalies.clear();
     }
 
+    /// Drops the records the hooks would not have recorded: those of a
+    /// layer at or beyond [`MAX_LAYERS`] or of a head at or beyond
+    /// [`MAX_HEADS`] (a lens entry may name `MAX_LAYERS` itself, the output
+    /// logits after the last layer).
+    pub(crate) fn drop_out_of_range(&mut self) {
+        self.activations.layers.truncate(MAX_LAYERS);
+        for (i, l) in self.activations.layers.iter_mut().enumerate() {
+            if l.layer_idx >= MAX_LAYERS {
+                *l = LayerActivationTrace::new(i);
+            }
+        }
+        self.attention
+            .retain(|a| a.layer_idx < MAX_LAYERS && a.head_idx < MAX_HEADS);
+        if let Some(l) = &mut self.logits {
+            l.tokens.retain(lens_in_range);
+        }
+        self.quantization
+            .traces
+            .retain(|t| t.layer_idx < MAX_LAYERS);
+        self.what_if.retain(|t| t.layer_idx < MAX_LAYERS);
+        self.anomalies
+            .retain(|a| a.layer.is_none_or(|l| l < MAX_LAYERS));
+    }
+
     /// The anomaly that matters most: the first non-finite one, else the first.
     pub fn primary_anomaly(&self) -> Option<&Anomaly> {
         self.anomalies
@@ -58,4 +82,9 @@ impl ForwardTrace {
             .find(|a| a.kind.is_non_finite())
             .or(self.anomalies.first())
     }
+}
+
+/// Whether every entry of `t` names a layer up to [`MAX_LAYERS`].
+pub(crate) fn lens_in_range(t: &TokenLogitEvolution) -> bool {
+    (0..t.ranks.len()).all(|i| t.layer_at(i) <= MAX_LAYERS)
 }

@@ -107,9 +107,13 @@ impl KvCacheSessionTrace {
     }
 
     /// Folds a step into the totals and keeps it among the recent steps.
+    /// The totals saturate at `usize::MAX` (a step read back from a trace
+    /// may hold any count).
     pub fn add_step(&mut self, trace: KvCacheStateTrace) {
         self.total_steps += 1;
-        self.total_evictions += trace.evictions_this_step;
+        self.total_evictions = self
+            .total_evictions
+            .saturating_add(trace.evictions_this_step);
         self.peak_memory_bytes = self.peak_memory_bytes.max(trace.cache_size_bytes);
         self.peak_utilization = self.peak_utilization.max(trace.utilization());
         let hit = if trace.cache_hit_rate.is_finite() {
@@ -118,8 +122,8 @@ impl KvCacheSessionTrace {
             0.0
         };
         self.avg_hit_rate += (hit - self.avg_hit_rate) / self.total_steps as f32;
-        self.total_reused += trace.reused_positions;
-        self.total_computed += trace.computed_positions;
+        self.total_reused = self.total_reused.saturating_add(trace.reused_positions);
+        self.total_computed = self.total_computed.saturating_add(trace.computed_positions);
         if self.steps.len() == self.max_retained_steps {
             self.steps.pop_front();
         }
@@ -133,14 +137,14 @@ impl KvCacheSessionTrace {
         if n == 0 {
             return 0.0;
         }
-        let ev: usize = self
+        let ev: f64 = self
             .steps
             .iter()
             .rev()
             .take(n)
-            .map(|s| s.evictions_this_step)
+            .map(|s| s.evictions_this_step as f64)
             .sum();
-        ev as f32 / n as f32
+        (ev / n as f64) as f32
     }
 
     /// Context thrashing: over the last `window` steps the cache evicted more

@@ -43,7 +43,7 @@
 //! ```
 //!
 //! See `features.md` for the cargo features (`trace-lightweight`,
-//! `trace-full`, `serde`, `log`, `tracing`) and measured overheads. The
+//! `trace-full`, `serde`, `dump`, `log`, `tracing`) and measured overheads. The
 //! reference decoder that uses it, `model-tracer-llama`, and the
 //! `model-tracer` program are crates of their own.
 
@@ -53,6 +53,9 @@ pub mod attention;
 pub mod config;
 #[cfg(feature = "serde")]
 pub mod diff;
+#[cfg(feature = "dump")]
+pub mod dump;
+pub mod fingerprint;
 pub mod forward;
 pub mod kv_cache;
 pub mod logit;
@@ -140,6 +143,8 @@ pub use attention::{AttentionTraceConfig, AttentionWeightTrace};
 pub use config::{
     DefaultTrace, Disabled, Full, Lightweight, ModelTracerConfig, TraceConfig, TraceOptions,
 };
+#[cfg(feature = "dump")]
+pub use dump::{ActivationDump, DumpError, DumpFilter, DumpRecorder};
 pub use kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
 pub use logit::{LogitEvolutionTrace, TokenLogitEvolution};
 pub use model_info::ModelInfo;

@@ -11,7 +11,7 @@
 //! Bad input is an error that names the line and the column at fault, never
 //! a panic: a truncated line (a run that crashed mid-write), columns of
 //! different lengths, a stage or brick name this crate does not know, a
-//! layer index beyond [`MAX_LAYERS`].
+//! layer index beyond [`MAX_LAYERS`] or a head index beyond [`MAX_HEADS`].
 //!
 //! ```
 //! use model_tracer::read::JsonlReader;
@@ -55,6 +55,7 @@ use serde::Deserialize;
 use crate::activation::{LayerActivationTrace, ModelActivationTrace};
 use crate::anomaly::{Anomaly, AnomalyKind, Origin};
 use crate::attention::AttentionWeightTrace;
+use crate::fingerprint::Fingerprint;
 use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheStateTrace;
 use crate::logit::{LogitEvolutionTrace, TokenLogitEvolution};
@@ -64,9 +65,12 @@ use crate::serde_float::Float;
 use crate::stage::Stage;
 use crate::stats::{ErrorMetrics, TensorStats};
 
-/// The largest layer count a row may name: a layer index at or beyond it
-/// is an error rather than an allocation of that many layers.
-pub const MAX_LAYERS: usize = 1 << 16;
+// The largest layer (and head) count a row may name: an index at or
+// beyond it is an error rather than an allocation of that many layers (a
+// lens entry may name `MAX_LAYERS` itself: the output logits, after the
+// last layer). The tracer's hooks ignore such records, so every trace it
+// writes reads back.
+pub use crate::storage::{MAX_HEADS, MAX_LAYERS};
 
 /// A trace line that could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +218,8 @@ struct RawRow {
     act_nan_count: Vec<usize>,
     #[serde(default)]
     act_inf_count: Vec<usize>,
+    #[serde(default)]
+    act_fingerprint: Option<Vec<Option<Fingerprint>>>,
 
     #[serde(default)]
     res_layer: Vec<usize>,
@@ -346,6 +352,26 @@ fn layer(value: usize, column: &str, entry: usize) -> Result<usize, String> {
     }
 }
 
+fn head(value: usize, column: &str, entry: usize) -> Result<usize, String> {
+    if value >= MAX_HEADS {
+        Err(format!(
+            "{column}[{entry}] = {value} is beyond the {MAX_HEADS} heads a layer may have"
+        ))
+    } else {
+        Ok(value)
+    }
+}
+
+/// A logit-lens layer: a layer, or `MAX_LAYERS` itself for the output
+/// logits after the last layer.
+fn lens_layer(value: usize, column: &str, entry: usize) -> Result<usize, String> {
+    if value == MAX_LAYERS {
+        Ok(value)
+    } else {
+        layer(value, column, entry)
+    }
+}
+
 fn stage(name: &str, column: &str, entry: usize) -> Result<Stage, String> {
     Stage::ALL
         .into_iter()
@@ -378,6 +404,7 @@ impl RawRow {
         };
 
         // Activations.
+        let fingerprints = self.act_fingerprint;
         let n = same_length(&[
             ("act_layer", self.act_layer.len()),
             ("act_stage", self.act_stage.len()),
@@ -389,6 +416,10 @@ impl RawRow {
             ("act_l2_norm", self.act_l2_norm.len()),
             ("act_nan_count", self.act_nan_count.len()),
             ("act_inf_count", self.act_inf_count.len()),
+            (
+                "act_fingerprint",
+                fingerprints.as_ref().map_or(self.act_layer.len(), Vec::len),
+            ),
         ])?;
         for i in 0..n {
             let st = stage(&self.act_stage[i], "act_stage", i)?;
@@ -407,6 +438,9 @@ impl RawRow {
                 nan_count: self.act_nan_count[i],
                 inf_count: self.act_inf_count[i],
             };
+            if let Some(fp) = &fingerprints {
+                *f.activations.fingerprint_mut(l, st) = fp[i];
+            }
         }
         let n = same_length(&[
             ("res_layer", self.res_layer.len()),
@@ -437,7 +471,10 @@ impl RawRow {
         for i in 0..n {
             f.anomalies.push(Anomaly {
                 position,
-                layer: self.anomaly_layer[i],
+                layer: match self.anomaly_layer[i] {
+                    Some(l) => Some(layer(l, "anomaly_layer", i)?),
+                    None => None,
+                },
                 stage: stage(&self.anomaly_stage[i], "anomaly_stage", i)?,
                 kind: self.anomaly_kind[i],
                 origin: self.anomaly_origin[i],
@@ -477,7 +514,7 @@ impl RawRow {
             }
             f.attention.push(AttentionWeightTrace {
                 layer_idx: layer(self.attn_layer[i], "attn_layer", i)?,
-                head_idx: self.attn_head[i],
+                head_idx: head(self.attn_head[i], "attn_head", i)?,
                 query_pos: query_pos.as_ref().map_or(position, |q| q[i]),
                 context_len: self.attn_context_len[i],
                 top_k_positions: positions.clone(),
@@ -502,7 +539,7 @@ impl RawRow {
             lt.selected_token = self.selected_token;
             for i in 0..n {
                 let id = self.lens_token[i];
-                let l = layer(self.lens_layer[i], "lens_layer", i)?;
+                let l = lens_layer(self.lens_layer[i], "lens_layer", i)?;
                 if lt.tokens.last().is_none_or(|t| t.token_id != id) {
                     let text = vocab.get(&id).cloned().unwrap_or_default();
                     lt.tokens.push(TokenLogitEvolution::new(id, text));
@@ -656,6 +693,48 @@ mod tests {
         let row = r#"{"position":0,"res_layer":[1000000000000],"res_ratio":[0.5]}"#;
         let e = parse_row(row).err().unwrap_or_default();
         assert!(e.contains("res_layer[0]") && e.contains("beyond"), "{e}");
+        // The last layer a trace may have is read, the next one is not.
+        let row = |l: usize| format!(r#"{{"position":0,"res_layer":[{l}],"res_ratio":[0.5]}}"#);
+        let last = parse_row(&row(MAX_LAYERS - 1)).map(|r| r.forward.activations.layers.len());
+        assert_eq!(last, Ok(MAX_LAYERS));
+        let e = parse_row(&row(MAX_LAYERS)).err().unwrap_or_default();
+        assert!(e.contains(&format!("= {MAX_LAYERS} is beyond")), "{e}");
+    }
+
+    #[test]
+    fn huge_head_and_anomaly_layer_indices_are_refused() {
+        let row = format!(
+            r#"{{"position":0,"attn_layer":[0],"attn_head":[{MAX_HEADS}],"attn_context_len":[1],
+            "attn_sink_weight":[1],"attn_entropy":[0],"attn_tail_mass":[0],"attn_nan_count":[0],
+            "attn_top_positions":[[0]],"attn_top_weights":[[1]]}}"#
+        );
+        let e = parse_row(&row.replace('\n', "")).err().unwrap_or_default();
+        assert!(e.contains("attn_head[0]") && e.contains("heads"), "{e}");
+        let row = r#"{"position":0,"anomaly_layer":[18446744073709551615],"anomaly_stage":["output"],
+            "anomaly_kind":["nan"],"anomaly_origin":["produced"],"anomaly_count":[1],
+            "anomaly_tensor_len":[1],"anomaly_value":["NaN"]}"#;
+        let e = parse_row(&row.replace('\n', "")).err().unwrap_or_default();
+        assert!(
+            e.contains("anomaly_layer[0]") && e.contains("beyond"),
+            "{e}"
+        );
+    }
+
+    /// The output logits sit after the last layer: a lens entry may name
+    /// `MAX_LAYERS` itself, as the tracer writes for a model of
+    /// `MAX_LAYERS` layers, but nothing beyond.
+    #[test]
+    fn a_lens_entry_may_name_the_layer_after_the_last() {
+        let lens = |l: usize| {
+            format!(
+                r#"{{"position":0,"lens_token":[3],"lens_layer":[{l}],"lens_rank":[0],"lens_logit":[1]}}"#
+            )
+        };
+        let row = parse_row(&lens(MAX_LAYERS));
+        let layers = row.map(|r| r.forward.logits.map(|l| l.tokens[0].layers.clone()));
+        assert_eq!(layers, Ok(Some(vec![MAX_LAYERS])));
+        let e = parse_row(&lens(MAX_LAYERS + 1)).err().unwrap_or_default();
+        assert!(e.contains("lens_layer[0]"), "{e}");
     }
 
     #[test]
@@ -669,6 +748,44 @@ mod tests {
             .err()
             .unwrap_or_default();
         assert!(e.contains("anomaly_stage"), "{e}");
+    }
+
+    #[test]
+    fn fingerprints_read_back_and_bad_ones_are_errors() {
+        let stats = r#""act_count":[3,3],"act_min":[0,0],"act_max":[1,1],"act_mean":[0.5,0.5],
+            "act_std":[0.5,0.5],"act_l2_norm":[1,1],"act_nan_count":[0,0],"act_inf_count":[0,0]"#;
+        let sixteen: Vec<String> = (0..16).map(|i| i.to_string()).collect();
+        let row = |fingerprints: &str| {
+            format!(
+                r#"{{"position":0,"act_layer":[null,4],"act_stage":["embedding","output"],{stats},"act_fingerprint":{fingerprints}}}"#
+            )
+            .replace('\n', "")
+        };
+        let good = row(&format!(r#"[null,[{},"inf"]]"#, sixteen[..15].join(",")));
+        let read = parse_row(&good);
+        let Ok(read) = read else {
+            panic!("{read:?}");
+        };
+        let a = &read.forward.activations;
+        assert_eq!(a.fingerprint(0, Stage::Embedding), None);
+        let out = a.fingerprint(4, Stage::Output).map(|f| f.0);
+        let mut want = [0.0f32; 16];
+        for (i, w) in want.iter_mut().enumerate() {
+            *w = i as f32;
+        }
+        want[15] = f32::INFINITY;
+        assert_eq!(out, Some(want));
+        let e = parse_row(&row("[null]")).err().unwrap_or_default();
+        assert!(
+            e.contains("act_fingerprint") && e.contains("act_layer"),
+            "{e}"
+        );
+        let e = parse_row(&row("[null,[1,2,3]]")).err().unwrap_or_default();
+        assert!(e.contains("16 values, not 3"), "{e}");
+        // Rows written before fingerprints existed have no such column.
+        let old = row("[]").replace(r#","act_fingerprint":[]"#, "");
+        let read = parse_row(&old).map(|r| r.forward.activations.has_fingerprints());
+        assert_eq!(read, Ok(false));
     }
 
     #[test]

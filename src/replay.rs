@@ -125,12 +125,10 @@ impl ReplayedTrace {
                 .cloned()
                 .unwrap_or_else(|| format!("<{id}>"))
         };
-        let last = self.position_tokens.keys().next_back().copied();
-        input.position_text = (0..last.map_or(0, |p| p + 1))
-            .map(|p| match self.position_tokens.get(&p) {
-                Some(&id) => text(id),
-                None => format!("#{p}"),
-            })
+        input.position_text = self
+            .position_tokens
+            .iter()
+            .map(|(&p, &id)| (p, text(id)))
             .collect();
         input.token_text = input
             .token_ids()
@@ -149,6 +147,7 @@ fn systems_of(f: &ForwardTrace) -> ModelTracerConfig {
         trace_logits: f.logits.is_some(),
         trace_quant_error: !f.quantization.traces.is_empty() || !f.what_if.is_empty(),
         trace_kv_cache: f.kv_cache.is_some(),
+        trace_fingerprints: f.activations.has_fingerprints(),
         ..ModelTracerConfig::default()
     }
 }
@@ -160,7 +159,7 @@ impl ModelInfo {
     fn infer_from(&mut self, f: &ForwardTrace) {
         for (layer, stage, st) in f.activations.recorded() {
             if let Some(l) = layer {
-                self.layers = self.layers.max(l + 1);
+                self.layers = self.layers.max(l.saturating_add(1));
             }
             match stage {
                 Stage::Logits => self.vocab = self.vocab.max(st.count),
@@ -168,8 +167,8 @@ impl ModelInfo {
             }
         }
         for a in &f.attention {
-            self.layers = self.layers.max(a.layer_idx + 1);
-            self.heads = self.heads.max(a.head_idx + 1);
+            self.layers = self.layers.max(a.layer_idx.saturating_add(1));
+            self.heads = self.heads.max(a.head_idx.saturating_add(1));
         }
         if let Some(kv) = &f.kv_cache {
             self.kv_capacity = self.kv_capacity.max(kv.max_positions);
@@ -261,7 +260,7 @@ mod tests {
         }
         assert_eq!(t.summary(), replay.tracer().summary());
         let input = replay.report_input("ignored");
-        assert_eq!(input.position_text[4], "tok104");
+        assert_eq!(input.position_text[&4], "tok104");
         assert_eq!(input.token_text.get(&3).map(String::as_str), Some("tok3"));
     }
 
@@ -287,6 +286,72 @@ mod tests {
         assert_eq!(replay.tracer().summary().forwards, 2);
         assert_eq!(replay.tracer().summary().config, "activations");
         assert_eq!(replay.report_input("trace.jsonl").model.name, "trace.jsonl");
+    }
+
+    /// Counts at `usize::MAX` saturate when folded into the session, and
+    /// statistics whose minimum is above their maximum merge without the
+    /// panic of `f32::clamp`.
+    #[test]
+    fn hostile_counts_saturate_and_disordered_bounds_merge() {
+        let m = usize::MAX;
+        let act = |p: usize, stage: &str, nan: usize, inf: usize| {
+            format!(
+                r#"{{"position":{p},"config":"lightweight","act_layer":[0],"act_stage":["{stage}"],"act_count":[{m}],"act_min":[5],"act_max":[-5],"act_mean":[1],"act_std":[1],"act_l2_norm":[1],"act_nan_count":[{nan}],"act_inf_count":[{inf}]}}"#
+            )
+        };
+        let kv = |p: usize| {
+            format!(
+                r#"{{"position":{p},"config":"lightweight","kv_step":{p},"kv_max_positions":0,"kv_valid_positions":1,"kv_bytes":1,"kv_hit_rate":"NaN","kv_evictions":{m},"kv_reused":{m},"kv_computed":{m}}}"#
+            )
+        };
+        let rows = [
+            act(0, "input", 0, 0),
+            act(1, "input", 0, 0),
+            act(2, "output", m, m),
+            kv(3),
+            kv(4),
+        ];
+        let replay = ReplayedTrace::read_jsonl(rows.join("\n").as_bytes(), 8);
+        let Ok(replay) = replay else {
+            panic!("{replay:?}");
+        };
+        let s = replay.tracer().summary();
+        assert_eq!(s.forwards, 5);
+        assert_eq!(s.layers[0].input.count, m);
+        assert_eq!(s.layers[0].input.mean, 1.0, "kept, not clamped");
+        assert_eq!(s.layers[0].non_finite, m);
+        let kv = s.kv_cache.unwrap_or_default();
+        assert_eq!(
+            (
+                kv.steps,
+                kv.total_evictions,
+                kv.total_reused,
+                kv.total_computed
+            ),
+            (2, m, m, m)
+        );
+        let input = replay.report_input("hostile");
+        let mut page = Vec::new();
+        assert!(crate::report::write_html(&mut page, &input).is_ok());
+    }
+
+    /// The report names positions in a map: a row at position 10^18 costs
+    /// one entry, not a vector of 10^18 texts.
+    #[test]
+    fn a_huge_position_costs_one_text() {
+        let rows = "{\"position\":1000000000000000000,\"token\":7,\"token_text\":\"x\",\
+                    \"kv_step\":0,\"kv_max_positions\":4,\"kv_valid_positions\":1,\
+                    \"kv_bytes\":8,\"kv_hit_rate\":0,\"kv_evictions\":0,\"kv_reused\":0,\
+                    \"kv_computed\":1}";
+        let replay = ReplayedTrace::read_jsonl(rows.as_bytes(), 8);
+        let Ok(replay) = replay else {
+            panic!("{replay:?}");
+        };
+        let input = replay.report_input("far");
+        assert_eq!(input.position_text.len(), 1);
+        assert_eq!(input.position_text[&1_000_000_000_000_000_000], "x");
+        let mut page = Vec::new();
+        assert!(crate::report::write_html(&mut page, &input).is_ok());
     }
 
     #[test]

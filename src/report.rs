@@ -65,9 +65,10 @@ pub struct ReportInput<'a> {
     pub forwards: Vec<&'a ForwardTrace>,
     /// KV cache steps, oldest first.
     pub kv_steps: Vec<KvCacheStateTrace>,
-    /// Text of the token at each absolute position (index = position).
-    /// Positions without text are shown as `#position`.
-    pub position_text: Vec<String>,
+    /// Text of the token at each absolute position. Positions without
+    /// text are shown as `#position`. A map rather than a vector indexed
+    /// by position, so that a trace naming position 10^18 costs one entry.
+    pub position_text: BTreeMap<usize, String>,
     /// Text of vocabulary ids (tracked and chosen tokens of the logit
     /// lens); see [`token_ids`](Self::token_ids). Missing ids are shown as
     /// `<id>`.
@@ -90,7 +91,7 @@ impl<'a> ReportInput<'a> {
                 .kv_session()
                 .map(|s| s.steps.iter().copied().collect())
                 .unwrap_or_default(),
-            position_text: Vec::new(),
+            position_text: BTreeMap::new(),
             token_text: BTreeMap::new(),
         }
     }
@@ -324,8 +325,8 @@ impl<'a> PageData<'a> {
             .forwards
             .iter()
             .map(|f| f.activations.layers.len())
-            .chain(s.layers.iter().map(|l| l.layer + 1))
-            .chain(s.heads.iter().map(|h| h.layer + 1))
+            .chain(s.layers.iter().map(|l| l.layer.saturating_add(1)))
+            .chain(s.heads.iter().map(|h| h.layer.saturating_add(1)))
             .max()
             .unwrap_or(0);
         let mut wanted = BTreeSet::new();
@@ -437,7 +438,7 @@ impl<'a> PageData<'a> {
             }),
             ptext: wanted
                 .into_iter()
-                .filter_map(|p| Some((p, input.position_text.get(p)?.as_str())))
+                .filter_map(|p| Some((p, input.position_text.get(&p)?.as_str())))
                 .collect(),
             vocab: &input.token_text,
         }

@@ -311,6 +311,9 @@ mod jsonl {
             m.serialize_entry("act_max_abs", &Col(|| a().map(|r| Float(r.2.max_abs()))))?;
             m.serialize_entry("act_nan_count", &Col(|| a().map(|r| r.2.nan_count)))?;
             m.serialize_entry("act_inf_count", &Col(|| a().map(|r| r.2.inf_count)))?;
+            let fingerprint =
+                |r: (Option<usize>, _, _)| f.activations.fingerprint(r.0.unwrap_or(0), r.1);
+            m.serialize_entry("act_fingerprint", &Col(|| a().map(fingerprint)))?;
 
             // Residual ratio, per layer that measured it.
             let res = || {

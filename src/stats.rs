@@ -148,10 +148,11 @@ impl TensorStats {
     /// to rounding (Chan's parallel update of mean and second moment).
     pub fn merge(&self, other: &Self) -> Self {
         let m = Moments::from_stats(self).merge(Moments::from_stats(other));
+        // Counts read back from a trace may be anything: they saturate.
         m.to_stats(
-            self.count + other.count,
-            self.nan_count + other.nan_count,
-            self.inf_count + other.inf_count,
+            self.count.saturating_add(other.count),
+            self.nan_count.saturating_add(other.nan_count),
+            self.inf_count.saturating_add(other.inf_count),
         )
     }
 
@@ -247,8 +248,10 @@ impl Moments {
         if self.n == 0 {
             return o;
         }
-        let n = self.n + o.n;
-        let (na, nb, nf) = (self.n as f64, o.n as f64, n as f64);
+        // Counts of statistics read back from a trace may be anything.
+        let n = self.n.saturating_add(o.n);
+        let (na, nb) = (self.n as f64, o.n as f64);
+        let nf = na + nb;
         let d = o.mean - self.mean;
         Moments {
             n,
@@ -296,12 +299,24 @@ impl Moments {
             count,
             min: self.min,
             max: self.max,
-            mean: (self.mean as f32).clamp(self.min, self.max),
+            mean: clamp_mean(self.mean as f32, self.min, self.max),
             std,
             l2_norm: sqrt_to_f32(self.sumsq),
             nan_count,
             inf_count,
         }
+    }
+}
+
+/// `mean` within `[min, max]` (rounding can take it just outside). Bounds
+/// that are not an interval (NaN, or min above max: statistics read back
+/// from a trace may be anything) leave it as it is, where `f32::clamp`
+/// would panic.
+fn clamp_mean(mean: f32, min: f32, max: f32) -> f32 {
+    if min <= max {
+        mean.clamp(min, max)
+    } else {
+        mean
     }
 }
 
@@ -717,9 +732,9 @@ impl StatsAccumulator {
     /// Adds a tensor that is already summarised.
     pub fn push_stats(&mut self, s: &TensorStats) {
         self.moments = self.moments.merge(Moments::from_stats(s));
-        self.count += s.count;
-        self.nan += s.nan_count;
-        self.inf += s.inf_count;
+        self.count = self.count.saturating_add(s.count);
+        self.nan = self.nan.saturating_add(s.nan_count);
+        self.inf = self.inf.saturating_add(s.inf_count);
     }
 
     /// Statistics of everything added so far; the accumulator is unchanged.

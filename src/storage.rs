@@ -9,6 +9,7 @@ use std::fmt;
 
 use crate::activation::DEFAULT_WARMUP_LAYERS;
 use crate::attention::{AttentionTraceConfig, AttentionWeightTrace};
+use crate::fingerprint::Fingerprinter;
 use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheSessionTrace;
 use crate::logit::TokenLogitEvolution;
@@ -18,6 +19,15 @@ use crate::summary::SessionAggregates;
 /// Forwards whose detailed records a tracer keeps by default (older ones are
 /// folded into the session aggregates and dropped).
 pub const DEFAULT_HISTORY: usize = 64;
+
+pub use crate::activation::MAX_LAYERS;
+pub use crate::attention::MAX_HEADS;
+
+/// Longest vector a hook allocates a buffer for: a logit-lens row of
+/// `vocab` values or a what-if output of `len` values (16 Mi values, 64 MiB
+/// of `f32`, beyond any vocabulary or layer output). Longer ones are
+/// ignored.
+pub const MAX_BUFFER_LEN: usize = 1 << 24;
 
 /// Final top-k tokens whose logit-lens trajectory is recorded when no
 /// tokens are tracked explicitly.
@@ -164,7 +174,13 @@ pub struct Recorder {
     pub(crate) reference: Vec<f32>,
     pub(crate) candidate: Vec<f32>,
     pub(crate) max_layer_seen: Option<usize>,
+    // Sign table of the activation fingerprints, grown to the longest
+    // tensor fingerprinted.
+    pub(crate) fingerprinter: Fingerprinter,
     pub(crate) sink: Option<crate::sink::SinkHandle>,
+    // Full tensors of the forwards, when a dump is installed.
+    #[cfg(feature = "dump")]
+    pub(crate) dump: Option<Box<crate::dump::DumpRecorder>>,
 }
 
 impl Storage for Recorder {

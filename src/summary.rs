@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::activation::Stage;
+use crate::activation::{Stage, MAX_LAYERS};
 use crate::anomaly::{Anomaly, AnomalyKind};
 use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheSessionTrace;
@@ -375,7 +375,8 @@ impl SessionAggregates {
                 .iter()
                 .any(|&s| l.stats(s).is_some_and(|st| st.count > 0))
                 || l.residual_ratio > 0.0;
-            if !touched {
+            // Replayed and hand-made forwards may name any layer.
+            if !touched || l.layer_idx >= MAX_LAYERS {
                 continue;
             }
             if self.layers.len() <= l.layer_idx {
@@ -642,7 +643,9 @@ impl TraceSummary {
                     .filter(|s| s.finite_count() > 0)
                     .map(TensorStats::max_abs)
                     .fold(0.0, f32::max),
-                non_finite: l.stages.iter().map(|s| s.nan_count + s.inf_count).sum(),
+                non_finite: l.stages.iter().fold(0usize, |n, s| {
+                    n.saturating_add(s.nan_count).saturating_add(s.inf_count)
+                }),
                 residual_ratio: l.residual_ratio_mean,
             })
             .collect();

@@ -14,12 +14,16 @@ use crate::activation::{ratio_of_norms, LayerActivationTrace, Stage};
 use crate::anomaly::Anomaly;
 use crate::attention::AttentionWeightTrace;
 use crate::config::TraceConfig;
+use crate::fingerprint::Fingerprinter;
 pub use crate::forward::ForwardTrace;
 use crate::kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
 use crate::logit::LogitEvolutionTrace;
 use crate::quant::{BrickId, QuantType, QuantizationErrorTrace};
 use crate::stats::{self, TensorStats};
-pub use crate::storage::{QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE};
+pub use crate::storage::{
+    QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE, MAX_BUFFER_LEN,
+    MAX_HEADS, MAX_LAYERS,
+};
 use crate::summary::{SessionAggregates, TraceSummary};
 
 impl Recorder {
@@ -48,7 +52,10 @@ impl Recorder {
             reference: Vec::new(),
             candidate: Vec::new(),
             max_layer_seen: None,
+            fingerprinter: Fingerprinter::new(),
             sink: None,
+            #[cfg(feature = "dump")]
+            dump: None,
         }
     }
 
@@ -72,6 +79,10 @@ impl Recorder {
         self.residual_norms.iter_mut().for_each(|r| *r = None);
         self.lens_layers.clear();
         self.max_layer_seen = None;
+        #[cfg(feature = "dump")]
+        if let Some(d) = &mut self.dump {
+            d.begin_forward(position);
+        }
     }
 
     fn see_layer(&mut self, layer: usize) {
@@ -79,15 +90,35 @@ impl Recorder {
     }
 
     #[inline(never)]
-    fn activation(&mut self, layer: usize, stage: Stage, x: &[f32]) {
+    fn activation(&mut self, layer: usize, stage: Stage, x: &[f32], fingerprint: bool) {
         if stage.is_layer_stage() {
+            if layer >= MAX_LAYERS {
+                return;
+            }
             self.see_layer(layer);
         }
         *self.current.activations.stats_mut(layer, stage) = TensorStats::from_slice(x);
+        if fingerprint {
+            self.fingerprint(layer, stage, x);
+        }
+        #[cfg(feature = "dump")]
+        if let Some(d) = &mut self.dump {
+            d.activation(layer, stage, x);
+        }
+    }
+
+    /// The fingerprint of `x` at `(layer, stage)`; none for an empty `x`,
+    /// whose stage counts as not recorded.
+    fn fingerprint(&mut self, layer: usize, stage: Stage, x: &[f32]) {
+        let f = (!x.is_empty()).then(|| self.fingerprinter.fingerprint(x));
+        *self.current.activations.fingerprint_mut(layer, stage) = f;
     }
 
     #[inline(never)]
     fn residual(&mut self, layer: usize, residual: &[f32], update: &[f32]) {
+        if layer >= MAX_LAYERS {
+            return;
+        }
         self.see_layer(layer);
         if self.residual_norms.len() <= layer {
             self.residual_norms.resize(layer + 1, None);
@@ -108,7 +139,9 @@ impl Recorder {
 
     #[inline(never)]
     fn attention(&mut self, layer: usize, head: usize, query_pos: usize, weights: &[f32]) {
-        if !self.wants_attention(layer, head) {
+        // Both bounds are the same power of two: one compare tests both.
+        const { assert!(MAX_HEADS == MAX_LAYERS && MAX_LAYERS.is_power_of_two()) };
+        if (layer | head) >= MAX_LAYERS || !self.wants_attention(layer, head) {
             return;
         }
         self.see_layer(layer);
@@ -128,6 +161,9 @@ impl Recorder {
 
     #[inline(never)]
     fn logit_lens(&mut self, layer: usize, vocab: usize, fill: &mut dyn FnMut(&mut [f32])) {
+        if layer >= MAX_LAYERS || vocab > MAX_BUFFER_LEN {
+            return;
+        }
         if self.lens_layers.is_empty() {
             self.lens_vocab = vocab;
         } else if vocab != self.lens_vocab {
@@ -145,9 +181,16 @@ impl Recorder {
     }
 
     #[inline(never)]
-    fn final_logits(&mut self, logits: &[f32], activations: bool, lens: bool) {
+    fn final_logits(&mut self, logits: &[f32], activations: bool, fingerprint: bool, lens: bool) {
         if activations {
             self.current.activations.logits_stats = TensorStats::from_slice(logits);
+            if fingerprint {
+                self.fingerprint(0, Stage::Logits, logits);
+            }
+            #[cfg(feature = "dump")]
+            if let Some(d) = &mut self.dump {
+                d.activation(0, Stage::Logits, logits);
+            }
         }
         if !lens {
             return;
@@ -207,6 +250,9 @@ impl Recorder {
         quantized: &[f32],
         reference: &mut dyn FnMut(&mut [f32]),
     ) {
+        if layer >= MAX_LAYERS {
+            return;
+        }
         self.reference.clear();
         self.reference.resize(quantized.len(), 0.0);
         reference(&mut self.reference);
@@ -229,6 +275,9 @@ impl Recorder {
         len: usize,
         fill: &mut dyn FnMut(&mut [f32], &mut [f32]),
     ) {
+        if layer >= MAX_LAYERS || len > MAX_BUFFER_LEN {
+            return;
+        }
         self.candidate.clear();
         self.candidate.resize(len, 0.0);
         self.reference.clear();
@@ -254,6 +303,13 @@ impl Recorder {
             return None;
         }
         self.in_forward = false;
+        #[cfg(feature = "dump")]
+        if let Some(d) = &mut self.dump {
+            if let Some(token) = self.current.token {
+                d.input_token(token);
+            }
+            d.end_forward();
+        }
         let position = self.current.position;
         let mut anomalies = std::mem::take(&mut self.current.anomalies);
         self.current
@@ -279,9 +335,18 @@ impl Recorder {
         let options = self.options.clone();
         let sampling = self.quant_sampling;
         let sink = self.sink.take();
+        let fingerprinter = std::mem::take(&mut self.fingerprinter);
+        #[cfg(feature = "dump")]
+        let dump = self.dump.take();
         *self = Recorder::new(options);
         self.quant_sampling = sampling;
         self.sink = sink;
+        // The sign table depends on nothing recorded: keep it warm.
+        self.fingerprinter = fingerprinter;
+        #[cfg(feature = "dump")]
+        {
+            self.dump = dump.map(|d| Box::new(crate::dump::DumpRecorder::new(d.filter().clone())));
+        }
     }
 }
 
@@ -417,6 +482,11 @@ impl<C: TraceConfig> ModelTracer<C> {
     fn activations_on(&self) -> bool {
         C::ACTIVATIONS && self.config.activations()
     }
+    /// Fingerprints are taken where activation statistics are taken.
+    #[inline(always)]
+    fn fingerprints_on(&self) -> bool {
+        self.activations_on() && C::FINGERPRINTS && self.config.fingerprints()
+    }
     #[inline(always)]
     fn attention_on(&self) -> bool {
         C::ATTENTION && self.config.attention()
@@ -464,14 +534,18 @@ impl<C: TraceConfig> ModelTracer<C> {
         }
     }
 
-    /// Records the statistics of activation `x` at `(layer, stage)`. For
-    /// [`Stage::Embedding`], [`Stage::FinalNorm`] and [`Stage::Logits`] the
-    /// layer is ignored.
+    /// Records the statistics of activation `x` at `(layer, stage)`, and
+    /// its fingerprint when fingerprints are traced
+    /// ([`TraceConfig::FINGERPRINTS`]). For [`Stage::Embedding`],
+    /// [`Stage::FinalNorm`] and [`Stage::Logits`] the layer is ignored. A
+    /// layer stage of a layer at or beyond [`MAX_LAYERS`] is not recorded
+    /// (as every hook's record of such a layer).
     #[inline(always)]
     pub fn activation(&mut self, layer: usize, stage: Stage, x: &[f32]) {
         if self.activations_on() {
+            let fingerprint = self.fingerprints_on();
             if let Some(r) = self.storage.recorder_mut() {
-                r.activation(layer, stage, x);
+                r.activation(layer, stage, x, fingerprint);
             }
         }
     }
@@ -500,7 +574,8 @@ impl<C: TraceConfig> ModelTracer<C> {
     }
 
     /// Records one head's softmax row for the query at `query_pos`, if the
-    /// attention config selects `(layer, head)`.
+    /// attention config selects `(layer, head)` and the head is below
+    /// [`MAX_HEADS`].
     #[inline(always)]
     pub fn attention(&mut self, layer: usize, head: usize, query_pos: usize, weights: &[f32]) {
         if self.attention_on() {
@@ -519,7 +594,10 @@ impl<C: TraceConfig> ModelTracer<C> {
 
     /// Records the logit lens at `layer`: `fill` writes the `vocab` logits
     /// that the final norm and LM head give for this layer's hidden state.
-    /// `fill` runs only when the lens is on ([`TraceConfig::LOGIT_LENS`]).
+    /// `fill` runs only when the lens is on ([`TraceConfig::LOGIT_LENS`]),
+    /// and not for a `vocab` above [`MAX_BUFFER_LEN`] (nothing is recorded)
+    /// or other than the first lens row's of this forward (the row could
+    /// not be ranked against the others).
     #[inline(always)]
     pub fn logit_lens(&mut self, layer: usize, vocab: usize, mut fill: impl FnMut(&mut [f32])) {
         if self.lens_on() {
@@ -529,15 +607,17 @@ impl<C: TraceConfig> ModelTracer<C> {
         }
     }
 
-    /// Records the output logits: their statistics (activations) and the
-    /// ranks of the tracked tokens at every lens layer (logits). The tracked
-    /// tokens are the configured ones, or else the top-k of these logits.
+    /// Records the output logits: their statistics and fingerprint
+    /// (activations) and the ranks of the tracked tokens at every lens
+    /// layer (logits). The tracked tokens are the configured ones, or else
+    /// the top-k of these logits.
     #[inline(always)]
     pub fn final_logits(&mut self, logits: &[f32]) {
         let (a, l) = (self.activations_on(), self.logits_on());
         if a || l {
+            let f = self.fingerprints_on();
             if let Some(r) = self.storage.recorder_mut() {
-                r.final_logits(logits, a, l);
+                r.final_logits(logits, a, f, l);
             }
         }
     }
@@ -604,7 +684,8 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// `quant_type` (candidate) and with the model's own weights
     /// (reference). Runs only when quantization-error tracing is on; unlike
     /// [`quant_error`](Self::quant_error) it is not sampled: what-if mode is
-    /// an analysis the caller switches on.
+    /// an analysis the caller switches on. A `len` above [`MAX_BUFFER_LEN`]
+    /// records nothing.
     #[inline(always)]
     pub fn what_if(
         &mut self,
@@ -653,7 +734,7 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// Records a layer's activation trace built by hand (replaces the
     /// layer's entry in the forward in flight).
     pub fn record_layer_activation(&mut self, trace: LayerActivationTrace) {
-        if self.activations_on() {
+        if self.activations_on() && trace.layer_idx < MAX_LAYERS {
             if let Some(r) = self.storage.recorder_mut() {
                 let layer = trace.layer_idx;
                 r.see_layer(layer);
@@ -664,17 +745,19 @@ impl<C: TraceConfig> ModelTracer<C> {
 
     /// Records an attention summary built by hand.
     pub fn record_attention(&mut self, trace: AttentionWeightTrace) {
-        if self.attention_on() {
+        if self.attention_on() && trace.layer_idx < MAX_LAYERS && trace.head_idx < MAX_HEADS {
             if let Some(r) = self.storage.recorder_mut() {
                 r.current.attention.push(trace);
             }
         }
     }
 
-    /// Records the logit trajectories of the forward in flight.
-    pub fn record_logits(&mut self, trace: LogitEvolutionTrace) {
+    /// Records the logit trajectories of the forward in flight (without
+    /// the tokens whose entries name a layer beyond [`MAX_LAYERS`]).
+    pub fn record_logits(&mut self, mut trace: LogitEvolutionTrace) {
         if self.logits_on() {
             if let Some(r) = self.storage.recorder_mut() {
+                trace.tokens.retain(crate::forward::lens_in_range);
                 r.current.logits = Some(trace);
             }
         }
@@ -682,7 +765,7 @@ impl<C: TraceConfig> ModelTracer<C> {
 
     /// Records a quantization-error trace built by hand.
     pub fn record_quant_error(&mut self, trace: QuantizationErrorTrace) {
-        if self.quant_on() {
+        if self.quant_on() && trace.layer_idx < MAX_LAYERS {
             if let Some(r) = self.storage.recorder_mut() {
                 r.current.quantization.add(trace);
             }
@@ -704,11 +787,15 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// added to the KV session, and handed to the sink. Its anomalies are
     /// kept as recorded (the rules ran when it was traced). A forward in
     /// flight is ended first. Systems this tracer's config does not trace
-    /// are dropped from the forward, as they would not have been recorded.
+    /// are dropped from the forward, as they would not have been recorded,
+    /// and so are the fingerprints when it does not trace them, and the
+    /// records the hooks would not have recorded: of a layer at or beyond
+    /// [`MAX_LAYERS`], of a head at or beyond [`MAX_HEADS`].
     pub fn replay_forward(&mut self, mut forward: ForwardTrace) {
         if !C::ANY {
             return;
         }
+        let fingerprints = self.fingerprints_on();
         let (activations, attention, logits, quant, kv) = (
             self.activations_on(),
             self.attention_on(),
@@ -726,6 +813,9 @@ impl<C: TraceConfig> ModelTracer<C> {
             forward.activations = Default::default();
             forward.anomalies.clear();
         }
+        if !fingerprints {
+            forward.activations.clear_fingerprints();
+        }
         if !attention {
             forward.attention.clear();
         }
@@ -739,6 +829,7 @@ impl<C: TraceConfig> ModelTracer<C> {
         if !kv {
             forward.kv_cache = None;
         }
+        forward.drop_out_of_range();
         if let Some(state) = forward.kv_cache {
             r.kv_session.add_step(state);
         }
@@ -793,7 +884,8 @@ impl<C: TraceConfig> ModelTracer<C> {
         )
     }
 
-    /// Forgets every record and aggregate; the config, options and sink stay.
+    /// Forgets every record and aggregate; the config, options and sink
+    /// stay, and so does an installed dump, emptied.
     pub fn clear(&mut self) {
         if let Some(r) = self.storage.recorder_mut() {
             r.clear();
@@ -801,10 +893,52 @@ impl<C: TraceConfig> ModelTracer<C> {
     }
 }
 
+/// Activation dumps: full tensors, copied in the activation hooks.
+#[cfg(feature = "dump")]
+impl<C: TraceConfig> ModelTracer<C> {
+    /// Installs `dump` (or removes the dump, with `None`): every following
+    /// forward whose position its filter selects copies the tensors the
+    /// filter selects, in the hooks [`activation`](Self::activation) (every
+    /// stage) and [`final_logits`](Self::final_logits) (`logits`), with
+    /// the token named by [`input_token`](Self::input_token).
+    ///
+    /// The copies are made where the activation statistics are computed, so
+    /// a dump needs activation tracing: a tracer that does not trace
+    /// activations (such as `ModelTracer<Disabled>`) installs nothing and
+    /// hands `dump` back. Otherwise returns the dump it replaces. Without a
+    /// dump the hooks pay one predictable branch each, in their
+    /// out-of-line part; a `Disabled` tracer has no hooks to pay in.
+    pub fn set_dump(
+        &mut self,
+        dump: Option<crate::dump::DumpRecorder>,
+    ) -> Option<crate::dump::DumpRecorder> {
+        if !self.activations_on() {
+            return dump;
+        }
+        match self.storage.recorder_mut() {
+            Some(r) => std::mem::replace(&mut r.dump, dump.map(Box::new)).map(|d| *d),
+            None => dump,
+        }
+    }
+
+    /// The installed dump recorder.
+    pub fn dump(&self) -> Option<&crate::dump::DumpRecorder> {
+        self.storage.recorder().and_then(|r| r.dump.as_deref())
+    }
+
+    /// Removes the installed dump and returns what it holds: the forwards
+    /// that ended since it was installed (a forward in flight is left out).
+    pub fn take_dump(&mut self) -> Option<crate::dump::ActivationDump> {
+        let r = self.storage.recorder_mut()?;
+        r.dump.take().map(|d| d.finish())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Disabled, Full, Lightweight, ModelTracerConfig};
+    use crate::fingerprint::fingerprint;
     use crate::AnomalyKind;
 
     static_assertions::assert_eq_size!(ModelTracer<Disabled>, ());
@@ -1181,6 +1315,160 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Activations and their fingerprints, nothing else.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Fingerprints;
+
+    impl TraceConfig for Fingerprints {
+        const ACTIVATIONS: bool = true;
+        const ATTENTION: bool = false;
+        const LOGITS: bool = false;
+        const QUANT_ERROR: bool = false;
+        const KV_CACHE: bool = false;
+        const FINGERPRINTS: bool = true;
+        type Storage = Recorder;
+    }
+
+    /// Stages recorded with a fingerprint, in forward order.
+    fn fingerprinted(f: &ForwardTrace) -> Vec<(Option<usize>, Stage)> {
+        f.activations
+            .recorded()
+            .filter(|&(l, s, _)| f.activations.fingerprint(l.unwrap_or(0), s).is_some())
+            .map(|(l, s, _)| (l, s))
+            .collect()
+    }
+
+    #[test]
+    fn fingerprints_are_taken_where_statistics_are_when_the_config_says_so() {
+        let x: Vec<f32> = (0..40).map(|i| (i as f32 * 0.7).sin()).collect();
+        let run = |t: &mut dyn FnMut(usize, Stage, &[f32])| {
+            t(0, Stage::Embedding, &x);
+            t(1, Stage::PostAttn, &x[..17]);
+            t(1, Stage::Output, &[]);
+            t(0, Stage::Logits, &x[3..]);
+        };
+        let mut full = ModelTracer::new(Full);
+        full.begin_forward(0);
+        run(&mut |l, s, v| {
+            if s == Stage::Logits {
+                full.final_logits(v)
+            } else {
+                full.activation(l, s, v)
+            }
+        });
+        full.end_forward();
+        let f = full.last_forward().unwrap();
+        assert_eq!(
+            fingerprinted(f),
+            vec![
+                (None, Stage::Embedding),
+                (Some(1), Stage::PostAttn),
+                (None, Stage::Logits)
+            ]
+        );
+        let a = &f.activations;
+        assert_eq!(a.fingerprint(0, Stage::Embedding), Some(&fingerprint(&x)));
+        assert_eq!(
+            a.fingerprint(1, Stage::PostAttn),
+            Some(&fingerprint(&x[..17]))
+        );
+        assert_eq!(a.fingerprint(0, Stage::Logits), Some(&fingerprint(&x[3..])));
+        assert_eq!(
+            a.fingerprint(1, Stage::Output),
+            None,
+            "an empty tensor is not recorded"
+        );
+
+        for (name, mut t) in [
+            (
+                "lightweight",
+                ModelTracer::new(ModelTracerConfig::lightweight()),
+            ),
+            (
+                "fingerprints without activations",
+                ModelTracer::new(ModelTracerConfig {
+                    trace_fingerprints: true,
+                    trace_kv_cache: true,
+                    ..ModelTracerConfig::default()
+                }),
+            ),
+        ] {
+            t.begin_forward(0);
+            t.activation(0, Stage::Input, &x);
+            t.final_logits(&x);
+            t.end_forward();
+            let f = t.last_forward().unwrap();
+            assert!(!f.activations.has_fingerprints(), "{name}");
+        }
+        let mut rt = ModelTracer::new(ModelTracerConfig {
+            trace_fingerprints: true,
+            ..ModelTracerConfig::lightweight()
+        });
+        rt.begin_forward(0);
+        rt.activation(2, Stage::Input, &x);
+        rt.end_forward();
+        let f = rt.last_forward().unwrap();
+        assert_eq!(
+            f.activations.fingerprint(2, Stage::Input),
+            Some(&fingerprint(&x))
+        );
+        let mut light = ModelTracer::new(Lightweight);
+        light.begin_forward(0);
+        light.activation(2, Stage::Input, &x);
+        light.end_forward();
+        assert!(!light.last_forward().unwrap().activations.has_fingerprints());
+    }
+
+    #[test]
+    fn a_warm_tracer_takes_fingerprints_without_allocating() {
+        let options = TraceOptions {
+            max_forwards: 4,
+            ..TraceOptions::default()
+        };
+        let mut t = ModelTracer::with_options(Fingerprints, options);
+        let mut x = vec![0.25f32; 32];
+        for pos in 0..8 {
+            toy_forward(&mut t, pos, &mut x);
+        }
+        let (_, allocs) = model_tracer_test_support::count_allocations(|| {
+            for pos in 8..40 {
+                x.iter_mut().for_each(|v| *v = (*v * 0.5).sin());
+                toy_forward(&mut t, pos, &mut x);
+            }
+        });
+        assert_eq!(allocs, 32 * (3 + 1), "the tracer allocated in steady state");
+        let f = t.last_forward().unwrap();
+        // The embedding, each layer's input and output, the logits.
+        assert_eq!(fingerprinted(f).len(), 1 + 3 * 2 + 1);
+        assert_eq!(
+            f.activations.fingerprint(2, Stage::Output),
+            Some(&fingerprint(&x))
+        );
+    }
+
+    #[test]
+    fn a_replay_keeps_fingerprints_only_for_a_config_that_traces_them() {
+        let mut t = ModelTracer::new(Full);
+        let mut x = vec![0.5f32; 24];
+        toy_forward(&mut t, 0, &mut x);
+        let forward = t.last_forward().unwrap().clone();
+        assert!(forward.activations.has_fingerprints());
+        let mut keeps = ModelTracer::new(Fingerprints);
+        keeps.replay_forward(forward.clone());
+        assert_eq!(
+            keeps.last_forward().map(|f| &f.activations),
+            Some(&forward.activations)
+        );
+        let mut drops = ModelTracer::new(Lightweight);
+        drops.replay_forward(forward.clone());
+        let kept = &drops.last_forward().unwrap().activations;
+        assert!(!kept.has_fingerprints());
+        assert_eq!(
+            kept.layers[1].output_stats,
+            forward.activations.layers[1].output_stats
+        );
     }
 
     #[test]

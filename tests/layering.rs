@@ -106,6 +106,27 @@ fn the_layers_point_down() {
             "{m} imports {other}, which sits above it"
         );
     };
+    // The kernels sit below everything that records.
+    for kernel in ["stats", "fingerprint"] {
+        for upper in [
+            "stage",
+            "anomaly",
+            "activation",
+            "attention",
+            "logit",
+            "quant",
+            "kv_cache",
+            "forward",
+            "summary",
+            "sink",
+            "storage",
+            "config",
+            "tracer",
+            "report",
+        ] {
+            below(kernel, upper);
+        }
+    }
     for record in [
         "stage",
         "anomaly",
@@ -125,6 +146,11 @@ fn the_layers_point_down() {
         below("storage", upper);
         below("summary", upper);
         below("sink", upper);
+        below("dump", upper);
+    }
+    // The storage holds the dump recorder: the dump sits below it.
+    for upper in ["storage", "summary", "sink", "forward"] {
+        below("dump", upper);
     }
     below("config", "tracer");
 }

@@ -265,3 +265,39 @@ fn lens_decisive_marks_the_largest_log_rank_gain() {
         .collect();
     assert_eq!(marked, vec![3]);
 }
+
+#[test]
+fn act_fingerprint_holds_sixteen_floats_per_stage_or_null() {
+    let x = [1.0, -2.0, 0.5, 4.0, f32::NAN];
+    let line = |full: bool| {
+        let probe = Probe::default();
+        if full {
+            let mut t = ModelTracer::new(Full);
+            t.set_sink(Some(SinkHandle::new(JsonlSink::new(probe.clone()))));
+            forward(&mut t, 0, &x);
+        } else {
+            let mut t = ModelTracer::new(Lightweight);
+            t.set_sink(Some(SinkHandle::new(JsonlSink::new(probe.clone()))));
+            forward(&mut t, 0, &x);
+        }
+        serde_json::from_str::<Value>(probe.text().lines().next().unwrap()).unwrap()
+    };
+    let full = line(true);
+    let stages = full["act_stage"].as_array().unwrap().len();
+    let prints = full["act_fingerprint"].as_array().unwrap();
+    assert_eq!(prints.len(), stages);
+    let want = model_tracer::fingerprint::fingerprint(&x);
+    for p in prints {
+        let values: Vec<f32> = p
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(values, want.0.to_vec());
+    }
+    let light = line(false);
+    let nulls = light["act_fingerprint"].as_array().unwrap();
+    assert_eq!(nulls.len(), stages);
+    assert!(nulls.iter().all(Value::is_null), "{nulls:?}");
+}

@@ -15,8 +15,10 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use model_tracer::dump::{DumpFilter, DumpRecorder};
 use model_tracer::{
-    AttentionTraceConfig, Disabled, Full, Lightweight, ModelTracer, TraceConfig, TraceOptions,
+    AttentionTraceConfig, Disabled, Full, Lightweight, ModelTracer, Stage, TraceConfig,
+    TraceOptions,
 };
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::model::{Config, Fault, Generation, KvCacheOptions, Llama};
@@ -103,6 +105,12 @@ struct Args {
     /// Seed of the synthetic weights
     #[arg(long, default_value_t = 1, value_name = "N", help_heading = "Model")]
     seed: u64,
+    /// Run every matmul on the f32 reference path (dequantized weights,
+    /// or a synthetic model's f32 masters, times unquantized activations)
+    /// instead of the quantized kernels: slower, and what an f32
+    /// implementation of the model computes
+    #[arg(long, help_heading = "Model")]
+    exact: bool,
 
     /// Raw prompt; special-token text like <|im_start|> is parsed
     #[arg(
@@ -169,6 +177,30 @@ struct Args {
         help_heading = OUTPUT
     )]
     html: Option<String>,
+    /// Write the full activations of every forward as one safetensors file
+    /// (features.md, "Activation dumps"): tokens, positions, embedding, the
+    /// six stages of each layer, final_norm and logits, one row per
+    /// position; needs tracing
+    #[arg(
+        long,
+        value_name = "PATH",
+        help_heading = OUTPUT
+    )]
+    dump: Option<String>,
+    /// Dump only these layers' stages (e.g. 0,3,5). embedding, final_norm
+    /// and logits belong to no layer: this list keeps them [default: every
+    /// layer]
+    #[arg(long, value_name = "LAYERS", value_delimiter = ',', requires = "dump",
+          help_heading = OUTPUT)]
+    dump_layers: Option<Vec<usize>>,
+    /// Dump only these stages: input, post_norm, post_attn, post_ffn_norm,
+    /// post_ffn, output (of each dumped layer) and embedding, final_norm,
+    /// logits (outside the layers), which a list leaves out unless it names
+    /// them: `--dump-stages input,post_attn` dumps those two, the tokens and
+    /// the positions [default: every stage]
+    #[arg(long, value_name = "STAGES", value_delimiter = ',', value_parser = parse_stage,
+          requires = "dump", help_heading = OUTPUT)]
+    dump_stages: Option<Vec<Stage>>,
 }
 
 /// The heading of the output options, and the promise they share.
@@ -187,10 +219,33 @@ fn parse_type(name: &str) -> Result<GgmlType, String> {
     })
 }
 
+fn parse_stage(name: &str) -> Result<Stage, String> {
+    const ALL: [Stage; 9] = [
+        Stage::Embedding,
+        Stage::Input,
+        Stage::PostNorm,
+        Stage::PostAttn,
+        Stage::PostFfnNorm,
+        Stage::PostFfn,
+        Stage::Output,
+        Stage::FinalNorm,
+        Stage::Logits,
+    ];
+    let name = name.trim();
+    ALL.into_iter().find(|s| s.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = ALL.iter().map(|s| s.name()).collect();
+        format!("unknown stage {name:?} (one of {})", names.join(", "))
+    })
+}
+
 /// The checks clap cannot express: outputs that need a trace.
 fn validate(a: &Args) -> Result<(), String> {
     if a.trace == "off" {
-        for (flag, path) in [("--jsonl", &a.jsonl), ("--html", &a.html)] {
+        for (flag, path) in [
+            ("--jsonl", &a.jsonl),
+            ("--html", &a.html),
+            ("--dump", &a.dump),
+        ] {
             if path.is_some() {
                 return Err(format!(
                     "{flag} writes the trace, and --trace off records none: \
@@ -215,23 +270,28 @@ struct Outputs {
     json: Option<(String, std::fs::File)>,
     jsonl: Option<(String, std::fs::File)>,
     html: Option<(String, std::fs::File)>,
+    dump: Option<(String, std::fs::File)>,
+}
+
+/// Creates the output file `path` names, if it names one.
+fn create_output(path: &Option<String>) -> Result<Option<(String, std::fs::File)>, String> {
+    path.as_ref()
+        .map(|p| {
+            std::fs::File::create(p)
+                .map(|f| (p.clone(), f))
+                .map_err(|e| format!("cannot create {p}: {e}"))
+        })
+        .transpose()
 }
 
 impl Outputs {
     fn create(args: &Args) -> Result<Self, String> {
-        let create = |path: &Option<String>| -> Result<Option<(String, std::fs::File)>, String> {
-            path.as_ref()
-                .map(|p| {
-                    std::fs::File::create(p)
-                        .map(|f| (p.clone(), f))
-                        .map_err(|e| format!("cannot create {p}: {e}"))
-                })
-                .transpose()
-        };
+        let create = create_output;
         Ok(Self {
             json: create(&args.json)?,
             jsonl: create(&args.jsonl)?,
             html: create(&args.html)?,
+            dump: create(&args.dump)?,
         })
     }
 }
@@ -327,16 +387,7 @@ fn diff(args: &DiffArgs) -> Result<bool, String> {
             args.tolerance
         ));
     }
-    let create = |path: &Option<String>| {
-        path.as_ref()
-            .map(|p| {
-                std::fs::File::create(p)
-                    .map(|f| (p.clone(), f))
-                    .map_err(|e| format!("cannot create {p}: {e}"))
-            })
-            .transpose()
-    };
-    let (json, html) = (create(&args.json)?, create(&args.html)?);
+    let (json, html) = (create_output(&args.json)?, create_output(&args.html)?);
     let (a, b) = (load_side(&args.a)?, load_side(&args.b)?);
     let report = model_tracer::diff::diff(&a, &b, args.tolerance).map_err(|e| e.to_string())?;
     // A closed pipe (`| head`) is not an error of the comparison.
@@ -480,6 +531,21 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
             .set_what_if(&args.what_if)
             .map_err(|e| e.to_string())?;
     }
+    if let Some(&l) = args
+        .dump_layers
+        .iter()
+        .flatten()
+        .find(|&&l| l >= c.n_layers)
+    {
+        return Err(format!(
+            "--dump-layers {l} but the model has {} layers",
+            c.n_layers
+        ));
+    }
+    if args.exact {
+        model.set_exact(true);
+        println!("  matmuls: the f32 reference path (--exact)");
+    }
 
     let prompt_ids = prompt_ids(args, &model)?;
     let total = prompt_ids.len() + args.max_tokens;
@@ -496,6 +562,14 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
     *model.tracer_mut() = ModelTracer::with_options(config, options);
     if let Some((_, file)) = &outputs.jsonl {
         open_jsonl(&mut model, file, &source)?;
+    }
+    if outputs.dump.is_some() {
+        let filter = DumpFilter {
+            layers: args.dump_layers.clone(),
+            stages: args.dump_stages.clone(),
+            positions: None,
+        };
+        model.tracer_mut().set_dump(Some(DumpRecorder::new(filter)));
     }
     println!(
         "trace: {} | prompt: {} tokens | generating up to {} tokens",
@@ -541,7 +615,10 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
         print!("{summary}");
         report_attention(&summary);
         report_lens(&model, &prompt_ids, &generation.tokens);
-        report_quant(&summary);
+        // Under --exact the products are their own reference: no error to show.
+        if !args.exact {
+            report_quant(&summary);
+        }
         report_what_if(&summary);
     } else {
         println!("tracing is off: Llama<Disabled> contains no tracing code.");
@@ -569,6 +646,36 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
             .map_err(|e| format!("{path}: {e}"))?;
         println!("wrote the HTML report to {path}");
     }
+    if let Some((path, file)) = outputs.dump {
+        write_dump(file, &mut model, &source, args.exact).map_err(|e| format!("{path}: {e}"))?;
+        println!("wrote the activations to {path}");
+    }
+    Ok(())
+}
+
+/// Writes the dump the tracer filled during the run.
+fn write_dump<C: TraceConfig>(
+    file: std::fs::File,
+    model: &mut Llama<C>,
+    name: &str,
+    exact: bool,
+) -> Result<(), String> {
+    let Some(mut dump) = model.tracer_mut().take_dump() else {
+        return Err("the tracer kept no dump (activation tracing is off)".into());
+    };
+    dump.set_metadata("model", name);
+    dump.set_metadata("matmuls", if exact { "f32" } else { "quantized" });
+    let mut out = std::io::BufWriter::new(file);
+    dump.write_to(&mut out)
+        .and_then(|()| out.flush())
+        .map_err(|e| e.to_string())?;
+    println!(
+        "\ndump: {} positions, {} tensors (hidden {}, vocabulary {})",
+        dump.len(),
+        dump.tensors().count(),
+        dump.dim().map_or("-".into(), |d| d.to_string()),
+        dump.vocab().map_or("-".into(), |v| v.to_string()),
+    );
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use model_tracer::{ActivationDump, Stage};
 use model_tracer_test_support as support;
 
 fn scratch_dir(name: &str) -> std::path::PathBuf {
@@ -32,7 +33,7 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn trace_outputs_with_tracing_off_are_refused_before_the_model_loads() {
     let dir = scratch_dir("cli-refused");
-    for flag in ["--jsonl", "--html"] {
+    for flag in ["--jsonl", "--html", "--dump"] {
         let path = dir.join(format!("out{flag}"));
         let path = path.to_string_lossy();
         let out = run(
@@ -463,4 +464,261 @@ fn diff_html_renders_in_chromium_with_the_divergence_marked() {
         dom.contains("First divergence: position 0, layer 1 post_ffn"),
         "verdict missing"
     );
+}
+
+/// The dump at `path`, which the run must have written.
+fn dump_at(path: &Path) -> ActivationDump {
+    match ActivationDump::read(path) {
+        Ok(d) => d,
+        Err(e) => panic!("--dump wrote no readable dump: {e}"),
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[test]
+fn dump_holds_every_forward_of_the_run() {
+    let dir = scratch_dir("cli-dump");
+    let (dump, json) = (dir.join("run.safetensors"), dir.join("run.json"));
+    let (dump_s, json_s) = (dump.to_string_lossy(), json.to_string_lossy());
+    let out = run(
+        &[
+            "--synthetic",
+            "tiny",
+            "--trace",
+            "lightweight",
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "4",
+            "--dump",
+            &dump_s,
+            "--json",
+            &json_s,
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("dump: 8 positions, 27 tensors"));
+    let d = dump_at(&dump);
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("--json wrote the run")).unwrap();
+    let ids = |key: &str| -> Vec<i64> {
+        doc[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect()
+    };
+    let (prompt, generated) = (ids("prompt_ids"), ids("generated_ids"));
+    // Every token fed: the prompt, and each generated token but the last.
+    let mut fed = prompt.clone();
+    fed.extend(&generated[..generated.len() - 1]);
+    assert_eq!(d.tokens(), fed.as_slice());
+    assert_eq!(d.positions(), (0..fed.len()).collect::<Vec<_>>().as_slice());
+    // Tiny: 4 layers of 6 stages, hidden 256, vocabulary 512.
+    assert_eq!(d.layers(), vec![0, 1, 2, 3]);
+    assert_eq!((d.dim(), d.vocab()), (Some(256), Some(512)));
+    assert_eq!(d.metadata()["matmuls"], "quantized");
+    assert!(d.metadata()["model"].contains("synthetic tiny"));
+    // The logits of a row chose the next token.
+    let logits = d.logits().unwrap();
+    for (t, next) in generated.iter().enumerate() {
+        let row = logits.row(prompt.len() - 1 + t).unwrap();
+        assert_eq!(
+            argmax(row) as i64,
+            *next,
+            "position {}",
+            prompt.len() - 1 + t
+        );
+    }
+    // A layer's output is the next layer's input.
+    let out1 = d.activation(Some(1), Stage::Output).unwrap();
+    let in2 = d.activation(Some(2), Stage::Input).unwrap();
+    assert_eq!(out1.data(), in2.data());
+}
+
+#[test]
+fn dump_filters_keep_the_layers_and_stages_named() {
+    let dir = scratch_dir("cli-dump-filter");
+    let dump = dir.join("f.safetensors");
+    let dump_s = dump.to_string_lossy();
+    let out = run(
+        &[
+            "--synthetic",
+            "tiny",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+            "--dump",
+            &dump_s,
+            "--dump-layers",
+            "1,3",
+            "--dump-stages",
+            "post_attn,logits",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let d = dump_at(&dump);
+    let names: Vec<String> = d.tensors().map(|t| t.name()).collect();
+    assert_eq!(
+        names,
+        ["layers.1.post_attn", "layers.3.post_attn", "logits"]
+    );
+    assert_eq!(d.len(), 3);
+    // Layers alone keep embedding, final_norm and logits.
+    let out = run(
+        &[
+            "--synthetic",
+            "tiny",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "1",
+            "--dump",
+            &dump_s,
+            "--dump-layers",
+            "0",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let d = dump_at(&dump);
+    assert_eq!(d.tensors().count(), 1 + 6 + 2);
+    assert!(d.activation(None, Stage::Embedding).is_some());
+    assert!(d.activation(Some(1), Stage::Input).is_none());
+}
+
+#[test]
+fn bad_dump_filters_are_refused() {
+    let dir = scratch_dir("cli-dump-bad");
+    let dump = dir.join("b.safetensors");
+    let dump_s = dump.to_string_lossy();
+    let out = run(
+        &[
+            "--synthetic",
+            "tiny",
+            "--dump",
+            &dump_s,
+            "--dump-stages",
+            "post_atn",
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("post_atn"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["--synthetic", "tiny", "--dump-layers", "1"], &dir);
+    assert_eq!(out.status.code(), Some(2), "--dump-layers without --dump");
+    let out = run(
+        &[
+            "--synthetic",
+            "tiny",
+            "--dump",
+            &dump_s,
+            "--dump-layers",
+            "4",
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--dump-layers 4") && err.contains("4 layers"),
+        "{err}"
+    );
+    assert!(!text(&out.stdout).contains("generated:"), "it ran");
+}
+
+#[test]
+fn exact_runs_the_f32_path() {
+    let dir = scratch_dir("cli-exact");
+    let dumps = [dir.join("q.safetensors"), dir.join("x.safetensors")];
+    for (path, exact) in dumps.iter().zip([false, true]) {
+        let p = path.to_string_lossy();
+        let mut args = vec![
+            "--synthetic",
+            "tiny",
+            "--prompt",
+            "abc",
+            "--max-tokens",
+            "1",
+            "--dump",
+            &p,
+        ];
+        if exact {
+            args.push("--exact");
+        }
+        let out = run(&args, &dir);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).contains("f32 reference path"), exact);
+    }
+    let (q, x) = (dump_at(&dumps[0]), dump_at(&dumps[1]));
+    assert_eq!(
+        (
+            q.metadata()["matmuls"].as_str(),
+            x.metadata()["matmuls"].as_str()
+        ),
+        ("quantized", "f32")
+    );
+    // The same embedding and first norm; the first product already differs.
+    let same = |stage| {
+        q.activation(Some(0), stage).unwrap().data() == x.activation(Some(0), stage).unwrap().data()
+    };
+    assert!(same(Stage::Input) && same(Stage::PostNorm));
+    assert!(!same(Stage::PostAttn));
+}
+
+/// The numpy forward's top logit for "The capital of France is"
+/// (crates/model-tracer-llama/tests/reference_model.rs).
+const NUMPY_PARIS: (usize, f32) = (7042, 17.371265);
+
+#[test]
+fn exact_dump_of_the_real_model_has_the_numpy_logits() {
+    let Some(gguf) = support::real_model() else {
+        return;
+    };
+    let gguf = gguf.to_string_lossy().into_owned();
+    let dir = scratch_dir("cli-exact-real");
+    let dump = dir.join("paris.safetensors");
+    let dump_s = dump.to_string_lossy();
+    let out = run(
+        &[
+            "--gguf",
+            &gguf,
+            "--exact",
+            "--trace",
+            "lightweight",
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "1",
+            "--dump",
+            &dump_s,
+            "--dump-stages",
+            "logits",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let d = dump_at(&dump);
+    assert_eq!(d.tokens(), &[504, 3575, 282, 4649, 314]);
+    let last = d.logits().unwrap().row(4).unwrap();
+    let best = argmax(last);
+    assert_eq!(best, NUMPY_PARIS.0);
+    assert!((last[best] - NUMPY_PARIS.1).abs() < 2e-3, "{}", last[best]);
 }

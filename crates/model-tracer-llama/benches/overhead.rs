@@ -17,8 +17,10 @@
 //!
 //! The first reports `disabled`, `lightweight`, `full`, one id per trace
 //! system alone (`activations`, `attention`, `logits` = ranks on the final
-//! logits only, `quant_error`, `kv_cache`), `logit_lens` (the lens on every
-//! layer) and `full_no_lens`; the second reports `compiled_out`. Ids start
+//! logits only, `quant_error`, `kv_cache`), `fingerprints` (activations
+//! with their fingerprints: its count less that of `activations` is what
+//! the fingerprints cost), `logit_lens` (the lens on every layer) and
+//! `full_no_lens`; the second reports `compiled_out`. Ids start
 //! with the model shape, `smollm2` or `tiny`. The `_x37` ids run
 //! [`DEFAULT_QUANT_STRIDE`] (37) consecutive steps (positions 32 to 68): the
 //! default quantization-error sampling measures one brick visit in 37, so
@@ -141,6 +143,7 @@ fn instantiate_every_config() {
         forward_of::<Logits>(),
         forward_of::<LogitLens>(),
         forward_of::<QuantError>(),
+        forward_of::<Fingerprints>(),
     ]);
 }
 
@@ -240,7 +243,10 @@ fn run_stride_steps<C: TraceConfig>(model: &mut Llama<C>) {
 
 /// Declares a marker config that turns on the listed systems only.
 macro_rules! marker {
-    ($(#[$doc:meta])* $name:ident { $($system:ident),* } $(, lens = $lens:expr)?) => {
+    (
+        $(#[$doc:meta])* $name:ident { $($system:ident),* }
+        $(, lens = $lens:expr)? $(, fingerprints = $fingerprints:expr)?
+    ) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, Default)]
         pub struct $name;
@@ -252,6 +258,7 @@ macro_rules! marker {
             const QUANT_ERROR: bool = marker!(@on QUANT_ERROR $($system)*);
             const KV_CACHE: bool = marker!(@on KV_CACHE $($system)*);
             $(const LOGIT_LENS: bool = $lens;)?
+            $(const FINGERPRINTS: bool = $fingerprints;)?
             type Storage = Recorder;
         }
     };
@@ -272,6 +279,11 @@ mod markers {
     marker!(
         /// Activation statistics alone.
         Activations { ACTIVATIONS }
+    );
+    marker!(
+        /// Activation statistics and their fingerprints.
+        Fingerprints { ACTIVATIONS },
+        fingerprints = true
     );
     marker!(
         /// Attention summaries of every head alone.
@@ -317,6 +329,7 @@ use markers::*;
 #[bench::tiny_disabled(args = (Shape::Tiny, Disabled), setup = prefilled)]
 #[bench::smollm2_lightweight(args = (Shape::Smollm2, Lightweight), setup = prefilled)]
 #[bench::smollm2_activations(args = (Shape::Smollm2, Activations), setup = prefilled)]
+#[bench::smollm2_fingerprints(args = (Shape::Smollm2, Fingerprints), setup = prefilled)]
 #[bench::smollm2_kv_cache(args = (Shape::Smollm2, KvCache), setup = prefilled)]
 #[bench::smollm2_attention(args = (Shape::Smollm2, Attention), setup = prefilled)]
 #[bench::smollm2_logits(args = (Shape::Smollm2, Logits), setup = prefilled)]
@@ -330,6 +343,7 @@ use markers::*;
 )]
 #[bench::tiny_lightweight(args = (Shape::Tiny, Lightweight), setup = prefilled)]
 #[bench::tiny_activations(args = (Shape::Tiny, Activations), setup = prefilled)]
+#[bench::tiny_fingerprints(args = (Shape::Tiny, Fingerprints), setup = prefilled)]
 #[bench::tiny_kv_cache(args = (Shape::Tiny, KvCache), setup = prefilled)]
 #[bench::tiny_attention(args = (Shape::Tiny, Attention), setup = prefilled)]
 #[bench::tiny_logits(args = (Shape::Tiny, Logits), setup = prefilled)]

@@ -22,7 +22,8 @@
 //! - every read is bounds-checked, and a file that ends early is an error;
 //! - every count read from the file (tensor and key counts, string and array
 //!   lengths, dimension counts) is checked against what the remaining bytes
-//!   could possibly hold *before* anything is allocated for it;
+//!   could possibly hold *before* anything is allocated for it, and room for
+//!   at most 1024 entries is allocated ahead of reading them;
 //! - tensor shapes are checked for overflow, rows must be whole quantization
 //!   blocks, and every tensor's data range must lie inside the file, so that
 //!   [`GgufFile::tensor_bytes`] never goes out of bounds.
@@ -54,6 +55,15 @@ pub const MAX_ARRAY_NESTING: usize = 8;
 
 /// The metadata key holding the tensor data alignment.
 pub const ALIGNMENT_KEY: &str = "general.alignment";
+
+/// Most entries a vector sized by a count read from the file is allocated
+/// for before they are read. A count is checked against what the rest of
+/// the file could hold, but an entry takes more memory than its smallest
+/// encoding (a 13-byte metadata entry becomes a key, a value and an index
+/// slot of about 100 bytes): vectors beyond this grow as entries are
+/// actually read, so memory follows what the file holds, not what it
+/// claims.
+const MAX_PREALLOCATED: usize = 1024;
 
 /// Smallest encoding of one metadata entry: an empty key (8-byte length), the
 /// value type (4 bytes) and a one-byte value.
@@ -970,8 +980,8 @@ fn parse(buf: &[u8]) -> Result<Header, GgufError> {
     }
     let n_tensors = n_tensors as usize;
 
-    let mut metadata = Vec::with_capacity(n_kv);
-    let mut metadata_index = HashMap::with_capacity(n_kv);
+    let mut metadata = Vec::with_capacity(n_kv.min(MAX_PREALLOCATED));
+    let mut metadata_index = HashMap::with_capacity(n_kv.min(MAX_PREALLOCATED));
     for i in 0..n_kv {
         let key = r.string(&|| format!("the key of metadata entry {i}"))?;
         if metadata_index.contains_key(&key) {
@@ -1004,8 +1014,8 @@ fn parse(buf: &[u8]) -> Result<Header, GgufError> {
         rel_offset: u64,
         size: usize,
     }
-    let mut pending = Vec::with_capacity(n_tensors);
-    let mut tensor_index = HashMap::with_capacity(n_tensors);
+    let mut pending = Vec::with_capacity(n_tensors.min(MAX_PREALLOCATED));
+    let mut tensor_index = HashMap::with_capacity(n_tensors.min(MAX_PREALLOCATED));
     for i in 0..n_tensors {
         let name = r.string(&|| format!("the name of tensor {i}"))?;
         if tensor_index.contains_key(&name) {
@@ -1193,14 +1203,14 @@ fn read_array(r: &mut Reader<'_>, key: &str, depth: usize) -> Result<MetadataArr
         MetadataType::F64 => MetadataArray::F64(fixed(r, n, &what, f64::from_le_bytes)?),
         MetadataType::Bool => MetadataArray::Bool(fixed(r, n, &what, |[b]: [u8; 1]| b != 0)?),
         MetadataType::String => {
-            let mut v = Vec::with_capacity(n);
+            let mut v = Vec::with_capacity(n.min(MAX_PREALLOCATED));
             for i in 0..n {
                 v.push(r.string(&|| format!("element {i} of `{key}`"))?);
             }
             MetadataArray::String(v)
         }
         MetadataType::Array => {
-            let mut v = Vec::with_capacity(n);
+            let mut v = Vec::with_capacity(n.min(MAX_PREALLOCATED));
             for _ in 0..n {
                 v.push(read_array(r, key, depth + 1)?);
             }

@@ -29,7 +29,11 @@ pub fn report_input<'a, C: TraceConfig>(
     name: &str,
 ) -> ReportInput<'a> {
     let mut input = ReportInput::from_tracer(model.tracer(), model_info(model, name));
-    input.position_text = tokens.iter().map(|&t| model.token_text(t)).collect();
+    input.position_text = tokens
+        .iter()
+        .enumerate()
+        .map(|(p, &t)| (p, model.token_text(t)))
+        .collect();
     input.token_text = input
         .token_ids()
         .into_iter()

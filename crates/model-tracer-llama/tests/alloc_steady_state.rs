@@ -117,6 +117,46 @@ fn each_system_alone_allocates_nothing_after_warm_up() {
     assert_none("quantization error", &allocations_per_step(QuantError));
 }
 
+/// Activation statistics and their fingerprints.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fingerprints;
+
+impl TraceConfig for Fingerprints {
+    const ACTIVATIONS: bool = true;
+    const ATTENTION: bool = false;
+    const LOGITS: bool = false;
+    const QUANT_ERROR: bool = false;
+    const KV_CACHE: bool = false;
+    const FINGERPRINTS: bool = true;
+    type Storage = Recorder;
+}
+
+#[test]
+fn fingerprints_allocate_nothing_after_warm_up() {
+    let mut model = tiny(Fingerprints);
+    for position in 0..WARM_UP {
+        model.forward(token(position));
+    }
+    let traced = model.tracer().last_forward().map(|f| {
+        f.activations
+            .recorded()
+            .filter(|&(l, s, _)| f.activations.fingerprint(l.unwrap_or(0), s).is_some())
+            .count()
+    });
+    assert!(
+        traced.is_some_and(|n| n > 20),
+        "{traced:?} stages fingerprinted"
+    );
+    let per_step: Vec<usize> = (WARM_UP..WARM_UP + MEASURED)
+        .map(|position| {
+            let before = allocations();
+            model.forward(token(position));
+            allocations() - before
+        })
+        .collect();
+    assert_none("activations with fingerprints", &per_step);
+}
+
 #[test]
 fn full_step_allocates_nothing_after_warm_up() {
     assert_none("Full", &allocations_per_step(Full));

@@ -10,7 +10,14 @@ use std::time::{Duration, Instant};
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::gguf::{self, GgufError, GgufFile, DEFAULT_ALIGNMENT, MAX_ARRAY_NESTING};
 use model_tracer_test_support::gguf::{GgufWriter, MetadataArray, MetadataValue};
-use model_tracer_test_support::SplitMix64;
+use model_tracer_test_support::{largest_allocation, CountingAllocator, SplitMix64};
+
+// Measures the largest allocation a parse asks for.
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Largest allocation a parse of a hostile file may ask for.
+const ALLOCATION_BOUND: usize = 1 << 20;
 
 /// Fixed header: magic, version, tensor count, metadata count.
 const HEADER_LEN: usize = 4 + 4 + 8 + 8;
@@ -444,6 +451,98 @@ fn absurd_counts_fail_fast_without_allocating() {
             "{r:?}"
         );
     }
+}
+
+/// Parses `bytes`, which must fail, and checks that no allocation of
+/// [`ALLOCATION_BOUND`] bytes or more was asked for on the way.
+fn fails_small(what: &str, bytes: Vec<u8>) -> GgufError {
+    let len = bytes.len();
+    let (r, largest) = largest_allocation(|| parse(bytes));
+    assert!(
+        largest < ALLOCATION_BOUND,
+        "{what}: a {len}-byte file made the parser ask for {largest} bytes"
+    );
+    match r {
+        Ok(f) => panic!("{what}: parsed as {f:?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn a_1kb_file_claiming_2_pow_60_tensors_gets_an_error_not_an_allocation() {
+    let mut bytes = sample_bytes();
+    assert!((512..2048).contains(&bytes.len()), "{}", bytes.len());
+    put_u64(&mut bytes, 8, 1 << 60);
+    let e = fails_small("2^60 tensors", bytes);
+    assert!(
+        matches!(&e, GgufError::CountTooLarge { what, count, .. } if what == "the tensor count" && *count == 1 << 60),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("the tensor count"), "{e}");
+}
+
+#[test]
+fn a_2_pow_40_byte_string_gets_an_error_naming_its_key() {
+    let (mut bytes, type_at) = one_kv("general.name", MetadataValue::String("x".repeat(1000)));
+    put_u64(&mut bytes, type_at + 4, 1 << 40);
+    let e = fails_small("2^40-byte string", bytes);
+    assert!(
+        matches!(&e, GgufError::CountTooLarge { what, count, .. } if what.contains("`general.name`") && *count == 1 << 40),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("general.name"), "{e}");
+}
+
+#[test]
+fn a_2_pow_40_element_array_gets_an_error_naming_its_key() {
+    for arr in [
+        MetadataArray::U8(vec![1; 1000]),
+        MetadataArray::Bool(vec![true; 1000]),
+        MetadataArray::F32(vec![1.0; 250]),
+        MetadataArray::U64(vec![1; 125]),
+        MetadataArray::String(vec!["ab".into(); 100]),
+        MetadataArray::Array(vec![MetadataArray::U8(vec![1, 2]); 70]),
+    ] {
+        let kind = arr.element_type_id();
+        let (mut bytes, type_at) = one_kv("tokenizer.ggml.tokens", MetadataValue::Array(arr));
+        put_u64(&mut bytes, type_at + 8, 1 << 40);
+        let e = fails_small(&format!("2^40 elements of type {kind}"), bytes);
+        assert!(
+            matches!(&e, GgufError::CountTooLarge { what, count, .. } if what.contains("`tokenizer.ggml.tokens`") && *count == 1 << 40),
+            "type {kind}: {e:?}"
+        );
+        assert!(e.to_string().contains("tokenizer.ggml.tokens"), "{e}");
+    }
+}
+
+/// Counts that the rest of the file could just hold pass the first check;
+/// what is allocated for them up front must still follow what the file
+/// holds, not what it claims.
+#[test]
+fn plausible_counts_do_not_allocate_ahead_of_the_entries() {
+    const LEN: usize = 1 << 20;
+    let header = |n_tensors: u64, n_kv: u64| {
+        let mut bytes = vec![0u8; LEN];
+        bytes[..4].copy_from_slice(b"GGUF");
+        put_u32(&mut bytes, 4, 3);
+        put_u64(&mut bytes, 8, n_tensors);
+        put_u64(&mut bytes, 16, n_kv);
+        bytes
+    };
+    let rest = (LEN - HEADER_LEN) as u64;
+    // As many metadata entries as 13-byte entries could fill: the second
+    // one (an empty key again) is a duplicate.
+    let e = fails_small("plausible metadata count", header(0, rest / 13));
+    assert!(
+        matches!(&e, GgufError::DuplicateKey(k) if k.is_empty()),
+        "{e:?}"
+    );
+    // As many tensors as 24-byte headers could fill.
+    let e = fails_small("plausible tensor count", header(rest / 24, 0));
+    assert!(
+        matches!(&e, GgufError::DuplicateTensor(t) if t.is_empty()),
+        "{e:?}"
+    );
 }
 
 #[test]

@@ -31,15 +31,15 @@ fn render(input: &ReportInput<'_>) -> String {
 fn tiny_report_input(
     model: &mut Llama<Full>,
     tokens: &[u32],
-) -> (Vec<String>, BTreeMap<u32, String>) {
+) -> (BTreeMap<usize, String>, BTreeMap<u32, String>) {
     model.set_fault(Some(common::nan_at(1, 9)));
     common::run_tokens(model, tokens);
-    let texts: Vec<String> = tokens
+    let texts = tokens
         .iter()
         .enumerate()
         .map(|(i, t)| match i % 4 {
-            0 => NASTY[(i / 4) % NASTY.len()].to_string(),
-            _ => format!("t{t}"),
+            0 => (i, NASTY[(i / 4) % NASTY.len()].to_string()),
+            _ => (i, format!("t{t}")),
         })
         .collect();
     let vocab = (0..512u32)

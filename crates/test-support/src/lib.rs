@@ -18,21 +18,25 @@ pub use rng::SplitMix64;
 
 thread_local! {
     static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Live heap bytes of the whole process: allocated minus freed.
 static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
 
 /// The system allocator, counting the allocations and reallocations of the
-/// calling thread, and the live heap bytes of the whole process. A test
+/// calling thread and the largest size it asked for
+/// ([`largest_allocation`]), and the live heap bytes of the whole process. A test
 /// binary installs it with
 /// `#[global_allocator] static A: CountingAllocator = CountingAllocator;`;
 /// allocation counts are per thread because the test harness runs tests on
 /// parallel threads.
 pub struct CountingAllocator;
 
-fn count_one() {
+/// Counts one allocation of `size` bytes, before it is attempted.
+fn count_one(size: usize) {
     let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+    let _ = LARGEST.try_with(|c| c.set(c.get().max(size)));
 }
 
 // SAFETY: every call is forwarded unchanged to the system allocator; the
@@ -40,7 +44,7 @@ fn count_one() {
 // is skipped once the thread-local is gone, and the byte count an atomic.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count_one();
+        count_one(layout.size());
         // SAFETY: the caller's contract is System's contract.
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
@@ -49,7 +53,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         p
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count_one();
+        count_one(layout.size());
         // SAFETY: as above.
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
@@ -63,7 +67,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count_one();
+        count_one(new_size);
         // SAFETY: as above.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
@@ -88,6 +92,18 @@ pub fn count_allocations<R>(f: impl FnOnce() -> R) -> (R, usize) {
     let before = allocations();
     let r = f();
     (r, allocations() - before)
+}
+
+/// Runs `f` and returns its result with the size in bytes of the largest
+/// allocation or reallocation it asked for on this thread (through
+/// [`CountingAllocator`], when it is the global allocator), whether or not
+/// the system could serve it: a parser that sized a buffer by a count read
+/// from its input shows here before it fails.
+pub fn largest_allocation<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let outer = LARGEST.with(|c| c.replace(0));
+    let r = f();
+    let largest = LARGEST.with(|c| c.replace(outer.max(c.get())));
+    (r, largest)
 }
 
 /// Heap bytes the whole process holds (through [`CountingAllocator`], when
