@@ -19,7 +19,7 @@ use model_tracer::Stage;
 
 use super::dtype::GgmlType;
 use super::gguf::{GgufError, GgufFile};
-use super::quant::{activation_type, QMatrix, QuantError, QuantizedActivations};
+use super::quant::{activation_type, QMatrix, QuantError, QuantizedActivations, QuantizedBatch};
 use super::tokenizer::{Tokenizer, TokenizerError};
 
 /// Why a model could not be built or loaded.
@@ -292,6 +292,23 @@ impl Linear {
         match &self.master {
             Some(m) => m.matvec_f32(x, out),
             None => self.weight.matvec_f32(x, out),
+        }
+    }
+
+    /// Quantized path over a batch: `out` (`T × rows`, row-major) holds
+    /// `W x_t` for each row `x_t` of `x`, bit for bit [`forward`](Self::forward)
+    /// of each row.
+    #[inline]
+    pub fn forward_rows(&self, x: &QuantizedBatch, out: &mut [f32]) {
+        self.weight.matmul(x, out);
+    }
+
+    /// f32 reference path over `T` rows of `x` (row-major): bit for bit
+    /// [`reference`](Self::reference) of each row.
+    pub fn reference_rows(&self, x: &[f32], out: &mut [f32]) {
+        match &self.master {
+            Some(m) => m.matmul_f32(x, out),
+            None => self.weight.matmul_f32(x, out),
         }
     }
 
@@ -628,6 +645,12 @@ impl KvCache {
         slot
     }
 
+    /// Positions a chunk of `rows` new positions may have: its rows must
+    /// never evict one another (a row needs the keys of those before it).
+    fn chunk_room(&self) -> usize {
+        self.capacity - self.sinks
+    }
+
     /// Positions holding keys and values.
     pub fn len(&self) -> usize {
         self.len
@@ -733,6 +756,83 @@ impl RunState {
     }
 }
 
+/// Buffers of a forward over a chunk of `T` positions, grown to the
+/// largest chunk run and then reused.
+#[derive(Debug, Clone, Default)]
+struct ChunkState {
+    x: Vec<f32>,   // (T, dim) residual streams
+    xb: Vec<f32>,  // (T, dim) normed inputs; attention outputs before projection
+    xb2: Vec<f32>, // (T, dim) outputs of a block's last projection
+    q: Vec<f32>,   // (T, dim) queries
+    k: Vec<f32>,   // (T, kv_dim) keys of the chunk, rotated
+    v: Vec<f32>,   // (T, kv_dim) values of the chunk
+    hb: Vec<f32>,  // (T, ffn_dim) gate, then the SwiGLU product
+    hb2: Vec<f32>, // (T, ffn_dim) up
+    att: Vec<f32>, // (T, stride) one head's attention rows
+    xq: QuantizedBatch,
+    tokens: Vec<u32>,      // (T) tokens, out-of-vocabulary ids read as 0
+    old_slots: Vec<usize>, // cache slots before the chunk, chronological
+    slots: Vec<usize>,     // (T) cache slot of each row
+}
+
+impl ChunkState {
+    fn resize(&mut self, c: &Config, rows: usize, stride: usize) {
+        let kv = c.kv_dim();
+        for (buf, width) in [
+            (&mut self.x, c.dim),
+            (&mut self.xb, c.dim),
+            (&mut self.xb2, c.dim),
+            (&mut self.q, c.dim),
+            (&mut self.k, kv),
+            (&mut self.v, kv),
+            (&mut self.hb, c.ffn_dim),
+            (&mut self.hb2, c.ffn_dim),
+            (&mut self.att, stride),
+        ] {
+            buf.resize(rows * width, 0.0);
+        }
+    }
+}
+
+/// The input of one or more products over a chunk: `T` rows of `x` and
+/// their 8-bit form, quantized for the weight type a product needs, once
+/// per type.
+struct RowsInput<'a> {
+    x: &'a [f32],
+    cols: usize,
+    q: &'a mut QuantizedBatch,
+    quantized_for: Option<GgmlType>,
+    exact: bool,
+}
+
+impl<'a> RowsInput<'a> {
+    fn new(x: &'a [f32], cols: usize, q: &'a mut QuantizedBatch, exact: bool) -> Self {
+        Self {
+            x,
+            cols,
+            q,
+            quantized_for: None,
+            exact,
+        }
+    }
+
+    /// `out[t] = W x[t]` for every row, bit for bit [`Input::multiply`] of
+    /// each row.
+    fn multiply(&mut self, w: &Linear, out: &mut [f32]) {
+        if self.exact {
+            return w.reference_rows(self.x, out);
+        }
+        let ty = w.weight.ty();
+        if self.quantized_for != Some(ty) {
+            if let Err(e) = self.q.quantize_from(self.x, self.cols, ty) {
+                unreachable!("activation shapes are validated at load: {e}");
+            }
+            self.quantized_for = Some(ty);
+        }
+        w.forward_rows(self.q, out);
+    }
+}
+
 /// The result of [`Llama::generate`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Generation {
@@ -760,7 +860,13 @@ pub struct Llama<C: TraceConfig = model_tracer::DefaultTrace> {
     fault: Option<Fault>,
     exact: bool,
     steps: usize,
+    chunk: ChunkState,
+    prefill_chunk: usize,
 }
+
+/// Prompt positions a prefill runs through the model at once, unless
+/// [`Llama::set_prefill_chunk`] says otherwise.
+pub const DEFAULT_PREFILL_CHUNK: usize = 64;
 
 /// The input of one or more products: `x` and its 8-bit form, quantized
 /// for the weight type a product needs, once per type.
@@ -855,6 +961,13 @@ fn rope(x: &mut [f32], head_dim: usize, freq: &[f32], pos: usize) {
     }
 }
 
+/// `a · b`, summed in order: the one dot product of attention scores, so
+/// that every path computes them alike.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum::<f32>()
+}
+
 fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
@@ -894,6 +1007,8 @@ impl<C: TraceConfig> Llama<C> {
             fault: None,
             exact: false,
             steps: 0,
+            chunk: ChunkState::default(),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         })
     }
 
@@ -1057,7 +1172,7 @@ impl<C: TraceConfig> Llama<C> {
                 for (t, a) in att.iter_mut().enumerate() {
                     let k0 = layer_off + cache.slot(t) * kv_dim + kv_off;
                     let k = &cache.key[k0..k0 + hd];
-                    *a = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    *a = dot(q, k) * scale;
                 }
                 softmax(att);
                 traced!(C, tracer.attention(l, h, pos, att));
@@ -1207,10 +1322,215 @@ impl<C: TraceConfig> Llama<C> {
             self.cache.clear();
         }
         let reused = self.cache.len();
-        for &t in &prompt[reused..] {
-            self.forward(t);
-        }
+        self.forward_chunks(&prompt[reused..]);
         (reused, prompt.len() - reused)
+    }
+
+    /// Positions [`prefill`](Self::prefill) runs through the model at once
+    /// (at least 1, which runs the prompt one [`forward`](Self::forward)
+    /// at a time; default [`DEFAULT_PREFILL_CHUNK`]).
+    pub fn set_prefill_chunk(&mut self, positions: usize) {
+        self.prefill_chunk = positions.max(1);
+    }
+
+    /// Positions a prefill runs through the model at once.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    /// Runs `tokens` at the next positions of the cache, in chunks of up to
+    /// [`prefill_chunk`](Self::prefill_chunk) positions, and returns the
+    /// logits of the last one (the last forward's when `tokens` is empty).
+    ///
+    /// The cache, the logits and every hidden state are bit for bit those
+    /// of [`forward`](Self::forward) of each token in turn: every row of a
+    /// chunk goes through the same f32 operations in the same order
+    /// (products of a chunk by `QMatrix::matmul`, equal to `matvec` of each
+    /// row), and attends the positions its one-position forward would (a
+    /// chunk is at most `capacity - sinks` positions long, so that no row
+    /// evicts the keys of a row before it). Only the last position goes
+    /// through the final norm and the LM head.
+    pub fn forward_chunks(&mut self, tokens: &[u32]) -> &[f32] {
+        let n = self.prefill_chunk.min(self.cache.chunk_room());
+        // Tracing follows single positions until the tracer takes chunks.
+        if n <= 1 || C::ANY {
+            for &t in tokens {
+                self.forward(t);
+            }
+        } else {
+            for part in tokens.chunks(n) {
+                self.forward_rows(part);
+            }
+        }
+        &self.state.logits
+    }
+
+    /// One forward over the positions of `tokens` (at most the cache's
+    /// chunk room): the prefill counterpart of [`forward`](Self::forward),
+    /// in the same order of operations for each row.
+    fn forward_rows(&mut self, tokens: &[u32]) {
+        let Llama {
+            config: c,
+            weights: w,
+            cache,
+            state: s,
+            chunk: b,
+            fault,
+            exact,
+            steps,
+            ..
+        } = self;
+        let exact = *exact;
+        let rows = tokens.len();
+        if rows == 0 {
+            return;
+        }
+        let (dim, kv_dim, hd, ffn) = (c.dim, c.kv_dim(), c.head_dim, c.ffn_dim);
+        let kv_mul = c.n_heads / c.n_kv_heads;
+        let (cap, sinks) = (cache.capacity, cache.sinks);
+        let start = cache.next_position();
+        // the cached positions before the chunk, in chronological order
+        let old_len = cache.len;
+        b.old_slots.clear();
+        b.old_slots.extend((0..old_len).map(|t| cache.slot(t)));
+        b.tokens.clear();
+        b.tokens.extend(
+            tokens
+                .iter()
+                .map(|&t| if (t as usize) < c.vocab_size { t } else { 0 }),
+        );
+        cache.step_evictions = 0;
+        b.slots.clear();
+        for (i, &t) in b.tokens.iter().enumerate() {
+            b.slots.push(cache.push(t, start + i));
+        }
+        // attention row i spans min(old_len + i + 1, cap) positions
+        let stride = cache.len;
+        b.resize(c, rows, stride);
+        let fault_at = |i: usize| fault.filter(|f| f.position.is_none_or(|p| p == start + i));
+
+        // token embeddings
+        for (x, &t) in b.x.chunks_exact_mut(dim).zip(&b.tokens) {
+            w.token_embd.dequantize_row(t as usize, x);
+        }
+
+        for (l, lw) in w.layers.iter().enumerate() {
+            // attention rmsnorm
+            for (o, x) in b.xb.chunks_exact_mut(dim).zip(b.x.chunks_exact(dim)) {
+                rmsnorm(o, x, &lw.attn_norm, c.rms_eps);
+            }
+
+            // q, k, v projections, from one quantized chunk
+            let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
+            xb.multiply(&lw.attn_q, &mut b.q);
+            xb.multiply(&lw.attn_k, &mut b.k);
+            xb.multiply(&lw.attn_v, &mut b.v);
+
+            // RoPE relative positional encoding on q and k, per row
+            for (i, (q, k)) in
+                b.q.chunks_exact_mut(dim)
+                    .zip(b.k.chunks_exact_mut(kv_dim))
+                    .enumerate()
+            {
+                rope(q, hd, &s.rope_freq, start + i);
+                rope(k, hd, &s.rope_freq, start + i);
+            }
+
+            // causal grouped-query attention: row i attends the cached
+            // positions it does not evict, then rows 0..=i of the chunk
+            let layer_off = l * cap * kv_dim;
+            let scale = 1.0 / (hd as f32).sqrt();
+            for h in 0..c.n_heads {
+                let kv_off = (h / kv_mul) * hd;
+                for i in 0..rows {
+                    let evicted = (old_len + i + 1).saturating_sub(cap);
+                    let kept = old_len - evicted;
+                    let q = &b.q[i * dim + h * hd..][..hd];
+                    let att = &mut b.att[i * stride..i * stride + kept + i + 1];
+                    let (cached, fresh) = att.split_at_mut(kept);
+                    for (j, a) in cached.iter_mut().enumerate() {
+                        let t = if j < sinks { j } else { j + evicted };
+                        let k0 = layer_off + b.old_slots[t] * kv_dim + kv_off;
+                        *a = dot(q, &cache.key[k0..k0 + hd]) * scale;
+                    }
+                    for (j, a) in fresh.iter_mut().enumerate() {
+                        *a = dot(q, &b.k[j * kv_dim + kv_off..][..hd]) * scale;
+                    }
+                    softmax(att);
+                }
+                for i in 0..rows {
+                    let evicted = (old_len + i + 1).saturating_sub(cap);
+                    let kept = old_len - evicted;
+                    let att = &b.att[i * stride..i * stride + kept + i + 1];
+                    let out = &mut b.xb[i * dim + h * hd..][..hd];
+                    out.fill(0.0);
+                    for (j, &a) in att.iter().enumerate() {
+                        let v = if j < kept {
+                            let t = if j < sinks { j } else { j + evicted };
+                            let v0 = layer_off + b.old_slots[t] * kv_dim + kv_off;
+                            &cache.value[v0..v0 + hd]
+                        } else {
+                            &b.v[(j - kept) * kv_dim + kv_off..][..hd]
+                        };
+                        for (o, &v) in out.iter_mut().zip(v) {
+                            *o += a * v;
+                        }
+                    }
+                }
+            }
+
+            // write k, v of the chunk into the cache, in one step
+            for (i, &slot) in b.slots.iter().enumerate() {
+                let at = layer_off + slot * kv_dim;
+                cache.key[at..at + kv_dim].copy_from_slice(&b.k[i * kv_dim..][..kv_dim]);
+                cache.value[at..at + kv_dim].copy_from_slice(&b.v[i * kv_dim..][..kv_dim]);
+            }
+
+            // output projection
+            let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
+            xb.multiply(&lw.attn_output, &mut b.xb2);
+            for (i, out) in b.xb2.chunks_exact_mut(dim).enumerate() {
+                if let Some(f) = fault_at(i) {
+                    f.apply(l, Stage::PostAttn, out, hd);
+                }
+            }
+
+            // residual connection
+            b.x.iter_mut().zip(&b.xb2).for_each(|(x, d)| *x += d);
+
+            // ffn rmsnorm
+            for (o, x) in b.xb.chunks_exact_mut(dim).zip(b.x.chunks_exact(dim)) {
+                rmsnorm(o, x, &lw.ffn_norm, c.rms_eps);
+            }
+
+            // gate and up projections, from one quantized chunk
+            let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
+            xb.multiply(&lw.ffn_gate, &mut b.hb);
+            xb.multiply(&lw.ffn_up, &mut b.hb2);
+
+            // SwiGLU non-linearity
+            for (g, &u) in b.hb.iter_mut().zip(&b.hb2) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+
+            // down projection
+            let mut hb = RowsInput::new(&b.hb, ffn, &mut b.xq, exact);
+            hb.multiply(&lw.ffn_down, &mut b.xb2);
+            for (i, out) in b.xb2.chunks_exact_mut(dim).enumerate() {
+                if let Some(f) = fault_at(i) {
+                    f.apply(l, Stage::PostFfn, out, hd);
+                }
+            }
+
+            // residual connection
+            b.x.iter_mut().zip(&b.xb2).for_each(|(x, d)| *x += d);
+        }
+
+        // final rmsnorm and classifier, for the last position only
+        let last = &b.x[(rows - 1) * dim..rows * dim];
+        rmsnorm(&mut s.xb, last, &w.output_norm, c.rms_eps);
+        Input::new(&s.xb, &mut s.xq, exact).multiply(&w.output, &mut s.logits);
+        *steps += rows;
     }
 
     /// Greedy generation: runs the prompt (see [`prefill`](Self::prefill)),
