@@ -16,6 +16,7 @@ use model_tracer::quant::{BrickId, QuantType};
 use model_tracer::traced;
 use model_tracer::tracer::ModelTracer;
 use model_tracer::Stage;
+use wide::f32x8;
 
 use super::dtype::GgmlType;
 use super::gguf::{GgufError, GgufFile};
@@ -760,15 +761,17 @@ impl RunState {
 /// largest chunk run and then reused.
 #[derive(Debug, Clone, Default)]
 struct ChunkState {
-    x: Vec<f32>,   // (T, dim) residual streams
-    xb: Vec<f32>,  // (T, dim) normed inputs; attention outputs before projection
-    xb2: Vec<f32>, // (T, dim) outputs of a block's last projection
-    q: Vec<f32>,   // (T, dim) queries
-    k: Vec<f32>,   // (T, kv_dim) keys of the chunk, rotated
-    v: Vec<f32>,   // (T, kv_dim) values of the chunk
-    hb: Vec<f32>,  // (T, ffn_dim) gate, then the SwiGLU product
-    hb2: Vec<f32>, // (T, ffn_dim) up
-    att: Vec<f32>, // (T, stride) one head's attention rows
+    x: Vec<f32>,           // (T, dim) residual streams
+    xb: Vec<f32>,          // (T, dim) normed inputs; attention outputs before projection
+    xb2: Vec<f32>,         // (T, dim) outputs of a block's last projection
+    q: Vec<f32>,           // (T, dim) queries
+    k: Vec<f32>,           // (T, kv_dim) keys of the chunk, rotated
+    v: Vec<f32>,           // (T, kv_dim) values of the chunk
+    hb: Vec<f32>,          // (T, ffn_dim) gate, then the SwiGLU product
+    hb2: Vec<f32>,         // (T, ffn_dim) up
+    att: Vec<f32>,         // (T, stride) one head's attention rows
+    qt: Vec<f32x8>,        // (head_dim) a tile of queries, one lane per row
+    scores: Vec<[f32; 8]>, // (keys) their scores, one lane per row
     xq: QuantizedBatch,
     tokens: Vec<u32>,      // (T) tokens, out-of-vocabulary ids read as 0
     old_slots: Vec<usize>, // cache slots before the chunk, chronological
@@ -966,6 +969,28 @@ fn rope(x: &mut [f32], head_dim: usize, freq: &[f32], pos: usize) {
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(a, b)| a * b).sum::<f32>()
+}
+
+/// Query rows scored at once by [`dot_tile`].
+const SCORE_TILE: usize = 8;
+
+/// Scores of up to 8 queries against 4 keys: `qt[d]` holds dimension `d`
+/// of each query (one lane per query) and lane `r` of result `j` is
+/// `dot(query r, keys[j])`, bit for bit: each lane sums its products in
+/// the order of [`dot`], from the same start, with separate multiplies and
+/// adds. Four keys at once keep four independent chains of additions in
+/// flight, where one [`dot`] waits on each addition.
+#[inline(always)]
+fn dot_tile(qt: &[f32x8], keys: [&[f32]; 4]) -> [f32x8; 4] {
+    // The neutral element `Sum` starts from (-0.0 in today's Rust).
+    let start = f32x8::splat(std::iter::empty::<f32>().sum());
+    let mut acc = [start; 4];
+    for (d, &q) in qt.iter().enumerate() {
+        for (a, k) in acc.iter_mut().zip(&keys) {
+            *a += q * f32x8::splat(k[d]);
+        }
+    }
+    acc
 }
 
 fn softmax(x: &mut [f32]) {
@@ -1442,21 +1467,53 @@ impl<C: TraceConfig> Llama<C> {
             let scale = 1.0 / (hd as f32).sqrt();
             for h in 0..c.n_heads {
                 let kv_off = (h / kv_mul) * hd;
-                for i in 0..rows {
-                    let evicted = (old_len + i + 1).saturating_sub(cap);
-                    let kept = old_len - evicted;
-                    let q = &b.q[i * dim + h * hd..][..hd];
-                    let att = &mut b.att[i * stride..i * stride + kept + i + 1];
-                    let (cached, fresh) = att.split_at_mut(kept);
-                    for (j, a) in cached.iter_mut().enumerate() {
-                        let t = if j < sinks { j } else { j + evicted };
+                let key = |t: usize| -> &[f32] {
+                    if t < old_len {
                         let k0 = layer_off + b.old_slots[t] * kv_dim + kv_off;
-                        *a = dot(q, &cache.key[k0..k0 + hd]) * scale;
+                        &cache.key[k0..k0 + hd]
+                    } else {
+                        &b.k[(t - old_len) * kv_dim + kv_off..][..hd]
                     }
-                    for (j, a) in fresh.iter_mut().enumerate() {
-                        *a = dot(q, &b.k[j * kv_dim + kv_off..][..hd]) * scale;
+                };
+                // scores of tiles of 8 rows against every key one of them
+                // attends (cached keys, then the chunk's), into the rows
+                for i0 in (0..rows).step_by(SCORE_TILE) {
+                    let n = SCORE_TILE.min(rows - i0);
+                    b.qt.clear();
+                    b.qt.extend((0..hd).map(|d| {
+                        f32x8::new(std::array::from_fn(|r| {
+                            if r < n {
+                                b.q[(i0 + r) * dim + h * hd + d]
+                            } else {
+                                0.0
+                            }
+                        }))
+                    }));
+                    let keys = old_len + i0 + n;
+                    b.scores.clear();
+                    for t in (0..keys).step_by(4) {
+                        let ks: [&[f32]; 4] = std::array::from_fn(|j| key((t + j).min(keys - 1)));
+                        for s in dot_tile(&b.qt, ks) {
+                            b.scores.push((s * f32x8::splat(scale)).to_array());
+                        }
                     }
-                    softmax(att);
+                    for r in 0..n {
+                        let i = i0 + r;
+                        let evicted = (old_len + i + 1).saturating_sub(cap);
+                        let kept = old_len - evicted;
+                        let att = &mut b.att[i * stride..i * stride + kept + i + 1];
+                        for (j, a) in att.iter_mut().enumerate() {
+                            let t = if j >= kept {
+                                old_len + j - kept
+                            } else if j < sinks {
+                                j
+                            } else {
+                                j + evicted
+                            };
+                            *a = b.scores[t][r];
+                        }
+                        softmax(att);
+                    }
                 }
                 for i in 0..rows {
                     let evicted = (old_len + i + 1).saturating_sub(cap);
