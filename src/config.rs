@@ -230,8 +230,12 @@ pub struct ModelTracerConfig {
     pub lens_top_k: usize,
     /// Layers exempt from the vanishing rule.
     pub warmup_layers: usize,
-    /// Forwards whose detailed records are kept.
+    /// Forwards whose detailed records are kept (one per position).
     pub max_forwards: usize,
+    /// Rows of a forward over several positions that get output logits
+    /// and the logit lens (see [`TraceOptions::logit_rows`]).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub logit_rows: crate::storage::LogitRows,
 }
 
 impl Default for ModelTracerConfig {
@@ -250,6 +254,7 @@ impl Default for ModelTracerConfig {
             lens_top_k: o.lens_top_k,
             warmup_layers: o.warmup_layers,
             max_forwards: o.max_forwards,
+            logit_rows: o.logit_rows,
         }
     }
 }
@@ -355,6 +360,7 @@ impl TraceConfig for ModelTracerConfig {
             lens_top_k: self.lens_top_k,
             warmup_layers: self.warmup_layers,
             max_forwards: self.max_forwards,
+            logit_rows: self.logit_rows,
         }
     }
 }

@@ -1029,8 +1029,11 @@ pub struct DumpRecorder {
     columns: BTreeMap<Slot, Column>,
     dim: Option<usize>,
     vocab: Option<usize>,
-    /// The forward being recorded: its position and token.
-    open: Option<(usize, Option<u32>)>,
+    /// The rows of the forward being recorded that the filter keeps: their
+    /// positions and tokens.
+    open: Vec<(usize, Option<u32>)>,
+    /// For each row of the forward being recorded, its index in `open`.
+    open_rows: Vec<Option<usize>>,
     mismatched: usize,
 }
 
@@ -1040,7 +1043,7 @@ impl fmt::Debug for DumpRecorder {
             .field("filter", &self.filter)
             .field("rows", &self.tokens.len())
             .field("tensors", &self.columns.len())
-            .field("recording", &self.open.is_some())
+            .field("recording", &!self.open.is_empty())
             .finish()
     }
 }
@@ -1055,7 +1058,8 @@ impl DumpRecorder {
             columns: BTreeMap::new(),
             dim: None,
             vocab: None,
-            open: None,
+            open: Vec::new(),
+            open_rows: Vec::new(),
             mismatched: 0,
         }
     }
@@ -1079,20 +1083,38 @@ impl DumpRecorder {
     /// Starts the forward at `position`. A forward begun and not ended is
     /// dropped.
     pub fn begin_forward(&mut self, position: usize) {
-        if self.open.is_some() {
+        self.begin_rows(position, 1);
+    }
+
+    /// Starts a forward over the positions `start..start + rows`, one row
+    /// of the dump per position the filter keeps. A forward begun and not
+    /// ended is dropped.
+    pub fn begin_rows(&mut self, start: usize, rows: usize) {
+        if !self.open.is_empty() {
             let rows = self.tokens.len();
             self.columns.values_mut().for_each(|c| c.fit(rows));
         }
-        self.open = self
-            .filter
-            .wants_position(position)
-            .then_some((position, None));
+        self.open.clear();
+        self.open_rows.clear();
+        for position in start..start + rows.max(1) {
+            if self.filter.wants_position(position) {
+                self.open_rows.push(Some(self.open.len()));
+                self.open.push((position, None));
+            } else {
+                self.open_rows.push(None);
+            }
+        }
     }
 
-    /// Names the token of the forward being recorded.
+    /// Names the token of the forward being recorded (of its first row).
     pub fn input_token(&mut self, token: u32) {
-        if let Some((_, t)) = &mut self.open {
-            *t = Some(token);
+        self.input_row_token(0, token);
+    }
+
+    /// Names the token of row `row` of the forward being recorded.
+    pub fn input_row_token(&mut self, row: usize, token: u32) {
+        if let Some(&Some(k)) = self.open_rows.get(row) {
+            self.open[k].1 = Some(token);
         }
     }
 
@@ -1101,10 +1123,20 @@ impl DumpRecorder {
     /// layers). A second call for the same tensor in one forward replaces
     /// the first.
     pub fn activation(&mut self, layer: usize, stage: Stage, x: &[f32]) {
-        if self.open.is_none() || !self.filter.wants(layer, stage) {
+        self.activation_row(0, layer, stage, x);
+    }
+
+    /// Copies `x` as the tensor `(layer, stage)` of row `row` of the
+    /// forward being recorded, as [`activation`](Self::activation) does for
+    /// a forward of one row.
+    pub fn activation_row(&mut self, row: usize, layer: usize, stage: Stage, x: &[f32]) {
+        let Some(&Some(k)) = self.open_rows.get(row) else {
+            return;
+        };
+        if !self.filter.wants(layer, stage) {
             return;
         }
-        let row = self.tokens.len();
+        let row = self.tokens.len() + k;
         let width = if stage == Stage::Logits {
             *self.vocab.get_or_insert(x.len())
         } else {
@@ -1114,22 +1146,27 @@ impl DumpRecorder {
             .columns
             .entry(Slot::of(layer, stage))
             .or_insert_with(|| Column::new(width));
-        column.fit(row);
+        // Rows of a forward may come in any order: a row is written in
+        // place, the rows before it that have not come yet are NaN.
+        if column.rows <= row {
+            column.fit(row + 1);
+        }
+        let at = &mut column.data[row * width..(row + 1) * width];
         if x.len() == width {
-            column.data.extend_from_slice(x);
+            at.copy_from_slice(x);
         } else {
-            column.data.resize((row + 1) * width, f32::NAN);
+            at.fill(f32::NAN);
             self.mismatched += 1;
         }
-        column.rows = row + 1;
     }
 
     /// Ends the forward: its rows are kept.
     pub fn end_forward(&mut self) {
-        if let Some((position, token)) = self.open.take() {
+        for (position, token) in self.open.drain(..) {
             self.positions.push(position);
             self.tokens.push(token.map_or(-1, i64::from));
         }
+        self.open_rows.clear();
     }
 
     /// The dump of the forwards kept (a forward not ended is left out).

@@ -158,7 +158,7 @@ pub use sink::JsonlSink;
 pub use sink::{ForwardSink, SinkFailure, SinkHandle, SinkStatus};
 pub use stats::{StatsAccumulator, TensorStats};
 pub use summary::{SessionAggregates, TraceSummary};
-pub use tracer::{ForwardTrace, ModelTracer, QuantSampling, Recorder, Storage};
+pub use tracer::{ForwardTrace, LogitRows, ModelTracer, QuantSampling, Recorder, Storage};
 
 // The tracer's unit tests count heap allocations (`test_f263`).
 #[cfg(test)]

@@ -46,8 +46,41 @@ pub struct TraceOptions {
     pub lens_top_k: usize,
     /// Layers `0..warmup_layers` are exempt from the vanishing rule.
     pub warmup_layers: usize,
-    /// Forwards whose detailed records are kept (at least 1).
+    /// Forwards whose detailed records are kept (at least 1). A forward
+    /// over several positions ([`ModelTracer::begin_forward_rows`](crate::ModelTracer::begin_forward_rows))
+    /// makes one record per position, and each counts.
     pub max_forwards: usize,
+    /// Rows of a forward over several positions whose output logits (and
+    /// logit lens) are recorded, which a model asks with
+    /// [`ModelTracer::wants_logits`](crate::ModelTracer::wants_logits).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub logit_rows: LogitRows,
+}
+
+/// Rows of a forward over several positions that get output logits and
+/// the logit lens. A forward of one position (decoding) is its own last row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum LogitRows {
+    /// The last row of each forward: the last position of a prefill chunk,
+    /// every generated position. The other rows of a prefill have no
+    /// output logits, so no logit statistics and no lens.
+    #[default]
+    Last,
+    /// Every row: a batched forward then records what one forward per
+    /// position records, for an LM head (and a lens) per position.
+    Every,
+}
+
+impl LogitRows {
+    /// Whether row `row` of a forward of `rows` rows is selected.
+    pub fn selects(self, row: usize, rows: usize) -> bool {
+        match self {
+            LogitRows::Last => row + 1 == rows,
+            LogitRows::Every => row < rows,
+        }
+    }
 }
 
 impl Default for TraceOptions {
@@ -58,6 +91,7 @@ impl Default for TraceOptions {
             lens_top_k: DEFAULT_LENS_TOP_K,
             warmup_layers: DEFAULT_WARMUP_LAYERS,
             max_forwards: DEFAULT_HISTORY,
+            logit_rows: LogitRows::Last,
         }
     }
 }
@@ -165,7 +199,10 @@ pub struct Recorder {
     // a recycled forward reserves room for them up front.
     pub(crate) most_quant: usize,
     pub(crate) most_what_if: usize,
-    // Logit-lens rows of the forward in flight: `lens_layers.len()` rows of `lens_vocab`.
+    // Logit-lens rows of the forward in flight: `lens_layers.len()` rows of
+    // `lens_vocab`, of one row of the forward (`lens_row`): the rows of a
+    // forward share them, each row's lens being ranked by its final logits
+    // before the next row's is recorded.
     pub(crate) lens: Vec<f32>,
     pub(crate) lens_layers: Vec<usize>,
     pub(crate) lens_vocab: usize,
@@ -181,6 +218,23 @@ pub struct Recorder {
     // Full tensors of the forwards, when a dump is installed.
     #[cfg(feature = "dump")]
     pub(crate) dump: Option<Box<crate::dump::DumpRecorder>>,
+    // A forward over several positions: its first position and rows, the
+    // row whose records the fields above hold (`current`, the residual
+    // norms, the lens, the last layer seen), and the others, parked (the
+    // slot of the row in focus holds spare buffers).
+    pub(crate) start: usize,
+    pub(crate) rows: usize,
+    pub(crate) focus: usize,
+    pub(crate) parked: Vec<ParkedRow>,
+    pub(crate) lens_row: usize,
+}
+
+/// The per-position state of a row of a forward that is not in focus.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ParkedRow {
+    pub(crate) trace: ForwardTrace,
+    pub(crate) residual_norms: Vec<Option<(f32, f32)>>,
+    pub(crate) max_layer_seen: Option<usize>,
 }
 
 impl Storage for Recorder {

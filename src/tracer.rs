@@ -20,9 +20,10 @@ use crate::kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
 use crate::logit::LogitEvolutionTrace;
 use crate::quant::{BrickId, QuantType, QuantizationErrorTrace};
 use crate::stats::{self, TensorStats};
+use crate::storage::ParkedRow;
 pub use crate::storage::{
-    QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE, MAX_BUFFER_LEN,
-    MAX_HEADS, MAX_LAYERS,
+    LogitRows, QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE,
+    MAX_BUFFER_LEN, MAX_HEADS, MAX_LAYERS,
 };
 use crate::summary::{SessionAggregates, TraceSummary};
 
@@ -56,15 +57,64 @@ impl Recorder {
             sink: None,
             #[cfg(feature = "dump")]
             dump: None,
+            start: 0,
+            rows: 1,
+            focus: 0,
+            parked: Vec::new(),
+            lens_row: 0,
         }
     }
 
-    fn begin(&mut self, position: usize) {
+    /// Exchanges the state of the row in focus with parked slot `i`.
+    fn swap_parked(&mut self, i: usize) {
+        let p = &mut self.parked[i];
+        std::mem::swap(&mut self.current, &mut p.trace);
+        std::mem::swap(&mut self.residual_norms, &mut p.residual_norms);
+        std::mem::swap(&mut self.max_layer_seen, &mut p.max_layer_seen);
+    }
+
+    /// Brings row `row` of the forward in flight into focus: the
+    /// per-position records then go to it. A row beyond the forward's is
+    /// ignored (the focus stays).
+    #[inline]
+    pub(crate) fn focus(&mut self, row: usize) {
+        if row == self.focus || row >= self.rows {
+            return;
+        }
+        let from = self.focus;
+        self.swap_parked(from);
+        self.swap_parked(row);
+        self.focus = row;
+    }
+
+    fn begin(&mut self, start: usize, rows: usize) {
         if self.in_forward {
             self.end();
         }
         self.in_forward = true;
-        if self.history.len() >= self.options.max_forwards {
+        let rows = rows.max(1);
+        self.start = start;
+        self.rows = rows;
+        self.focus = 0;
+        if self.parked.len() < rows {
+            self.parked.resize_with(rows, ParkedRow::default);
+        }
+        #[cfg(feature = "dump")]
+        if let Some(d) = &mut self.dump {
+            d.begin_rows(start, rows);
+        }
+        for row in 0..rows {
+            self.focus(row);
+            self.begin_row(start + row, rows);
+        }
+        self.focus(0);
+    }
+
+    /// Prepares the row in focus for `position`, recycling the oldest
+    /// retained forward when the forward's rows would not fit beside the
+    /// retained ones.
+    fn begin_row(&mut self, position: usize, rows: usize) {
+        if self.history.len() + rows > self.options.max_forwards {
             if let Some(mut old) = self.history.pop_front() {
                 self.spare_attention.append(&mut old.attention);
                 if let Some(l) = &mut old.logits {
@@ -78,10 +128,34 @@ impl Recorder {
         self.current.what_if.reserve(self.most_what_if);
         self.residual_norms.iter_mut().for_each(|r| *r = None);
         self.lens_layers.clear();
+        self.lens_row = 0;
         self.max_layer_seen = None;
-        #[cfg(feature = "dump")]
-        if let Some(d) = &mut self.dump {
-            d.begin_forward(position);
+    }
+
+    /// Runs `f` on each row of the forward in flight with row `i` in focus
+    /// and `x`'s row `i` (`x` holds the rows row-major, each a `rows`-th of
+    /// it); the focus is restored after.
+    #[inline]
+    fn each_row(&mut self, x: &[f32], mut f: impl FnMut(&mut Self, usize, &[f32])) {
+        if self.rows == 1 {
+            return f(self, 0, x);
+        }
+        let width = x.len() / self.rows;
+        let focus = self.focus;
+        for i in 0..self.rows {
+            self.focus(i);
+            f(self, i, &x[i * width..(i + 1) * width]);
+        }
+        self.focus(focus);
+    }
+
+    fn input_tokens(&mut self, tokens: &[u32]) {
+        for (row, &token) in tokens.iter().enumerate().take(self.rows) {
+            if row == self.focus {
+                self.current.token = Some(token);
+            } else {
+                self.parked[row].trace.token = Some(token);
+            }
         }
     }
 
@@ -89,7 +163,6 @@ impl Recorder {
         self.max_layer_seen = Some(self.max_layer_seen.map_or(layer, |m| m.max(layer)));
     }
 
-    #[inline(never)]
     fn activation(&mut self, layer: usize, stage: Stage, x: &[f32], fingerprint: bool) {
         if stage.is_layer_stage() {
             if layer >= MAX_LAYERS {
@@ -103,8 +176,31 @@ impl Recorder {
         }
         #[cfg(feature = "dump")]
         if let Some(d) = &mut self.dump {
-            d.activation(layer, stage, x);
+            d.activation_row(self.focus, layer, stage, x);
         }
+    }
+
+    #[inline(never)]
+    fn activation_rows(&mut self, layer: usize, stage: Stage, x: &[f32], fingerprint: bool) {
+        self.each_row(x, |r, _, x| r.activation(layer, stage, x, fingerprint));
+    }
+
+    #[inline(never)]
+    fn residual_rows(&mut self, layer: usize, residual: &[f32], update: &[f32]) {
+        let width = update.len() / self.rows;
+        self.each_row(residual, |r, i, x| {
+            r.residual(layer, x, &update[i * width..(i + 1) * width]);
+        });
+    }
+
+    #[inline(never)]
+    fn attention_rows(&mut self, layer: usize, head: usize, weights: &[f32], first_len: usize) {
+        let stride = weights.len() / self.rows;
+        let start = self.start;
+        self.each_row(weights, |r, i, row| {
+            let n = first_len.saturating_add(i).min(stride);
+            r.attention(layer, head, start + i, &row[..n]);
+        });
     }
 
     /// The fingerprint of `x` at `(layer, stage)`; none for an empty `x`,
@@ -114,7 +210,6 @@ impl Recorder {
         *self.current.activations.fingerprint_mut(layer, stage) = f;
     }
 
-    #[inline(never)]
     fn residual(&mut self, layer: usize, residual: &[f32], update: &[f32]) {
         if layer >= MAX_LAYERS {
             return;
@@ -137,7 +232,6 @@ impl Recorder {
         c.should_trace_layer(layer) && c.should_trace_head(head)
     }
 
-    #[inline(never)]
     fn attention(&mut self, layer: usize, head: usize, query_pos: usize, weights: &[f32]) {
         // Both bounds are the same power of two: one compare tests both.
         const { assert!(MAX_HEADS == MAX_LAYERS && MAX_LAYERS.is_power_of_two()) };
@@ -164,6 +258,11 @@ impl Recorder {
         if layer >= MAX_LAYERS || vocab > MAX_BUFFER_LEN {
             return;
         }
+        if self.lens_row != self.focus {
+            // The lens rows of another row of the forward, never ranked.
+            self.lens_layers.clear();
+            self.lens_row = self.focus;
+        }
         if self.lens_layers.is_empty() {
             self.lens_vocab = vocab;
         } else if vocab != self.lens_vocab {
@@ -189,7 +288,7 @@ impl Recorder {
             }
             #[cfg(feature = "dump")]
             if let Some(d) = &mut self.dump {
-                d.activation(0, Stage::Logits, logits);
+                d.activation_row(self.focus, 0, Stage::Logits, logits);
             }
         }
         if !lens {
@@ -218,6 +317,10 @@ impl Recorder {
             trace.tokens.push(tok);
         }
         self.ranks.resize(self.tracked.len(), 0);
+        if self.lens_row != self.focus {
+            // Lens rows of another row of the forward.
+            self.lens_layers.clear();
+        }
         let rows = self.lens_layers.len().max(1);
         for row in 0..rows {
             let (layer, values) = match self.lens_layers.get(row) {
@@ -295,7 +398,11 @@ impl Recorder {
 
     fn kv_state(&mut self, state: KvCacheStateTrace) {
         self.current.kv_cache = Some(state);
-        self.kv_session.add_step(state);
+        // A forward of several rows folds each row's state when the row
+        // ends, in position order, whatever the order of the calls.
+        if self.rows == 1 {
+            self.kv_session.add_step(state);
+        }
     }
 
     fn end(&mut self) -> Option<Anomaly> {
@@ -305,11 +412,32 @@ impl Recorder {
         self.in_forward = false;
         #[cfg(feature = "dump")]
         if let Some(d) = &mut self.dump {
-            if let Some(token) = self.current.token {
-                d.input_token(token);
+            for row in 0..self.rows {
+                let token = if row == self.focus {
+                    self.current.token
+                } else {
+                    self.parked[row].trace.token
+                };
+                if let Some(token) = token {
+                    d.input_row_token(row, token);
+                }
             }
             d.end_forward();
         }
+        let mut primary = None;
+        for row in 0..self.rows {
+            self.focus(row);
+            let p = self.end_row();
+            primary = primary.or(p);
+        }
+        // The fields hold spare buffers again; the next forward starts at row 0.
+        self.focus = 0;
+        self.rows = 1;
+        primary
+    }
+
+    /// Ends the row in focus: anomaly rules, aggregates, history, sink.
+    fn end_row(&mut self) -> Option<Anomaly> {
         let position = self.current.position;
         let mut anomalies = std::mem::take(&mut self.current.anomalies);
         self.current
@@ -318,6 +446,9 @@ impl Recorder {
         self.current.activations.has_anomaly = !anomalies.is_empty();
         self.current.anomalies = anomalies;
         self.aggregates.absorb(&self.current);
+        if let (true, Some(state)) = (self.rows > 1, self.current.kv_cache) {
+            self.kv_session.add_step(state);
+        }
         self.most_quant = self.most_quant.max(self.current.quantization.traces.len());
         self.most_what_if = self.most_what_if.max(self.current.what_if.len());
         let primary = self.current.primary_anomaly().copied();
@@ -327,6 +458,15 @@ impl Recorder {
         self.history.push_back(done);
         if let (Some(sink), Some(done)) = (&self.sink, self.history.back()) {
             sink.write(done);
+        }
+        // A forward of more rows than `max_forwards` keeps its last ones.
+        while self.history.len() > self.options.max_forwards {
+            if let Some(mut old) = self.history.pop_front() {
+                self.spare_attention.append(&mut old.attention);
+                if let Some(l) = &mut old.logits {
+                    self.spare_tokens.append(&mut l.tokens);
+                }
+            }
         }
         primary
     }
@@ -510,19 +650,54 @@ impl<C: TraceConfig> ModelTracer<C> {
 
     // ---- hooks -------------------------------------------------------------
 
-    /// Starts the forward pass of the token at `position`. A forward still
-    /// open is ended first.
+    /// Starts the forward pass of the token at `position`: a forward of
+    /// one row ([`begin_forward_rows`](Self::begin_forward_rows)`(position, 1)`).
+    /// A forward still open is ended first.
     #[inline(always)]
     pub fn begin_forward(&mut self, position: usize) {
         if C::ANY {
             if let Some(r) = self.storage.recorder_mut() {
-                r.begin(position);
+                r.begin(position, 1);
             }
         }
     }
 
-    /// Names the token fed at the position of the forward in flight, so
-    /// that sinks and views can show it ([`ForwardTrace::token`]).
+    /// Starts a forward over the `rows` positions `start..start + rows`
+    /// (a prefill chunk; `rows` 0 counts as 1). A forward still open is
+    /// ended first.
+    ///
+    /// It records what `rows` forwards of one position would: one
+    /// [`ForwardTrace`] per position, each folded into the session
+    /// aggregates, written to the sink and counted by `max_forwards` on its
+    /// own. The hooks that take a buffer ([`activation`](Self::activation),
+    /// [`residual`](Self::residual)) take the rows of all positions,
+    /// row-major; [`attention_rows`](Self::attention_rows) takes a head's
+    /// causal softmax rows; the other hooks record into the row brought
+    /// into focus by [`focus_row`](Self::focus_row) (row 0 at the start).
+    #[inline(always)]
+    pub fn begin_forward_rows(&mut self, start: usize, rows: usize) {
+        if C::ANY {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.begin(start, rows);
+            }
+        }
+    }
+
+    /// Sends the records of the per-position hooks (logits, lens,
+    /// quantization error, what-if, KV state, token, attention,
+    /// `record_*`) to row `row` (position `start + row`) of the forward in
+    /// flight. A row beyond the forward's is ignored.
+    #[inline(always)]
+    pub fn focus_row(&mut self, row: usize) {
+        if C::ANY {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.focus(row);
+            }
+        }
+    }
+
+    /// Names the token fed at the position of the row in focus, so that
+    /// sinks and views can show it ([`ForwardTrace::token`]).
     #[inline(always)]
     pub fn input_token(&mut self, token: u32) {
         if C::ANY {
@@ -534,9 +709,24 @@ impl<C: TraceConfig> ModelTracer<C> {
         }
     }
 
+    /// Names the tokens fed at the positions of the forward in flight, one
+    /// per row (extra ones are ignored).
+    #[inline(always)]
+    pub fn input_tokens(&mut self, tokens: &[u32]) {
+        if C::ANY {
+            if let Some(r) = self.storage.recorder_mut() {
+                if r.in_forward {
+                    r.input_tokens(tokens);
+                }
+            }
+        }
+    }
+
     /// Records the statistics of activation `x` at `(layer, stage)`, and
     /// its fingerprint when fingerprints are traced
-    /// ([`TraceConfig::FINGERPRINTS`]). For [`Stage::Embedding`],
+    /// ([`TraceConfig::FINGERPRINTS`]), for each row of the forward: `x`
+    /// holds the rows row-major, each `x.len() / rows` values (a remainder
+    /// is ignored). For [`Stage::Embedding`],
     /// [`Stage::FinalNorm`] and [`Stage::Logits`] the layer is ignored. A
     /// layer stage of a layer at or beyond [`MAX_LAYERS`] is not recorded
     /// (as every hook's record of such a layer).
@@ -545,19 +735,21 @@ impl<C: TraceConfig> ModelTracer<C> {
         if self.activations_on() {
             let fingerprint = self.fingerprints_on();
             if let Some(r) = self.storage.recorder_mut() {
-                r.activation(layer, stage, x, fingerprint);
+                r.activation_rows(layer, stage, x, fingerprint);
             }
         }
     }
 
-    /// Records one residual add `residual + update` of `layer`: the layer's
+    /// Records one residual add `residual + update` of `layer`, for each
+    /// row of the forward (both row-major, as in
+    /// [`activation`](Self::activation)): the layer's
     /// residual ratio is `‖residual‖ / (‖residual‖ + Σ‖update‖)`, with the
     /// residual taken at the layer's first add. Call before adding.
     #[inline(always)]
     pub fn residual(&mut self, layer: usize, residual: &[f32], update: &[f32]) {
         if self.activations_on() {
             if let Some(r) = self.storage.recorder_mut() {
-                r.residual(layer, residual, update);
+                r.residual_rows(layer, residual, update);
             }
         }
     }
@@ -573,9 +765,9 @@ impl<C: TraceConfig> ModelTracer<C> {
                 .is_some_and(|r| r.wants_attention(layer, head))
     }
 
-    /// Records one head's softmax row for the query at `query_pos`, if the
-    /// attention config selects `(layer, head)` and the head is below
-    /// [`MAX_HEADS`].
+    /// Records one head's softmax row for the query at `query_pos` into
+    /// the row in focus, if the attention config selects `(layer, head)`
+    /// and the head is below [`MAX_HEADS`].
     #[inline(always)]
     pub fn attention(&mut self, layer: usize, head: usize, query_pos: usize, weights: &[f32]) {
         if self.attention_on() {
@@ -585,6 +777,38 @@ impl<C: TraceConfig> ModelTracer<C> {
         }
     }
 
+    /// Records one head's causal softmax rows, one per row of the forward,
+    /// as [`attention`](Self::attention) of each: `weights` holds the rows
+    /// with a stride of `weights.len() / rows` values, and row `i` (the
+    /// query at position `start + i`) attends its first
+    /// `min(first_len + i, stride)` entries (`first_len` is what the first
+    /// row attends: the cached positions and itself). With a cache that
+    /// never evicts, row `i` attends `start + i + 1` positions, the
+    /// stride is `start + rows` and `first_len` is `start + 1`; with one
+    /// that evicts, the stride is the capacity once reached.
+    #[inline(always)]
+    pub fn attention_rows(&mut self, layer: usize, head: usize, weights: &[f32], first_len: usize) {
+        if self.attention_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.attention_rows(layer, head, weights, first_len);
+            }
+        }
+    }
+
+    /// Whether the model should compute the output logits of row `row` of
+    /// the forward in flight for the tracer (the activation statistics of
+    /// the logits, the ranks of the lens): the rows that
+    /// [`TraceOptions::logit_rows`] selects, when activations or logits are
+    /// traced. Every forward of one row wants its logits.
+    #[inline(always)]
+    pub fn wants_logits(&self, row: usize) -> bool {
+        (self.activations_on() || self.logits_on())
+            && self
+                .storage
+                .recorder()
+                .is_some_and(|r| r.options.logit_rows.selects(row, r.rows))
+    }
+
     /// Whether the logit lens runs: when false, model code should not even
     /// prepare the lens input.
     #[inline(always)]
@@ -592,8 +816,11 @@ impl<C: TraceConfig> ModelTracer<C> {
         self.lens_on()
     }
 
-    /// Records the logit lens at `layer`: `fill` writes the `vocab` logits
-    /// that the final norm and LM head give for this layer's hidden state.
+    /// Records the logit lens at `layer` for the row in focus: `fill` writes
+    /// the `vocab` logits that the final norm and LM head give for this
+    /// layer's hidden state. In a forward of several rows, record a row's
+    /// lens, then its [`final_logits`](Self::final_logits), before another
+    /// row's lens (the rows share one lens buffer).
     /// `fill` runs only when the lens is on ([`TraceConfig::LOGIT_LENS`]),
     /// and not for a `vocab` above [`MAX_BUFFER_LEN`] (nothing is recorded)
     /// or other than the first lens row's of this forward (the row could
