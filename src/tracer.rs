@@ -280,6 +280,33 @@ impl Recorder {
     }
 
     #[inline(never)]
+    fn logit_lens_layers(
+        &mut self,
+        layers: &[usize],
+        vocab: usize,
+        fill: &mut dyn FnMut(&mut [f32]),
+    ) {
+        if layers.iter().any(|&l| l >= MAX_LAYERS) || vocab > MAX_BUFFER_LEN || layers.is_empty() {
+            return;
+        }
+        // This row's lens replaces whatever the buffer holds.
+        self.lens_layers.clear();
+        self.lens_row = self.focus;
+        self.lens_vocab = vocab;
+        let Some(end) = layers.len().checked_mul(vocab) else {
+            return;
+        };
+        if self.lens.len() < end {
+            self.lens.resize(end, 0.0);
+        }
+        fill(&mut self.lens[..end]);
+        for &l in layers {
+            self.see_layer(l);
+        }
+        self.lens_layers.extend_from_slice(layers);
+    }
+
+    #[inline(never)]
     fn final_logits(&mut self, logits: &[f32], activations: bool, fingerprint: bool, lens: bool) {
         if activations {
             self.current.activations.logits_stats = TensorStats::from_slice(logits);
@@ -830,6 +857,30 @@ impl<C: TraceConfig> ModelTracer<C> {
         if self.lens_on() {
             if let Some(r) = self.storage.recorder_mut() {
                 r.logit_lens(layer, vocab, &mut fill);
+            }
+        }
+    }
+
+    /// Records the logit lens of every layer of `layers` at once, for the
+    /// row in focus: `fill` writes `layers.len()` rows of `vocab` logits,
+    /// row-major, row `j` being what the final norm and LM head give for
+    /// the hidden state after layer `layers[j]`; a model computes them as
+    /// one multi-row product that reads the LM head once. The records are
+    /// those of [`logit_lens`](Self::logit_lens) called for each layer in
+    /// turn with the same rows (and replace any lens rows recorded before
+    /// for this row). Nothing is recorded, and `fill` does not run, when
+    /// the lens is off, `layers` is empty or names a layer at or beyond
+    /// [`MAX_LAYERS`], or `vocab` is above [`MAX_BUFFER_LEN`].
+    #[inline(always)]
+    pub fn logit_lens_layers(
+        &mut self,
+        layers: &[usize],
+        vocab: usize,
+        mut fill: impl FnMut(&mut [f32]),
+    ) {
+        if self.lens_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.logit_lens_layers(layers, vocab, &mut fill);
             }
         }
     }

@@ -17,11 +17,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use model_tracer::dump::{DumpFilter, DumpRecorder};
 use model_tracer::{
-    AttentionTraceConfig, Disabled, Full, Lightweight, ModelTracer, Stage, TraceConfig,
+    AttentionTraceConfig, Disabled, Full, Lightweight, LogitRows, ModelTracer, Stage, TraceConfig,
     TraceOptions,
 };
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{Config, Fault, Generation, KvCacheOptions, Llama};
+use model_tracer_llama::model::{
+    Config, Fault, Generation, KvCacheOptions, Llama, DEFAULT_PREFILL_CHUNK,
+};
 use model_tracer_llama::tokenizer::ChatMessage;
 
 /// Trace what a transformer computes, token by token.
@@ -136,6 +138,11 @@ struct Args {
     /// StreamingLLM evictions
     #[arg(long, default_value_t = 4096, value_name = "N", help_heading = "Input")]
     ctx: usize,
+    /// Prompt positions run through the model at once (batched prefill);
+    /// 1 runs the prompt one position at a time. The results are the same
+    /// to the bit either way
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK, value_name = "N", help_heading = "Model")]
+    prefill_chunk: usize,
 
     /// Three monomorphized models: Llama<Disabled|Lightweight|Full>
     #[arg(long, default_value = "full", value_name = "LEVEL",
@@ -546,6 +553,7 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
         model.set_exact(true);
         println!("  matmuls: the f32 reference path (--exact)");
     }
+    model.set_prefill_chunk(args.prefill_chunk);
 
     let prompt_ids = prompt_ids(args, &model)?;
     let total = prompt_ids.len() + args.max_tokens;
@@ -555,6 +563,14 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
         attention_config: AttentionTraceConfig {
             top_k: 8,
             ..AttentionTraceConfig::default()
+        },
+        // A dump holds the logits of every position, as one position at
+        // a time computes them; otherwise a prompt chunk's LM head runs
+        // for its last position only.
+        logit_rows: if outputs.dump.is_some() {
+            LogitRows::Every
+        } else {
+            LogitRows::Last
         },
         ..TraceOptions::default()
     };
@@ -572,9 +588,10 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
         model.tracer_mut().set_dump(Some(DumpRecorder::new(filter)));
     }
     println!(
-        "trace: {} | prompt: {} tokens | generating up to {} tokens",
+        "trace: {} | prompt: {} tokens, in chunks of up to {} | generating up to {} tokens",
         args.trace,
         prompt_ids.len(),
+        model.prefill_chunk(),
         args.max_tokens
     );
 

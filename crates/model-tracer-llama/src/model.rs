@@ -730,9 +730,11 @@ struct RunState {
     hb2: Vec<f32>,    // (ffn_dim) up
     logits: Vec<f32>, // (vocab)
     xq: QuantizedActivations,
-    lens_x: Vec<f32>, // (dim) final-normed hidden state for the logit lens
-    lens_q: QuantizedActivations,
-    rope_freq: Vec<f32>, // (rope_dim / 2) inverse frequencies
+    lens_hidden: Vec<f32>, // (n_layers, dim) hidden state after each layer, for the logit lens
+    lens_x: Vec<f32>,      // (n_layers, dim) the same through the final norm
+    lens_q: QuantizedBatch,
+    lens_layers: Vec<usize>, // 0..n_layers
+    rope_freq: Vec<f32>,     // (rope_dim / 2) inverse frequencies
 }
 
 impl RunState {
@@ -750,8 +752,10 @@ impl RunState {
             hb2: vec![0.0; c.ffn_dim],
             logits: vec![0.0; c.vocab_size],
             xq: QuantizedActivations::new(),
-            lens_x: vec![0.0; c.dim],
-            lens_q: QuantizedActivations::new(),
+            lens_hidden: vec![0.0; c.n_layers * c.dim],
+            lens_x: vec![0.0; c.n_layers * c.dim],
+            lens_q: QuantizedBatch::new(),
+            lens_layers: (0..c.n_layers).collect(),
             rope_freq,
         }
     }
@@ -773,6 +777,8 @@ struct ChunkState {
     qt: Vec<f32x8>,        // (head_dim) a tile of queries, one lane per row
     scores: Vec<[f32; 8]>, // (keys) their scores, one lane per row
     xq: QuantizedBatch,
+    lens_hidden: Vec<f32>, // (T, n_layers, dim) hidden states for the logit lens
+    logits: Vec<f32>,      // (vocab) logits of a row before the last
     tokens: Vec<u32>,      // (T) tokens, out-of-vocabulary ids read as 0
     old_slots: Vec<usize>, // cache slots before the chunk, chronological
     slots: Vec<usize>,     // (T) cache slot of each row
@@ -940,6 +946,84 @@ fn project<C: TraceConfig>(
         })
     );
     traced!(C, trace_what_if(tracer, brick, layer, weights, x));
+}
+
+/// The quantization error (and what-if comparisons) of `brick` in
+/// `layer` for each row of a chunk, as [`project`] records them for one
+/// position: `x` holds the rows of the input (`T × cols`), `outs` the
+/// products of each weight (`T × rows` each), stacked per row into
+/// `scratch` when there are several (`[q | k | v]`).
+#[cfg_attr(model_tracer_no_hooks, allow(dead_code))]
+fn trace_rows<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    brick: BrickId,
+    layer: usize,
+    weights: &[&Linear],
+    x: &[f32],
+    outs: &[&Vec<f32>],
+    scratch: &mut [f32],
+) {
+    if !tracer.wants_what_if() {
+        return;
+    }
+    let widths: usize = weights.iter().map(|w| w.rows()).sum();
+    let rows = outs
+        .first()
+        .map_or(0, |o| o.len() / weights[0].rows().max(1));
+    let cols = x.len() / rows.max(1);
+    for i in 0..rows {
+        tracer.focus_row(i);
+        let xi = &x[i * cols..(i + 1) * cols];
+        let quantized: &[f32] = if let ([w], [o]) = (weights, outs) {
+            &o[i * w.rows()..(i + 1) * w.rows()]
+        } else {
+            if tracer.wants_quant_error(brick) {
+                let mut at = 0;
+                for (w, o) in weights.iter().zip(outs) {
+                    scratch[at..at + w.rows()]
+                        .copy_from_slice(&o[i * w.rows()..(i + 1) * w.rows()]);
+                    at += w.rows();
+                }
+            }
+            &scratch[..widths]
+        };
+        tracer.quant_error(brick, layer, weights[0].quant_type(), quantized, |r| {
+            let mut at = 0;
+            for w in weights {
+                w.reference(xi, &mut r[at..at + w.rows()]);
+                at += w.rows();
+            }
+        });
+        trace_what_if(tracer, brick, layer, weights, xi);
+    }
+}
+
+/// The logit lens of one position: `hidden`, the hidden state after each
+/// layer (`(n_layers, dim)`), through the final norm into `normed`, then
+/// through the LM head as one multi-row product that reads its weights
+/// once for all layers, straight into the tracer's lens rows. Each row is
+/// bit for bit the one-row product of that layer's state.
+#[cfg_attr(model_tracer_no_hooks, allow(dead_code))]
+#[allow(clippy::too_many_arguments)]
+fn logit_lens<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    c: &Config,
+    w: &Weights,
+    hidden: &[f32],
+    normed: &mut [f32],
+    q: &mut QuantizedBatch,
+    layers: &[usize],
+    exact: bool,
+) {
+    for (o, x) in normed
+        .chunks_exact_mut(c.dim)
+        .zip(hidden.chunks_exact(c.dim))
+    {
+        rmsnorm(o, x, &w.output_norm, c.rms_eps);
+    }
+    tracer.logit_lens_layers(layers, c.vocab_size, |out| {
+        RowsInput::new(normed, c.dim, q, exact).multiply(&w.output, out);
+    });
 }
 
 fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
@@ -1278,18 +1362,32 @@ impl<C: TraceConfig> Llama<C> {
             s.x.iter_mut().zip(&s.xb2).for_each(|(x, d)| *x += d);
             traced!(C, tracer.activation(l, Stage::Output, &s.x));
 
-            // logit lens: what the model would predict if it stopped here
+            // hidden state for the logit lens
             traced!(
                 C,
                 if tracer.wants_logit_lens() {
-                    let (lens_x, lens_q, x) = (&mut s.lens_x, &mut s.lens_q, &s.x);
-                    tracer.logit_lens(l, c.vocab_size, |out| {
-                        rmsnorm(lens_x, x, &w.output_norm, c.rms_eps);
-                        Input::new(lens_x, lens_q, exact).multiply(&w.output, out);
-                    });
+                    s.lens_hidden[l * dim..(l + 1) * dim].copy_from_slice(&s.x);
                 }
             );
         }
+
+        // logit lens: what the model would predict if it stopped after
+        // each layer, all layers in one product
+        traced!(
+            C,
+            if tracer.wants_logit_lens() {
+                logit_lens(
+                    tracer,
+                    c,
+                    w,
+                    &s.lens_hidden,
+                    &mut s.lens_x,
+                    &mut s.lens_q,
+                    &s.lens_layers,
+                    exact,
+                );
+            }
+        );
 
         // final rmsnorm
         rmsnorm(&mut s.xb, &s.x, &w.output_norm, c.rms_eps);
@@ -1377,8 +1475,7 @@ impl<C: TraceConfig> Llama<C> {
     /// through the final norm and the LM head.
     pub fn forward_chunks(&mut self, tokens: &[u32]) -> &[f32] {
         let n = self.prefill_chunk.min(self.cache.chunk_room());
-        // Tracing follows single positions until the tracer takes chunks.
-        if n <= 1 || C::ANY {
+        if n <= 1 {
             for &t in tokens {
                 self.forward(t);
             }
@@ -1392,7 +1489,8 @@ impl<C: TraceConfig> Llama<C> {
 
     /// One forward over the positions of `tokens` (at most the cache's
     /// chunk room): the prefill counterpart of [`forward`](Self::forward),
-    /// in the same order of operations for each row.
+    /// in the same order of operations for each row, with the tracer's
+    /// hooks taking the rows of the chunk at once.
     fn forward_rows(&mut self, tokens: &[u32]) {
         let Llama {
             config: c,
@@ -1400,6 +1498,7 @@ impl<C: TraceConfig> Llama<C> {
             cache,
             state: s,
             chunk: b,
+            tracer,
             fault,
             exact,
             steps,
@@ -1411,6 +1510,7 @@ impl<C: TraceConfig> Llama<C> {
             return;
         }
         let (dim, kv_dim, hd, ffn) = (c.dim, c.kv_dim(), c.head_dim, c.ffn_dim);
+        let n_layers = c.n_layers;
         let kv_mul = c.n_heads / c.n_kv_heads;
         let (cap, sinks) = (cache.capacity, cache.sinks);
         let start = cache.next_position();
@@ -1433,23 +1533,46 @@ impl<C: TraceConfig> Llama<C> {
         let stride = cache.len;
         b.resize(c, rows, stride);
         let fault_at = |i: usize| fault.filter(|f| f.position.is_none_or(|p| p == start + i));
+        traced!(C, tracer.begin_forward_rows(start, rows));
+        traced!(C, tracer.input_tokens(&b.tokens));
+        // rows whose hidden states go through the logit lens
+        let mut lens = false;
+        traced!(C, lens = tracer.wants_logit_lens());
+        if lens {
+            b.lens_hidden.resize(rows * n_layers * dim, 0.0);
+        }
 
         // token embeddings
         for (x, &t) in b.x.chunks_exact_mut(dim).zip(&b.tokens) {
             w.token_embd.dequantize_row(t as usize, x);
         }
+        traced!(C, tracer.activation(0, Stage::Embedding, &b.x));
 
         for (l, lw) in w.layers.iter().enumerate() {
+            traced!(C, tracer.activation(l, Stage::Input, &b.x));
             // attention rmsnorm
             for (o, x) in b.xb.chunks_exact_mut(dim).zip(b.x.chunks_exact(dim)) {
                 rmsnorm(o, x, &lw.attn_norm, c.rms_eps);
             }
+            traced!(C, tracer.activation(l, Stage::PostNorm, &b.xb));
 
             // q, k, v projections, from one quantized chunk
             let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
             xb.multiply(&lw.attn_q, &mut b.q);
             xb.multiply(&lw.attn_k, &mut b.k);
             xb.multiply(&lw.attn_v, &mut b.v);
+            traced!(
+                C,
+                trace_rows(
+                    tracer,
+                    BrickId::QkvProjection,
+                    l,
+                    &[&lw.attn_q, &lw.attn_k, &lw.attn_v],
+                    &b.xb,
+                    &[&b.q, &b.k, &b.v],
+                    &mut s.qkv,
+                )
+            );
 
             // RoPE relative positional encoding on q and k, per row
             for (i, (q, k)) in
@@ -1515,6 +1638,8 @@ impl<C: TraceConfig> Llama<C> {
                         softmax(att);
                     }
                 }
+                // row i holds min(old_len + 1 + i, stride) weights
+                traced!(C, tracer.attention_rows(l, h, &b.att, old_len + 1));
                 for i in 0..rows {
                     let evicted = (old_len + i + 1).saturating_sub(cap);
                     let kept = old_len - evicted;
@@ -1546,24 +1671,53 @@ impl<C: TraceConfig> Llama<C> {
             // output projection
             let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
             xb.multiply(&lw.attn_output, &mut b.xb2);
+            traced!(
+                C,
+                trace_rows(
+                    tracer,
+                    BrickId::AttentionOutput,
+                    l,
+                    &[&lw.attn_output],
+                    &b.xb,
+                    &[&b.xb2],
+                    &mut s.qkv,
+                )
+            );
             for (i, out) in b.xb2.chunks_exact_mut(dim).enumerate() {
                 if let Some(f) = fault_at(i) {
                     f.apply(l, Stage::PostAttn, out, hd);
                 }
             }
+            traced!(C, tracer.activation(l, Stage::PostAttn, &b.xb2));
 
             // residual connection
+            traced!(C, tracer.residual(l, &b.x, &b.xb2));
             b.x.iter_mut().zip(&b.xb2).for_each(|(x, d)| *x += d);
 
             // ffn rmsnorm
             for (o, x) in b.xb.chunks_exact_mut(dim).zip(b.x.chunks_exact(dim)) {
                 rmsnorm(o, x, &lw.ffn_norm, c.rms_eps);
             }
+            traced!(C, tracer.activation(l, Stage::PostFfnNorm, &b.xb));
 
             // gate and up projections, from one quantized chunk
             let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
             xb.multiply(&lw.ffn_gate, &mut b.hb);
             xb.multiply(&lw.ffn_up, &mut b.hb2);
+            traced!(C, {
+                let gate = [&lw.ffn_gate];
+                trace_rows(
+                    tracer,
+                    BrickId::FfnGate,
+                    l,
+                    &gate,
+                    &b.xb,
+                    &[&b.hb],
+                    &mut s.qkv,
+                );
+                let up = [&lw.ffn_up];
+                trace_rows(tracer, BrickId::FfnUp, l, &up, &b.xb, &[&b.hb2], &mut s.qkv);
+            });
 
             // SwiGLU non-linearity
             for (g, &u) in b.hb.iter_mut().zip(&b.hb2) {
@@ -1573,21 +1727,100 @@ impl<C: TraceConfig> Llama<C> {
             // down projection
             let mut hb = RowsInput::new(&b.hb, ffn, &mut b.xq, exact);
             hb.multiply(&lw.ffn_down, &mut b.xb2);
+            traced!(
+                C,
+                trace_rows(
+                    tracer,
+                    BrickId::FfnDown,
+                    l,
+                    &[&lw.ffn_down],
+                    &b.hb,
+                    &[&b.xb2],
+                    &mut s.qkv,
+                )
+            );
             for (i, out) in b.xb2.chunks_exact_mut(dim).enumerate() {
                 if let Some(f) = fault_at(i) {
                     f.apply(l, Stage::PostFfn, out, hd);
                 }
             }
+            traced!(C, tracer.activation(l, Stage::PostFfn, &b.xb2));
 
             // residual connection
+            traced!(C, tracer.residual(l, &b.x, &b.xb2));
             b.x.iter_mut().zip(&b.xb2).for_each(|(x, d)| *x += d);
+            traced!(C, tracer.activation(l, Stage::Output, &b.x));
+
+            // hidden states for the logit lens, (row, layer, dim)
+            if lens {
+                for (i, x) in b.x.chunks_exact(dim).enumerate() {
+                    let at = (i * n_layers + l) * dim;
+                    b.lens_hidden[at..at + dim].copy_from_slice(x);
+                }
+            }
         }
 
-        // final rmsnorm and classifier, for the last position only
-        let last = &b.x[(rows - 1) * dim..rows * dim];
-        rmsnorm(&mut s.xb, last, &w.output_norm, c.rms_eps);
-        Input::new(&s.xb, &mut s.xq, exact).multiply(&w.output, &mut s.logits);
+        // final rmsnorm
+        for (o, x) in b.xb.chunks_exact_mut(dim).zip(b.x.chunks_exact(dim)) {
+            rmsnorm(o, x, &w.output_norm, c.rms_eps);
+        }
+        traced!(C, tracer.activation(0, Stage::FinalNorm, &b.xb));
+
+        // classifier into logits: the last row, and the rows the tracer
+        // asks for; then the KV cache state of each row
+        for i in 0..rows {
+            let last = i + 1 == rows;
+            let mut traced_logits = false;
+            traced!(C, traced_logits = tracer.wants_logits(i));
+            traced!(C, tracer.focus_row(i));
+            if last || traced_logits {
+                if lens {
+                    let hidden = &b.lens_hidden[i * n_layers * dim..(i + 1) * n_layers * dim];
+                    traced!(
+                        C,
+                        logit_lens(
+                            tracer,
+                            c,
+                            w,
+                            hidden,
+                            &mut s.lens_x,
+                            &mut s.lens_q,
+                            &s.lens_layers,
+                            exact
+                        )
+                    );
+                }
+                let out = if last { &mut s.logits } else { &mut b.logits };
+                out.resize(c.vocab_size, 0.0);
+                let mut xb = Input::new(&b.xb[i * dim..(i + 1) * dim], &mut s.xq, exact);
+                project(tracer, BrickId::LmHead, 0, &[&w.output], &mut xb, out);
+                traced!(C, tracer.final_logits(out));
+            }
+            traced!(
+                C,
+                tracer.kv_state(|| {
+                    let n_ctx = (old_len + i + 1).min(cap);
+                    let reused = n_ctx - 1;
+                    let looked_up = start + i + 1;
+                    KvCacheStateTrace {
+                        step: *steps + i,
+                        max_positions: cap,
+                        valid_positions: n_ctx,
+                        cache_size_bytes: 2
+                            * n_layers
+                            * n_ctx
+                            * kv_dim
+                            * std::mem::size_of::<f32>(),
+                        cache_hit_rate: reused as f32 / looked_up as f32,
+                        evictions_this_step: usize::from(old_len + i + 1 > cap),
+                        reused_positions: reused,
+                        computed_positions: 1,
+                    }
+                })
+            );
+        }
         *steps += rows;
+        traced!(C, tracer.end_forward());
     }
 
     /// Greedy generation: runs the prompt (see [`prefill`](Self::prefill)),

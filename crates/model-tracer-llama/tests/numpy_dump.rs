@@ -39,6 +39,13 @@ fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
 /// The decoder's dump of `ids`, on the f32 path or the quantized one.
 fn decoder_dump(path: &std::path::Path, ids: &[u32], exact: bool) -> ActivationDump {
     let mut m = Llama::from_gguf(path, None, Lightweight).unwrap();
+    // The logits of every prompt position (a chunked prefill computes the
+    // last one's only, unless the tracer asks).
+    let options = model_tracer::TraceOptions {
+        logit_rows: model_tracer::LogitRows::Every,
+        ..model_tracer::TraceOptions::default()
+    };
+    *m.tracer_mut() = model_tracer::ModelTracer::with_options(Lightweight, options);
     m.set_exact(exact);
     let back = m
         .tracer_mut()
