@@ -27,12 +27,17 @@
 //! over 37 steps it measures every (brick, layer) site exactly once, and a
 //! 37th of their count is its exact amortized cost per step.
 //!
-//! The SmolLM2 shape runs the configs that have a target; `full` and
+//! The `_prefill` ids run a batched prefill instead: the [`CHUNK`] (32)
+//! positions after the prefill as one forward of 32 rows
+//! (`Llama::forward_chunks`); their count divided by 32 is the cost per
+//! position, against one decode step's.
+//!
+//! The SmolLM2 shape runs the configs that have a target and the lens; `full` and
 //! `full_no_lens` (the lens cost is their difference) only with
 //! `--cfg model_tracer_overhead_full` in both builds' `RUSTFLAGS`: their
-//! setup runs the 32 prefill steps with those systems on, and the lens
-//! alone makes each step 8 times longer, some ten minutes under valgrind.
-//! `logit_lens` and the single `quant_error` step run on the tiny shape only.
+//! setup runs the 32 prefill positions with those systems on (one chunk:
+//! the lens on its last row only), some minutes under valgrind.
+//! The single `quant_error` step runs on the tiny shape only.
 //!
 //! Setup cost under valgrind: a SmolLM2 step is ~1.4·10^8 instructions and
 //! valgrind runs this AVX2 code around a hundred times slower than native,
@@ -62,6 +67,8 @@ use model_tracer_test_support::gguf::GgufWriter;
 const PREFILL: usize = 32;
 /// Seed of the synthetic weights.
 const SEED: u64 = 1;
+/// Positions of the measured batched prefill (one chunk, positions 32 to 63).
+const CHUNK: usize = 32;
 /// KV cache capacity: room for every benchmarked position, no eviction.
 const CACHE_CAPACITY: usize = 128;
 
@@ -209,10 +216,21 @@ fn prefilled<C: TraceConfig>(shape: Shape, trace: C) -> Box<Llama<C>> {
         Llama::new(config, read_weights(shape), None, cache, trace),
         "building the model",
     ));
-    for position in 0..PREFILL {
-        model.forward(token_at(position, vocab));
-    }
+    // One chunk: the cache and logits are those of one position at a time.
+    let tokens: Vec<u32> = (0..PREFILL).map(|p| token_at(p, vocab)).collect();
+    model.forward_chunks(&tokens);
     model
+}
+
+/// Benchmark setup of a batched prefill: the model after the prefill, and
+/// the tokens of the next [`CHUNK`] positions.
+fn prefilled_with_chunk<C: TraceConfig>(shape: Shape, trace: C) -> (Box<Llama<C>>, Vec<u32>) {
+    let model = prefilled(shape, trace);
+    let vocab = model.config.vocab_size;
+    let tokens = (PREFILL..PREFILL + CHUNK)
+        .map(|p| token_at(p, vocab))
+        .collect();
+    (model, tokens)
 }
 
 /// Callgrind counting instructions only.
@@ -229,6 +247,13 @@ fn callgrind_config() -> LibraryBenchmarkConfig {
 fn run_step<C: TraceConfig>(model: &mut Llama<C>) {
     let token = token_at(PREFILL, model.config.vocab_size);
     black_box(model.forward(black_box(token)));
+}
+
+/// A batched prefill: the [`CHUNK`] positions after [`PREFILL`] as one
+/// forward of [`CHUNK`] rows.
+#[inline(always)]
+fn run_chunk<C: TraceConfig>(model: &mut Llama<C>, tokens: &[u32]) {
+    black_box(model.forward_chunks(black_box(tokens)));
 }
 
 /// [`DEFAULT_QUANT_STRIDE`] consecutive decode steps from position
@@ -333,6 +358,7 @@ use markers::*;
 #[bench::smollm2_kv_cache(args = (Shape::Smollm2, KvCache), setup = prefilled)]
 #[bench::smollm2_attention(args = (Shape::Smollm2, Attention), setup = prefilled)]
 #[bench::smollm2_logits(args = (Shape::Smollm2, Logits), setup = prefilled)]
+#[bench::smollm2_logit_lens(args = (Shape::Smollm2, LogitLens), setup = prefilled)]
 #[cfg_attr(
     model_tracer_overhead_full,
     bench::smollm2_full_no_lens(args = (Shape::Smollm2, FullNoLens), setup = prefilled)
@@ -385,7 +411,31 @@ fn steps<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
     model
 }
 
-library_benchmark_group!(name = overhead; benchmarks = step, steps);
+#[cfg(not(model_tracer_no_hooks))]
+#[library_benchmark]
+#[bench::smollm2_disabled_prefill(args = (Shape::Smollm2, Disabled), setup = prefilled_with_chunk)]
+#[bench::tiny_disabled_prefill(args = (Shape::Tiny, Disabled), setup = prefilled_with_chunk)]
+#[bench::smollm2_lightweight_prefill(args = (Shape::Smollm2, Lightweight), setup = prefilled_with_chunk)]
+#[bench::tiny_lightweight_prefill(args = (Shape::Tiny, Lightweight), setup = prefilled_with_chunk)]
+fn prefill<C: TraceConfig>(
+    (mut model, tokens): (Box<Llama<C>>, Vec<u32>),
+) -> (Box<Llama<C>>, Vec<u32>) {
+    run_chunk(&mut model, &tokens);
+    (model, tokens)
+}
+
+#[cfg(model_tracer_no_hooks)]
+#[library_benchmark]
+#[bench::smollm2_compiled_out_prefill(args = (Shape::Smollm2, Disabled), setup = prefilled_with_chunk)]
+#[bench::tiny_compiled_out_prefill(args = (Shape::Tiny, Disabled), setup = prefilled_with_chunk)]
+fn prefill<C: TraceConfig>(
+    (mut model, tokens): (Box<Llama<C>>, Vec<u32>),
+) -> (Box<Llama<C>>, Vec<u32>) {
+    run_chunk(&mut model, &tokens);
+    (model, tokens)
+}
+
+library_benchmark_group!(name = overhead; benchmarks = step, steps, prefill);
 
 main!(
     config = callgrind_config();

@@ -4,7 +4,7 @@
 // Without hooks (the benchmarks' baseline) the tracer's inputs go unused.
 #![cfg_attr(
     model_tracer_no_hooks,
-    allow(unused_imports, unused_variables, dead_code)
+    allow(unused_imports, unused_variables, unused_mut, dead_code)
 )]
 
 use std::fmt;
