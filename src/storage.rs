@@ -184,7 +184,9 @@ pub struct Recorder {
     pub(crate) quant_sampling: QuantSampling,
     pub(crate) quant_visits: u64,
     pub(crate) in_forward: bool,
-    pub(crate) current: ForwardTrace,
+    // Boxed, so that bringing another row of a forward into focus moves a
+    // pointer, not the record.
+    pub(crate) current: Box<ForwardTrace>,
     pub(crate) history: VecDeque<ForwardTrace>,
     pub(crate) aggregates: SessionAggregates,
     pub(crate) kv_session: KvCacheSessionTrace,
@@ -232,7 +234,7 @@ pub struct Recorder {
 /// The per-position state of a row of a forward that is not in focus.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ParkedRow {
-    pub(crate) trace: ForwardTrace,
+    pub(crate) trace: Box<ForwardTrace>,
     pub(crate) residual_norms: Vec<Option<(f32, f32)>>,
     pub(crate) max_layer_seen: Option<usize>,
 }

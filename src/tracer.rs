@@ -36,7 +36,7 @@ impl Recorder {
             quant_sampling: QuantSampling::default(),
             quant_visits: 0,
             in_forward: false,
-            current: ForwardTrace::default(),
+            current: Box::default(),
             aggregates: SessionAggregates::default(),
             kv_session: KvCacheSessionTrace::default(),
             residual_norms: Vec::new(),
@@ -120,7 +120,7 @@ impl Recorder {
                 if let Some(l) = &mut old.logits {
                     self.spare_tokens.append(&mut l.tokens);
                 }
-                self.current = old;
+                *self.current = old;
             }
         }
         self.current.reset(position, self.options.warmup_layers);
@@ -479,7 +479,7 @@ impl Recorder {
         self.most_quant = self.most_quant.max(self.current.quantization.traces.len());
         self.most_what_if = self.most_what_if.max(self.current.what_if.len());
         let primary = self.current.primary_anomaly().copied();
-        let done = std::mem::take(&mut self.current);
+        let done = std::mem::take(&mut *self.current);
         #[cfg(any(feature = "log", feature = "tracing"))]
         crate::events::anomalies(&done.anomalies);
         self.history.push_back(done);
