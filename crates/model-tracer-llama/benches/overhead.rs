@@ -129,12 +129,20 @@ fn forward_of<C: TraceConfig>() -> usize {
     forward as usize
 }
 
+/// The address of `Llama::<C>::forward_chunks`.
+fn forward_chunks_of<C: TraceConfig>() -> usize {
+    let chunks: for<'a, 'b> fn(&'a mut Llama<C>, &'b [u32]) -> &'a [f32] =
+        Llama::<C>::forward_chunks;
+    chunks as usize
+}
+
 /// Makes both builds compile the decoder for every config.
 ///
 /// Which helper functions the optimizer inlines into `Llama::<Disabled>::forward`
 /// depends on how many instances of `forward` call them (a function with a
 /// single caller is inlined for free). The hooks build instantiates
-/// `forward` once per benchmarked config; without this, the baseline build
+/// `forward` (and `forward_chunks`, the batched prefill) once per
+/// benchmarked config; without this, the baseline build
 /// would instantiate it for `Disabled` alone, and the two `Disabled`
 /// decoders would differ by a few hundredths of a percent for reasons that
 /// have nothing to do with the hooks.
@@ -151,6 +159,19 @@ fn instantiate_every_config() {
         forward_of::<LogitLens>(),
         forward_of::<QuantError>(),
         forward_of::<Fingerprints>(),
+    ]);
+    black_box([
+        forward_chunks_of::<Disabled>(),
+        forward_chunks_of::<Lightweight>(),
+        forward_chunks_of::<Full>(),
+        forward_chunks_of::<FullNoLens>(),
+        forward_chunks_of::<Activations>(),
+        forward_chunks_of::<KvCache>(),
+        forward_chunks_of::<Attention>(),
+        forward_chunks_of::<Logits>(),
+        forward_chunks_of::<LogitLens>(),
+        forward_chunks_of::<QuantError>(),
+        forward_chunks_of::<Fingerprints>(),
     ]);
 }
 
