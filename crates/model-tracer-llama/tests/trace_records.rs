@@ -1,7 +1,9 @@
 //! Each trace system records exactly what it promises, once per (layer,
 //! stage / head / brick, position), on the tiny synthetic model.
 
-use model_tracer::{BrickId, Full, Lightweight, QuantSampling, QuantType, Stage, TraceOptions};
+use model_tracer::{
+    BrickId, Full, Lightweight, LogitRows, QuantSampling, QuantType, Stage, TraceOptions,
+};
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::model::{Config, Llama};
 
@@ -9,8 +11,11 @@ const PROMPT: [u32; 6] = [3, 1, 4, 1, 5, 9];
 
 fn tiny_full(sampling: QuantSampling) -> Llama<Full> {
     let mut m = Llama::synthetic(Config::tiny(), GgmlType::Q4_1, 5, Full).unwrap();
+    // Every prompt position gets its logits (and lens, and LM-head
+    // brick), as one position at a time gives them.
     let options = TraceOptions {
         max_forwards: 100,
+        logit_rows: LogitRows::Every,
         ..TraceOptions::default()
     };
     *m.tracer_mut() = model_tracer::ModelTracer::with_options(Full, options);
@@ -122,7 +127,10 @@ fn lightweight_records_activations_and_kv_only() {
     for f in m.tracer().forwards() {
         assert!(f.attention.is_empty() && f.logits.is_none() && f.quantization.traces.is_empty());
         assert!(f.kv_cache.is_some());
-        assert_eq!(f.activations.recorded().count(), 1 + 6 * 4 + 2);
+        // The prompt is one chunk: only its last position has logits (and
+        // so logit statistics), as every generated position has.
+        let logits = usize::from(f.position + 1 >= PROMPT.len());
+        assert_eq!(f.activations.recorded().count(), 1 + 6 * 4 + 1 + logits);
     }
 }
 
