@@ -1096,7 +1096,7 @@ impl DumpRecorder {
         }
         self.open.clear();
         self.open_rows.clear();
-        for position in start..start + rows.max(1) {
+        for position in start..start.saturating_add(rows.max(1)) {
             if self.filter.wants_position(position) {
                 self.open_rows.push(Some(self.open.len()));
                 self.open.push((position, None));

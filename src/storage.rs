@@ -29,6 +29,12 @@ pub use crate::attention::MAX_HEADS;
 /// ignored.
 pub const MAX_BUFFER_LEN: usize = 1 << 24;
 
+/// Most rows a forward over several positions records
+/// ([`ModelTracer::begin_forward_rows`](crate::ModelTracer::begin_forward_rows)):
+/// 65 536 positions, far beyond any prefill chunk, so that a wrong count
+/// cannot make the tracer allocate a record per claimed row.
+pub const MAX_FORWARD_ROWS: usize = 1 << 16;
+
 /// Final top-k tokens whose logit-lens trajectory is recorded when no
 /// tokens are tracked explicitly.
 pub const DEFAULT_LENS_TOP_K: usize = 3;

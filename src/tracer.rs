@@ -23,7 +23,7 @@ use crate::stats::{self, TensorStats};
 use crate::storage::ParkedRow;
 pub use crate::storage::{
     LogitRows, QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE,
-    MAX_BUFFER_LEN, MAX_HEADS, MAX_LAYERS,
+    MAX_BUFFER_LEN, MAX_FORWARD_ROWS, MAX_HEADS, MAX_LAYERS,
 };
 use crate::summary::{SessionAggregates, TraceSummary};
 
@@ -92,7 +92,11 @@ impl Recorder {
             self.end();
         }
         self.in_forward = true;
-        let rows = rows.max(1);
+        // `start + rows` must be a position: the rows stop before usize::MAX.
+        let rows = rows
+            .clamp(1, MAX_FORWARD_ROWS)
+            .min(usize::MAX - start)
+            .max(1);
         self.start = start;
         self.rows = rows;
         self.focus = 0;
@@ -105,7 +109,7 @@ impl Recorder {
         }
         for row in 0..rows {
             self.focus(row);
-            self.begin_row(start + row, rows);
+            self.begin_row(start.saturating_add(row), rows);
         }
         self.focus(0);
     }
@@ -199,7 +203,7 @@ impl Recorder {
         let start = self.start;
         self.each_row(weights, |r, i, row| {
             let n = first_len.saturating_add(i).min(stride);
-            r.attention(layer, head, start + i, &row[..n]);
+            r.attention(layer, head, start.saturating_add(i), &row[..n]);
         });
     }
 
@@ -286,7 +290,11 @@ impl Recorder {
         vocab: usize,
         fill: &mut dyn FnMut(&mut [f32]),
     ) {
-        if layers.iter().any(|&l| l >= MAX_LAYERS) || vocab > MAX_BUFFER_LEN || layers.is_empty() {
+        if layers.is_empty()
+            || layers.len() > MAX_LAYERS
+            || layers.iter().any(|&l| l >= MAX_LAYERS)
+            || vocab > MAX_BUFFER_LEN
+        {
             return;
         }
         // This row's lens replaces whatever the buffer holds.
@@ -690,8 +698,9 @@ impl<C: TraceConfig> ModelTracer<C> {
     }
 
     /// Starts a forward over the `rows` positions `start..start + rows`
-    /// (a prefill chunk; `rows` 0 counts as 1). A forward still open is
-    /// ended first.
+    /// (a prefill chunk; `rows` 0 counts as 1, and at most
+    /// [`MAX_FORWARD_ROWS`] rows are recorded, and no more than end
+    /// before position `usize::MAX`). A forward still open is ended first.
     ///
     /// It records what `rows` forwards of one position would: one
     /// [`ForwardTrace`] per position, each folded into the session
@@ -869,8 +878,9 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// those of [`logit_lens`](Self::logit_lens) called for each layer in
     /// turn with the same rows (and replace any lens rows recorded before
     /// for this row). Nothing is recorded, and `fill` does not run, when
-    /// the lens is off, `layers` is empty or names a layer at or beyond
-    /// [`MAX_LAYERS`], or `vocab` is above [`MAX_BUFFER_LEN`].
+    /// the lens is off, `layers` is empty, longer than [`MAX_LAYERS`] or
+    /// names a layer at or beyond [`MAX_LAYERS`], or `vocab` is above
+    /// [`MAX_BUFFER_LEN`].
     #[inline(always)]
     pub fn logit_lens_layers(
         &mut self,

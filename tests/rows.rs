@@ -303,3 +303,25 @@ fn a_dump_of_a_forward_of_many_rows_has_one_row_per_position() {
     }
     assert_eq!(a.to_bytes(), b.to_bytes());
 }
+
+#[test]
+fn hostile_row_counts_and_buffers_record_without_panicking() {
+    let (mut t, _) = tracer();
+    // More rows than MAX_FORWARD_ROWS, and rows past usize::MAX.
+    t.begin_forward_rows(0, usize::MAX);
+    t.activation(0, Stage::Input, &[1.0, 2.0, 3.0]);
+    t.residual(0, &[1.0; 7], &[2.0; 5]);
+    t.attention_rows(0, 0, &[0.5; 3], usize::MAX);
+    t.focus_row(usize::MAX);
+    t.logit_lens_layers(&[0; 5000], 4, |_| panic!("more layers than MAX_LAYERS"));
+    t.end_forward();
+    assert_eq!(t.forwards().count(), 5, "max_forwards keeps the last rows");
+    t.begin_forward_rows(usize::MAX - 1, 10);
+    t.input_tokens(&[1, 2, 3]);
+    t.attention_rows(0, 0, &[1.0; 4], 1);
+    t.end_forward();
+    // The positions of a forward end before usize::MAX: one row here.
+    let positions: Vec<usize> = t.forwards().map(|f| f.position).collect();
+    assert_eq!(&positions[3..], [65_535, usize::MAX - 1]);
+    assert_eq!(model_tracer::tracer::MAX_FORWARD_ROWS, 1 << 16);
+}
