@@ -177,3 +177,36 @@ fn a_fault_in_a_chunked_prefill_is_found_at_its_layer_and_position() {
         }
     }
 }
+
+#[test]
+fn smollm2_traced_chunked_prefill_records_what_one_position_at_a_time_records() {
+    use model_tracer::{Full, LogitRows, ModelTracer, QuantSampling, TraceOptions};
+    let Some(path) = model_tracer_test_support::real_model() else {
+        return;
+    };
+    let run = |chunk: usize| {
+        let mut m = match Llama::from_gguf(&path, None, Full) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        };
+        let options = TraceOptions {
+            logit_rows: LogitRows::Every,
+            ..TraceOptions::default()
+        };
+        *m.tracer_mut() = ModelTracer::with_options(Full, options);
+        m.tracer_mut().set_quant_sampling(QuantSampling::Every);
+        m.set_prefill_chunk(chunk);
+        let ids = m
+            .tokenizer
+            .as_ref()
+            .unwrap()
+            .encode("The capital of France is");
+        let g = m.generate(&ids, 3, |_| {});
+        let forwards: Vec<String> = m.tracer().forwards().map(|f| format!("{f:?}")).collect();
+        (g.tokens, forwards, format!("{}", m.tracer().summary()))
+    };
+    let (one, many) = (run(1), run(64));
+    assert_eq!(one.0, [7042, 30, 198]);
+    assert_eq!(one.1.len(), 5 + 2);
+    assert_eq!(one, many);
+}
