@@ -369,14 +369,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// One side of a diff, read from `path`.
+/// One side of a diff, read from `path`: a JSON Lines trace or an
+/// activation dump.
 fn load_side(path: &str) -> Result<model_tracer::diff::Side, String> {
     let name = std::path::Path::new(path)
         .file_name()
         .map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned());
-    let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
-    model_tracer::diff::Side::from_jsonl(&name, std::io::BufReader::new(file))
-        .map_err(|e| format!("{path}: {e}"))
+    let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+    model_tracer::diff::Side::from_bytes(&name, &bytes).map_err(|e| e.to_string())
 }
 
 /// `model-tracer diff`: whether the two runs agree within the tolerance.
