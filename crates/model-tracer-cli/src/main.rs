@@ -220,22 +220,14 @@ fn parse_type(name: &str) -> Result<GgmlType, String> {
 }
 
 fn parse_stage(name: &str) -> Result<Stage, String> {
-    const ALL: [Stage; 9] = [
-        Stage::Embedding,
-        Stage::Input,
-        Stage::PostNorm,
-        Stage::PostAttn,
-        Stage::PostFfnNorm,
-        Stage::PostFfn,
-        Stage::Output,
-        Stage::FinalNorm,
-        Stage::Logits,
-    ];
     let name = name.trim();
-    ALL.into_iter().find(|s| s.name() == name).ok_or_else(|| {
-        let names: Vec<&str> = ALL.iter().map(|s| s.name()).collect();
-        format!("unknown stage {name:?} (one of {})", names.join(", "))
-    })
+    Stage::ALL
+        .into_iter()
+        .find(|s| s.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
+            format!("unknown stage {name:?} (one of {})", names.join(", "))
+        })
 }
 
 /// The checks clap cannot express: outputs that need a trace.
