@@ -1015,6 +1015,13 @@ impl fmt::Display for DiffReport {
                 m.b.map_or("-".into(), |t| t.to_string())
             )?;
         }
+        if self.token_mismatches.len() > 8 {
+            writeln!(
+                f,
+                "tokens differ at {} more positions",
+                self.token_mismatches.len() - 8
+            )?;
+        }
         if let Some(p) = self.contexts_differ_from {
             writeln!(
                 f,
@@ -1045,9 +1052,14 @@ impl fmt::Display for DiffReport {
             )?,
         }
         if let Some(p) = &self.largest_jump {
+            let within = if p.error.0 <= self.tolerance.0 {
+                ", within the tolerance"
+            } else {
+                ""
+            };
             writeln!(
                 f,
-                "largest jump: {} from {:.3e} before it",
+                "largest jump: {} from {:.3e} before it{within}",
                 place(p),
                 p.before.0
             )?;
