@@ -5,7 +5,8 @@
 //! `usize::MAX`, non-finite values, markup in texts and the largest layer
 //! index; a panic on any of them is a regression. With the `dump` feature,
 //! the seed dumps of the `dump` target too: each read, checked accessor by
-//! accessor and written back, or refused with the field at fault named.
+//! accessor and written back, or refused with the field at fault named;
+//! and the pairs of the `diff_dump` target, dumps and traces, diffed.
 #![cfg(feature = "serde")]
 
 use std::path::{Path, PathBuf};
@@ -109,6 +110,7 @@ fn every_seed_pair_diffs_into_text_json_and_a_page() {
 mod dumps {
     use super::seeds;
     use model_tracer::activation::MAX_LAYERS;
+    use model_tracer::diff::{diff, Side, DEFAULT_TOLERANCE};
     use model_tracer::dump::{FORMAT, MAX_WIDTH, VERSION};
     use model_tracer::{ActivationDump, DumpError, Stage};
 
@@ -288,5 +290,66 @@ mod dumps {
         let logits = d.logits().expect("logits");
         assert_eq!(logits.row(0), Some(&[1.0][..]));
         assert_eq!(logits.data()[1].to_bits(), 0xffc0_0000);
+    }
+
+    /// A run of a `diff_dump` input read as its target reads it.
+    fn side(name: &str, bytes: &[u8]) -> Result<Side, String> {
+        if bytes.get(8) == Some(&b'{') {
+            let dump = ActivationDump::from_bytes(bytes).map_err(|e| e.to_string())?;
+            Side::from_dump(name, &dump).map_err(|e| e.to_string())
+        } else {
+            Side::from_jsonl(name, bytes).map_err(|e| e.to_string())
+        }
+    }
+
+    /// What each pair of the `diff_dump` seeds gives: the kinds of its two
+    /// sides, and the words of the diff's refusal (`None`: a report).
+    const PAIRS: [(&str, [&str; 2], Option<&str>); 6] = [
+        (
+            "crafted-every-kind--crafted-edges",
+            ["dump", "jsonl"],
+            Some("hidden size 3"),
+        ),
+        (
+            "crafted-every-kind--crafted-every-kind",
+            ["dump", "dump"],
+            None,
+        ),
+        ("dump--jsonl", ["dump", "jsonl"], None),
+        ("jsonl--dump", ["jsonl", "dump"], None),
+        ("quantized--exact", ["dump", "dump"], None),
+        ("quantized--nan", ["dump", "dump"], None),
+    ];
+
+    #[test]
+    fn every_seed_pair_of_dumps_and_traces_diffs_into_text_json_and_a_page() {
+        let all = seeds("diff_dump");
+        assert_eq!(all.len(), PAIRS.len());
+        for ((path, bytes), (name, kinds, refusal)) in all.iter().zip(PAIRS) {
+            assert!(path.ends_with(name), "{}", path.display());
+            let (len, rest) = bytes.split_first_chunk::<4>().expect("a length");
+            let n = u32::from_le_bytes(*len) as usize;
+            assert!(n <= rest.len(), "{name}: the first run is cut");
+            let (a, b) = rest.split_at(n);
+            let a = side("a", a).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let b = side("b", b).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!([a.kind.as_str(), b.kind.as_str()], kinds, "{name}");
+            for tolerance in [DEFAULT_TOLERANCE, 0.0, f32::NAN] {
+                match (diff(&a, &b, tolerance), refusal) {
+                    (Ok(report), None) => {
+                        let json: serde_json::Value = serde_json::from_str(&report.to_json())
+                            .unwrap_or_else(|e| panic!("{name}: {e}"));
+                        assert!(json.is_object(), "{name}");
+                        assert!(!report.to_string().is_empty());
+                        let mut page = Vec::new();
+                        report.write_html(&mut page).expect("a page in memory");
+                        assert!(page.starts_with(b"<!DOCTYPE html>"), "{name}");
+                    }
+                    (Err(e), Some(words)) => assert!(e.to_string().contains(words), "{name}: {e}"),
+                    (Ok(_), Some(_)) => panic!("{name}: diffed"),
+                    (Err(e), None) => panic!("{name}: {e}"),
+                }
+            }
+        }
     }
 }
