@@ -61,7 +61,6 @@ use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::activation::MAX_LAYERS;
 use crate::stage::Stage;
-use crate::storage::MAX_BUFFER_LEN;
 
 /// `__metadata__["format"]` of a dump.
 pub const FORMAT: &str = "model-tracer-dump";
@@ -71,11 +70,12 @@ pub const VERSION: &str = "1";
 /// `safetensors` crate): a larger length is refused before anything is
 /// allocated for it.
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
-/// The widest row a dump holds, in values ([`MAX_BUFFER_LEN`], 16 Mi):
-/// a tensor of zero rows costs nothing whatever width its shape claims,
-/// and a reader of the dump that sized a buffer by that width would ask
-/// for it all, so a wider one is refused.
-pub const MAX_WIDTH: usize = MAX_BUFFER_LEN;
+/// The widest row a dump holds, in values (16 Mi, the tracer's
+/// [`MAX_BUFFER_LEN`](crate::storage::MAX_BUFFER_LEN)): a tensor of zero
+/// rows costs nothing whatever width its shape claims, and a reader of the
+/// dump that sized a buffer by that width would ask for it all, so a wider
+/// one is refused.
+pub const MAX_WIDTH: usize = 1 << 24;
 
 /// The name of the tensor holding `stage` (of `layer`, for a stage inside a
 /// layer): `layers.3.post_attn`, `embedding`, `logits`. `None` for a layer

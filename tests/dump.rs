@@ -481,6 +481,8 @@ fn a_small_file_claiming_2e40_header_bytes_or_2e60_elements_names_the_field() {
 /// value, or the next layer, is refused, by the reader and by `insert`.
 #[test]
 fn widths_and_layers_beyond_the_limits_are_refused() {
+    // The tracer's own limit on a vector it keeps.
+    assert_eq!(MAX_WIDTH, model_tracer::storage::MAX_BUFFER_LEN);
     let empty = |name: &str, width: usize| {
         file(
             None,
