@@ -163,11 +163,15 @@ impl PositionRecord {
             ..Self::default()
         };
         for (layer, stage, stats) in f.activations.recorded() {
+            let fingerprint = f
+                .activations
+                .fingerprint(layer.unwrap_or(0), stage)
+                .map(|fp| fp.0.to_vec());
             r.tensors.insert(
                 Site { layer, stage },
                 Tensor {
                     stats: *stats,
-                    fingerprint: None,
+                    fingerprint,
                     values: None,
                 },
             );
@@ -199,7 +203,7 @@ impl PositionRecord {
 pub struct Side {
     /// A name for messages (the file name).
     pub name: String,
-    /// What the side is (`"jsonl"`, `"dump"`).
+    /// What the side is (`"jsonl"`, `"dump"`, `"trace"` for forwards in memory).
     pub kind: String,
     /// The model, when the side names it.
     pub model: Option<ModelInfo>,
@@ -226,10 +230,7 @@ impl Side {
             if row.model.is_some() {
                 side.model = row.model;
             }
-            side.positions.insert(
-                row.forward.position,
-                PositionRecord::from_forward(&row.forward),
-            );
+            side.insert_forward(&row.forward);
         }
         if side.positions.is_empty() {
             return Err(ReadError {
@@ -238,6 +239,112 @@ impl Side {
             });
         }
         Ok(side)
+    }
+
+    /// The forwards a tracer holds (for instance
+    /// [`ModelTracer::forwards`](crate::ModelTracer::forwards)), compared
+    /// in the same process as the run. A position traced twice keeps its
+    /// last forward.
+    pub fn from_forwards<'a>(
+        name: &str,
+        forwards: impl IntoIterator<Item = &'a ForwardTrace>,
+    ) -> Self {
+        let mut side = Side {
+            name: name.to_string(),
+            kind: "trace".into(),
+            ..Side::default()
+        };
+        for f in forwards {
+            side.insert_forward(f);
+        }
+        side
+    }
+
+    fn insert_forward(&mut self, f: &ForwardTrace) {
+        self.positions
+            .insert(f.position, PositionRecord::from_forward(f));
+    }
+
+    /// Reads an activation dump: every row of every tensor becomes the
+    /// record the tracer would have made of it — its statistics
+    /// ([`TensorStats::from_slice`]) and its fingerprint
+    /// ([`crate::fingerprint::fingerprint`]) — and keeps its values, so
+    /// that two dumps are also compared element by element. The row of
+    /// `logits` also gives the final distribution (KL, top-1). A token of
+    /// `-1` is unknown.
+    ///
+    /// # Errors
+    ///
+    /// A dump with no row.
+    #[cfg(feature = "dump")]
+    pub fn from_dump(name: &str, dump: &crate::dump::ActivationDump) -> Result<Self, DiffError> {
+        let mut side = Side {
+            name: name.to_string(),
+            kind: "dump".into(),
+            ..Side::default()
+        };
+        if dump.tokens().is_empty() {
+            return Err(DiffError(format!("{name}: the dump holds no position")));
+        }
+        let mut fingerprinter = crate::fingerprint::Fingerprinter::new();
+        for (row, (&position, &token)) in dump.positions().iter().zip(dump.tokens()).enumerate() {
+            let mut r = PositionRecord {
+                token: u32::try_from(token).ok(),
+                ..PositionRecord::default()
+            };
+            for view in dump.tensors() {
+                // An empty row is a stage the tracer would not have recorded.
+                let Some(x) = view.row(row).filter(|x| !x.is_empty()) else {
+                    continue;
+                };
+                let mut t = Tensor::of_values(x.to_vec());
+                t.fingerprint = Some(fingerprinter.fingerprint(x).0.to_vec());
+                if view.stage() == Stage::Logits {
+                    r.logits = Some(x.to_vec());
+                }
+                r.tensors.insert(
+                    Site {
+                        layer: view.layer(),
+                        stage: view.stage(),
+                    },
+                    t,
+                );
+            }
+            side.positions.insert(position, r);
+        }
+        Ok(side)
+    }
+
+    /// Reads one side from the bytes of a file: an activation dump (a
+    /// safetensors file: eight bytes of header length, then its JSON
+    /// header) or a JSON Lines trace (text whose first non-blank byte opens
+    /// an object).
+    ///
+    /// # Errors
+    ///
+    /// Bytes that are neither, and the error of the reader of the kind
+    /// they are, with its line or its tensor; a dump when the crate is
+    /// built without the `dump` feature.
+    pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Self, DiffError> {
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
+        if first == Some(b'{') {
+            return Self::from_jsonl(name, bytes).map_err(|e| DiffError(format!("{name}: {e}")));
+        }
+        if bytes.len() > 8 && bytes[8] == b'{' {
+            #[cfg(feature = "dump")]
+            {
+                let dump = crate::dump::ActivationDump::from_bytes(bytes)
+                    .map_err(|e| DiffError(format!("{name}: {e}")))?;
+                return Self::from_dump(name, &dump);
+            }
+            #[cfg(not(feature = "dump"))]
+            return Err(DiffError(format!(
+                "{name}: an activation dump, which this build cannot read (feature `dump`)"
+            )));
+        }
+        Err(DiffError(format!(
+            "{name}: neither a JSON Lines trace (its first byte would be '{{') nor an activation dump (a safetensors file)"
+        )))
     }
 
     /// The width of the layer stages' tensors (the hidden size), when the
@@ -486,7 +593,7 @@ pub struct TokenMismatch {
 pub struct SideSummary {
     /// Its name.
     pub name: String,
-    /// `"jsonl"` or `"dump"`.
+    /// `"jsonl"`, `"dump"` or `"trace"`.
     pub kind: String,
     /// Positions it holds.
     pub positions: usize,
@@ -908,6 +1015,13 @@ impl fmt::Display for DiffReport {
                 m.b.map_or("-".into(), |t| t.to_string())
             )?;
         }
+        if self.token_mismatches.len() > 8 {
+            writeln!(
+                f,
+                "tokens differ at {} more positions",
+                self.token_mismatches.len() - 8
+            )?;
+        }
         if let Some(p) = self.contexts_differ_from {
             writeln!(
                 f,
@@ -938,9 +1052,14 @@ impl fmt::Display for DiffReport {
             )?,
         }
         if let Some(p) = &self.largest_jump {
+            let within = if p.error.0 <= self.tolerance.0 {
+                ", within the tolerance"
+            } else {
+                ""
+            };
             writeln!(
                 f,
-                "largest jump: {} from {:.3e} before it",
+                "largest jump: {} from {:.3e} before it{within}",
                 place(p),
                 p.before.0
             )?;

@@ -16,7 +16,8 @@
 //!
 //! Row `t` of every tensor belongs to the forward of `tokens[t]` at
 //! `positions[t]`. Any tensor but `tokens` may be absent; no other name is
-//! allowed. The header's `__metadata__` holds `format = "model-tracer-dump"`
+//! allowed. Layers are numbered below [`MAX_LAYERS`] (4096, as in a trace)
+//! and rows hold at most [`MAX_WIDTH`] values. The header's `__metadata__` holds `format = "model-tracer-dump"`
 //! and `version = "1"` (a reader accepts a file without them, not one with
 //! other values) and whatever else the writer adds (`model`, ...). See
 //! "Activation dumps" in `features.md` for a numpy writer in ten lines.
@@ -58,6 +59,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
+use crate::activation::MAX_LAYERS;
 use crate::stage::Stage;
 
 /// `__metadata__["format"]` of a dump.
@@ -68,6 +70,12 @@ pub const VERSION: &str = "1";
 /// `safetensors` crate): a larger length is refused before anything is
 /// allocated for it.
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// The widest row a dump holds, in values (16 Mi, the tracer's
+/// [`MAX_BUFFER_LEN`](crate::storage::MAX_BUFFER_LEN)): a tensor of zero
+/// rows costs nothing whatever width its shape claims, and a reader of the
+/// dump that sized a buffer by that width would ask for it all, so a wider
+/// one is refused.
+pub const MAX_WIDTH: usize = 1 << 24;
 
 /// The name of the tensor holding `stage` (of `layer`, for a stage inside a
 /// layer): `layers.3.post_attn`, `embedding`, `logits`. `None` for a layer
@@ -279,6 +287,16 @@ pub enum TensorProblem {
     /// A value the format does not allow (a negative position, a token id
     /// beyond `i64`).
     Value(String),
+    /// A layer index of [`MAX_LAYERS`] or more (the traces' limit).
+    Layer {
+        /// The layer the name gives.
+        found: usize,
+    },
+    /// Rows of more than [`MAX_WIDTH`] values.
+    TooWide {
+        /// The tensor's width.
+        found: usize,
+    },
     /// The header's entry for the tensor is unusable (shape, offsets or
     /// type do not describe its bytes).
     Layout(String),
@@ -308,6 +326,14 @@ impl fmt::Display for TensorProblem {
                 expected,
                 set_by,
             } => write!(f, "rows of {found} values, but `{set_by}` has {expected}"),
+            TensorProblem::Layer { found } => write!(
+                f,
+                "layer {found}, but a dump's layers are 0..{MAX_LAYERS} (the limit of a trace)"
+            ),
+            TensorProblem::TooWide { found } => write!(
+                f,
+                "rows of {found} values, more than the {MAX_WIDTH} a dump's rows may have"
+            ),
             TensorProblem::Value(what) | TensorProblem::Layout(what) => f.write_str(what),
         }
     }
@@ -374,7 +400,8 @@ impl fmt::Display for DumpError {
             DumpError::NotSafetensors(why) => write!(f, "not a safetensors file: {why}"),
             DumpError::HeaderTooLarge { bytes } => write!(
                 f,
-                "the header claims {bytes} bytes, more than the {MAX_HEADER_BYTES} a dump may have"
+                "the header length (the file's first 8 bytes) is {bytes}, more than the \
+                 {MAX_HEADER_BYTES} bytes a dump's header may have"
             ),
             DumpError::MissingTokens => f.write_str("tensor `tokens`: missing (it is required)"),
             DumpError::Tensor { name, problem } => write!(f, "tensor `{name}`: {problem}"),
@@ -455,7 +482,9 @@ impl ActivationDump {
     }
 
     /// Adds (or replaces) the tensor of `stage` (of `layer`, inside a
-    /// layer): `data` holds one row of `width` values per position.
+    /// layer): `data` holds one row of `width` values per position. A layer
+    /// of [`MAX_LAYERS`] or more and a width above [`MAX_WIDTH`] are
+    /// refused, as the reader refuses them.
     pub fn insert(
         &mut self,
         layer: Option<usize>,
@@ -484,6 +513,20 @@ impl ActivationDump {
     }
 
     fn insert_column(&mut self, slot: Slot, column: Column) -> Result<(), DumpError> {
+        if let Some(layer) = slot.layer().filter(|&l| l >= MAX_LAYERS) {
+            return Err(DumpError::tensor_error(
+                &slot.name(),
+                TensorProblem::Layer { found: layer },
+            ));
+        }
+        if column.width > MAX_WIDTH {
+            return Err(DumpError::tensor_error(
+                &slot.name(),
+                TensorProblem::TooWide {
+                    found: column.width,
+                },
+            ));
+        }
         if let Some((other, c)) = self
             .tensors
             .iter()
@@ -604,6 +647,9 @@ impl ActivationDump {
                 });
             }
         }
+        // A file without them is of this format and version: the dump says
+        // so, as one made by `new` does and as `to_bytes` writes it.
+        metadata.extend(default_metadata());
 
         let mut infos: Vec<(String, &TensorInfo)> = meta.tensors().into_iter().collect();
         infos.sort_by(|a, b| a.0.cmp(&b.0));
@@ -929,15 +975,20 @@ fn diagnose(bytes: &[u8], n: usize, error: SafeTensorError) -> DumpError {
             };
             return layout(name, format!("the header entry has {what}"));
         };
-        let size = shape
+        let bits = shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .and_then(|n| n.checked_mul(dtype.bitsize()))
-            .map(|bits| bits.div_ceil(8));
+            .and_then(|n| n.checked_mul(dtype.bitsize()));
         let (s, e) = offsets;
-        match size {
+        match bits.map(|bits| (bits / 8, bits % 8)) {
             None => return layout(name, format!("shape {shape:?} overflows")),
-            Some(size) if e < s || e - s != size => {
+            Some((_, odd)) if odd != 0 => {
+                return layout(
+                    name,
+                    format!("{dtype:?} {shape:?} is not a whole number of bytes"),
+                )
+            }
+            Some((size, _)) if e < s || e - s != size => {
                 return layout(
                     name,
                     format!(
@@ -1121,7 +1172,9 @@ impl DumpRecorder {
     /// Copies `x` as the row of `(layer, stage)` of the forward being
     /// recorded, if the filter keeps it (the layer is ignored outside the
     /// layers). A second call for the same tensor in one forward replaces
-    /// the first.
+    /// the first. A layer of [`MAX_LAYERS`] or more and a row of more than
+    /// [`MAX_WIDTH`] values are ignored, as a tracer's hooks ignore them:
+    /// a dump cannot hold them.
     pub fn activation(&mut self, layer: usize, stage: Stage, x: &[f32]) {
         self.activation_row(0, layer, stage, x);
     }
@@ -1134,6 +1187,9 @@ impl DumpRecorder {
             return;
         };
         if !self.filter.wants(layer, stage) {
+            return;
+        }
+        if x.len() > MAX_WIDTH || (stage.is_layer_stage() && layer >= MAX_LAYERS) {
             return;
         }
         let row = self.tokens.len() + k;

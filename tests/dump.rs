@@ -3,41 +3,20 @@
 //! fills a dump from its hooks.
 #![cfg(feature = "dump")]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use model_tracer::dump::{DumpFilter, DumpRecorder, TensorProblem, MAX_HEADER_BYTES};
+use model_tracer::activation::MAX_LAYERS;
+use model_tracer::dump::{DumpFilter, DumpRecorder, TensorProblem, MAX_HEADER_BYTES, MAX_WIDTH};
 use model_tracer::{
     ActivationDump, Disabled, DumpError, Lightweight, ModelTracer, ModelTracerConfig, Stage,
 };
+use model_tracer_test_support::{largest_allocation, CountingAllocator};
 
-/// The system allocator, remembering the largest single allocation: a
-/// reader that trusted the sizes in a header would ask for them.
-struct Peak;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the
-// counter is an atomic that never allocates.
-unsafe impl GlobalAlloc for Peak {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: the caller's contract is System's contract.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
+/// Remembers the largest allocation each thread asks for: a reader that
+/// trusted the sizes in a header would ask for them.
 #[global_allocator]
-static PEAK: Peak = Peak;
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// The largest allocation a refused file may cause.
+const SMALL: usize = 1 << 20;
 
 /// What `tests/fixtures/numpy_dump.py` writes: tokens as I32, no
 /// positions, an embedding with a NaN, `layers.0.post_attn` = its negation,
@@ -391,33 +370,184 @@ fn a_header_that_does_not_describe_its_bytes_names_the_tensor() {
     assert!(e.to_string().contains("24 bytes"), "{e}");
 }
 
+/// Reads `bytes`, which must be refused, and returns the error with the
+/// largest allocation made on the way.
+fn refused_small(bytes: &[u8]) -> DumpError {
+    let (e, largest) = largest_allocation(|| refused(bytes));
+    assert!(largest < SMALL, "an allocation of {largest} bytes: {e}");
+    e
+}
+
 #[test]
 fn huge_sizes_in_a_header_allocate_nothing_of_their_size() {
+    // The allocator sees what is asked of it on this thread.
+    let (v, big) = largest_allocation(|| std::hint::black_box(vec![1u8; SMALL]));
+    assert!(big >= SMALL && v.len() == SMALL, "{big}");
     // A header length beyond the limit, and one within it but beyond the file.
     for n in [u64::MAX, MAX_HEADER_BYTES + 1, 1 << 40] {
         let mut f = n.to_le_bytes().to_vec();
         f.extend_from_slice(b"{}");
-        let e = refused(&f);
+        let e = refused_small(&f);
         assert!(
             matches!(e, DumpError::HeaderTooLarge { bytes } if bytes == n),
             "{e}"
         );
+        assert!(e.to_string().contains("header length"), "{e}");
     }
     let mut f = (MAX_HEADER_BYTES - 1).to_le_bytes().to_vec();
     f.extend_from_slice(b"{}");
-    let e = refused(&f);
+    let e = refused_small(&f);
     assert!(matches!(e, DumpError::NotSafetensors(_)), "{e}");
+    assert!(e.to_string().contains("a header of 99999999 bytes"), "{e}");
     // Shapes whose sizes are absurd, or overflow.
     let data = i64s(&[1]);
     for shape in ["[1048576,1048576]", "[18446744073709551615,2]"] {
         let header = format!(
             r#"{{"tokens":{{"dtype":"I64","shape":[1],"data_offsets":[0,8]}},"embedding":{{"dtype":"F32","shape":{shape},"data_offsets":[8,8]}}}}"#
         );
-        let e = refused(&raw(&header, &data));
+        let e = refused_small(&raw(&header, &data));
         names(&e, "embedding", "");
     }
-    let largest = LARGEST.load(Ordering::Relaxed);
-    assert!(largest < 1 << 24, "an allocation of {largest} bytes");
+}
+
+/// A file of about 1 KB claiming a 2^40-byte header, or a tensor of 2^60
+/// elements, is refused with the field named, and nothing near those sizes
+/// is asked of the allocator.
+#[test]
+fn a_small_file_claiming_2e40_header_bytes_or_2e60_elements_names_the_field() {
+    let mut f = (1u64 << 40).to_le_bytes().to_vec();
+    let header = r#"{"tokens":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#;
+    f.extend_from_slice(header.as_bytes());
+    f.resize(1024, b' ');
+    let e = refused_small(&f);
+    assert!(
+        matches!(e, DumpError::HeaderTooLarge { bytes } if bytes == 1 << 40),
+        "{e}"
+    );
+    assert!(e.to_string().contains("header length"), "{e}");
+
+    let e60 = 1usize << 60;
+    let padded = |header: String, data: &[u8]| {
+        let f = raw(&format!("{header:<1000}"), data);
+        assert!(f.len() < 1100);
+        f
+    };
+    // Bytes, whose size fits in a usize but not in the file.
+    let e = refused_small(&padded(
+        format!(r#"{{"tokens":{{"dtype":"U8","shape":[{e60}],"data_offsets":[0,8]}}}}"#),
+        &[0; 8],
+    ));
+    names(&e, "tokens", &format!("needs {e60}"));
+    // Bytes whose offsets say so, beyond the file.
+    let e = refused_small(&padded(
+        format!(r#"{{"tokens":{{"dtype":"U8","shape":[{e60}],"data_offsets":[0,{e60}]}}}}"#),
+        &[0; 8],
+    ));
+    names(&e, "tokens", &format!("ends at byte {e60}"));
+    // 2^60 values of 4 bytes: the size overflows.
+    for (name, shape) in [
+        ("positions", format!("[{e60}]")),
+        ("logits", format!("[1, {e60}]")),
+    ] {
+        let header = format!(
+            r#"{{"tokens":{{"dtype":"I64","shape":[1],"data_offsets":[0,8]}},"{name}":{{"dtype":"I32","shape":{shape},"data_offsets":[8,8]}}}}"#
+        );
+        let e = refused_small(&padded(header, &[0; 8]));
+        names(&e, name, &format!("{shape} overflows"));
+    }
+    // 2^60 rows, or a row of 2^60 values, in no bytes at all: a tensor with
+    // a zero dimension is empty, and its other dimension is still checked
+    // against the tokens before anything is kept.
+    let header = format!(
+        r#"{{"tokens":{{"dtype":"I64","shape":[0],"data_offsets":[0,0]}},"embedding":{{"dtype":"F32","shape":[{e60},0],"data_offsets":[0,0]}}}}"#
+    );
+    let e = refused_small(&padded(header, &[]));
+    names(&e, "embedding", &format!("{e60} rows"));
+    let header = format!(
+        r#"{{"tokens":{{"dtype":"I64","shape":[0],"data_offsets":[0,0]}},"embedding":{{"dtype":"F32","shape":[0,{e60}],"data_offsets":[0,0]}}}}"#
+    );
+    let e = refused_small(&padded(header, &[]));
+    names(&e, "embedding", &format!("rows of {e60} values"));
+    assert!(matches!(
+        e,
+        DumpError::Tensor {
+            problem: TensorProblem::TooWide { found },
+            ..
+        } if found == e60
+    ));
+}
+
+/// The widest rows and the last layer a dump may have are read; one more
+/// value, or the next layer, is refused, by the reader and by `insert`.
+#[test]
+fn widths_and_layers_beyond_the_limits_are_refused() {
+    // The tracer's own limit on a vector it keeps.
+    assert_eq!(MAX_WIDTH, model_tracer::storage::MAX_BUFFER_LEN);
+    let empty = |name: &str, width: usize| {
+        file(
+            None,
+            &[
+                ("tokens", "I64", &[0], vec![]),
+                (name, "F32", &[0, width], vec![]),
+            ],
+        )
+    };
+    let d = ActivationDump::from_bytes(&empty("logits", MAX_WIDTH)).unwrap();
+    assert_eq!(d.vocab(), Some(MAX_WIDTH));
+    let e = refused_small(&empty("logits", MAX_WIDTH + 1));
+    names(&e, "logits", &format!("more than the {MAX_WIDTH}"));
+    let last = format!("layers.{}.post_ffn", MAX_LAYERS - 1);
+    let d = ActivationDump::from_bytes(&empty(&last, 4)).unwrap();
+    assert_eq!(d.layers(), vec![MAX_LAYERS - 1]);
+    let beyond = format!("layers.{MAX_LAYERS}.post_ffn");
+    let e = refused_small(&empty(&beyond, 4));
+    names(&e, &beyond, &format!("layer {MAX_LAYERS}"));
+    let huge = format!("layers.{}.input", usize::MAX);
+    names(&refused_small(&empty(&huge, 4)), &huge, "layer");
+
+    let mut d = ActivationDump::new(vec![]);
+    let e = d
+        .insert(Some(MAX_LAYERS), Stage::Output, 2, vec![])
+        .unwrap_err();
+    names(&e, &format!("layers.{MAX_LAYERS}.output"), "layer");
+    let e = d
+        .insert(None, Stage::Embedding, MAX_WIDTH + 1, vec![])
+        .unwrap_err();
+    names(&e, "embedding", "values");
+    d.insert(Some(MAX_LAYERS - 1), Stage::Output, 2, vec![])
+        .unwrap();
+
+    // A recorder ignores what a dump could not hold, as a tracer does.
+    let mut r = DumpRecorder::new(DumpFilter::default());
+    r.begin_forward(0);
+    r.activation(MAX_LAYERS, Stage::Input, &[1.0]);
+    r.activation(usize::MAX, Stage::Output, &[1.0]);
+    r.activation(MAX_LAYERS - 1, Stage::Input, &[2.0]);
+    // The layer of a stage outside the layers does not count.
+    r.activation(usize::MAX, Stage::Embedding, &[3.0]);
+    r.end_forward();
+    let d = r.finish();
+    assert_eq!(d.layers(), vec![MAX_LAYERS - 1]);
+    let names: Vec<String> = d.tensors().map(|t| t.name()).collect();
+    assert_eq!(names, ["embedding", "layers.4095.input"]);
+    assert!(ActivationDump::from_bytes(&d.to_bytes()).is_ok());
+}
+
+/// A file without `format` and `version` is read as of this format and
+/// version, so that writing it again and reading it back gives the same
+/// dump, metadata included.
+#[test]
+fn a_file_without_format_and_version_reads_as_this_format() {
+    let t = tokens();
+    let f = file(Some(r#"{"model":"x"}"#), &[(t.0, t.1, t.2, t.3.clone())]);
+    let d = ActivationDump::from_bytes(&f).unwrap();
+    let keys: Vec<&str> = d.metadata().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["format", "model", "version"]);
+    assert_eq!(d.metadata()["version"], "1");
+    let again = ActivationDump::from_bytes(&d.to_bytes()).unwrap();
+    assert_eq!(again.metadata(), d.metadata());
+    let bare = ActivationDump::from_bytes(&file(None, &[(t.0, t.1, t.2, t.3.clone())])).unwrap();
+    assert_eq!(bare.metadata()["format"], "model-tracer-dump");
 }
 
 #[test]

@@ -227,22 +227,14 @@ fn parse_type(name: &str) -> Result<GgmlType, String> {
 }
 
 fn parse_stage(name: &str) -> Result<Stage, String> {
-    const ALL: [Stage; 9] = [
-        Stage::Embedding,
-        Stage::Input,
-        Stage::PostNorm,
-        Stage::PostAttn,
-        Stage::PostFfnNorm,
-        Stage::PostFfn,
-        Stage::Output,
-        Stage::FinalNorm,
-        Stage::Logits,
-    ];
     let name = name.trim();
-    ALL.into_iter().find(|s| s.name() == name).ok_or_else(|| {
-        let names: Vec<&str> = ALL.iter().map(|s| s.name()).collect();
-        format!("unknown stage {name:?} (one of {})", names.join(", "))
-    })
+    Stage::ALL
+        .into_iter()
+        .find(|s| s.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
+            format!("unknown stage {name:?} (one of {})", names.join(", "))
+        })
 }
 
 /// The checks clap cannot express: outputs that need a trace.
@@ -376,14 +368,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// One side of a diff, read from `path`.
+/// One side of a diff, read from `path`: a JSON Lines trace or an
+/// activation dump.
 fn load_side(path: &str) -> Result<model_tracer::diff::Side, String> {
     let name = std::path::Path::new(path)
         .file_name()
         .map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned());
-    let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
-    model_tracer::diff::Side::from_jsonl(&name, std::io::BufReader::new(file))
-        .map_err(|e| format!("{path}: {e}"))
+    let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+    model_tracer::diff::Side::from_bytes(&name, &bytes).map_err(|e| e.to_string())
 }
 
 /// `model-tracer diff`: whether the two runs agree within the tolerance.

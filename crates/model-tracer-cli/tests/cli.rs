@@ -369,6 +369,112 @@ fn diff_finds_a_planted_error_at_its_layer_and_stage() {
     }
 }
 
+/// The site of a report's `first_divergence` or `largest_jump`.
+fn site_of(place: &serde_json::Value) -> (serde_json::Value, serde_json::Value) {
+    (place["layer"].clone(), place["stage"].clone())
+}
+
+/// The largest error the report gives the site `(layer, stage)`.
+fn site_error(doc: &serde_json::Value, layer: u64, stage: &str) -> f64 {
+    doc["sites"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["layer"] == layer && s["stage"] == stage)
+        .and_then(|s| s["max_error"].as_f64())
+        .unwrap_or(f64::NAN)
+}
+
+#[test]
+fn diff_finds_a_head_swap_through_the_fingerprints_alone() {
+    let dir = scratch_dir("cli-diff-swap");
+    let full = ["--trace", "full"];
+    let light = ["--trace", "lightweight"];
+    let a_full = tiny_trace(&dir, "a-full.jsonl", &full);
+    let a_light = tiny_trace(&dir, "a-light.jsonl", &light);
+    for layer in [1u64, 3] {
+        let fault = format!("swap@{layer}");
+        let b_full = tiny_trace(
+            &dir,
+            &format!("{fault}-full.jsonl"),
+            &["--trace", "full", "--inject", &fault],
+        );
+        let b_light = tiny_trace(
+            &dir,
+            &format!("{fault}-light.jsonl"),
+            &["--trace", "lightweight", "--inject", &fault],
+        );
+        // Statistics alone: the swapped stage has the moments of the right
+        // one, the divergence shows only where the residual mixes it in.
+        let (code, doc, out) = diff_json(&dir, &a_light, &b_light, &[]);
+        assert_eq!(code, Some(1), "{fault}: {out}");
+        assert!(
+            site_error(&doc, layer, "post_attn") < 1e-5,
+            "{fault}: the moments saw the swap: {out}"
+        );
+        let first = &doc["first_divergence"];
+        assert_eq!(first["layer"], layer, "{fault}: {out}");
+        assert_ne!(first["stage"], "post_attn", "{fault}: {out}");
+        // With fingerprints: the swapped stage itself, by its fingerprint.
+        let (code, doc, out) = diff_json(&dir, &a_full, &b_full, &[]);
+        assert_eq!(code, Some(1), "{fault}: {out}");
+        let first = &doc["first_divergence"];
+        assert_eq!(
+            (first["position"].as_u64(), site_of(first)),
+            (Some(0), (layer.into(), "post_attn".into())),
+            "{fault}: {out}"
+        );
+        assert_eq!(first["measure"], "fingerprint", "{fault}: {out}");
+        assert_eq!(site_of(&doc["largest_jump"]), site_of(first), "{out}");
+    }
+}
+
+#[test]
+fn diff_reads_dumps_and_traces_alike() {
+    let dir = scratch_dir("cli-diff-dumps");
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (a_dump, b_dump) = (path("a.safetensors"), path("b.safetensors"));
+    let a = tiny_trace(&dir, "a.jsonl", &["--trace", "full", "--dump", &a_dump]);
+    let b = tiny_trace(
+        &dir,
+        "b.jsonl",
+        &["--trace", "full", "--dump", &b_dump, "--inject", "scale@2"],
+    );
+    // A dump's statistics and fingerprints are the tracer's, to the bit.
+    let (code, doc, out) = diff_json(&dir, &a, &a_dump, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(doc["b"]["kind"], "dump");
+    assert_eq!(doc["sites_compared"], 1 + 4 * 6 + 2, "{out}");
+    assert!(doc["sites"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|s| s["max_error"] == 0.0));
+    // Two dumps: the vectors themselves, and the final distributions.
+    let (code, doc, out) = diff_json(&dir, &a_dump, &b_dump, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    let first = &doc["first_divergence"];
+    assert_eq!(site_of(first), (2.into(), "post_attn".into()), "{out}");
+    assert_eq!(first["measure"], "vector", "{out}");
+    assert!(doc["max_kl"].as_f64().is_some_and(|k| k > 0.0), "{out}");
+    // A trace against a dump finds the same place.
+    let (code, doc, out) = diff_json(&dir, &a_dump, &b, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(site_of(&doc["first_divergence"]), site_of(first), "{out}");
+    // A file of neither kind, and a broken dump, are named.
+    let junk = path("junk.bin");
+    std::fs::write(&junk, b"\x00\x01 not a trace").expect("write");
+    let (code, _, out) = diff_json(&dir, &a, &junk, &[]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("junk.bin") && out.contains("neither"), "{out}");
+    let bytes = std::fs::read(&a_dump).expect("the dump");
+    let cut = path("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 10]).expect("write");
+    let (code, _, out) = diff_json(&dir, &a_dump, &cut, &[]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("cut.safetensors"), "{out}");
+}
+
 #[test]
 fn diff_of_traces_that_cannot_be_compared_is_an_error() {
     let dir = scratch_dir("cli-diff-bad");

@@ -429,7 +429,14 @@ fn byte_vocabulary() -> Vec<u8> {
 fn committed_seeds_stay_small() {
     let mut total = 0;
     let mut files = 0;
-    for target in ["gguf", "tokenizer", "jsonl", "diff_jsonl"] {
+    for target in [
+        "gguf",
+        "tokenizer",
+        "jsonl",
+        "diff_jsonl",
+        "dump",
+        "diff_dump",
+    ] {
         let dir = seeds_dir().join(target);
         let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let mut here = 0;

@@ -7,10 +7,12 @@
 mod common;
 
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use model_tracer::diff::{diff, Place, Side, DEFAULT_TOLERANCE};
 use model_tracer::dump::{DumpFilter, DumpRecorder};
-use model_tracer::{ActivationDump, Lightweight};
+use model_tracer::{ActivationDump, Full, Lightweight};
 use model_tracer_llama::model::Llama;
 
 /// "The capital of France is".
@@ -71,45 +73,55 @@ fn errors(ours: &ActivationDump, reference: &ActivationDump) -> Vec<(String, f64
         .collect()
 }
 
+/// The numpy forward's dump of [`PARIS`], written once per test binary
+/// (`None`, after saying why, without the model or numpy and gguf).
+fn numpy_dump() -> Option<&'static (std::path::PathBuf, ActivationDump)> {
+    static DUMP: OnceLock<Option<(std::path::PathBuf, ActivationDump)>> = OnceLock::new();
+    DUMP.get_or_init(|| {
+        let model = common::real_model()?;
+        let available =
+            common::python_with("gguf").is_some() && common::python_with("numpy").is_some();
+        if !common::require(available, "python3 with numpy and gguf") {
+            return None;
+        }
+        let dir = common::scratch_dir("numpy-dump");
+        let (ids_path, numpy_path) = (dir.join("ids.txt"), dir.join("numpy.safetensors"));
+        std::fs::write(&ids_path, format!("{PARIS:?}")).unwrap();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/smollm2_reference_forward.py"
+        );
+        let started = Instant::now();
+        let out = Command::new("python3")
+            .arg(script)
+            .arg(&ids_path)
+            .arg(&model)
+            .arg(&numpy_path)
+            .output()
+            .expect("python3 runs");
+        let took = started.elapsed();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("numpy forward of {} tokens: {took:.1?}", PARIS.len());
+        assert!(took < NUMPY_BUDGET, "the numpy forward took {took:?}");
+        Some((model, ActivationDump::read(&numpy_path).unwrap()))
+    })
+    .as_ref()
+}
+
 #[test]
 fn the_f32_path_matches_the_numpy_forward_at_every_stage() {
-    let Some(model) = common::real_model() else {
+    let Some((model, numpy)) = numpy_dump() else {
         return;
     };
-    let available = common::python_with("gguf").is_some() && common::python_with("numpy").is_some();
-    if !common::require(available, "python3 with numpy and gguf") {
-        return;
-    }
-    let dir = common::scratch_dir("numpy-dump");
-    let (ids_path, numpy_path) = (dir.join("ids.txt"), dir.join("numpy.safetensors"));
-    std::fs::write(&ids_path, format!("{PARIS:?}")).unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/smollm2_reference_forward.py"
-    );
-    let started = Instant::now();
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(&ids_path)
-        .arg(&model)
-        .arg(&numpy_path)
-        .output()
-        .expect("python3 runs");
-    let took = started.elapsed();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("numpy forward of {} tokens: {took:.1?}", PARIS.len());
-    assert!(took < NUMPY_BUDGET, "the numpy forward took {took:?}");
-
-    let numpy = ActivationDump::read(&numpy_path).unwrap();
     assert_eq!(numpy.metadata()["matmuls"], "f32");
     // Embedding, 30 layers of 6 stages, final norm, logits.
     assert_eq!(numpy.tensors().count(), 1 + 30 * 6 + 2);
 
-    let exact = errors(&decoder_dump(&model, &PARIS, true), &numpy);
+    let exact = errors(&decoder_dump(model, &PARIS, true), numpy);
     assert_eq!(exact.len(), 1 + 30 * 6 + 2, "the decoder dumps every stage");
     let worst = |e: &[(String, f64)]| {
         e.iter()
@@ -123,7 +135,7 @@ fn the_f32_path_matches_the_numpy_forward_at_every_stage() {
     let embedding = exact[0].1;
     assert_eq!(embedding, 0.0, "the same dequantized embedding row");
 
-    let quantized = errors(&decoder_dump(&model, &PARIS, false), &numpy);
+    let quantized = errors(&decoder_dump(model, &PARIS, false), numpy);
     let (qname, qerr) = worst(&quantized);
     eprintln!("quantized path: worst relative L2 error {qerr:.2e} ({qname})");
     let logits = |e: &[(String, f64)]| e.iter().find(|(n, _)| n == "logits").unwrap().1;
@@ -141,5 +153,77 @@ fn the_f32_path_matches_the_numpy_forward_at_every_stage() {
         if n.ends_with("post_attn") {
             assert!(q > e, "{n}: quantized {q:.3e}, f32 {e:.3e}");
         }
+    }
+}
+
+/// The decoder's run of `ids` under `Full`: its dump, and its trace as a
+/// diff side (statistics and fingerprints, no values).
+fn decoder_sides(path: &std::path::Path, ids: &[u32], exact: bool) -> (Side, Side) {
+    let mut m = Llama::from_gguf(path, None, Full).unwrap();
+    // The logits of every prompt position, as the numpy forward has them.
+    let options = model_tracer::TraceOptions {
+        logit_rows: model_tracer::LogitRows::Every,
+        ..model_tracer::TraceOptions::default()
+    };
+    *m.tracer_mut() = model_tracer::ModelTracer::with_options(Full, options);
+    m.set_exact(exact);
+    m.tracer_mut()
+        .set_dump(Some(DumpRecorder::new(DumpFilter::default())));
+    m.prefill(ids);
+    let name = if exact { "f32" } else { "quantized" };
+    let trace = Side::from_forwards(&format!("{name} trace"), m.tracer().forwards());
+    let dump = m.tracer_mut().take_dump().unwrap();
+    (
+        Side::from_dump(&format!("{name} dump"), &dump).unwrap(),
+        trace,
+    )
+}
+
+/// The place a report points at, as `(position, layer, stage)`.
+fn place(p: Option<&Place>) -> Option<(usize, Option<usize>, &'static str)> {
+    p.map(|p| (p.position, p.layer, p.stage))
+}
+
+#[test]
+fn diff_against_the_numpy_forward_finds_the_f32_path_clean_and_the_quantized_path_apart() {
+    let Some((model, numpy)) = numpy_dump() else {
+        return;
+    };
+    let reference = Side::from_dump("numpy", numpy).unwrap();
+    // Embedding, 30 layers of 6 stages, final norm, logits.
+    let sites = 1 + 30 * 6 + 2;
+
+    // The f32 path: float rounding only, at every site, whether the diff
+    // sees the vectors (dump) or only statistics and fingerprints (trace).
+    let (dump, trace) = decoder_sides(model, &PARIS, true);
+    for side in [&dump, &trace] {
+        let r = diff(&reference, side, DEFAULT_TOLERANCE).unwrap();
+        assert_eq!(r.positions, vec![0, 1, 2, 3, 4]);
+        assert_eq!(r.sites_compared, sites, "{}", side.name);
+        assert!(r.first_divergence.is_none(), "{}: {r}", side.name);
+        let worst = r.sites.iter().map(|s| s.max_error.0).fold(0.0, f32::max);
+        eprintln!("{}: largest error {worst:.2e}", side.name);
+        assert!(worst < DEFAULT_TOLERANCE / 10.0, "{}: {r}", side.name);
+        assert_eq!(r.top1_agreement.map(|f| f.0), Some(1.0));
+    }
+
+    // The quantized path: the same embedding and first norm, then the first
+    // product (8-bit activations, 4-bit weights) parts from the reference.
+    let (qdump, qtrace) = decoder_sides(model, &PARIS, false);
+    let reference_errors = errors(&decoder_dump(model, &PARIS, false), numpy);
+    let error_of = |name: &str| reference_errors.iter().find(|(n, _)| n == name).unwrap().1;
+    assert!(error_of("layers.0.post_norm") < 1e-6);
+    assert!(error_of("layers.0.post_attn") > 1e-3);
+    for side in [&qdump, &qtrace] {
+        let r = diff(&reference, side, DEFAULT_TOLERANCE).unwrap();
+        let first = place(r.first_divergence.as_ref());
+        assert_eq!(first, Some((0, Some(0), "post_attn")), "{}: {r}", side.name);
+        // The jump is where the quantization error appears, from rounding
+        // noise before it.
+        let jump = r.largest_jump.as_ref().unwrap();
+        assert_eq!((jump.layer, jump.stage), (Some(0), "post_attn"), "{r}");
+        assert!(jump.before.0 < 1e-5 && jump.error.0 > 1e-3, "{r}");
+        // Every layer after it stays apart.
+        assert!(r.layers.iter().all(|l| l.max_error.0 > DEFAULT_TOLERANCE));
     }
 }
