@@ -1,0 +1,161 @@
+//! From candle tensors to the tracer's hooks.
+//!
+//! The hooks take `&[f32]`. A contiguous f32 tensor on the CPU is read in
+//! place: the slice is the tensor's own storage, borrowed under candle's
+//! read lock ([`with_f32`]). Any other tensor (another dtype, a strided
+//! view, another device) is copied to an f32 vector first.
+//!
+//! Every function here is called inside `traced!(C, …)`: with `Disabled`
+//! the call, the lock and the slice are dead code, the tensor is never
+//! looked at. The functions test the tracer's switches before they touch
+//! the tensor, so that a system that is off costs no copy either.
+//!
+//! The tracer records one position per forward today; the model runs one
+//! position per forward while tracing, so each tensor given here holds one
+//! row. A tracer that takes `[T × d]` rows will take the same slices: the
+//! change stays in this module and in the model's position loop.
+
+use candle_core::{DType, Result, Storage, Tensor};
+use model_tracer::quant::{BrickId, QuantType};
+use model_tracer::{ModelTracer, Stage, TraceConfig};
+
+/// Calls `f` with the values of `t` in row-major order: the tensor's own
+/// storage when it is a contiguous f32 tensor on the CPU (no copy), else a
+/// copy converted to f32.
+///
+/// # Errors
+///
+/// Candle's error when the copy or the conversion fails.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() == DType::F32 && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let Storage::Cpu(cpu) = &*storage {
+            let all = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            if let Some(values) = all.get(start..start + t.elem_count()) {
+                return Ok(f(values));
+            }
+        }
+    }
+    let copy = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&copy))
+}
+
+/// Whether `tracer` reads the argument of [`ModelTracer::activation`].
+#[inline(always)]
+fn activations_on<C: TraceConfig>(tracer: &ModelTracer<C>) -> bool {
+    C::ACTIVATIONS && tracer.config().activations()
+}
+
+/// [`ModelTracer::activation`] of the tensor `x`.
+#[inline(always)]
+pub fn activation<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    layer: usize,
+    stage: Stage,
+    x: &Tensor,
+) -> Result<()> {
+    if activations_on(tracer) {
+        with_f32(x, |v| tracer.activation(layer, stage, v))?;
+    }
+    Ok(())
+}
+
+/// [`ModelTracer::residual`] of the residual stream `x` and the update
+/// about to be added to it.
+#[inline(always)]
+pub fn residual<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    layer: usize,
+    x: &Tensor,
+    update: &Tensor,
+) -> Result<()> {
+    if activations_on(tracer) {
+        with_f32(x, |r| with_f32(update, |u| tracer.residual(layer, r, u)))??;
+    }
+    Ok(())
+}
+
+/// [`ModelTracer::attention`] of every head: `probs` holds the softmax rows
+/// `(n_heads, 1, keys)` of the query at `query_pos`.
+#[inline(always)]
+pub fn attention<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    layer: usize,
+    query_pos: usize,
+    probs: &Tensor,
+) -> Result<()> {
+    let (n_heads, _, keys) = probs.dims3()?;
+    if !(0..n_heads).any(|h| tracer.wants_attention(layer, h)) {
+        return Ok(());
+    }
+    with_f32(probs, |p| {
+        for (h, row) in p.chunks_exact(keys).enumerate() {
+            tracer.attention(layer, h, query_pos, row);
+        }
+    })
+}
+
+/// [`ModelTracer::quant_error`] of a product: `quantized` gives the output
+/// of the quantized weights, `reference` computes the output of the f32
+/// weights; both run only when the tracer samples this call.
+#[inline(always)]
+pub fn quant_error<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    brick: BrickId,
+    layer: usize,
+    quant_type: QuantType,
+    quantized: impl FnOnce() -> Result<Tensor>,
+    reference: impl FnOnce() -> Result<Tensor>,
+) -> Result<()> {
+    if !tracer.wants_quant_error(brick) {
+        // Counts the visit, for the sampling policy.
+        tracer.quant_error(brick, layer, quant_type, &[], |_| {});
+        return Ok(());
+    }
+    let (quantized, reference) = (quantized()?, reference()?);
+    with_f32(&quantized, |q| {
+        with_f32(&reference, |r| {
+            tracer.quant_error(brick, layer, quant_type, q, |out| {
+                out.copy_from_slice(&r[..out.len()]);
+            })
+        })
+    })?
+}
+
+/// [`ModelTracer::logit_lens`] at `layer`: `lens` computes the logits the
+/// final norm and the LM head give for this layer's hidden state; it runs
+/// only when the lens is on.
+#[inline(always)]
+pub fn logit_lens<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    layer: usize,
+    vocab: usize,
+    lens: impl FnOnce() -> Result<Tensor>,
+) -> Result<()> {
+    if !tracer.wants_logit_lens() {
+        return Ok(());
+    }
+    let logits = lens()?;
+    with_f32(&logits, |l| {
+        tracer.logit_lens(layer, vocab, |out| {
+            let n = out.len().min(l.len());
+            out[..n].copy_from_slice(&l[..n]);
+        })
+    })
+}
+
+/// [`ModelTracer::final_logits`] and [`ModelTracer::selected_token`] (the
+/// greedy choice) of the logits of one position.
+#[inline(always)]
+pub fn final_logits<C: TraceConfig>(tracer: &mut ModelTracer<C>, logits: &Tensor) -> Result<()> {
+    if C::ACTIVATIONS || C::LOGITS {
+        with_f32(logits, |l| {
+            tracer.final_logits(l);
+            if let Some(best) = model_tracer::stats::argmax(l) {
+                tracer.selected_token(best as u32);
+            }
+        })?;
+    }
+    Ok(())
+}
