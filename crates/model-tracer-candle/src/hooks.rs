@@ -159,3 +159,74 @@ pub fn final_logits<C: TraceConfig>(tracer: &mut ModelTracer<C>, logits: &Tensor
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn storage_ptr(t: &Tensor) -> *const f32 {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(cpu) => match cpu.as_slice::<f32>() {
+                Ok(s) => s[layout.start_offset()..].as_ptr(),
+                Err(e) => panic!("{e}"),
+            },
+            _ => panic!("not on the CPU"),
+        }
+    }
+
+    #[test]
+    fn a_contiguous_f32_tensor_is_read_in_place() {
+        let t = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .and_then(|t| t.reshape((4, 6)))
+            .unwrap();
+        let row = t.narrow(0, 2, 1).unwrap();
+        assert!(row.is_contiguous());
+        let (ptr, values) = with_f32(&row, |v| (v.as_ptr(), v.to_vec())).unwrap();
+        assert_eq!(ptr, storage_ptr(&row));
+        assert_eq!(values, vec![12.0, 13.0, 14.0, 15.0, 16.0, 17.0]);
+    }
+
+    #[test]
+    fn other_tensors_are_copied_in_row_major_order() {
+        let t = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .and_then(|t| t.reshape((2, 3)))
+            .unwrap();
+        let transposed = t.t().unwrap();
+        assert!(!transposed.is_contiguous());
+        let values = with_f32(&transposed, |v| v.to_vec()).unwrap();
+        assert_eq!(values, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        let half = t.to_dtype(DType::F16).unwrap();
+        let (ptr, values) = with_f32(&half, |v| (v.as_ptr(), v.to_vec())).unwrap();
+        assert_ne!(ptr, storage_ptr(&t));
+        assert_eq!(values, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    fn the_inputs_of_a_system_that_is_off_are_never_computed() {
+        use model_tracer::Lightweight;
+        // Lightweight records activations and the KV cache: no lens, no
+        // quantization error.
+        let mut light = ModelTracer::new(Lightweight);
+        light.begin_forward(0);
+        logit_lens(&mut light, 0, 4, || panic!("the lens is off")).unwrap();
+        quant_error(
+            &mut light,
+            BrickId::FfnUp,
+            0,
+            QuantType::Q4_1,
+            || panic!("quantization error is off"),
+            || panic!("quantization error is off"),
+        )
+        .unwrap();
+        let x = Tensor::new(&[[1f32, -2.0, 3.0]], &Device::Cpu).unwrap();
+        activation(&mut light, 0, Stage::Input, &x).unwrap();
+        light.end_forward();
+        let f = light.last_forward().unwrap();
+        let recorded = &f.activations.layers[0].input_stats;
+        assert_eq!(recorded.count, 3);
+        assert_eq!(recorded.max, 3.0);
+        assert!(f.quantization.traces.is_empty() && f.logits.is_none());
+    }
+}
