@@ -185,3 +185,40 @@ fn bad_token_ids_and_a_full_cache_are_errors() {
     assert_eq!(m.forward(&PARIS_PROMPT[..4]).unwrap().len(), 49152);
     assert_eq!(m.cache().len(), 4);
 }
+
+/// Batched and position by position, the f32 products give the same logits
+/// up to the order of the sums. The quantized products quantize each
+/// product's input to 8 bits, where a last-bit difference can flip a
+/// rounding: on the 27-token chat prompt, whose first answer token is a
+/// near-tie, the two orders can then choose different tokens.
+#[test]
+fn the_batched_prompt_and_one_position_per_forward_agree_on_the_f32_path() {
+    let Some(path) = real_model() else {
+        return;
+    };
+    let mut m = CandleLlama::from_gguf(&path, Some(64), Disabled).unwrap();
+    m.set_exact(true).unwrap();
+    let tok = m.tokenizer.as_ref().unwrap();
+    let chat = tok.encode(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n\
+         <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    );
+    assert_eq!(chat.len(), 27);
+    let batched = m.forward(&chat).unwrap();
+    m.clear_kv_cache();
+    let mut single = Vec::new();
+    for &t in &chat {
+        single = m.forward(&[t]).unwrap();
+    }
+    let max_diff = batched
+        .iter()
+        .zip(&single)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("f32 path, 27 positions: largest logit difference {max_diff:e}");
+    assert!(max_diff < 1e-3, "{max_diff}");
+    assert_eq!(
+        model_tracer::stats::argmax(&batched),
+        model_tracer::stats::argmax(&single)
+    );
+}
