@@ -77,21 +77,23 @@ pub fn residual<C: TraceConfig>(
 }
 
 /// [`ModelTracer::attention`] of every head: `probs` holds the softmax rows
-/// `(n_heads, 1, keys)` of the query at `query_pos`.
+/// `(n_heads, T, keys)` of the queries at `first..first + T`; the row of
+/// the query at `p` is recorded over the `p + 1` keys it may attend to.
 #[inline(always)]
 pub fn attention<C: TraceConfig>(
     tracer: &mut ModelTracer<C>,
     layer: usize,
-    query_pos: usize,
+    first: usize,
     probs: &Tensor,
 ) -> Result<()> {
-    let (n_heads, _, keys) = probs.dims3()?;
+    let (n_heads, t, keys) = probs.dims3()?;
     if !(0..n_heads).any(|h| tracer.wants_attention(layer, h)) {
         return Ok(());
     }
     with_f32(probs, |p| {
-        for (h, row) in p.chunks_exact(keys).enumerate() {
-            tracer.attention(layer, h, query_pos, row);
+        for (i, row) in p.chunks_exact(keys).enumerate() {
+            let (h, query) = (i / t, first + i % t);
+            tracer.attention(layer, h, query, &row[..(query + 1).min(keys)]);
         }
     })
 }
@@ -201,6 +203,35 @@ mod tests {
         let (ptr, values) = with_f32(&half, |v| (v.as_ptr(), v.to_vec())).unwrap();
         assert_ne!(ptr, storage_ptr(&t));
         assert_eq!(values, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    fn attention_rows_are_recorded_per_head_and_query_over_their_causal_keys() {
+        use model_tracer::Full;
+        // 2 heads, queries at positions 1 and 2, 3 keys.
+        let probs = Tensor::new(
+            &[
+                [[0.5f32, 0.5, 0.0], [0.2, 0.3, 0.5]],
+                [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut full = ModelTracer::new(Full);
+        full.begin_forward(2);
+        attention(&mut full, 0, 1, &probs).unwrap();
+        full.end_forward();
+        let recorded: Vec<_> = full
+            .last_forward()
+            .unwrap()
+            .attention
+            .iter()
+            .map(|a| (a.head_idx, a.query_pos, a.context_len, a.top_k_positions[0]))
+            .collect();
+        assert_eq!(
+            recorded,
+            vec![(0, 1, 2, 0), (0, 2, 3, 2), (1, 1, 2, 0), (1, 2, 3, 2)]
+        );
     }
 
     #[test]
