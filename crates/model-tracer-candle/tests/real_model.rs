@@ -189,8 +189,9 @@ fn bad_token_ids_and_a_full_cache_are_errors() {
 /// Batched and position by position, the f32 products give the same logits
 /// up to the order of the sums. The quantized products quantize each
 /// product's input to 8 bits, where a last-bit difference can flip a
-/// rounding: on the 27-token chat prompt, whose first answer token is a
-/// near-tie, the two orders can then choose different tokens.
+/// rounding, which moves a product by a whole quantization step: on this
+/// 27-token chat prompt the two orders' quantized logits differ by up to
+/// 1.15 and choose different first tokens.
 #[test]
 fn the_batched_prompt_and_one_position_per_forward_agree_on_the_f32_path() {
     let Some(path) = real_model() else {
