@@ -115,7 +115,7 @@ fn forward_of<C: TraceConfig>() -> usize {
 
 /// Makes both builds compile the model for every config, so that the
 /// optimizer's inlining choices (which depend on how many instances call a
-/// helper) are the same in both.
+/// function) are the same in both.
 fn instantiate_every_config() {
     black_box([
         forward_of::<Disabled>(),
