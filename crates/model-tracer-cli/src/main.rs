@@ -24,7 +24,9 @@ use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::model::{
     Config, Fault, Generation, KvCacheOptions, Llama, DEFAULT_PREFILL_CHUNK,
 };
-use model_tracer_llama::tokenizer::ChatMessage;
+use model_tracer_llama::tokenizer::{ChatMessage, Tokenizer};
+
+mod candle;
 
 /// Trace what a transformer computes, token by token.
 #[derive(Debug, Parser)]
@@ -113,6 +115,13 @@ struct Args {
     /// implementation of the model computes
     #[arg(long, help_heading = "Model")]
     exact: bool,
+    /// The model that runs: the reference decoder (`Llama`), or the LLaMA
+    /// written on candle's ops and quantized matmuls (`CandleLlama`; a
+    /// GGUF file, no --synthetic, no --what-if, a KV cache that does not
+    /// evict)
+    #[arg(long, default_value = "reference", value_name = "ENGINE",
+          value_parser = ["reference", "candle"], help_heading = "Model")]
+    engine: String,
 
     /// Raw prompt; special-token text like <|im_start|> is parsed
     #[arg(
@@ -253,6 +262,9 @@ fn validate(a: &Args) -> Result<(), String> {
             }
         }
     }
+    if a.engine == "candle" {
+        candle::validate(a)?;
+    }
     if !a.what_if.is_empty() && a.trace != "full" {
         return Err(format!(
             "--what-if needs quantization-error tracing, which --trace {} does not record: \
@@ -354,9 +366,12 @@ fn main() -> ExitCode {
         }
     };
     // One branch, three monomorphized models.
-    let result = match args.trace.as_str() {
-        "off" => run(&args, outputs, Disabled),
-        "lightweight" => run(&args, outputs, Lightweight),
+    let result = match (args.engine.as_str(), args.trace.as_str()) {
+        ("candle", "off") => candle::run(&args, outputs, Disabled),
+        ("candle", "lightweight") => candle::run(&args, outputs, Lightweight),
+        ("candle", _) => candle::run(&args, outputs, Full),
+        (_, "off") => run(&args, outputs, Disabled),
+        (_, "lightweight") => run(&args, outputs, Lightweight),
         _ => run(&args, outputs, Full),
     };
     match result {
@@ -547,7 +562,7 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
     }
     model.set_prefill_chunk(args.prefill_chunk);
 
-    let prompt_ids = prompt_ids(args, &model)?;
+    let prompt_ids = prompt_ids(args, model.tokenizer.as_ref())?;
     let total = prompt_ids.len() + args.max_tokens;
     // Keep every forward of this run in detail: the report below reads them.
     let options = TraceOptions {
@@ -623,7 +638,13 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
         let summary = tracer.summary();
         print!("{summary}");
         report_attention(&summary);
-        report_lens(&model, &prompt_ids, &generation.tokens);
+        report_lens(
+            model.tracer(),
+            model.config.n_layers,
+            |id| model.token_text(id),
+            &prompt_ids,
+            &generation.tokens,
+        );
         // Under --exact the products are their own reference: no error to show.
         if !args.exact {
             report_quant(&summary);
@@ -691,8 +712,8 @@ fn write_dump<C: TraceConfig>(
 /// The prompt's token ids: the chat question (default) or the raw prompt,
 /// through the model's tokenizer; a synthetic model has none and takes the
 /// text's bytes as ids.
-fn prompt_ids<C: TraceConfig>(args: &Args, model: &Llama<C>) -> Result<Vec<u32>, String> {
-    let ids = match &model.tokenizer {
+fn prompt_ids(args: &Args, tokenizer: Option<&Tokenizer>) -> Result<Vec<u32>, String> {
+    let ids = match tokenizer {
         Some(tok) => match &args.prompt {
             Some(p) => tok.encode(p),
             None => {
@@ -840,8 +861,13 @@ fn report_attention(summary: &model_tracer::TraceSummary) {
     }
 }
 
-fn report_lens<C: TraceConfig>(model: &Llama<C>, prompt: &[u32], generated: &[u32]) {
-    let tracer = model.tracer();
+fn report_lens<C: TraceConfig>(
+    tracer: &ModelTracer<C>,
+    layers: usize,
+    token_text: impl Fn(u32) -> String,
+    prompt: &[u32],
+    generated: &[u32],
+) {
     let start = prompt.len() - 1; // the forward whose logits chose generated[0]
     let rows: Vec<_> = tracer
         .forwards()
@@ -853,7 +879,6 @@ fn report_lens<C: TraceConfig>(model: &Llama<C>, prompt: &[u32], generated: &[u3
     }
     println!("\nlogit lens: each generated token's rank through the layers (0 = top)");
     println!("  decisive = the layer with the largest log-rank gain, ln(1 + rank)");
-    let layers = model.config.n_layers;
     let step = layers.div_ceil(10).max(1);
     let mut head = format!(
         "  {:>5} {:<16} {:>5} {:>8} |",
@@ -873,7 +898,7 @@ fn report_lens<C: TraceConfig>(model: &Llama<C>, prompt: &[u32], generated: &[u3
         let mut line = format!(
             "  {:>5} {:<16} {:>5} {:>8} |",
             pos,
-            shown(&model.token_text(*chosen)),
+            shown(&token_text(*chosen)),
             tok.won_at_layer().map_or("-".into(), |l| l.to_string()),
             tok.decisive_layer_log_rank()
                 .map_or("-".into(), |l| l.to_string())

@@ -1,0 +1,167 @@
+//! `model-tracer run --engine candle`, as a process: the LLaMA written on
+//! candle traced with the same options and outputs as the reference
+//! decoder, and compared with it by `model-tracer diff`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use model_tracer_test_support as support;
+
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    support::scratch_dir(env!("CARGO_TARGET_TMPDIR"), name)
+}
+
+/// `model-tracer ARGS` in `cwd`, the candle pool on one thread (the
+/// machines that run the tests are shared).
+fn program(args: &[&str], cwd: &Path) -> Output {
+    let bin = env!("CARGO_BIN_EXE_model-tracer");
+    match Command::new(bin)
+        .args(args)
+        .env("CANDLE_NUM_THREADS", "1")
+        .current_dir(cwd)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => panic!("running model-tracer {args:?}: {e}"),
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn path_in(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+#[test]
+fn options_of_the_reference_decoder_alone_are_refused_before_the_model_loads() {
+    let dir = scratch_dir("candle-refused");
+    let json = path_in(&dir, "run.json");
+    for (extra, named) in [
+        (&["--synthetic", "tiny"][..], "--synthetic"),
+        (&["--what-if", "q8_0"][..], "--what-if"),
+    ] {
+        let mut args = vec!["run", "--engine", "candle", "--json", &json];
+        args.extend(extra);
+        let out = program(&args, &dir);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(named), "{}", text(&out.stderr));
+        assert!(!Path::new(&json).exists(), "{named} left a file");
+    }
+}
+
+#[test]
+fn candle_run_writes_every_output_of_the_real_model() {
+    let Some(model) = support::real_model() else {
+        return;
+    };
+    let model = model.to_string_lossy().into_owned();
+    let dir = scratch_dir("candle-outputs");
+    let [json, jsonl, html, dump] =
+        ["run.json", "run.jsonl", "run.html", "run.safetensors"].map(|n| path_in(&dir, n));
+    let out = program(
+        &[
+            "run",
+            "--engine",
+            "candle",
+            "--gguf",
+            &model,
+            "--max-tokens",
+            "8",
+            "--json",
+            &json,
+            "--jsonl",
+            &jsonl,
+            "--html",
+            &html,
+            "--dump",
+            &dump,
+        ],
+        &dir,
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("engine: candle"), "{stdout}");
+    assert!(
+        stdout.contains("The capital of France is Paris."),
+        "{stdout}"
+    );
+    let doc: serde_json::Value = std::fs::read(&json)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    assert_eq!(doc["engine"], "candle");
+    let prompt = doc["prompt_ids"].as_array().map_or(0, Vec::len);
+    let generated = doc["generated_ids"].as_array().map_or(0, Vec::len);
+    assert_eq!(generated, 8);
+    // The last generated token is not fed back.
+    let forwards = prompt + generated - 1;
+    assert_eq!(doc["forwards"].as_array().map_or(0, Vec::len), forwards);
+    let lines = std::fs::read_to_string(&jsonl).unwrap_or_default();
+    assert_eq!(
+        lines.lines().filter(|l| l.contains("\"position\"")).count(),
+        forwards
+    );
+    let page = std::fs::read_to_string(&html).unwrap_or_default();
+    assert!(
+        page.starts_with("<!DOCTYPE html>"),
+        "{html} is no HTML page"
+    );
+    let dumped = model_tracer::ActivationDump::read(&dump);
+    assert_eq!(dumped.map(|d| d.len()).ok(), Some(forwards));
+}
+
+/// Runs `engine` on the real model with f32 products, streaming its
+/// trace to `name` in `dir`.
+fn exact_trace(dir: &Path, model: &str, engine: &str, name: &str, extra: &[&str]) -> String {
+    let path = path_in(dir, name);
+    let mut args = vec![
+        "run",
+        "--engine",
+        engine,
+        "--gguf",
+        model,
+        "--exact",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "6",
+        "--jsonl",
+        &path,
+    ];
+    args.extend(extra);
+    let out = program(&args, dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    path
+}
+
+#[test]
+fn diff_of_candle_against_the_reference_is_clean_and_finds_a_planted_fault() {
+    let Some(model) = support::real_model() else {
+        return;
+    };
+    let model = model.to_string_lossy().into_owned();
+    let dir = scratch_dir("candle-diff");
+    let reference = exact_trace(&dir, &model, "reference", "reference.jsonl", &[]);
+    let candle = exact_trace(&dir, &model, "candle", "candle.jsonl", &[]);
+    let out = program(&["diff", &reference, &candle], &dir);
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}{}", text(&out.stderr));
+    assert!(report.contains("no divergence"), "{report}");
+
+    let faulty = exact_trace(
+        &dir,
+        &model,
+        "candle",
+        "faulty.jsonl",
+        &["--inject", "scale@11:post_ffn"],
+    );
+    let out = program(&["diff", &reference, &faulty], &dir);
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}{}", text(&out.stderr));
+    assert!(
+        report.contains("first divergence: position 0, layer 11 post_ffn"),
+        "{report}"
+    );
+}
