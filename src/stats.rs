@@ -355,31 +355,61 @@ fn load(c: &[f32]) -> V {
     V::from(c)
 }
 
-/// Pairwise reduction of eight vectors: depth three, so the loop-carried
-/// accumulator sees one operation per step.
-#[inline(always)]
-fn tree8(v: [V; 8], op: impl Fn(V, V) -> V) -> V {
-    op(
-        op(op(v[0], v[1]), op(v[2], v[3])),
-        op(op(v[4], v[5]), op(v[6], v[7])),
-    )
-}
-
 #[inline(always)]
 fn tree4(v: [V; 4], op: impl Fn(V, V) -> V) -> V {
     op(op(v[0], v[1]), op(v[2], v[3]))
 }
 
+/// Sum of the lanes in `f64`: the lanes are widened in groups of four and
+/// added as vectors, then the four `f64` partial sums.
 #[inline(always)]
 fn widen_sum(v: V) -> f64 {
-    v.to_array().iter().map(|&x| x as f64).sum()
+    let a = v.to_array();
+    let mut acc = wide::f64x4::ZERO;
+    for c in a.chunks_exact(4) {
+        acc += wide::f64x4::from([c[0] as f64, c[1] as f64, c[2] as f64, c[3] as f64]);
+    }
+    let w = acc.to_array();
+    (w[0] + w[2]) + (w[1] + w[3])
 }
 
+/// The two halves of the lanes as arrays of four (the upper half is empty
+/// for four lanes).
 #[inline(always)]
-fn lane_min(v: V) -> f32 {
-    v.to_array()
-        .iter()
-        .fold(f32::INFINITY, |a, &b| if b < a { b } else { a })
+fn halves(v: V) -> ([f32; 4], Option<[f32; 4]>) {
+    let a = v.to_array();
+    let mut lo = [0.0; 4];
+    lo.copy_from_slice(&a[..4]);
+    let hi = (LANES == 8).then(|| {
+        let mut hi = [0.0; 4];
+        hi.copy_from_slice(&a[LANES - 4..]);
+        hi
+    });
+    (lo, hi)
+}
+
+/// Smallest lane of a vector that holds no NaN, as a tree of lane pairs.
+#[inline(always)]
+fn lane_min_of_numbers(v: V) -> f32 {
+    let pick = |a: f32, b: f32| if b < a { b } else { a };
+    let (lo, hi) = halves(v);
+    let q = match hi {
+        Some(hi) => std::array::from_fn(|i| pick(lo[i], hi[i])),
+        None => lo,
+    };
+    pick(pick(q[0], q[2]), pick(q[1], q[3]))
+}
+
+/// Largest lane of a vector that holds no NaN, as a tree of lane pairs.
+#[inline(always)]
+fn lane_max_of_numbers(v: V) -> f32 {
+    let pick = |a: f32, b: f32| if b > a { b } else { a };
+    let (lo, hi) = halves(v);
+    let q = match hi {
+        Some(hi) => std::array::from_fn(|i| pick(lo[i], hi[i])),
+        None => lo,
+    };
+    pick(pick(q[0], q[2]), pick(q[1], q[3]))
 }
 
 #[inline(always)]
@@ -426,35 +456,25 @@ fn scan_block<const SHIFTED: bool, const MASKED: bool>(block: &[f32], shift: f32
         let mut acc_sq = V::ZERO;
         let mut steps = sub.chunks_exact(STEP);
         for c in &mut steps {
-            let mut y = [V::ZERO; VECS];
-            let mut lo = [V::ZERO; VECS];
-            let mut hi = [V::ZERO; VECS];
-            for (i, ci) in c.chunks_exact(LANES).enumerate() {
-                (y[i], lo[i], hi[i]) = prep(load(ci), &mut finite, &mut nan);
+            // Each pair of vectors gives one partial sum, sum of squares,
+            // minimum and maximum; the four partials of each are added as
+            // a tree, so each accumulator sees one operation per step.
+            let mut sums = [V::ZERO; VECS / 2];
+            let mut squares = [V::ZERO; VECS / 2];
+            let mut mins = [V::ZERO; VECS / 2];
+            let mut maxs = [V::ZERO; VECS / 2];
+            for (i, pair) in c.chunks_exact(2 * LANES).enumerate() {
+                let (a, a_lo, a_hi) = prep(load(&pair[..LANES]), &mut finite, &mut nan);
+                let (b, b_lo, b_hi) = prep(load(&pair[LANES..]), &mut finite, &mut nan);
+                sums[i] = a + b;
+                squares[i] = b.mul_add(b, a * a);
+                mins[i] = a_lo.fast_min(b_lo);
+                maxs[i] = a_hi.fast_max(b_hi);
             }
-            acc_sum += tree8(y, |a, b| a + b);
-            let squares_lo =
-                y[3].mul_add(y[3], y[2].mul_add(y[2], y[1].mul_add(y[1], y[0] * y[0])));
-            let squares_hi =
-                y[7].mul_add(y[7], y[6].mul_add(y[6], y[5].mul_add(y[5], y[4] * y[4])));
-            acc_sq += squares_lo + squares_hi;
-            if MASKED {
-                acc_min = acc_min.fast_min(tree8(lo, V::fast_min));
-                acc_max = acc_max.fast_max(tree8(hi, V::fast_max));
-            } else {
-                // `fast_min` returns one of its operands bit for bit, so XOR
-                // with both yields the other one: the larger of each pair costs
-                // two logic operations instead of a comparison, which would
-                // share the execution ports of the additions.
-                let mut pair_lo = [V::ZERO; VECS / 2];
-                let mut pair_hi = [V::ZERO; VECS / 2];
-                for i in 0..VECS / 2 {
-                    pair_lo[i] = lo[2 * i].fast_min(lo[2 * i + 1]);
-                    pair_hi[i] = (hi[2 * i] ^ hi[2 * i + 1]) ^ pair_lo[i];
-                }
-                acc_min = acc_min.fast_min(tree4(pair_lo, V::fast_min));
-                acc_max = acc_max.fast_max(tree4(pair_hi, V::fast_max));
-            }
+            acc_sum += tree4(sums, |a, b| a + b);
+            acc_sq += tree4(squares, |a, b| a + b);
+            acc_min = acc_min.fast_min(tree4(mins, V::fast_min));
+            acc_max = acc_max.fast_max(tree4(maxs, V::fast_max));
         }
         let mut vectors = steps.remainder().chunks_exact(LANES);
         for c in &mut vectors {
@@ -480,8 +500,8 @@ fn scan_block<const SHIFTED: bool, const MASKED: bool>(block: &[f32], shift: f32
     LaneSums {
         sum,
         sq,
-        min: lane_min(acc_min),
-        max: lane_max(acc_max),
+        min: lane_min_of_numbers(acc_min),
+        max: lane_max_of_numbers(acc_max),
         finite: if MASKED { finite } else { block.len() },
         nan,
     }
@@ -639,13 +659,30 @@ const PILOT_LEN: usize = 8;
 /// second attempt at its first block. Any non-finite element among them
 /// gives zero.
 fn pilot_shift(data: &[f32]) -> f32 {
+    const { assert!(PILOT_LEN % LANES == 0) };
     let head = &data[..data.len().min(PILOT_LEN)];
-    let (mut sum, mut lo, mut hi) = (0.0f32, f32::INFINITY, f32::NEG_INFINITY);
-    for &x in head {
-        sum += x;
-        lo = if x < lo { x } else { lo };
-        hi = if x > hi { x } else { hi };
-    }
+    let (sum, lo, hi) = if head.len() == PILOT_LEN {
+        // Whole vectors. A NaN or infinity makes the sum non-finite, which
+        // gives zero below whatever the minimum and maximum are.
+        let mut vectors = head.chunks_exact(LANES).map(load);
+        let first = vectors.next().unwrap_or(V::ZERO);
+        let (s, lo, hi) = vectors.fold((first, first, first), |(s, lo, hi), v| {
+            (s + v, lo.fast_min(v), hi.fast_max(v))
+        });
+        (
+            s.reduce_add(),
+            lane_min_of_numbers(lo),
+            lane_max_of_numbers(hi),
+        )
+    } else {
+        let (mut sum, mut lo, mut hi) = (0.0f32, f32::INFINITY, f32::NEG_INFINITY);
+        for &x in head {
+            sum += x;
+            lo = if x < lo { x } else { lo };
+            hi = if x > hi { x } else { hi };
+        }
+        (sum, lo, hi)
+    };
     let mean = sum / head.len().max(1) as f32;
     if !(hi - lo).is_finite() || !mean.is_finite() || mean.abs() <= hi - lo {
         0.0
