@@ -231,6 +231,32 @@ impl Recorder {
         self.current.activations.layer_mut(layer).residual_ratio = ratio_of_norms(r, sum);
     }
 
+    /// The residual ratio of `layer` in each row, from the norms of the
+    /// statistics recorded at its `Input`, `PostAttn` and `PostFfn` stages.
+    #[inline(never)]
+    fn residual_from_stages_rows(&mut self, layer: usize) {
+        if layer >= MAX_LAYERS {
+            return;
+        }
+        if self.rows == 1 {
+            return self.residual_from_stages(layer);
+        }
+        let focus = self.focus;
+        for i in 0..self.rows {
+            self.focus(i);
+            self.residual_from_stages(layer);
+        }
+        self.focus(focus);
+    }
+
+    fn residual_from_stages(&mut self, layer: usize) {
+        self.see_layer(layer);
+        let l = self.current.activations.layer_mut(layer);
+        let r = norm_of(&l.input_stats);
+        let u = norm_of(&l.post_attn_stats) + norm_of(&l.post_ffn_stats);
+        l.residual_ratio = ratio_of_norms(r, u);
+    }
+
     fn wants_attention(&self, layer: usize, head: usize) -> bool {
         let c = &self.options.attention_config;
         c.should_trace_layer(layer) && c.should_trace_head(head)
@@ -525,6 +551,18 @@ impl Recorder {
     }
 }
 
+/// The L2 norm of a recorded tensor as [`stats::l2_norm`] gives it: NaN
+/// when the tensor holds a NaN, `+Inf` when it holds an infinity.
+fn norm_of(s: &TensorStats) -> f32 {
+    if s.nan_count > 0 {
+        f32::NAN
+    } else if s.inf_count > 0 {
+        f32::INFINITY
+    } else {
+        s.l2_norm
+    }
+}
+
 /// The tracer a model owns: `ModelTracer<Disabled>` is zero-sized and inert,
 /// `ModelTracer<Lightweight>` and `ModelTracer<Full>` record.
 ///
@@ -786,6 +824,26 @@ impl<C: TraceConfig> ModelTracer<C> {
         if self.activations_on() {
             if let Some(r) = self.storage.recorder_mut() {
                 r.residual_rows(layer, residual, update);
+            }
+        }
+    }
+
+    /// Records the residual ratio of `layer` from the statistics already
+    /// recorded at its [`Stage::Input`], [`Stage::PostAttn`] and
+    /// [`Stage::PostFfn`] stages, for each row of the forward, without
+    /// reading a tensor again: `‖input‖ / (‖input‖ + ‖post_attn‖ +
+    /// ‖post_ffn‖)`. In a pre-norm decoder, whose residual adds are
+    /// `input + post_attn` and then `+ post_ffn`, this is what
+    /// [`residual`](Self::residual) at both adds records, up to the rounding
+    /// of the norms (a relative `1e-6`). A norm follows
+    /// [`stats::l2_norm`](crate::stats::l2_norm): NaN when the stage holds a
+    /// NaN, `+Inf` when it holds an infinity; a stage not recorded counts
+    /// as zero. Call after the `PostFfn` activation, in place of `residual`.
+    #[inline(always)]
+    pub fn residual_from_stages(&mut self, layer: usize) {
+        if self.activations_on() {
+            if let Some(r) = self.storage.recorder_mut() {
+                r.residual_from_stages_rows(layer);
             }
         }
     }
@@ -1757,6 +1815,81 @@ mod tests {
             kept.layers[1].output_stats,
             forward.activations.layers[1].output_stats
         );
+    }
+
+    /// One pre-norm layer over `rows` rows of `width`: the two residual
+    /// adds recorded either with `residual` or from the stages' statistics.
+    fn layer_ratios(rows: usize, width: usize, from_stages: bool, poison: Option<f32>) -> Vec<f32> {
+        let n = rows * width;
+        let mut x: Vec<f32> = (0..n)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0 + 0.5)
+            .collect();
+        let attn: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() * 0.8).collect();
+        let mut ffn: Vec<f32> = (0..n)
+            .map(|i| (i as f32 * 0.23).sin() * 1.7 - 0.2)
+            .collect();
+        if let Some(v) = poison {
+            ffn[width + 3] = v;
+        }
+        let mut t = ModelTracer::new(Lightweight);
+        t.begin_forward_rows(5, rows);
+        for layer in 0..2 {
+            t.activation(layer, Stage::Input, &x);
+            t.activation(layer, Stage::PostAttn, &attn);
+            if !from_stages {
+                t.residual(layer, &x, &attn);
+            }
+            x.iter_mut().zip(&attn).for_each(|(a, b)| *a += b);
+            t.activation(layer, Stage::PostFfn, &ffn);
+            if from_stages {
+                t.residual_from_stages(layer);
+            } else {
+                t.residual(layer, &x, &ffn);
+            }
+            x.iter_mut().zip(&ffn).for_each(|(a, b)| *a += b);
+        }
+        t.end_forward();
+        t.forwards()
+            .flat_map(|f| f.activations.layers.iter().map(|l| l.residual_ratio))
+            .collect()
+    }
+
+    #[test]
+    fn residual_from_stages_matches_residual_at_both_adds() {
+        for rows in [1, 3] {
+            for width in [7, 576, 1000] {
+                let want = layer_ratios(rows, width, false, None);
+                let got = layer_ratios(rows, width, true, None);
+                assert_eq!(want.len(), rows * 2);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(*w > 0.0 && *w < 1.0, "{w}");
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w,
+                        "rows {rows} width {width}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+        // A NaN in an update makes the row's ratios NaN, an infinity makes
+        // that layer's 0 (and the next layer's NaN, its input being
+        // infinite), as with `residual`; the other rows keep theirs.
+        for poison in [f32::NAN, f32::INFINITY] {
+            let want = layer_ratios(3, 64, false, Some(poison));
+            let got = layer_ratios(3, 64, true, Some(poison));
+            assert_eq!(got.len(), 6);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                if i / 2 == 1 {
+                    let first = if poison.is_nan() { f32::NAN } else { 0.0 };
+                    let expect = [first, f32::NAN][i % 2];
+                    for r in [g, w] {
+                        let same = (r.is_nan() && expect.is_nan()) || *r == expect;
+                        assert!(same, "{poison} layer {}: {r}", i % 2);
+                    }
+                } else {
+                    assert!(*w > 0.0 && (g - w).abs() <= 1e-6 * w, "{g} vs {w}");
+                }
+            }
+        }
     }
 
     #[test]

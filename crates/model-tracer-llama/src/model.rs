@@ -1310,8 +1310,7 @@ impl<C: TraceConfig> Llama<C> {
             }
             traced!(C, tracer.activation(l, Stage::PostAttn, &s.xb2));
 
-            // residual connection
-            traced!(C, tracer.residual(l, &s.x, &s.xb2));
+            // residual connection (its ratio is recorded after the second)
             s.x.iter_mut().zip(&s.xb2).for_each(|(x, d)| *x += d);
 
             // ffn rmsnorm
@@ -1356,9 +1355,11 @@ impl<C: TraceConfig> Llama<C> {
                 f.apply(l, Stage::PostFfn, &mut s.xb2, hd);
             }
             traced!(C, tracer.activation(l, Stage::PostFfn, &s.xb2));
+            // The layer's residual ratio from the norms of its input and of
+            // both updates, already summarised by the activation hooks.
+            traced!(C, tracer.residual_from_stages(l));
 
             // residual connection
-            traced!(C, tracer.residual(l, &s.x, &s.xb2));
             s.x.iter_mut().zip(&s.xb2).for_each(|(x, d)| *x += d);
             traced!(C, tracer.activation(l, Stage::Output, &s.x));
 
@@ -1690,8 +1691,7 @@ impl<C: TraceConfig> Llama<C> {
             }
             traced!(C, tracer.activation(l, Stage::PostAttn, &b.xb2));
 
-            // residual connection
-            traced!(C, tracer.residual(l, &b.x, &b.xb2));
+            // residual connection (its ratio is recorded after the second)
             b.x.iter_mut().zip(&b.xb2).for_each(|(x, d)| *x += d);
 
             // ffn rmsnorm
@@ -1745,9 +1745,11 @@ impl<C: TraceConfig> Llama<C> {
                 }
             }
             traced!(C, tracer.activation(l, Stage::PostFfn, &b.xb2));
+            // The layer's residual ratio from the norms of its input and of
+            // both updates, already summarised by the activation hooks.
+            traced!(C, tracer.residual_from_stages(l));
 
             // residual connection
-            traced!(C, tracer.residual(l, &b.x, &b.xb2));
             b.x.iter_mut().zip(&b.xb2).for_each(|(x, d)| *x += d);
             traced!(C, tracer.activation(l, Stage::Output, &b.x));
 
