@@ -207,6 +207,10 @@ pub struct Recorder {
     // a recycled forward reserves room for them up front.
     pub(crate) most_quant: usize,
     pub(crate) most_what_if: usize,
+    // The most layers one forward's activation record has held: a new
+    // forward's record reserves them at once rather than growing layer by
+    // layer.
+    pub(crate) most_layers: usize,
     // Logit-lens rows of the forward in flight: `lens_layers.len()` rows of
     // `lens_vocab`, of one row of the forward (`lens_row`): the rows of a
     // forward share them, each row's lens being ranked by its final logits

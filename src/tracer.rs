@@ -44,6 +44,7 @@ impl Recorder {
             spare_attention: Vec::new(),
             spare_tokens: Vec::new(),
             most_quant: 0,
+            most_layers: 0,
             most_what_if: 0,
             lens: Vec::new(),
             lens_layers: Vec::new(),
@@ -129,6 +130,8 @@ impl Recorder {
         }
         self.current.reset(position, self.options.warmup_layers);
         self.current.quantization.traces.reserve(self.most_quant);
+        let layers = &mut self.current.activations.layers;
+        layers.reserve(self.most_layers.saturating_sub(layers.len()));
         self.current.what_if.reserve(self.most_what_if);
         self.residual_norms.iter_mut().for_each(|r| *r = None);
         self.lens_layers.clear();
@@ -511,6 +514,7 @@ impl Recorder {
             self.kv_session.add_step(state);
         }
         self.most_quant = self.most_quant.max(self.current.quantization.traces.len());
+        self.most_layers = self.most_layers.max(self.current.activations.layers.len());
         self.most_what_if = self.most_what_if.max(self.current.what_if.len());
         let primary = self.current.primary_anomaly().copied();
         let done = std::mem::take(&mut *self.current);
