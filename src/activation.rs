@@ -375,7 +375,12 @@ impl ModelActivationTrace {
     pub fn detect_anomalies(&self, position: usize, out: &mut Vec<Anomaly>) {
         let mut seen = [false; AnomalyKind::COUNT];
         let mut prev_nonfinite = false;
-        for (layer, stage, s) in self.recorded() {
+        // The stages of `recorded()`, in the same order, without the
+        // iterator adapters: this runs once per forward.
+        let mut visit = |layer: Option<usize>, stage: Stage, s: &TensorStats| {
+            if s.count == 0 {
+                return;
+            }
             let nonfinite = s.nan_count > 0 || s.inf_count > 0;
             let origin = if prev_nonfinite {
                 Origin::Propagated
@@ -416,7 +421,17 @@ impl ModelActivationTrace {
                 push(AnomalyKind::Vanishing, s.count, s.std);
             }
             prev_nonfinite = nonfinite;
+        };
+        visit(None, Stage::Embedding, &self.embedding_stats);
+        for l in &self.layers {
+            for &stage in &Stage::LAYER_STAGES {
+                if let Some(s) = l.stats(stage) {
+                    visit(Some(l.layer_idx), stage, s);
+                }
+            }
         }
+        visit(None, Stage::FinalNorm, &self.final_norm_stats);
+        visit(None, Stage::Logits, &self.logits_stats);
         for l in &self.layers {
             if l.residual_ratio > RESIDUAL_DOMINANCE
                 && !seen[AnomalyKind::ResidualDominance as usize]
