@@ -839,10 +839,10 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// ‖post_ffn‖)`. In a pre-norm decoder, whose residual adds are
     /// `input + post_attn` and then `+ post_ffn`, this is what
     /// [`residual`](Self::residual) at both adds records, up to the rounding
-    /// of the norms (a relative `1e-6`). A norm follows [`stats::l2_norm`]:
-    /// NaN when the stage holds a NaN, `+Inf` when it holds an infinity; a
-    /// stage not recorded counts as zero. Call after the `PostFfn`
-    /// activation, in place of `residual`.
+    /// of the norms (tested within a relative `1e-6`). A norm follows
+    /// [`stats::l2_norm`]: NaN when the stage holds a NaN, `+Inf` when it
+    /// holds an infinity; a stage not recorded counts as zero. Call after
+    /// the `PostFfn` activation, in place of `residual`.
     #[inline(always)]
     pub fn residual_from_stages(&mut self, layer: usize) {
         if self.activations_on() {
