@@ -4,17 +4,18 @@
 //! # How [`TensorStats::from_slice`] stays fast and accurate
 //!
 //! The data is read once with `wide` vectors of the native width (`f32x4`
-//! with SSE, `f32x8` with AVX), eight vectors per step. Each step is reduced
-//! as a small tree, so every loop-carried accumulator sees one operation per
-//! step, and the accumulators stay in registers. Per lane the kernel keeps,
-//! in `f32`, the sum of `y = x - shift`, the sum of `y²`, and the minimum and
-//! maximum of `x`. Elements after the last whole vector go through a scalar
-//! tail with the same meaning.
+//! with SSE, `f32x8` with AVX), eight vectors per step. Per lane the kernel
+//! keeps, in `f32`, the sum of `y = x - shift`, the sum of `y²`, and the
+//! minimum and maximum of `x`. Elements after the last whole vector go
+//! through a scalar tail with the same meaning.
 //!
-//! Minimum and maximum are found pairwise: one `fast_min` per pair of
-//! vectors, and the larger element recovered bit for bit as `a ^ b ^ min`,
-//! because on common x86 cores comparisons compete with the additions for the
-//! same two execution ports while logic operations do not.
+//! A step is read as four pairs of vectors `(a, b)`: each pair gives one
+//! `a + b`, one `b·b + a·a` (a multiply and a fused multiply-add), one
+//! `fast_min` and one `fast_max`, and the four partials of each are added
+//! as a tree of depth two, so every loop-carried accumulator sees one
+//! operation per step and the step needs no register beyond the sixteen of
+//! x86-64 (no spill): with AVX2 and FMA the loop is 47 instructions per 64
+//! elements.
 //!
 //! **Blocks in `f64`.** Every 32 steps the `f32` lane sums are widened into
 //! `f64`, so no `f32` lane sum takes more than 32 additions. Every
