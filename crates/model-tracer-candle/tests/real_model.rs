@@ -58,6 +58,17 @@ fn greedy_tokens_follow_llama_cpp_or_part_only_at_a_near_tie() {
         reference.forward(g);
     }
     eprintln!("candle greedy tokens: {got:?}");
+
+    // Traced, the prompt is the same batched forward: the same tokens.
+    let mut traced = CandleLlama::from_gguf(&path, Some(64), Full).unwrap();
+    let tokens = traced
+        .generate(&PARIS_PROMPT, LLAMA_CPP_CONTINUATION.len(), |_| {})
+        .unwrap();
+    assert_eq!(tokens, got);
+    assert_eq!(
+        traced.tracer().forwards().count(),
+        PARIS_PROMPT.len() + tokens.len() - 1
+    );
 }
 
 #[test]
@@ -230,4 +241,26 @@ fn the_batched_prompt_and_one_position_per_forward_agree_on_the_f32_path() {
         model_tracer::stats::argmax(&batched),
         model_tracer::stats::argmax(&single)
     );
+
+    // The quantized path, measured: the batched prompt's first answer
+    // token is the one `model-tracer run --engine candle` gives, traced or
+    // not.
+    m.set_exact(false).unwrap();
+    let batched = m.forward(&chat).unwrap();
+    m.clear_kv_cache();
+    for &t in &chat {
+        single = m.forward(&[t]).unwrap();
+    }
+    let max_diff = batched
+        .iter()
+        .zip(&single)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!(
+        "quantized path, 27 positions: largest logit difference {max_diff:e}, \
+         first answer token {:?} batched, {:?} one position per forward",
+        model_tracer::stats::argmax(&batched),
+        model_tracer::stats::argmax(&single)
+    );
+    assert_eq!(model_tracer::stats::argmax(&batched), Some(15319));
 }
