@@ -5,7 +5,13 @@
 // Without hooks (the benchmarks' baseline) the tracer's inputs go unused.
 #![cfg_attr(
     model_tracer_no_hooks,
-    allow(unused_imports, unused_variables, unused_mut, dead_code)
+    allow(
+        unused_imports,
+        unused_variables,
+        unused_mut,
+        unused_assignments,
+        dead_code
+    )
 )]
 
 use std::fmt;
@@ -647,9 +653,19 @@ impl<C: TraceConfig> CandleLlama<C> {
         let scale = 1.0 / (hd as f64).sqrt();
         traced!(C, tracer.begin_forward_rows(first, t));
         traced!(C, tracer.input_tokens(tokens));
-        // the hidden state after each layer, for the logit lens
-        let mut lens = false;
-        traced!(C, lens = tracer.wants_logit_lens());
+        // the rows that get logits (the last, and those the tracer wants),
+        // and, for the logit lens, their hidden state after each layer
+        let mut logit_rows: Vec<u32> = Vec::new();
+        let mut lens_ids: Option<Tensor> = None;
+        traced!(C, {
+            logit_rows = (0..t)
+                .filter(|&i| i + 1 == t || tracer.wants_logits(i))
+                .map(|i| i as u32)
+                .collect();
+            if tracer.wants_logit_lens() {
+                lens_ids = Some(Tensor::from_slice(&logit_rows, logit_rows.len(), &dev)?);
+            }
+        });
         let mut hidden: Vec<Tensor> = Vec::new();
 
         // token embedding
@@ -820,24 +836,25 @@ impl<C: TraceConfig> CandleLlama<C> {
             x = (x + out)?;
             traced!(C, hooks::activation(tracer, l, Stage::Output, &x)?);
 
-            // the hidden state of the logit lens (a handle, not a copy)
-            if lens {
-                hidden.push(x.clone());
+            // the hidden state of the logit lens, of the rows that get logits
+            if let Some(ids) = &lens_ids {
+                hidden.push(x.index_select(ids, 0)?);
             }
         }
 
-        // final rmsnorm of every position, for the tracer
+        // final rmsnorm of the last position
+        let last = rmsnorm(&x.narrow(0, t - 1, 1)?, output_norm, c.rms_eps)?;
+        // and of every position, for the tracer
         traced!(
             C,
-            hooks::activation_with(tracer, 0, Stage::FinalNorm, || rmsnorm(
-                &x,
-                output_norm,
-                c.rms_eps
-            ))?
+            hooks::activation_with(tracer, 0, Stage::FinalNorm, || if t == 1 {
+                Ok(last.clone())
+            } else {
+                rmsnorm(&x, output_norm, c.rms_eps)
+            })?
         );
 
-        // final rmsnorm and classifier into logits of the last position
-        let last = rmsnorm(&x.narrow(0, t - 1, 1)?, output_norm, c.rms_eps)?;
+        // classifier into logits, of the last position
         let logits = output.forward(&last)?;
 
         // per position: the lens and the logits of the rows the tracer
@@ -850,6 +867,7 @@ impl<C: TraceConfig> CandleLlama<C> {
                 output,
                 output_norm,
                 &x,
+                &logit_rows,
                 &hidden,
                 (&last, &logits),
                 first,
@@ -868,12 +886,13 @@ impl<C: TraceConfig> CandleLlama<C> {
 
 /// The per-position records of a forward over the rows of `x` `(T, dim)`
 /// at positions `first..first + T`, each row in turn in focus: for the
-/// rows that get logits (the last, and those the tracer asks for), the
-/// logit lens of `hidden` (the hidden state after each layer, `(T, dim)`
-/// each, empty when the lens is off), the LM head's quantization error and
-/// the final logits (`last`: the last row's normed state and logits,
-/// already computed); then every row's KV cache state, as a forward of that
-/// position alone would record it (`steps`: the step of row 0).
+/// rows of `logit_rows` (ascending, the last row last), the logit lens of
+/// `hidden` (their hidden states after each layer, `(logit_rows.len(),
+/// dim)` each, empty when the lens is off), the LM head's quantization
+/// error and the final logits (`last`: the last row's normed state and
+/// logits, already computed; the other rows' as one product); then every
+/// row's KV cache state, as a forward of that position alone would record
+/// it (`steps`: the step of row 0).
 #[cfg_attr(model_tracer_no_hooks, allow(dead_code))]
 #[allow(clippy::too_many_arguments)]
 fn trace_rows<C: TraceConfig>(
@@ -882,6 +901,7 @@ fn trace_rows<C: TraceConfig>(
     output: &Linear,
     output_norm: &Tensor,
     x: &Tensor,
+    logit_rows: &[u32],
     hidden: &[Tensor],
     last: (&Tensor, &Tensor),
     first: usize,
@@ -890,31 +910,28 @@ fn trace_rows<C: TraceConfig>(
 ) -> candle_core::Result<()> {
     let t = x.dim(0)?;
     // the rows other than the last that get logits, as one product
-    let wanted: Vec<u32> = (0..t.saturating_sub(1))
-        .filter(|&i| tracer.wants_logits(i))
-        .map(|i| i as u32)
-        .collect();
-    let others = if wanted.is_empty() {
+    let others = &logit_rows[..logit_rows.len().saturating_sub(1)];
+    let others = if others.is_empty() {
         None
     } else {
-        let ids = Tensor::from_slice(&wanted, wanted.len(), &Device::Cpu)?;
+        let ids = Tensor::from_slice(others, others.len(), &Device::Cpu)?;
         let xn = rmsnorm(&x.index_select(&ids, 0)?, output_norm, c.rms_eps)?;
         let logits = output.forward(&xn)?;
         Some((xn, logits))
     };
     let lens_layers: Vec<usize> = (0..hidden.len()).collect();
-    let mut next = 0;
+    // the index in `logit_rows` of the next row with logits
+    let mut j = 0;
     for i in 0..t {
         tracer.focus_row(i);
-        let row = if i + 1 == t {
+        let row = if logit_rows.get(j) != Some(&(i as u32)) {
+            None
+        } else if i + 1 == t {
             Some((last.0.clone(), last.1.clone()))
         } else {
             match &others {
-                Some((xn, logits)) if wanted.get(next) == Some(&(i as u32)) => {
-                    next += 1;
-                    Some((xn.narrow(0, next - 1, 1)?, logits.narrow(0, next - 1, 1)?))
-                }
-                _ => None,
+                Some((xn, logits)) => Some((xn.narrow(0, j, 1)?, logits.narrow(0, j, 1)?)),
+                None => None,
             }
         };
         if let Some((xn, logits)) = row {
@@ -922,7 +939,7 @@ fn trace_rows<C: TraceConfig>(
                 hooks::logit_lens(tracer, &lens_layers, c.vocab_size, || {
                     let rows = hidden
                         .iter()
-                        .map(|h| h.narrow(0, i, 1))
+                        .map(|h| h.narrow(0, j, 1))
                         .collect::<candle_core::Result<Vec<_>>>()?;
                     output.forward(&rmsnorm(&Tensor::cat(&rows, 0)?, output_norm, c.rms_eps)?)
                 })?;
@@ -937,6 +954,7 @@ fn trace_rows<C: TraceConfig>(
                 |_| output.reference(&xn),
             )?;
             hooks::final_logits(tracer, &logits)?;
+            j += 1;
         }
         let n_ctx = first + i + 1;
         tracer.kv_state(|| KvCacheStateTrace {
