@@ -263,4 +263,20 @@ fn the_batched_prompt_and_one_position_per_forward_agree_on_the_f32_path() {
         model_tracer::stats::argmax(&single)
     );
     assert_eq!(model_tracer::stats::argmax(&batched), Some(15319));
+
+    // And on the 5-token prompt.
+    m.clear_kv_cache();
+    let batched = m.forward(&PARIS_PROMPT).unwrap();
+    m.clear_kv_cache();
+    for &t in &PARIS_PROMPT {
+        single = m.forward(&[t]).unwrap();
+    }
+    let max_diff = batched
+        .iter()
+        .zip(&single)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("quantized path, 5 positions: largest logit difference {max_diff:e}");
+    assert_eq!(model_tracer::stats::argmax(&batched), Some(7042));
+    assert_eq!(model_tracer::stats::argmax(&single), Some(7042));
 }
