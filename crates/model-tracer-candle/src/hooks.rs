@@ -67,8 +67,8 @@ pub fn activation<C: TraceConfig>(
     Ok(())
 }
 
-/// [`ModelTracer::activation`] of the tensor `x` computes, which it
-/// computes only when activations are traced.
+/// [`ModelTracer::activation`] of the tensor that `x` computes; `x` runs
+/// only when activations are traced.
 #[inline(always)]
 pub fn activation_with<C: TraceConfig>(
     tracer: &mut ModelTracer<C>,
@@ -139,10 +139,12 @@ pub fn quant_error<C: TraceConfig>(
     quantized: impl FnOnce() -> Result<Tensor>,
     mut reference: impl FnMut(usize) -> Result<Tensor>,
 ) -> Result<()> {
-    // Off: no visit to count, no row to focus.
+    // Quantization-error tracing off (`wants_what_if` is its switch): no
+    // visit to count, no row to focus.
     if !tracer.wants_what_if() {
         return Ok(());
     }
+    // the quantized output of every row, computed at the first sampled row
     let mut quantized = Some(quantized);
     let mut all: Option<Tensor> = None;
     let first = rows.start;
@@ -153,14 +155,11 @@ pub fn quant_error<C: TraceConfig>(
             tracer.quant_error(brick, layer, quant_type, &[], |_| {});
             continue;
         }
-        let q = match (&all, quantized.take()) {
-            (Some(q), _) => q.clone(),
-            (None, Some(f)) => {
-                let q = f()?;
-                all = Some(q.clone());
-                q
-            }
-            (None, None) => continue,
+        if let Some(f) = quantized.take() {
+            all = Some(f()?);
+        }
+        let Some(q) = &all else {
+            continue;
         };
         let q = q.narrow(0, i - first, 1)?;
         let r = reference(i)?;
