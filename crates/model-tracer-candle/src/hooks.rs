@@ -293,6 +293,24 @@ mod tests {
     }
 
     #[test]
+    fn an_activation_of_t_rows_is_recorded_once_per_position() {
+        use model_tracer::Lightweight;
+        let x = Tensor::new(&[[1f32, -2.0, 3.0], [4.0, 5.0, -6.0]], &Device::Cpu).unwrap();
+        let mut light = ModelTracer::new(Lightweight);
+        light.begin_forward_rows(7, 2);
+        activation(&mut light, 0, Stage::Input, &x).unwrap();
+        light.end_forward();
+        let rows: Vec<_> = light
+            .forwards()
+            .map(|f| {
+                let s = &f.activations.layers[0].input_stats;
+                (f.position, s.count, s.max, s.min)
+            })
+            .collect();
+        assert_eq!(rows, vec![(7, 3, 3.0, -2.0), (8, 3, 5.0, -6.0)]);
+    }
+
+    #[test]
     fn quantization_error_is_measured_per_row_against_that_row_s_reference() {
         use model_tracer::{Full, QuantSampling};
         let quantized = Tensor::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &Device::Cpu).unwrap();
