@@ -1,7 +1,7 @@
 //! Speed of the candle model beside the reference decoder, in one run on
 //! the real SmolLM2-135M-Instruct file (Q4_1): prefill tokens/s of a
-//! 32-token prompt (candle: one batched forward; the reference decoder: one
-//! position per forward) and decode ms/token.
+//! 32-token prompt (candle: one batched forward, traced or not; the
+//! reference decoder: its chunked prefill) and decode ms/token.
 //!
 //! ```text
 //! CANDLE_NUM_THREADS=1 cargo bench -p model-tracer-candle --bench decode   # candle on one thread, as the reference decoder

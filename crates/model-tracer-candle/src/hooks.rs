@@ -10,10 +10,16 @@
 //! looked at. The functions test the tracer's switches before they touch
 //! the tensor, so that a system that is off costs no copy either.
 //!
-//! The tracer records one position per forward today; the model runs one
-//! position per forward while tracing, so each tensor given here holds one
-//! row. A tracer that takes `[T × d]` rows will take the same slices: the
-//! change stays in this module and in the model's position loop.
+//! A forward runs `T` positions at once (the prompt, in one forward per
+//! at most [`MAX_FORWARD_ROWS`](model_tracer::storage::MAX_FORWARD_ROWS)
+//! positions; a decode step is `T = 1`), opened by
+//! [`ModelTracer::begin_forward_rows`]: [`activation`] and [`residual`]
+//! hand the tracer the whole `[T × d]` tensor, [`attention`] every head's
+//! `T` causal rows; [`quant_error`], [`logit_lens`] and [`final_logits`]
+//! record into one position, the row in focus
+//! ([`ModelTracer::focus_row`]).
+
+use std::ops::Range;
 
 use candle_core::{DType, Result, Storage, Tensor};
 use model_tracer::quant::{BrickId, QuantType};
@@ -61,6 +67,22 @@ pub fn activation<C: TraceConfig>(
     Ok(())
 }
 
+/// [`ModelTracer::activation`] of the tensor that `x` computes; `x` runs
+/// only when activations are traced.
+#[inline(always)]
+pub fn activation_with<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    layer: usize,
+    stage: Stage,
+    x: impl FnOnce() -> Result<Tensor>,
+) -> Result<()> {
+    if activations_on(tracer) {
+        let x = x()?;
+        with_f32(&x, |v| tracer.activation(layer, stage, v))?;
+    }
+    Ok(())
+}
+
 /// [`ModelTracer::residual`] of the residual stream `x` and the update
 /// about to be added to it.
 #[inline(always)]
@@ -76,9 +98,11 @@ pub fn residual<C: TraceConfig>(
     Ok(())
 }
 
-/// [`ModelTracer::attention`] of every head: `probs` holds the softmax rows
-/// `(n_heads, T, keys)` of the queries at `first..first + T`; the row of
-/// the query at `p` is recorded over the `p + 1` keys it may attend to.
+/// [`ModelTracer::attention_rows`] of every head: `probs` holds the
+/// softmax rows `(n_heads, T, keys)` of the queries at `first..first + T`
+/// (`keys` is `first + T`, the cached positions and the forward's); the
+/// row of the query at `p` is recorded over the `p + 1` keys it may
+/// attend to.
 #[inline(always)]
 pub fn attention<C: TraceConfig>(
     tracer: &mut ModelTracer<C>,
@@ -90,48 +114,75 @@ pub fn attention<C: TraceConfig>(
     if !(0..n_heads).any(|h| tracer.wants_attention(layer, h)) {
         return Ok(());
     }
+    let per_head = t * keys;
     with_f32(probs, |p| {
-        for (i, row) in p.chunks_exact(keys).enumerate() {
-            let (h, query) = (i / t, first + i % t);
-            tracer.attention(layer, h, query, &row[..(query + 1).min(keys)]);
+        for (h, rows) in p.chunks_exact(per_head.max(1)).enumerate() {
+            if tracer.wants_attention(layer, h) {
+                tracer.attention_rows(layer, h, rows, first + 1);
+            }
         }
     })
 }
 
-/// [`ModelTracer::quant_error`] of a product: `quantized` gives the output
-/// of the quantized weights, `reference` computes the output of the f32
-/// weights; both run only when the tracer samples this call.
+/// [`ModelTracer::quant_error`] of a product, for each row `i` of `rows`
+/// in turn (brought into focus): `quantized` gives the output of the
+/// quantized weights for these rows, `(rows.len(), out)`; `reference(i)`
+/// computes row `i`'s output of the f32 weights, `(1, out)`. Both run only
+/// for the rows the tracer samples; the other rows count as visits.
 #[inline(always)]
 pub fn quant_error<C: TraceConfig>(
     tracer: &mut ModelTracer<C>,
     brick: BrickId,
     layer: usize,
     quant_type: QuantType,
+    rows: Range<usize>,
     quantized: impl FnOnce() -> Result<Tensor>,
-    reference: impl FnOnce() -> Result<Tensor>,
+    mut reference: impl FnMut(usize) -> Result<Tensor>,
 ) -> Result<()> {
-    if !tracer.wants_quant_error(brick) {
-        // Counts the visit, for the sampling policy.
-        tracer.quant_error(brick, layer, quant_type, &[], |_| {});
+    // Quantization-error tracing off (`wants_what_if` is its switch): no
+    // visit to count, no row to focus.
+    if !tracer.wants_what_if() {
         return Ok(());
     }
-    let (quantized, reference) = (quantized()?, reference()?);
-    with_f32(&quantized, |q| {
-        with_f32(&reference, |r| {
-            tracer.quant_error(brick, layer, quant_type, q, |out| {
-                out.copy_from_slice(&r[..out.len()]);
+    // the quantized output of every row, computed at the first sampled row
+    let mut quantized = Some(quantized);
+    let mut all: Option<Tensor> = None;
+    let first = rows.start;
+    for i in rows {
+        tracer.focus_row(i);
+        if !tracer.wants_quant_error(brick) {
+            // Counts the visit, for the sampling policy.
+            tracer.quant_error(brick, layer, quant_type, &[], |_| {});
+            continue;
+        }
+        if let Some(f) = quantized.take() {
+            all = Some(f()?);
+        }
+        let Some(q) = &all else {
+            continue;
+        };
+        let q = q.narrow(0, i - first, 1)?;
+        let r = reference(i)?;
+        with_f32(&q, |q| {
+            with_f32(&r, |r| {
+                tracer.quant_error(brick, layer, quant_type, q, |out| {
+                    let n = out.len().min(r.len());
+                    out[..n].copy_from_slice(&r[..n]);
+                })
             })
-        })
-    })?
+        })??;
+    }
+    Ok(())
 }
 
-/// [`ModelTracer::logit_lens`] at `layer`: `lens` computes the logits the
-/// final norm and the LM head give for this layer's hidden state; it runs
-/// only when the lens is on.
+/// [`ModelTracer::logit_lens_layers`] of the row in focus at `layers`:
+/// `lens` computes the logits `(layers.len(), vocab)` that the final norm
+/// and the LM head give for the hidden state after each of these layers;
+/// it runs only when the lens is on.
 #[inline(always)]
 pub fn logit_lens<C: TraceConfig>(
     tracer: &mut ModelTracer<C>,
-    layer: usize,
+    layers: &[usize],
     vocab: usize,
     lens: impl FnOnce() -> Result<Tensor>,
 ) -> Result<()> {
@@ -140,7 +191,7 @@ pub fn logit_lens<C: TraceConfig>(
     }
     let logits = lens()?;
     with_f32(&logits, |l| {
-        tracer.logit_lens(layer, vocab, |out| {
+        tracer.logit_lens_layers(layers, vocab, |out| {
             let n = out.len().min(l.len());
             out[..n].copy_from_slice(&l[..n]);
         })
@@ -148,7 +199,7 @@ pub fn logit_lens<C: TraceConfig>(
 }
 
 /// [`ModelTracer::final_logits`] and [`ModelTracer::selected_token`] (the
-/// greedy choice) of the logits of one position.
+/// greedy choice) of the logits of one position, into the row in focus.
 #[inline(always)]
 pub fn final_logits<C: TraceConfig>(tracer: &mut ModelTracer<C>, logits: &Tensor) -> Result<()> {
     if C::ACTIVATIONS || C::LOGITS {
@@ -218,20 +269,85 @@ mod tests {
         )
         .unwrap();
         let mut full = ModelTracer::new(Full);
-        full.begin_forward(2);
+        full.begin_forward_rows(1, 2);
         attention(&mut full, 0, 1, &probs).unwrap();
         full.end_forward();
         let recorded: Vec<_> = full
-            .last_forward()
-            .unwrap()
-            .attention
-            .iter()
-            .map(|a| (a.head_idx, a.query_pos, a.context_len, a.top_k_positions[0]))
+            .forwards()
+            .map(|f| {
+                let heads: Vec<_> = f
+                    .attention
+                    .iter()
+                    .map(|a| (a.head_idx, a.query_pos, a.context_len, a.top_k_positions[0]))
+                    .collect();
+                (f.position, heads)
+            })
             .collect();
         assert_eq!(
             recorded,
-            vec![(0, 1, 2, 0), (0, 2, 3, 2), (1, 1, 2, 0), (1, 2, 3, 2)]
+            vec![
+                (1, vec![(0, 1, 2, 0), (1, 1, 2, 0)]),
+                (2, vec![(0, 2, 3, 2), (1, 2, 3, 2)])
+            ]
         );
+    }
+
+    #[test]
+    fn an_activation_of_t_rows_is_recorded_once_per_position() {
+        use model_tracer::Lightweight;
+        let x = Tensor::new(&[[1f32, -2.0, 3.0], [4.0, 5.0, -6.0]], &Device::Cpu).unwrap();
+        let mut light = ModelTracer::new(Lightweight);
+        light.begin_forward_rows(7, 2);
+        activation(&mut light, 0, Stage::Input, &x).unwrap();
+        light.end_forward();
+        let rows: Vec<_> = light
+            .forwards()
+            .map(|f| {
+                let s = &f.activations.layers[0].input_stats;
+                (f.position, s.count, s.max, s.min)
+            })
+            .collect();
+        assert_eq!(rows, vec![(7, 3, 3.0, -2.0), (8, 3, 5.0, -6.0)]);
+    }
+
+    #[test]
+    fn quantization_error_is_measured_per_row_against_that_row_s_reference() {
+        use model_tracer::{Full, QuantSampling};
+        let quantized = Tensor::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &Device::Cpu).unwrap();
+        let mut full = ModelTracer::new(Full);
+        full.set_quant_sampling(QuantSampling::Every);
+        full.begin_forward_rows(3, 2);
+        let mut asked = Vec::new();
+        quant_error(
+            &mut full,
+            BrickId::FfnUp,
+            5,
+            QuantType::Q4_1,
+            0..2,
+            || Ok(quantized.clone()),
+            |i| {
+                asked.push(i);
+                // Row 0's reference equals its output; row 1's is off by 1.
+                let row = quantized.narrow(0, i, 1)?;
+                if i == 0 {
+                    Ok(row)
+                } else {
+                    row + 1.0
+                }
+            },
+        )
+        .unwrap();
+        full.end_forward();
+        assert_eq!(asked, vec![0, 1]);
+        let traces: Vec<_> = full
+            .forwards()
+            .map(|f| {
+                assert_eq!(f.quantization.traces.len(), 1, "position {}", f.position);
+                let t = &f.quantization.traces[0];
+                (f.position, t.layer_idx, t.max_abs_error)
+            })
+            .collect();
+        assert_eq!(traces, vec![(3, 5, 0.0), (4, 5, 1.0)]);
     }
 
     #[test]
@@ -241,14 +357,15 @@ mod tests {
         // quantization error.
         let mut light = ModelTracer::new(Lightweight);
         light.begin_forward(0);
-        logit_lens(&mut light, 0, 4, || panic!("the lens is off")).unwrap();
+        logit_lens(&mut light, &[0], 4, || panic!("the lens is off")).unwrap();
         quant_error(
             &mut light,
             BrickId::FfnUp,
             0,
             QuantType::Q4_1,
+            0..1,
             || panic!("quantization error is off"),
-            || panic!("quantization error is off"),
+            |_| panic!("quantization error is off"),
         )
         .unwrap();
         let x = Tensor::new(&[[1f32, -2.0, 3.0]], &Device::Cpu).unwrap();

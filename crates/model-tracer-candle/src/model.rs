@@ -5,7 +5,13 @@
 // Without hooks (the benchmarks' baseline) the tracer's inputs go unused.
 #![cfg_attr(
     model_tracer_no_hooks,
-    allow(unused_imports, unused_variables, dead_code)
+    allow(
+        unused_imports,
+        unused_variables,
+        unused_mut,
+        unused_assignments,
+        dead_code
+    )
 )]
 
 use std::fmt;
@@ -17,6 +23,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use model_tracer::kv_cache::KvCacheStateTrace;
 use model_tracer::quant::{BrickId, QuantType};
+use model_tracer::storage::MAX_FORWARD_ROWS;
 use model_tracer::{traced, DefaultTrace, ModelTracer, Stage, TraceConfig};
 use model_tracer_llama::model::{Config, Fault, FaultKind, ModelError};
 use model_tracer_llama::tokenizer::Tokenizer;
@@ -230,9 +237,10 @@ impl KvCache {
 /// A LLaMA decoder on candle, generic over its trace config:
 /// `CandleLlama<Disabled>` runs with no tracing code at all.
 ///
-/// Without tracing the prompt runs as one batched forward over its
-/// positions; while tracing, one position per forward (the tracer records
-/// one position per forward).
+/// The prompt runs as one batched forward over its positions, traced or
+/// not: the tracer takes the forward's rows
+/// ([`ModelTracer::begin_forward_rows`]) and records one `ForwardTrace`
+/// per position.
 #[derive(Debug)]
 pub struct CandleLlama<C: TraceConfig = DefaultTrace> {
     /// Hyperparameters.
@@ -560,8 +568,9 @@ impl<C: TraceConfig> CandleLlama<C> {
     }
 
     /// Runs `tokens` at the next positions of the cache and returns the
-    /// logits of the last one. Without tracing the tokens run as one
-    /// batched forward; while tracing, one forward per position.
+    /// logits of the last one. The tokens run as one batched forward (one
+    /// per [`MAX_FORWARD_ROWS`] positions), traced or not: a traced run
+    /// computes what an untraced one does, in the same order.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, CandleError> {
         if let Some(&id) = tokens
             .iter()
@@ -579,17 +588,11 @@ impl<C: TraceConfig> CandleLlama<C> {
                 needed,
             });
         }
-        let Some((&last, _)) = tokens.split_last() else {
-            return Ok(Vec::new());
-        };
-        if C::ANY && self.tracer.is_enabled() {
-            // One position per forward: the tracer's records are per position.
-            for &t in &tokens[..tokens.len() - 1] {
-                self.forward_positions(&[t])?;
-            }
-            return self.forward_positions(&[last]);
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(MAX_FORWARD_ROWS) {
+            logits = self.forward_positions(chunk)?;
         }
-        self.forward_positions(tokens)
+        Ok(logits)
     }
 
     /// Greedy generation: runs the prompt as one forward, then appends the
@@ -618,8 +621,11 @@ impl<C: TraceConfig> CandleLlama<C> {
         }
     }
 
-    /// One forward over `tokens` (`T` positions from the cache's length):
-    /// the logits of the last position.
+    /// One forward over `tokens` (`T` positions from the cache's length, at
+    /// least one): the logits of the last position. The tracer takes the
+    /// forward's `T` rows; only the last position, and the rows the tracer
+    /// asks logits of ([`ModelTracer::wants_logits`]), go through the LM
+    /// head.
     fn forward_positions(&mut self, tokens: &[u32]) -> Result<Vec<f32>, CandleError> {
         let CandleLlama {
             config: c,
@@ -637,13 +643,30 @@ impl<C: TraceConfig> CandleLlama<C> {
         } = self;
         let dev = Device::Cpu;
         let t = tokens.len();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
         let first = cache.len;
         let n_ctx = first + t;
         let (hd, n_heads, n_kv) = (c.head_dim, c.n_heads, c.n_kv_heads);
         let kv_mul = n_heads / n_kv;
         let scale = 1.0 / (hd as f64).sqrt();
-        traced!(C, tracer.begin_forward(first));
-        traced!(C, tracer.input_token(tokens[0]));
+        traced!(C, tracer.begin_forward_rows(first, t));
+        traced!(C, tracer.input_tokens(tokens));
+        // the rows that get logits (the last, and those the tracer wants),
+        // and, for the logit lens, their hidden state after each layer
+        let mut logit_rows: Vec<u32> = Vec::new();
+        let mut lens_ids: Option<Tensor> = None;
+        traced!(C, {
+            logit_rows = (0..t)
+                .filter(|&i| i + 1 == t || tracer.wants_logits(i))
+                .map(|i| i as u32)
+                .collect();
+            if tracer.wants_logit_lens() {
+                lens_ids = Some(Tensor::from_slice(&logit_rows, logit_rows.len(), &dev)?);
+            }
+        });
+        let mut hidden: Vec<Tensor> = Vec::new();
 
         // token embedding
         let ids = Tensor::from_slice(tokens, t, &dev)?;
@@ -687,13 +710,15 @@ impl<C: TraceConfig> CandleLlama<C> {
                     BrickId::QkvProjection,
                     l,
                     lw.attn_q.quant_type(),
+                    0..t,
                     || Tensor::cat(&[&q, &k, &v], 1),
-                    || {
+                    |i| {
+                        let xi = xn.narrow(0, i, 1)?;
                         Tensor::cat(
                             &[
-                                lw.attn_q.reference(&xn)?,
-                                lw.attn_k.reference(&xn)?,
-                                lw.attn_v.reference(&xn)?,
+                                lw.attn_q.reference(&xi)?,
+                                lw.attn_k.reference(&xi)?,
+                                lw.attn_v.reference(&xi)?,
                             ],
                             1,
                         )
@@ -738,8 +763,9 @@ impl<C: TraceConfig> CandleLlama<C> {
                     BrickId::AttentionOutput,
                     l,
                     lw.attn_output.quant_type(),
+                    0..t,
                     || Ok(out.clone()),
-                    || lw.attn_output.reference(&att)
+                    |i| lw.attn_output.reference(&att.narrow(0, i, 1)?)
                 )?
             );
             if let Some(f) = fault {
@@ -764,8 +790,9 @@ impl<C: TraceConfig> CandleLlama<C> {
                     BrickId::FfnGate,
                     l,
                     lw.ffn_gate.quant_type(),
+                    0..t,
                     || Ok(gate.clone()),
-                    || lw.ffn_gate.reference(&xn)
+                    |i| lw.ffn_gate.reference(&xn.narrow(0, i, 1)?)
                 )?
             );
             let up = lw.ffn_up.forward(&xn)?;
@@ -776,8 +803,9 @@ impl<C: TraceConfig> CandleLlama<C> {
                     BrickId::FfnUp,
                     l,
                     lw.ffn_up.quant_type(),
+                    0..t,
                     || Ok(up.clone()),
-                    || lw.ffn_up.reference(&xn)
+                    |i| lw.ffn_up.reference(&xn.narrow(0, i, 1)?)
                 )?
             );
 
@@ -793,8 +821,9 @@ impl<C: TraceConfig> CandleLlama<C> {
                     BrickId::FfnDown,
                     l,
                     lw.ffn_down.quant_type(),
+                    0..t,
                     || Ok(out.clone()),
-                    || lw.ffn_down.reference(&h)
+                    |i| lw.ffn_down.reference(&h.narrow(0, i, 1)?)
                 )?
             );
             if let Some(f) = fault {
@@ -807,53 +836,137 @@ impl<C: TraceConfig> CandleLlama<C> {
             x = (x + out)?;
             traced!(C, hooks::activation(tracer, l, Stage::Output, &x)?);
 
-            // logit lens: what the model would predict if it stopped here
-            traced!(
-                C,
-                hooks::logit_lens(tracer, l, c.vocab_size, || {
-                    output.forward(&rmsnorm(&x, output_norm, c.rms_eps)?)
-                })?
-            );
+            // the hidden state of the logit lens, of the rows that get logits
+            if let Some(ids) = &lens_ids {
+                hidden.push(x.index_select(ids, 0)?);
+            }
         }
 
-        // final rmsnorm, of the last position only
-        let x = x.narrow(0, t - 1, 1)?;
-        let xn = rmsnorm(&x, output_norm, c.rms_eps)?;
-        traced!(C, hooks::activation(tracer, 0, Stage::FinalNorm, &xn)?);
-
-        // classifier into logits
-        let logits = output.forward(&xn)?;
+        // final rmsnorm of the last position
+        let last = rmsnorm(&x.narrow(0, t - 1, 1)?, output_norm, c.rms_eps)?;
+        // and of every position, for the tracer
         traced!(
             C,
+            hooks::activation_with(tracer, 0, Stage::FinalNorm, || if t == 1 {
+                Ok(last.clone())
+            } else {
+                rmsnorm(&x, output_norm, c.rms_eps)
+            })?
+        );
+
+        // classifier into logits, of the last position
+        let logits = output.forward(&last)?;
+
+        // per position: the lens and the logits of the rows the tracer
+        // wants (the last row's are the ones above), then the KV state
+        traced!(
+            C,
+            trace_rows(
+                tracer,
+                c,
+                output,
+                output_norm,
+                &x,
+                &logit_rows,
+                &hidden,
+                (&last, &logits),
+                first,
+                *steps,
+                cache.capacity,
+            )?
+        );
+
+        // KV cache bookkeeping
+        cache.len = n_ctx;
+        *steps += t;
+        traced!(C, tracer.end_forward());
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// The per-position records of a forward over the rows of `x` `(T, dim)`
+/// at positions `first..first + T`, each row in turn in focus: for the
+/// rows of `logit_rows` (ascending, the last row last), the logit lens of
+/// `hidden` (their hidden states after each layer, `(logit_rows.len(),
+/// dim)` each, empty when the lens is off), the LM head's quantization
+/// error and the final logits (`last`: the last row's normed state and
+/// logits, already computed; the other rows' as one product); then every
+/// row's KV cache state, as a forward of that position alone would record
+/// it (`steps`: the step of row 0).
+#[cfg_attr(model_tracer_no_hooks, allow(dead_code))]
+#[allow(clippy::too_many_arguments)]
+fn trace_rows<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    c: &Config,
+    output: &Linear,
+    output_norm: &Tensor,
+    x: &Tensor,
+    logit_rows: &[u32],
+    hidden: &[Tensor],
+    last: (&Tensor, &Tensor),
+    first: usize,
+    steps: usize,
+    capacity: usize,
+) -> candle_core::Result<()> {
+    let t = x.dim(0)?;
+    // the rows other than the last that get logits, as one product
+    let others = &logit_rows[..logit_rows.len().saturating_sub(1)];
+    let others = if others.is_empty() {
+        None
+    } else {
+        let ids = Tensor::from_slice(others, others.len(), &Device::Cpu)?;
+        let xn = rmsnorm(&x.index_select(&ids, 0)?, output_norm, c.rms_eps)?;
+        let logits = output.forward(&xn)?;
+        Some((xn, logits))
+    };
+    let lens_layers: Vec<usize> = (0..hidden.len()).collect();
+    // the index in `logit_rows` of the next row with logits
+    let mut j = 0;
+    for i in 0..t {
+        tracer.focus_row(i);
+        let row = if logit_rows.get(j) != Some(&(i as u32)) {
+            None
+        } else if i + 1 == t {
+            Some((last.0.clone(), last.1.clone()))
+        } else {
+            match &others {
+                Some((xn, logits)) => Some((xn.narrow(0, j, 1)?, logits.narrow(0, j, 1)?)),
+                None => None,
+            }
+        };
+        if let Some((xn, logits)) = row {
+            if !hidden.is_empty() {
+                hooks::logit_lens(tracer, &lens_layers, c.vocab_size, || {
+                    let rows = hidden
+                        .iter()
+                        .map(|h| h.narrow(0, j, 1))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    output.forward(&rmsnorm(&Tensor::cat(&rows, 0)?, output_norm, c.rms_eps)?)
+                })?;
+            }
             hooks::quant_error(
                 tracer,
                 BrickId::LmHead,
                 0,
                 output.quant_type(),
+                i..i + 1,
                 || Ok(logits.clone()),
-                || output.reference(&xn)
-            )?
-        );
-        traced!(C, hooks::final_logits(tracer, &logits)?);
-
-        // KV cache bookkeeping
-        cache.len = n_ctx;
-        let step = *steps;
-        *steps += 1;
-        traced!(
-            C,
-            tracer.kv_state(|| KvCacheStateTrace {
-                step,
-                max_positions: cache.capacity,
-                valid_positions: n_ctx,
-                cache_size_bytes: cache.bytes_in_use(),
-                cache_hit_rate: first as f32 / n_ctx as f32,
-                evictions_this_step: 0,
-                reused_positions: first,
-                computed_positions: t,
-            })
-        );
-        traced!(C, tracer.end_forward());
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+                |_| output.reference(&xn),
+            )?;
+            hooks::final_logits(tracer, &logits)?;
+            j += 1;
+        }
+        let n_ctx = first + i + 1;
+        tracer.kv_state(|| KvCacheStateTrace {
+            step: steps + i,
+            max_positions: capacity,
+            valid_positions: n_ctx,
+            cache_size_bytes: 2 * c.n_layers * n_ctx * c.kv_dim() * std::mem::size_of::<f32>(),
+            cache_hit_rate: (n_ctx - 1) as f32 / n_ctx as f32,
+            evictions_this_step: 0,
+            reused_positions: n_ctx - 1,
+            computed_positions: 1,
+        });
     }
+    Ok(())
 }

@@ -1,9 +1,11 @@
 //! The candle model's trace against the reference decoder's, on the real
 //! SmolLM2-135M-Instruct file: the same token ids through both, every
-//! (position, layer, stage) compared by `model_tracer::diff`.
+//! (position, layer, stage) compared by `model_tracer::diff`. The candle
+//! model runs the prompt as one traced forward of five rows, the
+//! reference decoder one position per forward.
 
 use model_tracer::diff::{diff, DiffReport, Side, DEFAULT_TOLERANCE};
-use model_tracer::{Disabled, Full, ModelTracer, Stage, TraceOptions};
+use model_tracer::{Disabled, Full, LogitRows, ModelTracer, Stage, TraceOptions};
 use model_tracer_candle::CandleLlama;
 use model_tracer_llama::model::{Fault, FaultKind, Llama};
 use model_tracer_test_support::real_model;
@@ -39,10 +41,25 @@ fn reference_side(path: &std::path::Path, ids: &[u32], exact: bool) -> Side {
     Side::from_forwards("reference", m.tracer().forwards())
 }
 
-/// The candle model's trace of `ids`, the prompt as one call.
-fn candle_side(path: &std::path::Path, ids: &[u32], exact: bool, fault: Option<Fault>) -> Side {
+/// The candle model's trace of `ids`, the prompt as one forward; every
+/// prompt row gets its logits and lens when `every_row`, else the last.
+fn candle_side(
+    path: &std::path::Path,
+    ids: &[u32],
+    exact: bool,
+    fault: Option<Fault>,
+    every_row: bool,
+) -> Side {
     let mut m = CandleLlama::from_gguf(path, Some(64), Full).unwrap();
-    *m.tracer_mut() = ModelTracer::with_options(Full, options());
+    let options = TraceOptions {
+        logit_rows: if every_row {
+            LogitRows::Every
+        } else {
+            LogitRows::Last
+        },
+        ..options()
+    };
+    *m.tracer_mut() = ModelTracer::with_options(Full, options);
     m.set_exact(exact).unwrap();
     m.set_fault(fault);
     m.forward(&ids[..PROMPT.len()]).unwrap();
@@ -50,6 +67,13 @@ fn candle_side(path: &std::path::Path, ids: &[u32], exact: bool, fault: Option<F
         m.forward(&[t]).unwrap();
     }
     assert_eq!(m.tracer().forwards().count(), ids.len());
+    let with_logits = m.tracer().forwards().filter(|f| f.logits.is_some()).count();
+    let expected = if every_row {
+        ids.len()
+    } else {
+        ids.len() - PROMPT.len() + 1
+    };
+    assert_eq!(with_logits, expected);
     Side::from_forwards("candle", m.tracer().forwards())
 }
 
@@ -86,40 +110,52 @@ fn candle_trace_matches_the_reference_f32_path_and_a_planted_fault_is_found_at_i
     let ids = ids(&path);
     let reference = reference_side(&path, &ids, true);
 
-    let clean = diff(
-        &reference,
-        &candle_side(&path, &ids, true, None),
-        DEFAULT_TOLERANCE,
-    )
-    .unwrap();
-    let (error, site) = worst(&clean);
-    eprintln!(
-        "f32 paths: {} sites, largest error {error:e} at {site}",
-        clean.sites_compared
-    );
-    assert_eq!(clean.positions.len(), ids.len());
-    assert!(clean.token_mismatches.is_empty());
-    assert_eq!(clean.sites_compared, SITES);
-    assert_eq!(
-        clean.first_divergence, None,
-        "largest error {error:e} at {site}"
-    );
-    assert!(error < DEFAULT_TOLERANCE);
-    assert_eq!(clean.top1_agreement.map(|f| f.0), Some(1.0));
+    for every_row in [false, true] {
+        let clean = diff(
+            &reference,
+            &candle_side(&path, &ids, true, None, every_row),
+            DEFAULT_TOLERANCE,
+        )
+        .unwrap();
+        let (error, site) = worst(&clean);
+        eprintln!(
+            "f32 paths, logits of every prompt row {every_row}: {} sites, largest error {error:e} at {site}",
+            clean.sites_compared
+        );
+        assert_eq!(clean.positions.len(), ids.len());
+        assert!(clean.token_mismatches.is_empty());
+        assert_eq!(clean.sites_compared, SITES);
+        assert_eq!(
+            clean.first_divergence, None,
+            "largest error {error:e} at {site}"
+        );
+        assert!(error < DEFAULT_TOLERANCE);
+        assert_eq!(clean.top1_agreement.map(|f| f.0), Some(1.0));
+    }
 
-    for (layer, stage) in [(7, Stage::PostAttn), (19, Stage::PostFfn)] {
+    // A fault at every position shows first at position 0; one planted
+    // at a single position inside the batched prompt, at that position.
+    for (layer, stage, position) in [
+        (7, Stage::PostAttn, None),
+        (19, Stage::PostFfn, None),
+        (13, Stage::PostFfn, Some(3)),
+        (22, Stage::PostAttn, Some(2)),
+    ] {
         let fault = Fault {
             kind: FaultKind::Scale(stage),
             layer,
-            position: None,
+            position,
         };
-        let faulty = candle_side(&path, &ids, true, Some(fault));
+        let faulty = candle_side(&path, &ids, true, Some(fault), false);
         let report = diff(&reference, &faulty, DEFAULT_TOLERANCE).unwrap();
         let first = report.first_divergence.expect("the fault is seen");
-        eprintln!("scale fault at layer {layer} {}: {first:?}", stage.name());
+        eprintln!(
+            "scale fault at layer {layer} {}, position {position:?}: {first:?}",
+            stage.name()
+        );
         assert_eq!(
             (first.position, first.layer, first.stage),
-            (0, Some(layer), stage.name())
+            (position.unwrap_or(0), Some(layer), stage.name())
         );
     }
 }
@@ -136,7 +172,7 @@ fn quantized_paths_choose_the_same_tokens() {
     let reference = reference_side(&path, &ids, false);
     let report = diff(
         &reference,
-        &candle_side(&path, &ids, false, None),
+        &candle_side(&path, &ids, false, None, false),
         DEFAULT_TOLERANCE,
     )
     .unwrap();
