@@ -67,6 +67,11 @@ pub struct QuantizedActivations {
     /// other elements 16–31 (zero where there is no second block).
     /// Zero-padded to whole groups (8 vectors). Empty otherwise.
     pub(super) pair_bytes: Vec<i16x16>,
+    /// Q8_0 rows of a [`QuantizedBatch`] only, and only where the multi-row
+    /// Q8_0 kernel multiplies bytes (see `dot::rows`): the 32 codes of each
+    /// block as bytes in element order, one vector a block. Zero-padded to
+    /// whole groups (8 vectors). Empty otherwise.
+    pub(super) code_bytes: Vec<i16x16>,
     /// Q8_1 only: `scales` in the lane order of `pairs`, zero in lanes
     /// without a block.
     pub(super) pair_scales: Vec<f32>,
@@ -100,6 +105,7 @@ impl QuantizedActivations {
             bsums: Vec::new(),
             pairs: Vec::new(),
             pair_bytes: Vec::new(),
+            code_bytes: Vec::new(),
             pair_scales: Vec::new(),
             pair_sums: Vec::new(),
             split: Vec::new(),
@@ -127,6 +133,7 @@ impl QuantizedActivations {
         self.format = format;
         self.len = x.len();
         self.pair_bytes.clear();
+        self.code_bytes.clear();
         match format {
             GgmlType::F32 => {
                 self.values.clear();
@@ -255,6 +262,21 @@ impl QuantizedActivations {
             }
         }
         self.pair_bytes.resize(blocks.div_ceil(8) * 8, i16x16::ZERO);
+    }
+
+    /// Builds `code_bytes` from `quants`, for a Q8_0 vector.
+    pub(super) fn fill_code_bytes(&mut self) {
+        let blocks = self.len / 32;
+        self.code_bytes.clear();
+        for lanes in self.quants[..2 * blocks].chunks_exact(2) {
+            let (low, high) = (lanes[0].to_array(), lanes[1].to_array());
+            let bytes: [u8; 32] = std::array::from_fn(|e| {
+                let code = if e < 16 { low[e] } else { high[e - 16] };
+                code as i8 as u8
+            });
+            self.code_bytes.push(wide::bytemuck::cast(bytes));
+        }
+        self.code_bytes.resize(blocks.div_ceil(8) * 8, i16x16::ZERO);
     }
 
     fn quantize_q8_k(&mut self, x: &[f32]) {
@@ -432,6 +454,9 @@ impl QuantizedBatch {
             row.quantize_from(values, for_weights)?;
             if format == GgmlType::Q8_1 && super::dot::rows::Q4_1_BYTES {
                 row.fill_pair_bytes();
+            }
+            if format == GgmlType::Q8_0 && super::dot::rows::Q8_0_BYTES {
+                row.fill_code_bytes();
             }
         }
         self.format = format;
