@@ -455,9 +455,26 @@ fn q8_0_byte_block<const K: usize, const N: usize>(
     }
 }
 
+/// The block scales of a group for each of `N` activation rows: the weight
+/// scales in `heads` (lanes from the group's block count on zero) times the
+/// rows' scales `s`, as `q8_0_group` forms them for one row.
+#[cfg(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+))]
+#[inline(always)]
+fn q8_0_byte_scales<const N: usize>(heads: i32x8, s: &[&[f32; 8]; N]) -> [[f32; 8]; N] {
+    let wd = f16_high_to_f32(heads << 16u32, F16_REBIAS_BY_256);
+    let mut d = [[0f32; 8]; N];
+    for (d, s) in d.iter_mut().zip(s) {
+        *d = (wd * f32x8::new(**s)).to_array();
+    }
+    d
+}
+
 /// `q8_0_group` for `N` activation rows with byte products: the first `n`
-/// blocks of `group` (lanes of `heads` from `n` on zero), `a` and `s` being
-/// the rows' code bytes and scales of the group.
+/// blocks of `group`, `a` being the rows' code bytes of the group and `d`
+/// the block scales of [`q8_0_byte_scales`].
 #[cfg(all(
     any(target_arch = "x86", target_arch = "x86_64"),
     target_feature = "avx2"
@@ -465,44 +482,38 @@ fn q8_0_byte_block<const K: usize, const N: usize>(
 #[inline(always)]
 fn q8_0_byte_group<const N: usize>(
     group: &[u8],
-    heads: i32x8,
     n: usize,
     a: &[&[i16x16; 8]; N],
-    s: &[&[f32; 8]; N],
+    d: &[[f32; 8]; N],
     acc: &mut [[f32x8; 2]; N],
 ) {
     const BB: usize = 34;
-    let wd = f16_high_to_f32(heads << 16u32, F16_REBIAS_BY_256);
-    let mut d = [[0f32; 8]; N];
-    for (d, s) in d.iter_mut().zip(s) {
-        *d = (wd * f32x8::new(**s)).to_array();
-    }
     let codes = |k: usize| -> safe_arch::m256i {
         let mut bytes = [0u8; 32];
         bytes.copy_from_slice(&group[BB * k + 2..BB * k + 34]);
         wide::bytemuck::cast(bytes)
     };
-    q8_0_byte_block::<0, N>(acc, codes(0), a, &d);
+    q8_0_byte_block::<0, N>(acc, codes(0), a, d);
     if n > 1 {
-        q8_0_byte_block::<1, N>(acc, codes(1), a, &d);
+        q8_0_byte_block::<1, N>(acc, codes(1), a, d);
     }
     if n > 2 {
-        q8_0_byte_block::<2, N>(acc, codes(2), a, &d);
+        q8_0_byte_block::<2, N>(acc, codes(2), a, d);
     }
     if n > 3 {
-        q8_0_byte_block::<3, N>(acc, codes(3), a, &d);
+        q8_0_byte_block::<3, N>(acc, codes(3), a, d);
     }
     if n > 4 {
-        q8_0_byte_block::<4, N>(acc, codes(4), a, &d);
+        q8_0_byte_block::<4, N>(acc, codes(4), a, d);
     }
     if n > 5 {
-        q8_0_byte_block::<5, N>(acc, codes(5), a, &d);
+        q8_0_byte_block::<5, N>(acc, codes(5), a, d);
     }
     if n > 6 {
-        q8_0_byte_block::<6, N>(acc, codes(6), a, &d);
+        q8_0_byte_block::<6, N>(acc, codes(6), a, d);
     }
     if n > 7 {
-        q8_0_byte_block::<7, N>(acc, codes(7), a, &d);
+        q8_0_byte_block::<7, N>(acc, codes(7), a, d);
     }
 }
 
@@ -548,9 +559,9 @@ fn q8_0_byte_tail<const N: usize>(
     s: &[&[f32; 8]; N],
 ) -> [f32x8; N] {
     let present = i32x8::splat(n as i32).simd_gt(i32x8::new([0, 1, 2, 3, 4, 5, 6, 7]));
+    let d = q8_0_byte_scales(group_heads::<34>(group) & present, s);
     let mut acc = [[f32x8::ZERO; 2]; N];
-    let heads = group_heads::<34>(group) & present;
-    q8_0_byte_group(group, heads, n, a, s, &mut acc);
+    q8_0_byte_group(group, n, a, &d, &mut acc);
     let mut sums = [f32x8::ZERO; N];
     for (sum, [a, b]) in sums.iter_mut().zip(acc) {
         *sum = a + b;
@@ -576,81 +587,119 @@ fn q8_0_padded_byte_tail<const N: usize>(
     q8_0_byte_tail(&padded, n, a, s)
 }
 
-/// [`dot_q8_0_fast_rows`] with byte products (see [`Q8_0_BYTES`]).
-#[cfg(all(
-    any(target_arch = "x86", target_arch = "x86_64"),
-    target_feature = "avx2"
-))]
-#[inline(always)]
-fn dot_q8_0_byte_rows<const N: usize>(
-    rest: &[u8],
-    row_bytes: usize,
-    acts: &[QuantizedActivations; N],
-) -> [f32; N] {
-    const BB: usize = 34;
-    let blocks = row_bytes / BB;
-    let groups = blocks.div_ceil(8);
-    let whole = blocks / 8;
-    // Sliced to their length once, so that the group indices below need no
-    // further checks.
-    let mut bytes: [&[i16x16]; N] = [&[]; N];
-    let mut scales: [&[f32]; N] = [&[]; N];
-    for ((bytes, scales), x) in bytes.iter_mut().zip(&mut scales).zip(acts) {
-        *bytes = &x.code_bytes[..8 * groups];
-        *scales = &x.scales[..8 * groups];
-    }
-    let mut acc = [[f32x8::ZERO; 2]; N];
-    let body = &rest[..whole * Q8_0_GROUP_BYTES];
-    for (g, group) in body.chunks_exact(Q8_0_GROUP_BYTES).enumerate() {
-        let (a, s) = byte_group_acts(&bytes, &scales, g);
-        q8_0_byte_group(group, group_heads::<BB>(group), 8, &a, &s, &mut acc);
-    }
-    let n = blocks - 8 * whole;
-    if n > 0 {
-        let (a, s) = byte_group_acts(&bytes, &scales, whole);
-        let at = whole * Q8_0_GROUP_BYTES;
-        let tails = match rest.get(at..at + Q8_0_GROUP_BYTES) {
-            Some(group) => q8_0_byte_tail(group, n, &a, &s),
-            None => q8_0_padded_byte_tail(&rest[at..at + n * BB], n, &a, &s),
-        };
-        for (acc, tail) in acc.iter_mut().zip(tails) {
-            acc[0] += tail;
-        }
-    }
-    let mut totals = [0f32; N];
-    for (total, [a, b]) in totals.iter_mut().zip(acc) {
-        *total = (a + b).reduce_add();
-    }
-    totals
-}
-
-/// `dot_q8_0_fast` of one row with `N` activation rows (Q8_0: `code_bytes`
-/// where [`Q8_0_BYTES`], else the even/odd layout); `rest` and `row_bytes`
-/// as there. Every block scale must be finite.
-#[inline(always)]
-pub(in crate::quant) fn dot_q8_0_fast_rows<const N: usize>(
-    rest: &[u8],
-    row_bytes: usize,
-    acts: &[QuantizedActivations; N],
-) -> [f32; N] {
-    #[cfg(all(
-        any(target_arch = "x86", target_arch = "x86_64"),
-        target_feature = "avx2"
-    ))]
-    {
-        dot_q8_0_byte_rows(rest, row_bytes, acts)
-    }
+/// A tile of `N` Q8_0 activation rows as the multi-row Q8_0 kernel reads
+/// them: each row's vectors and scales sliced to whole groups once per
+/// tile, not once per weight row.
+pub(in crate::quant) struct Q8_0Tile<'a, const N: usize> {
+    /// The rows, for the `i16x16` products.
     #[cfg(not(all(
         any(target_arch = "x86", target_arch = "x86_64"),
         target_feature = "avx2"
     )))]
-    {
-        dot_q8_0_split_rows(rest, row_bytes, acts)
+    acts: &'a [QuantizedActivations; N],
+    /// Each row's `code_bytes`, whole groups.
+    #[cfg(all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        target_feature = "avx2"
+    ))]
+    bytes: [&'a [i16x16]; N],
+    /// Each row's `scales`, whole groups.
+    #[cfg(all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        target_feature = "avx2"
+    ))]
+    scales: [&'a [f32]; N],
+}
+
+impl<'a, const N: usize> Q8_0Tile<'a, N> {
+    /// The tile of `acts`, rows of `cols` activations.
+    #[inline(always)]
+    pub(in crate::quant) fn new(acts: &'a [QuantizedActivations; N], cols: usize) -> Self {
+        #[cfg(all(
+            any(target_arch = "x86", target_arch = "x86_64"),
+            target_feature = "avx2"
+        ))]
+        {
+            let groups = (cols / 32).div_ceil(8);
+            let mut bytes: [&[i16x16]; N] = [&[]; N];
+            let mut scales: [&[f32]; N] = [&[]; N];
+            for ((bytes, scales), x) in bytes.iter_mut().zip(&mut scales).zip(acts) {
+                *bytes = &x.code_bytes[..8 * groups];
+                *scales = &x.scales[..8 * groups];
+            }
+            Self { bytes, scales }
+        }
+        #[cfg(not(all(
+            any(target_arch = "x86", target_arch = "x86_64"),
+            target_feature = "avx2"
+        )))]
+        {
+            let _ = cols;
+            Self { acts }
+        }
+    }
+
+    /// `dot_q8_0_fast` of one row with the tile's rows; `rest` and
+    /// `row_bytes` as there, `row_bytes` being that of the tile's `cols`.
+    /// Every block scale must be finite.
+    #[inline(always)]
+    pub(in crate::quant) fn dot(&self, rest: &[u8], row_bytes: usize) -> [f32; N] {
+        #[cfg(all(
+            any(target_arch = "x86", target_arch = "x86_64"),
+            target_feature = "avx2"
+        ))]
+        {
+            self.dot_bytes(rest, row_bytes)
+        }
+        #[cfg(not(all(
+            any(target_arch = "x86", target_arch = "x86_64"),
+            target_feature = "avx2"
+        )))]
+        {
+            dot_q8_0_split_rows(rest, row_bytes, self.acts)
+        }
+    }
+
+    /// [`dot`](Self::dot) with byte products (see [`Q8_0_BYTES`]).
+    #[cfg(all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        target_feature = "avx2"
+    ))]
+    #[inline(always)]
+    fn dot_bytes(&self, rest: &[u8], row_bytes: usize) -> [f32; N] {
+        const BB: usize = 34;
+        let blocks = row_bytes / BB;
+        let whole = blocks / 8;
+        let mut acc = [[f32x8::ZERO; 2]; N];
+        let body = &rest[..whole * Q8_0_GROUP_BYTES];
+        for (g, group) in body.chunks_exact(Q8_0_GROUP_BYTES).enumerate() {
+            let (a, s) = byte_group_acts(&self.bytes, &self.scales, g);
+            let d = q8_0_byte_scales(group_heads::<BB>(group), &s);
+            q8_0_byte_group(group, 8, &a, &d, &mut acc);
+        }
+        let n = blocks - 8 * whole;
+        if n > 0 {
+            let (a, s) = byte_group_acts(&self.bytes, &self.scales, whole);
+            let at = whole * Q8_0_GROUP_BYTES;
+            let tails = match rest.get(at..at + Q8_0_GROUP_BYTES) {
+                Some(group) => q8_0_byte_tail(group, n, &a, &s),
+                None => q8_0_padded_byte_tail(&rest[at..at + n * BB], n, &a, &s),
+            };
+            for (acc, tail) in acc.iter_mut().zip(tails) {
+                acc[0] += tail;
+            }
+        }
+        let mut totals = [0f32; N];
+        for (total, [a, b]) in totals.iter_mut().zip(acc) {
+            *total = (a + b).reduce_add();
+        }
+        totals
     }
 }
 
-/// [`dot_q8_0_fast_rows`] with the `i16x16` products of the one-row kernel
-/// (even/odd layout).
+/// `dot_q8_0_fast` of one row with `N` activation rows with the `i16x16`
+/// products of the one-row kernel (even/odd layout); `rest` and `row_bytes`
+/// as there. Every block scale must be finite.
 #[cfg(not(all(
     any(target_arch = "x86", target_arch = "x86_64"),
     target_feature = "avx2"
