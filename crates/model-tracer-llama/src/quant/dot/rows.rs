@@ -408,7 +408,8 @@ fn q8_0_padded_tail_rows<const N: usize>(
 }
 
 /// Whether the multi-row Q8_0 kernel multiplies code bytes with `pmaddubsw`
-/// (x86 with AVX2), reading the activations' `code_bytes`; otherwise it
+/// (x86 with AVX2), reading the activations' `pair_bytes` (the codes in
+/// element order for Q8_0); otherwise it
 /// uses the `i16x16` products of the one-row kernel and `split`.
 ///
 /// `pmaddubsw` multiplies unsigned bytes with signed ones, so the kernel
@@ -517,7 +518,7 @@ fn q8_0_byte_group<const N: usize>(
     }
 }
 
-/// Group `g` of each row's `code_bytes` and `scales`.
+/// Group `g` of each row's code bytes and `scales`.
 #[cfg(all(
     any(target_arch = "x86", target_arch = "x86_64"),
     target_feature = "avx2"
@@ -597,7 +598,7 @@ pub(in crate::quant) struct Q8_0Tile<'a, const N: usize> {
         target_feature = "avx2"
     )))]
     acts: &'a [QuantizedActivations; N],
-    /// Each row's `code_bytes`, whole groups.
+    /// Each row's `pair_bytes` (the codes in element order), whole groups.
     #[cfg(all(
         any(target_arch = "x86", target_arch = "x86_64"),
         target_feature = "avx2"
@@ -624,7 +625,7 @@ impl<'a, const N: usize> Q8_0Tile<'a, N> {
             let mut bytes: [&[i16x16]; N] = [&[]; N];
             let mut scales: [&[f32]; N] = [&[]; N];
             for ((bytes, scales), x) in bytes.iter_mut().zip(&mut scales).zip(acts) {
-                *bytes = &x.code_bytes[..8 * groups];
+                *bytes = &x.pair_bytes[..8 * groups];
                 *scales = &x.scales[..8 * groups];
             }
             Self { bytes, scales }
