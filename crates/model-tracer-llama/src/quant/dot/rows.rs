@@ -408,9 +408,9 @@ fn q8_0_padded_tail_rows<const N: usize>(
 }
 
 /// Whether the multi-row Q8_0 kernel multiplies code bytes with `pmaddubsw`
-/// (x86 with AVX2), reading the activations' `pair_bytes` (the codes in
-/// element order for Q8_0); otherwise it
-/// uses the `i16x16` products of the one-row kernel and `split`.
+/// (x86 with AVX2), reading the activations' `pair_bytes` (for Q8_0 the
+/// codes in element order); otherwise it uses the `i16x16` products of the
+/// one-row kernel and `split`.
 ///
 /// `pmaddubsw` multiplies unsigned bytes with signed ones, so the kernel
 /// takes `|w|` (`pabsb`) as the unsigned operand, once per tile, and the
@@ -418,14 +418,16 @@ fn q8_0_padded_tail_rows<const N: usize>(
 /// where `w` is 0) as the signed one: `|w| · (sign(w) · x) = w · x`. Weight
 /// codes are any byte a file holds, −128 included: its `pabsb` is the byte
 /// 0x80, which `pmaddubsw` reads as the unsigned 128, right. Activation
-/// codes are within ±127 (`q8_codes` rounds at most `127.0` away from
-/// zero, and non-finite blocks get zero codes), so `-x` never wraps and a
+/// codes are within ±127 (`q8_codes` maps a block's largest magnitude to
+/// 127; a NaN product becomes 0 and, where the inverse scale overflows, an
+/// infinite one 0 or −1), so `-x` never wraps and a
 /// pair of products is at most 2 · 128 · 127 = 32 512, below the i16
 /// saturation at 32 767. The pairs of i16 lanes multiplied by 256 and
 /// added (`pmaddwd`) give i32 lane `k` of a block 256 × the sum over
 /// elements `4k..4k + 4`: exactly the lanes of `q8_0_split`. Per block and
 /// activation row, a load, a sign, a byte product and one `pmaddwd` replace
-/// two `pmaddwd` and an addition; the weight codes are loaded and made
+/// two `pmaddwd` reading memory and an addition (one instruction more, half
+/// the activation bytes read); the weight codes are loaded and made
 /// absolute once per tile instead of shifted and masked.
 pub(in crate::quant) const Q8_0_BYTES: bool = Q4_1_BYTES;
 
