@@ -46,8 +46,9 @@
 //!   kernels: a weight row's blocks are loaded, their scales converted and
 //!   their codes isolated once per tile and used for its 4 activation
 //!   rows, whose accumulators stay in registers. On x86 with AVX2 the Q4_1
-//!   kernel multiplies code bytes (`pmaddubsw`), which gives the same
-//!   integer sums in fewer instructions. The other types (Q5_0, Q5_1,
+//!   and Q8_0 kernels multiply code bytes (`pmaddubsw`; for Q8_0 the
+//!   absolute weight codes with the activation codes signed by the weights'
+//!   signs), which gives the same integer sums in fewer instructions. The other types (Q5_0, Q5_1,
 //!   Q4_K, Q6_K, F32, F16, BF16, and Q4_1/Q8_0 matrices with a non-finite
 //!   scale) run the one-row kernel once per activation row, in the same
 //!   cache-friendly order. `matmul_f32` has multi-row kernels for Q4_1,

@@ -60,12 +60,14 @@ pub struct QuantizedActivations {
     /// nibbles (see `dot::q4_1_pair`). Codes are within ±127, so the products
     /// fit in i16. Zero-padded to whole groups (16 vectors).
     pub(super) pairs: Vec<i16x16>,
-    /// Q8_1 rows of a [`QuantizedBatch`] only, and only where the multi-row
-    /// Q4_1 kernel multiplies bytes (see `dot::rows`): the codes of each
-    /// pair of `pairs` as bytes, two vectors a pair, the first holding
-    /// elements 0–15 of the pair's first block then of its second, the
-    /// other elements 16–31 (zero where there is no second block).
-    /// Zero-padded to whole groups (8 vectors). Empty otherwise.
+    /// Rows of a [`QuantizedBatch`] only, and only where the multi-row
+    /// kernels multiply bytes (see `dot::rows`); empty otherwise. Q8_1 rows
+    /// (Q4_1 kernel): the codes of each pair of `pairs` as bytes, two
+    /// vectors a pair, the first holding elements 0–15 of the pair's first
+    /// block then of its second, the other elements 16–31 (zero where there
+    /// is no second block). Q8_0 rows (Q8_0 kernel): the 32 codes of each
+    /// block as bytes in element order, one vector a block. Zero-padded to
+    /// whole groups (8 vectors).
     pub(super) pair_bytes: Vec<i16x16>,
     /// Q8_1 only: `scales` in the lane order of `pairs`, zero in lanes
     /// without a block.
@@ -257,6 +259,22 @@ impl QuantizedActivations {
         self.pair_bytes.resize(blocks.div_ceil(8) * 8, i16x16::ZERO);
     }
 
+    /// Builds `pair_bytes` from `quants` in the element order of a Q8_0
+    /// vector.
+    pub(super) fn fill_code_bytes(&mut self) {
+        let blocks = self.len / 32;
+        self.pair_bytes.clear();
+        for lanes in self.quants[..2 * blocks].chunks_exact(2) {
+            let (low, high) = (lanes[0].to_array(), lanes[1].to_array());
+            let bytes: [u8; 32] = std::array::from_fn(|e| {
+                let code = if e < 16 { low[e] } else { high[e - 16] };
+                code as i8 as u8
+            });
+            self.pair_bytes.push(wide::bytemuck::cast(bytes));
+        }
+        self.pair_bytes.resize(blocks.div_ceil(8) * 8, i16x16::ZERO);
+    }
+
     fn quantize_q8_k(&mut self, x: &[f32]) {
         let blocks = x.len() / 256;
         self.quants.resize(16 * blocks, i16x16::ZERO);
@@ -432,6 +450,9 @@ impl QuantizedBatch {
             row.quantize_from(values, for_weights)?;
             if format == GgmlType::Q8_1 && super::dot::rows::Q4_1_BYTES {
                 row.fill_pair_bytes();
+            }
+            if format == GgmlType::Q8_0 && super::dot::rows::Q8_0_BYTES {
+                row.fill_code_bytes();
             }
         }
         self.format = format;

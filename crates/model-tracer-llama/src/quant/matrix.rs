@@ -5,8 +5,7 @@ use std::ops::Range;
 use super::activations::{activation_type, QuantizedActivations, QuantizedBatch};
 use super::blocks::*;
 use super::dot::rows::{
-    dot_f32_q4_1_rows, dot_f32_q8_0_q4_0_rows, dot_q4_0_rows, dot_q4_1_fast_rows,
-    dot_q8_0_fast_rows,
+    dot_f32_q4_1_rows, dot_f32_q8_0_q4_0_rows, dot_q4_0_rows, dot_q4_1_fast_rows, Q8_0Tile,
 };
 use super::dot::*;
 use super::{dequantize, quantize, QuantError};
@@ -497,12 +496,7 @@ impl QMatrix {
         t0: usize,
         kernel: &impl TileKernel,
     ) {
-        for r in rows {
-            let products: [f32; N] = kernel.products(r, t0);
-            for (t, p) in products.into_iter().enumerate() {
-                out[(t0 + t) * self.rows + r] = p;
-            }
-        }
+        kernel.tile_into::<N>(out, rows, t0, self.rows);
     }
 
     /// Row `r` times `x`, as [`matvec`](Self::matvec) computes it.
@@ -563,6 +557,24 @@ pub(super) const ROW_BLOCK: usize = 16;
 trait TileKernel {
     /// Row `r` of the weights times activation rows `t0..t0 + N`.
     fn products<const N: usize>(&self, r: usize, t0: usize) -> [f32; N];
+
+    /// Stores the products of weight rows `rows` (of `m_rows`) with
+    /// activation rows `t0..t0 + N` at `out[t * m_rows + r]`.
+    #[inline(always)]
+    fn tile_into<const N: usize>(
+        &self,
+        out: &mut [f32],
+        rows: Range<usize>,
+        t0: usize,
+        m_rows: usize,
+    ) {
+        for r in rows {
+            let products: [f32; N] = self.products(r, t0);
+            for (t, p) in products.into_iter().enumerate() {
+                out[(t0 + t) * m_rows + r] = p;
+            }
+        }
+    }
 }
 
 /// Activation rows `t0..t0 + N` of `acts`.
@@ -598,7 +610,27 @@ impl TileKernel for Q8_0Fast<'_> {
     #[inline(always)]
     fn products<const N: usize>(&self, r: usize, t0: usize) -> [f32; N] {
         let rb = self.m.row_bytes;
-        dot_q8_0_fast_rows(&self.m.data[r * rb..], rb, tile(self.acts, t0))
+        Q8_0Tile::new(tile(self.acts, t0), self.m.cols).dot(&self.m.data[r * rb..], rb)
+    }
+
+    #[inline(always)]
+    fn tile_into<const N: usize>(
+        &self,
+        out: &mut [f32],
+        rows: Range<usize>,
+        t0: usize,
+        m_rows: usize,
+    ) {
+        // The tile's activation rows are sliced once, not once per weight
+        // row.
+        let rb = self.m.row_bytes;
+        let tile = Q8_0Tile::<N>::new(tile(self.acts, t0), self.m.cols);
+        for r in rows {
+            let products = tile.dot(&self.m.data[r * rb..], rb);
+            for (t, p) in products.into_iter().enumerate() {
+                out[(t0 + t) * m_rows + r] = p;
+            }
+        }
     }
 }
 

@@ -1283,6 +1283,84 @@ fn matmul_of_matrices_with_non_finite_scales_equals_matvec() {
     }
 }
 
+/// A Q8_0 block: scale `d` (f16 bits) and codes `code(e)`.
+fn q8_0_block_bytes(d: u16, code: impl Fn(usize) -> i8) -> Vec<u8> {
+    let mut b = d.to_le_bytes().to_vec();
+    b.extend((0..32).map(|e| code(e) as u8));
+    b
+}
+
+#[test]
+fn q8_0_matmul_at_the_code_and_scale_extremes_equals_matvec() {
+    // Codes of -128 (which a file may hold though ggml never writes it)
+    // against activation codes of ±127: every pair of byte products at its
+    // largest magnitude, 2 · 128 · 127. Scales from the largest f16 to the
+    // smallest subnormal, activations from 3e38 down to subnormals, and
+    // blocks of infinite and NaN activations.
+    let (rows, blocks) = (9, 18);
+    let cols = 32 * blocks;
+    let scales: [u16; 6] = [0x3c00, 0x7bff, 0xfbff, 0x0001, 0x8001, 0x0400];
+    let mut w = Vec::new();
+    for r in 0..rows {
+        for b in 0..blocks {
+            let d = if r == 0 {
+                0x3c00
+            } else {
+                scales[(r + b) % scales.len()]
+            };
+            w.extend(q8_0_block_bytes(d, |e| match (r, (e + b) % 4) {
+                (0 | 1, _) => -128,
+                (2, _) => 127,
+                (_, 0) => -128,
+                (_, 1) => 127,
+                (_, 2) => -127,
+                _ => (e as i8).wrapping_mul(37),
+            }));
+        }
+    }
+    let m = QMatrix::from_bytes(GgmlType::Q8_0, rows, cols, w).unwrap();
+    let mut x = Vec::new();
+    // -127 everywhere: codes -127, scale 1.
+    x.extend(std::iter::repeat_n(-127.0f32, cols));
+    // Signs opposite to row 2's and alternating: codes ±127.
+    x.extend((0..cols).map(|e| if e % 2 == 0 { -3e38 } else { 3e38 }));
+    x.extend((0..cols).map(|e| if e % 3 == 0 { 1e-40 } else { -2e-41 }));
+    let mut odd = vec![0.5f32; cols];
+    odd[40] = f32::INFINITY;
+    odd[100] = f32::NAN;
+    odd[200] = f32::NEG_INFINITY;
+    x.extend(odd);
+    x.extend((0..cols).map(|e| (e as f32 * 0.37).sin() * 60_000.0));
+    let t_rows = x.len() / cols;
+    let mut batch = QuantizedBatch::new();
+    batch.quantize_from(&x, cols, GgmlType::Q8_0).unwrap();
+    let mut out = vec![f32::NAN; t_rows * rows];
+    m.matmul(&batch, &mut out);
+    let mut acts = QuantizedActivations::new();
+    let mut want = vec![0f32; rows];
+    for (t, got) in out.chunks_exact(rows).enumerate() {
+        acts.quantize_from(&x[t * cols..(t + 1) * cols], GgmlType::Q8_0)
+            .unwrap();
+        m.matvec(&acts, &mut want);
+        // Equal bits, or NaN both (the sign and payload of a NaN are not
+        // compared, as in the f32 test above).
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            let same = if w.is_nan() {
+                g.is_nan()
+            } else {
+                g.to_bits() == w.to_bits()
+            };
+            assert!(same, "activation row {t}, weight row {r}: {g} vs {w}");
+        }
+    }
+    // Codes -128 times -127 with both scales 1: every block sum and every
+    // partial sum is an integer below 2^24, so the product is exact.
+    assert_eq!(out[0], (cols * 128 * 127) as f32);
+    // A block of infinite activations makes the product non-finite; the
+    // NaN block makes it NaN.
+    assert!(out[3 * rows..4 * rows].iter().all(|v| v.is_nan()));
+}
+
 #[test]
 fn batch_rows_are_the_rows_quantized_alone() {
     let mut rng = SplitMix64::new(23);

@@ -22,9 +22,9 @@ use super::super::activations::QuantizedActivations;
 use super::super::blocks::f16_at;
 use super::{
     blend_heads, codes_dot_x_f32, f16_high_to_f32, f16x8_to_f32, f32x8_of, gather_head,
-    group_heads, group_scales_f32, load_i32x8, load_two, q4_0_codes, q8_0_split_codes,
-    q8_0_split_sum, widen_i8, widen_u8, widen_u8_whole, Q4_1Sums, F16_REBIAS, F16_REBIAS_BY_256,
-    Q4_1_GROUP_BYTES, Q8_0_GROUP_BYTES,
+    group_heads, group_scales_f32, load_i32x8, load_two, q4_0_codes, q8_0_split_sum, widen_i8,
+    widen_u8, widen_u8_whole, Q4_1Sums, F16_REBIAS, F16_REBIAS_BY_256, Q4_1_GROUP_BYTES,
+    Q8_0_GROUP_BYTES,
 };
 
 /// Each row's `LEN` activation vectors from vector `at` on, in the layout
@@ -342,6 +342,10 @@ fn add_blocks<const N: usize>(
 
 /// `q8_0_group` for `N` activation rows, the group's first block being
 /// block `first` of the row.
+#[cfg(not(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+)))]
 #[inline(always)]
 fn q8_0_group_rows<const N: usize>(
     group: &[u8],
@@ -358,11 +362,15 @@ fn q8_0_group_rows<const N: usize>(
         *d = (wd * eight(&x.scales, first)).to_array();
     }
     let a = vectors::<16, N>(acts, 2 * first, |x| &x.split);
-    let codes = |k: usize| q8_0_split_codes(&group[BB * k + 2..]);
+    let codes = |k: usize| super::q8_0_split_codes(&group[BB * k + 2..]);
     add_blocks(acc, n, codes, &a, &d);
 }
 
 /// `q8_0_tail` for `N` activation rows.
+#[cfg(not(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+)))]
 #[inline(always)]
 fn q8_0_tail_rows<const N: usize>(
     group: &[u8],
@@ -382,6 +390,10 @@ fn q8_0_tail_rows<const N: usize>(
 }
 
 /// [`q8_0_tail_rows`] on a zero-padded copy, for the end of the matrix.
+#[cfg(not(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+)))]
 #[cold]
 #[inline(never)]
 fn q8_0_padded_tail_rows<const N: usize>(
@@ -395,11 +407,308 @@ fn q8_0_padded_tail_rows<const N: usize>(
     q8_0_tail_rows(&padded, n, acts, first)
 }
 
-/// `dot_q8_0_fast` of one row with `N` activation rows (Q8_0, even/odd
-/// layout); `rest` and `row_bytes` as there. Every block scale must be
-/// finite.
+/// Whether the multi-row Q8_0 kernel multiplies code bytes with `pmaddubsw`
+/// (x86 with AVX2), reading the activations' `pair_bytes` (for Q8_0 the
+/// codes in element order); otherwise it uses the `i16x16` products of the
+/// one-row kernel and `split`.
+///
+/// `pmaddubsw` multiplies unsigned bytes with signed ones, so the kernel
+/// takes `|w|` (`pabsb`) as the unsigned operand, once per tile, and the
+/// activation codes with the sign of `w` applied (`psignb`: `x`, `-x`, or 0
+/// where `w` is 0) as the signed one: `|w| · (sign(w) · x) = w · x`. Weight
+/// codes are any byte a file holds, −128 included: its `pabsb` is the byte
+/// 0x80, which `pmaddubsw` reads as the unsigned 128, right. Activation
+/// codes are within ±127 (`q8_codes` maps a block's largest magnitude to
+/// 127; a NaN product becomes 0 and, where the inverse scale overflows, an
+/// infinite one 0 or −1), so `-x` never wraps and a
+/// pair of products is at most 2 · 128 · 127 = 32 512, below the i16
+/// saturation at 32 767. The pairs of i16 lanes multiplied by 256 and
+/// added (`pmaddwd`) give i32 lane `k` of a block 256 × the sum over
+/// elements `4k..4k + 4`: exactly the lanes of `q8_0_split`. Per block and
+/// activation row, a load, a sign, a byte product and one `pmaddwd` replace
+/// two `pmaddwd` reading memory and an addition (one instruction more, half
+/// the activation bytes read); the weight codes are loaded and made
+/// absolute once per tile instead of shifted and masked.
+pub(in crate::quant) const Q8_0_BYTES: bool = Q4_1_BYTES;
+
+/// Adds block `K` of a group of eight Q8_0 blocks, whose code bytes are
+/// `w`, to accumulator `K % 2` of each row, `a` being the rows' code bytes
+/// of the group (a vector a block) and `d` their block scales, as
+/// `q8_0_group` does for one row.
+#[cfg(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+))]
 #[inline(always)]
-pub(in crate::quant) fn dot_q8_0_fast_rows<const N: usize>(
+fn q8_0_byte_block<const K: usize, const N: usize>(
+    acc: &mut [[f32x8; 2]; N],
+    w: safe_arch::m256i,
+    a: &[&[i16x16; 8]; N],
+    d: &[[f32; 8]; N],
+) {
+    use safe_arch::{
+        abs_i8_m256i, mul_u8i8_add_horizontal_saturating_m256i as maddubs, sign_apply_i8_m256i,
+    };
+    let magnitude = abs_i8_m256i(w);
+    for t in 0..N {
+        let x = sign_apply_i8_m256i(wide::bytemuck::cast(a[t][K]), w);
+        let pairs: i16x16 = wide::bytemuck::cast(maddubs(magnitude, x));
+        let sum = f32x8::from_i32x8(pairs.dot(i16x16::splat(256)));
+        acc[t][K % 2] = sum.mul_add(f32x8::splat(d[t][K]), acc[t][K % 2]);
+    }
+}
+
+/// The block scales of a group for each of `N` activation rows: the weight
+/// scales in `heads` (lanes from the group's block count on zero) times the
+/// rows' scales `s`, as `q8_0_group` forms them for one row.
+#[cfg(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+))]
+#[inline(always)]
+fn q8_0_byte_scales<const N: usize>(heads: i32x8, s: &[&[f32; 8]; N]) -> [[f32; 8]; N] {
+    let wd = f16_high_to_f32(heads << 16u32, F16_REBIAS_BY_256);
+    let mut d = [[0f32; 8]; N];
+    for (d, s) in d.iter_mut().zip(s) {
+        *d = (wd * f32x8::new(**s)).to_array();
+    }
+    d
+}
+
+/// `q8_0_group` for `N` activation rows with byte products: the first `n`
+/// blocks of `group`, `a` being the rows' code bytes of the group and `d`
+/// the block scales of [`q8_0_byte_scales`].
+#[cfg(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+))]
+#[inline(always)]
+fn q8_0_byte_group<const N: usize>(
+    group: &[u8],
+    n: usize,
+    a: &[&[i16x16; 8]; N],
+    d: &[[f32; 8]; N],
+    acc: &mut [[f32x8; 2]; N],
+) {
+    const BB: usize = 34;
+    let codes = |k: usize| -> safe_arch::m256i {
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(&group[BB * k + 2..BB * k + 34]);
+        wide::bytemuck::cast(bytes)
+    };
+    q8_0_byte_block::<0, N>(acc, codes(0), a, d);
+    if n > 1 {
+        q8_0_byte_block::<1, N>(acc, codes(1), a, d);
+    }
+    if n > 2 {
+        q8_0_byte_block::<2, N>(acc, codes(2), a, d);
+    }
+    if n > 3 {
+        q8_0_byte_block::<3, N>(acc, codes(3), a, d);
+    }
+    if n > 4 {
+        q8_0_byte_block::<4, N>(acc, codes(4), a, d);
+    }
+    if n > 5 {
+        q8_0_byte_block::<5, N>(acc, codes(5), a, d);
+    }
+    if n > 6 {
+        q8_0_byte_block::<6, N>(acc, codes(6), a, d);
+    }
+    if n > 7 {
+        q8_0_byte_block::<7, N>(acc, codes(7), a, d);
+    }
+}
+
+/// Group `g` of each row's code bytes and `scales`.
+#[cfg(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+))]
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn byte_group_acts<'a, const N: usize>(
+    bytes: &[&'a [i16x16]; N],
+    scales: &[&'a [f32]; N],
+    g: usize,
+) -> ([&'a [i16x16; 8]; N], [&'a [f32; 8]; N]) {
+    let mut a: [&[i16x16; 8]; N] = [&[i16x16::ZERO; 8]; N];
+    let mut s: [&[f32; 8]; N] = [&[0.0; 8]; N];
+    for t in 0..N {
+        a[t] = match bytes[t][8 * g..8 * g + 8].try_into() {
+            Ok(v) => v,
+            Err(_) => unreachable!("a slice of 8 vectors is an array of 8"),
+        };
+        s[t] = match scales[t][8 * g..8 * g + 8].try_into() {
+            Ok(v) => v,
+            Err(_) => unreachable!("a slice of 8 scales is an array of 8"),
+        };
+    }
+    (a, s)
+}
+
+/// The sums of the last, partial group of a row (`n`, 1 to 7, blocks at
+/// the start of `group`, which holds at least [`Q8_0_GROUP_BYTES`] bytes),
+/// from zero, as `q8_0_tail` forms them.
+#[cfg(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+))]
+#[inline(always)]
+fn q8_0_byte_tail<const N: usize>(
+    group: &[u8],
+    n: usize,
+    a: &[&[i16x16; 8]; N],
+    s: &[&[f32; 8]; N],
+) -> [f32x8; N] {
+    let present = i32x8::splat(n as i32).simd_gt(i32x8::new([0, 1, 2, 3, 4, 5, 6, 7]));
+    let d = q8_0_byte_scales(group_heads::<34>(group) & present, s);
+    let mut acc = [[f32x8::ZERO; 2]; N];
+    q8_0_byte_group(group, n, a, &d, &mut acc);
+    let mut sums = [f32x8::ZERO; N];
+    for (sum, [a, b]) in sums.iter_mut().zip(acc) {
+        *sum = a + b;
+    }
+    sums
+}
+
+/// [`q8_0_byte_tail`] on a zero-padded copy, for the end of the matrix.
+#[cfg(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+))]
+#[cold]
+#[inline(never)]
+fn q8_0_padded_byte_tail<const N: usize>(
+    blocks: &[u8],
+    n: usize,
+    a: &[&[i16x16; 8]; N],
+    s: &[&[f32; 8]; N],
+) -> [f32x8; N] {
+    let mut padded = [0u8; Q8_0_GROUP_BYTES];
+    padded[..blocks.len()].copy_from_slice(blocks);
+    q8_0_byte_tail(&padded, n, a, s)
+}
+
+/// A tile of `N` Q8_0 activation rows as the multi-row Q8_0 kernel reads
+/// them: each row's vectors and scales sliced to whole groups once per
+/// tile, not once per weight row.
+pub(in crate::quant) struct Q8_0Tile<'a, const N: usize> {
+    /// The rows, for the `i16x16` products.
+    #[cfg(not(all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        target_feature = "avx2"
+    )))]
+    acts: &'a [QuantizedActivations; N],
+    /// Each row's `pair_bytes` (the codes in element order), whole groups.
+    #[cfg(all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        target_feature = "avx2"
+    ))]
+    bytes: [&'a [i16x16]; N],
+    /// Each row's `scales`, whole groups.
+    #[cfg(all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        target_feature = "avx2"
+    ))]
+    scales: [&'a [f32]; N],
+}
+
+impl<'a, const N: usize> Q8_0Tile<'a, N> {
+    /// The tile of `acts`, rows of `cols` activations.
+    #[inline(always)]
+    pub(in crate::quant) fn new(acts: &'a [QuantizedActivations; N], cols: usize) -> Self {
+        #[cfg(all(
+            any(target_arch = "x86", target_arch = "x86_64"),
+            target_feature = "avx2"
+        ))]
+        {
+            let groups = (cols / 32).div_ceil(8);
+            let mut bytes: [&[i16x16]; N] = [&[]; N];
+            let mut scales: [&[f32]; N] = [&[]; N];
+            for ((bytes, scales), x) in bytes.iter_mut().zip(&mut scales).zip(acts) {
+                *bytes = &x.pair_bytes[..8 * groups];
+                *scales = &x.scales[..8 * groups];
+            }
+            Self { bytes, scales }
+        }
+        #[cfg(not(all(
+            any(target_arch = "x86", target_arch = "x86_64"),
+            target_feature = "avx2"
+        )))]
+        {
+            let _ = cols;
+            Self { acts }
+        }
+    }
+
+    /// `dot_q8_0_fast` of one row with the tile's rows; `rest` and
+    /// `row_bytes` as there, `row_bytes` being that of the tile's `cols`.
+    /// Every block scale must be finite.
+    #[inline(always)]
+    pub(in crate::quant) fn dot(&self, rest: &[u8], row_bytes: usize) -> [f32; N] {
+        #[cfg(all(
+            any(target_arch = "x86", target_arch = "x86_64"),
+            target_feature = "avx2"
+        ))]
+        {
+            self.dot_bytes(rest, row_bytes)
+        }
+        #[cfg(not(all(
+            any(target_arch = "x86", target_arch = "x86_64"),
+            target_feature = "avx2"
+        )))]
+        {
+            dot_q8_0_split_rows(rest, row_bytes, self.acts)
+        }
+    }
+
+    /// [`dot`](Self::dot) with byte products (see [`Q8_0_BYTES`]).
+    #[cfg(all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        target_feature = "avx2"
+    ))]
+    #[inline(always)]
+    fn dot_bytes(&self, rest: &[u8], row_bytes: usize) -> [f32; N] {
+        const BB: usize = 34;
+        let blocks = row_bytes / BB;
+        let whole = blocks / 8;
+        let mut acc = [[f32x8::ZERO; 2]; N];
+        let body = &rest[..whole * Q8_0_GROUP_BYTES];
+        for (g, group) in body.chunks_exact(Q8_0_GROUP_BYTES).enumerate() {
+            let (a, s) = byte_group_acts(&self.bytes, &self.scales, g);
+            let d = q8_0_byte_scales(group_heads::<BB>(group), &s);
+            q8_0_byte_group(group, 8, &a, &d, &mut acc);
+        }
+        let n = blocks - 8 * whole;
+        if n > 0 {
+            let (a, s) = byte_group_acts(&self.bytes, &self.scales, whole);
+            let at = whole * Q8_0_GROUP_BYTES;
+            let tails = match rest.get(at..at + Q8_0_GROUP_BYTES) {
+                Some(group) => q8_0_byte_tail(group, n, &a, &s),
+                None => q8_0_padded_byte_tail(&rest[at..at + n * BB], n, &a, &s),
+            };
+            for (acc, tail) in acc.iter_mut().zip(tails) {
+                acc[0] += tail;
+            }
+        }
+        let mut totals = [0f32; N];
+        for (total, [a, b]) in totals.iter_mut().zip(acc) {
+            *total = (a + b).reduce_add();
+        }
+        totals
+    }
+}
+
+/// `dot_q8_0_fast` of one row with `N` activation rows with the `i16x16`
+/// products of the one-row kernel (even/odd layout); `rest` and `row_bytes`
+/// as there. Every block scale must be finite.
+#[cfg(not(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+)))]
+#[inline(always)]
+fn dot_q8_0_split_rows<const N: usize>(
     rest: &[u8],
     row_bytes: usize,
     acts: &[QuantizedActivations; N],
