@@ -4,16 +4,14 @@
 use std::io::Write as _;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
-use model_tracer::dump::{DumpFilter, DumpRecorder};
 use model_tracer::report::ReportInput;
-use model_tracer::{AttentionTraceConfig, ModelInfo, ModelTracer, TraceConfig, TraceOptions};
+use model_tracer::{ModelInfo, TraceConfig};
 use model_tracer_candle::CandleLlama;
 use model_tracer_llama::model::Generation;
 
 use super::{
-    prompt_ids, report_attention, report_lens, report_quant, shown, Args, Outputs, Timing,
-    DEFAULT_GGUF,
+    check_layers, check_sink, ids_text, install_tracer, print_outcome, progress_bar, prompt_ids,
+    report_trace, write_dump, Args, Outputs, Timing, DEFAULT_GGUF,
 };
 
 /// The options the candle model does not take.
@@ -68,13 +66,8 @@ pub(crate) fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Re
         c.vocab_size,
         model.cache().capacity(),
     );
+    check_layers(args, c.n_layers)?;
     if let Some(f) = args.inject {
-        if f.layer >= c.n_layers {
-            return Err(format!(
-                "--inject layer {} but the model has {} layers",
-                f.layer, c.n_layers
-            ));
-        }
         model.set_fault(Some(f));
         println!(
             "  injecting {:?} at layer {} (shows at stage {})",
@@ -82,17 +75,6 @@ pub(crate) fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Re
             f.layer,
             f.stage()
         );
-    }
-    if let Some(&l) = args
-        .dump_layers
-        .iter()
-        .flatten()
-        .find(|&&l| l >= c.n_layers)
-    {
-        return Err(format!(
-            "--dump-layers {l} but the model has {} layers",
-            c.n_layers
-        ));
     }
     if args.exact {
         model.set_exact(true).map_err(|e| e.to_string())?;
@@ -110,41 +92,15 @@ pub(crate) fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Re
             model.cache().capacity()
         ));
     }
-    let options = TraceOptions {
-        max_forwards: total.max(1),
-        attention_config: AttentionTraceConfig {
-            top_k: 8,
-            ..AttentionTraceConfig::default()
-        },
-        ..TraceOptions::default()
-    };
-    let config = model.tracer().config().clone();
-    *model.tracer_mut() = ModelTracer::with_options(config, options);
-    if let Some((_, file)) = &outputs.jsonl {
-        let file = file.try_clone().map_err(|e| e.to_string())?;
-        let vocab: Vec<String> = (0..c.vocab_size as u32)
+    let info = model_info(&model, &source);
+    let vocab = if outputs.jsonl.is_some() {
+        (0..c.vocab_size as u32)
             .map(|id| model.token_text(id))
-            .collect();
-        let sink = model_tracer::JsonlSink::new(std::io::BufWriter::new(file))
-            .with_model(model_info(&model, &source))
-            .with_vocabulary(move |id| {
-                vocab
-                    .get(id as usize)
-                    .cloned()
-                    .unwrap_or_else(|| format!("<{id}>"))
-            });
-        model
-            .tracer_mut()
-            .set_sink(Some(model_tracer::SinkHandle::new(sink)));
-    }
-    if outputs.dump.is_some() {
-        let filter = DumpFilter {
-            layers: args.dump_layers.clone(),
-            stages: args.dump_stages.clone(),
-            positions: None,
-        };
-        model.tracer_mut().set_dump(Some(DumpRecorder::new(filter)));
-    }
+            .collect()
+    } else {
+        Vec::new()
+    };
+    install_tracer(model.tracer_mut(), args, &outputs, total, info, vocab)?;
     println!(
         "trace: {} | engine: candle | prompt: {} tokens | generating up to {} tokens",
         args.trace,
@@ -154,12 +110,7 @@ pub(crate) fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Re
 
     let t0 = Instant::now();
     let mut first_token: Option<f64> = None;
-    let bar = ProgressBar::new(args.max_tokens as u64).with_style(
-        ProgressStyle::with_template("  {msg} [{bar:30}] {pos}/{len} tokens, {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_message("prompt");
+    let bar = progress_bar(args.max_tokens);
     let tokens = model
         .generate(&prompt_ids, args.max_tokens, |_| {
             first_token.get_or_insert(t0.elapsed().as_secs_f64());
@@ -179,31 +130,22 @@ pub(crate) fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Re
         first_token.unwrap_or(0.0),
         t0.elapsed().as_secs_f64(),
     );
-    println!("{timing}");
-    let text = |ids: &[u32]| match &model.tokenizer {
-        Some(t) => t.decode(ids),
-        None => ids.iter().map(|i| format!("<{i}>")).collect(),
-    };
-    println!("prompt:    {}", shown(&text(&prompt_ids)));
-    println!("generated: {}", shown(&text(&generation.tokens)));
-    println!();
-
-    let tracer = model.tracer();
-    if tracer.is_enabled() {
-        let summary = tracer.summary();
-        print!("{summary}");
-        report_attention(&summary);
-        report_lens(
-            tracer,
-            c.n_layers,
-            |id| model.token_text(id),
-            &prompt_ids,
-            &generation.tokens,
-        );
-        if !args.exact {
-            report_quant(&summary);
-        }
-    } else {
+    print_outcome(
+        &timing,
+        model.tokenizer.as_ref(),
+        &prompt_ids,
+        &generation.tokens,
+    );
+    if report_trace(
+        model.tracer(),
+        c.n_layers,
+        |id| model.token_text(id),
+        &prompt_ids,
+        &generation.tokens,
+        args.exact,
+    )
+    .is_none()
+    {
         println!("tracing is off: CandleLlama<Disabled> contains no tracing code.");
     }
 
@@ -224,9 +166,9 @@ pub(crate) fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Re
             },
             "config": model_tracer::config::describe(model.tracer().config()),
             "prompt_ids": prompt_ids,
-            "prompt_text": text(&prompt_ids),
+            "prompt_text": ids_text(model.tokenizer.as_ref(), &prompt_ids),
             "generated_ids": generation.tokens,
-            "generated_text": text(&generation.tokens),
+            "generated_text": ids_text(model.tokenizer.as_ref(), &generation.tokens),
             "timing": {
                 "load_s": timing.load_secs,
                 "prompt_positions": timing.prompt_positions,
@@ -251,13 +193,7 @@ pub(crate) fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Re
             .map_err(|e| format!("{path}: {e}"))?;
         println!("\nwrote the run to {path}");
     }
-    if let (Some((path, _)), Some(sink)) = (&outputs.jsonl, model.tracer().sink()) {
-        let status = sink.status();
-        match status.failure {
-            Some(f) => return Err(format!("{path}: {f}")),
-            None => println!("streamed {} forwards to {path}", status.forwards_written),
-        }
-    }
+    check_sink(&outputs.jsonl, model.tracer())?;
     if let Some((path, file)) = outputs.html {
         let mut input = ReportInput::from_tracer(model.tracer(), model_info(&model, &source));
         input.position_text = tokens
@@ -277,23 +213,15 @@ pub(crate) fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Re
         println!("wrote the HTML report to {path}");
     }
     if let Some((path, file)) = outputs.dump {
-        let Some(mut dump) = model.tracer_mut().take_dump() else {
-            return Err(format!(
-                "{path}: the tracer kept no dump (activation tracing is off)"
-            ));
-        };
-        dump.set_metadata("model", &source);
-        dump.set_metadata("engine", "candle");
-        dump.set_metadata("matmuls", if args.exact { "f32" } else { "quantized" });
-        let mut out = std::io::BufWriter::new(file);
-        dump.write_to(&mut out)
-            .and_then(|()| out.flush())
-            .map_err(|e| format!("{path}: {e}"))?;
-        println!(
-            "\ndump: {} positions, {} tensors\nwrote the activations to {path}",
-            dump.len(),
-            dump.tensors().count()
-        );
+        write_dump(
+            file,
+            model.tracer_mut(),
+            &source,
+            Some("candle"),
+            args.exact,
+        )
+        .map_err(|e| format!("{path}: {e}"))?;
+        println!("wrote the activations to {path}");
     }
     Ok(())
 }

@@ -525,13 +525,8 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
         c.vocab_size,
         model.cache().capacity(),
     );
+    check_layers(args, c.n_layers)?;
     if let Some(f) = args.inject {
-        if f.layer >= c.n_layers {
-            return Err(format!(
-                "--inject layer {} but the model has {} layers",
-                f.layer, c.n_layers
-            ));
-        }
         model.set_fault(Some(f));
         println!(
             "  injecting {:?} at layer {} (shows at stage {})",
@@ -545,17 +540,6 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
             .set_what_if(&args.what_if)
             .map_err(|e| e.to_string())?;
     }
-    if let Some(&l) = args
-        .dump_layers
-        .iter()
-        .flatten()
-        .find(|&&l| l >= c.n_layers)
-    {
-        return Err(format!(
-            "--dump-layers {l} but the model has {} layers",
-            c.n_layers
-        ));
-    }
     if args.exact {
         model.set_exact(true);
         println!("  matmuls: the f32 reference path (--exact)");
@@ -564,6 +548,107 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
 
     let prompt_ids = prompt_ids(args, model.tokenizer.as_ref())?;
     let total = prompt_ids.len() + args.max_tokens;
+    let info = model_tracer_llama::report::model_info(&model, &source);
+    let vocab = (0..c.vocab_size as u32).map(|id| model.token_text(id));
+    let vocab = if outputs.jsonl.is_some() {
+        vocab.collect()
+    } else {
+        Vec::new()
+    };
+    install_tracer(model.tracer_mut(), args, &outputs, total, info, vocab)?;
+    println!(
+        "trace: {} | prompt: {} tokens, in chunks of up to {} | generating up to {} tokens",
+        args.trace,
+        prompt_ids.len(),
+        model.prefill_chunk(),
+        args.max_tokens
+    );
+
+    let t0 = Instant::now();
+    let mut first_token: Option<f64> = None;
+    let bar = progress_bar(args.max_tokens);
+    let generation = model.generate(&prompt_ids, args.max_tokens, |_| {
+        first_token.get_or_insert(t0.elapsed().as_secs_f64());
+        bar.set_message("generating");
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    let timing = Timing::new(
+        load_secs,
+        &generation,
+        first_token.unwrap_or(0.0),
+        t0.elapsed().as_secs_f64(),
+    );
+    print_outcome(
+        &timing,
+        model.tokenizer.as_ref(),
+        &prompt_ids,
+        &generation.tokens,
+    );
+    match report_trace(
+        model.tracer(),
+        model.config.n_layers,
+        |id| model.token_text(id),
+        &prompt_ids,
+        &generation.tokens,
+        args.exact,
+    ) {
+        Some(summary) => report_what_if(&summary),
+        None => println!("tracing is off: Llama<Disabled> contains no tracing code."),
+    }
+
+    if let Some((path, file)) = outputs.json {
+        write_json(file, &model, &prompt_ids, &generation.tokens, &timing)
+            .map_err(|e| format!("{path}: {e}"))?;
+        println!("\nwrote the run to {path}");
+    }
+    check_sink(&outputs.jsonl, model.tracer())?;
+    if let Some((path, file)) = outputs.html {
+        let mut tokens = prompt_ids.clone();
+        tokens.extend(&generation.tokens);
+        let input = model_tracer_llama::report::report_input(&model, &tokens, &source);
+        let mut out = std::io::BufWriter::new(file);
+        model_tracer::write_html(&mut out, &input)
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("{path}: {e}"))?;
+        println!("wrote the HTML report to {path}");
+    }
+    if let Some((path, file)) = outputs.dump {
+        write_dump(file, model.tracer_mut(), &source, None, args.exact)
+            .map_err(|e| format!("{path}: {e}"))?;
+        println!("wrote the activations to {path}");
+    }
+    Ok(())
+}
+
+/// The layers named by `--inject` and `--dump-layers` exist in a model
+/// of `layers` layers.
+fn check_layers(args: &Args, layers: usize) -> Result<(), String> {
+    if let Some(f) = args.inject.filter(|f| f.layer >= layers) {
+        return Err(format!(
+            "--inject layer {} but the model has {layers} layers",
+            f.layer
+        ));
+    }
+    if let Some(&l) = args.dump_layers.iter().flatten().find(|&&l| l >= layers) {
+        return Err(format!(
+            "--dump-layers {l} but the model has {layers} layers"
+        ));
+    }
+    Ok(())
+}
+
+/// The tracer of a run, made anew with the run's options, and the outputs
+/// that stream from it installed: the JSON Lines sink (`vocab` is the
+/// text of each token id, for its rows) and the activation dump.
+fn install_tracer<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    args: &Args,
+    outputs: &Outputs,
+    total: usize,
+    info: model_tracer::ModelInfo,
+    vocab: Vec<String>,
+) -> Result<(), String> {
     // Keep every forward of this run in detail: the report below reads them.
     let options = TraceOptions {
         max_forwards: total.max(1),
@@ -581,10 +666,19 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
         },
         ..TraceOptions::default()
     };
-    let config = model.tracer().config().clone();
-    *model.tracer_mut() = ModelTracer::with_options(config, options);
+    let config = tracer.config().clone();
+    *tracer = ModelTracer::with_options(config, options);
     if let Some((_, file)) = &outputs.jsonl {
-        open_jsonl(&mut model, file, &source)?;
+        let file = file.try_clone().map_err(|e| e.to_string())?;
+        let sink = model_tracer::JsonlSink::new(std::io::BufWriter::new(file))
+            .with_model(info)
+            .with_vocabulary(move |id| {
+                vocab
+                    .get(id as usize)
+                    .cloned()
+                    .unwrap_or_else(|| format!("<{id}>"))
+            });
+        tracer.set_sink(Some(model_tracer::SinkHandle::new(sink)));
     }
     if outputs.dump.is_some() {
         let filter = DumpFilter {
@@ -592,108 +686,100 @@ fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), St
             stages: args.dump_stages.clone(),
             positions: None,
         };
-        model.tracer_mut().set_dump(Some(DumpRecorder::new(filter)));
+        tracer.set_dump(Some(DumpRecorder::new(filter)));
     }
-    println!(
-        "trace: {} | prompt: {} tokens, in chunks of up to {} | generating up to {} tokens",
-        args.trace,
-        prompt_ids.len(),
-        model.prefill_chunk(),
-        args.max_tokens
-    );
+    Ok(())
+}
 
-    let t0 = Instant::now();
-    let mut first_token: Option<f64> = None;
-    // Drawn on stderr only where a terminal is attached (indicatif hides
-    // itself otherwise), so piped output stays clean.
-    let bar = ProgressBar::new(args.max_tokens as u64).with_style(
+/// The generation's progress, drawn on stderr only where a terminal is
+/// attached (indicatif hides itself otherwise), so piped output stays clean.
+fn progress_bar(max_tokens: usize) -> ProgressBar {
+    let bar = ProgressBar::new(max_tokens as u64).with_style(
         ProgressStyle::with_template("  {msg} [{bar:30}] {pos}/{len} tokens, {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
     bar.set_message("prompt");
-    let generation = model.generate(&prompt_ids, args.max_tokens, |_| {
-        first_token.get_or_insert(t0.elapsed().as_secs_f64());
-        bar.set_message("generating");
-        bar.inc(1);
-    });
-    bar.finish_and_clear();
-    let timing = Timing::new(
-        load_secs,
-        &generation,
-        first_token.unwrap_or(0.0),
-        t0.elapsed().as_secs_f64(),
-    );
-    println!("{timing}");
-    let text = |ids: &[u32]| match &model.tokenizer {
+    bar
+}
+
+/// The text of `ids`: the tokenizer's, or each id in angle brackets.
+fn ids_text(tokenizer: Option<&Tokenizer>, ids: &[u32]) -> String {
+    match tokenizer {
         Some(t) => t.decode(ids),
         None => ids.iter().map(|i| format!("<{i}>")).collect(),
-    };
-    println!("prompt:    {}", shown(&text(&prompt_ids)));
-    println!("generated: {}", shown(&text(&generation.tokens)));
+    }
+}
+
+/// Prints the timing, the prompt and the answer.
+fn print_outcome(
+    timing: &Timing,
+    tokenizer: Option<&Tokenizer>,
+    prompt: &[u32],
+    generated: &[u32],
+) {
+    println!("{timing}");
+    println!("prompt:    {}", shown(&ids_text(tokenizer, prompt)));
+    println!("generated: {}", shown(&ids_text(tokenizer, generated)));
     println!();
+}
 
-    let tracer = model.tracer();
-    if tracer.is_enabled() {
-        let summary = tracer.summary();
-        print!("{summary}");
-        report_attention(&summary);
-        report_lens(
-            model.tracer(),
-            model.config.n_layers,
-            |id| model.token_text(id),
-            &prompt_ids,
-            &generation.tokens,
-        );
-        // Under --exact the products are their own reference: no error to show.
-        if !args.exact {
-            report_quant(&summary);
-        }
-        report_what_if(&summary);
-    } else {
-        println!("tracing is off: Llama<Disabled> contains no tracing code.");
+/// Prints what the tracer saw (summary, attention, logit lens, quantization
+/// error) and returns its summary; `None` when tracing is off.
+fn report_trace<C: TraceConfig>(
+    tracer: &ModelTracer<C>,
+    layers: usize,
+    token_text: impl Fn(u32) -> String,
+    prompt: &[u32],
+    generated: &[u32],
+    exact: bool,
+) -> Option<model_tracer::TraceSummary> {
+    if !tracer.is_enabled() {
+        return None;
     }
+    let summary = tracer.summary();
+    print!("{summary}");
+    report_attention(&summary);
+    report_lens(tracer, layers, token_text, prompt, generated);
+    // Under --exact the products are their own reference: no error to show.
+    if !exact {
+        report_quant(&summary);
+    }
+    Some(summary)
+}
 
-    if let Some((path, file)) = outputs.json {
-        write_json(file, &model, &prompt_ids, &generation.tokens, &timing)
-            .map_err(|e| format!("{path}: {e}"))?;
-        println!("\nwrote the run to {path}");
-    }
-    if let (Some((path, _)), Some(sink)) = (&outputs.jsonl, model.tracer().sink()) {
+/// Fails with the JSON Lines sink's error, if writing failed; otherwise
+/// says how many forwards it wrote.
+fn check_sink<C: TraceConfig>(
+    jsonl: &Option<(String, std::fs::File)>,
+    tracer: &ModelTracer<C>,
+) -> Result<(), String> {
+    if let (Some((path, _)), Some(sink)) = (jsonl, tracer.sink()) {
         let status = sink.status();
         match status.failure {
             Some(f) => return Err(format!("{path}: {f}")),
             None => println!("streamed {} forwards to {path}", status.forwards_written),
         }
     }
-    if let Some((path, file)) = outputs.html {
-        let mut tokens = prompt_ids.clone();
-        tokens.extend(&generation.tokens);
-        let input = model_tracer_llama::report::report_input(&model, &tokens, &source);
-        let mut out = std::io::BufWriter::new(file);
-        model_tracer::write_html(&mut out, &input)
-            .and_then(|()| out.flush())
-            .map_err(|e| format!("{path}: {e}"))?;
-        println!("wrote the HTML report to {path}");
-    }
-    if let Some((path, file)) = outputs.dump {
-        write_dump(file, &mut model, &source, args.exact).map_err(|e| format!("{path}: {e}"))?;
-        println!("wrote the activations to {path}");
-    }
     Ok(())
 }
 
-/// Writes the dump the tracer filled during the run.
+/// Writes the dump the tracer filled during the run; `engine` names the
+/// engine when it is not the reference decoder.
 fn write_dump<C: TraceConfig>(
     file: std::fs::File,
-    model: &mut Llama<C>,
+    tracer: &mut ModelTracer<C>,
     name: &str,
+    engine: Option<&str>,
     exact: bool,
 ) -> Result<(), String> {
-    let Some(mut dump) = model.tracer_mut().take_dump() else {
+    let Some(mut dump) = tracer.take_dump() else {
         return Err("the tracer kept no dump (activation tracing is off)".into());
     };
     dump.set_metadata("model", name);
+    if let Some(engine) = engine {
+        dump.set_metadata("engine", engine);
+    }
     dump.set_metadata("matmuls", if exact { "f32" } else { "quantized" });
     let mut out = std::io::BufWriter::new(file);
     dump.write_to(&mut out)
@@ -786,31 +872,6 @@ impl std::fmt::Display for Timing {
             rate(self.generation_forwards, self.generation_secs),
         )
     }
-}
-
-/// Streams every forward of `model` to `file`; each row names the model
-/// and the text of its tokens, so that `model-tracer report` can render it.
-fn open_jsonl<C: TraceConfig>(
-    model: &mut Llama<C>,
-    file: &std::fs::File,
-    name: &str,
-) -> Result<(), String> {
-    let file = file.try_clone().map_err(|e| e.to_string())?;
-    let vocab: Vec<String> = (0..model.config.vocab_size as u32)
-        .map(|id| model.token_text(id))
-        .collect();
-    let sink = model_tracer::JsonlSink::new(std::io::BufWriter::new(file))
-        .with_model(model_tracer_llama::report::model_info(model, name))
-        .with_vocabulary(move |id| {
-            vocab
-                .get(id as usize)
-                .cloned()
-                .unwrap_or_else(|| format!("<{id}>"))
-        });
-    model
-        .tracer_mut()
-        .set_sink(Some(model_tracer::SinkHandle::new(sink)));
-    Ok(())
 }
 
 fn report_attention(summary: &model_tracer::TraceSummary) {
