@@ -132,8 +132,23 @@ fn candle_run_writes_every_output_of_the_real_model() {
         page.starts_with("<!DOCTYPE html>"),
         "{html} is no HTML page"
     );
-    let dumped = model_tracer::ActivationDump::read(&dump);
-    assert_eq!(dumped.map(|d| d.len()).ok(), Some(forwards));
+    let dumped = match model_tracer::ActivationDump::read(&dump) {
+        Ok(d) => d,
+        Err(e) => panic!("{dump}: {e}"),
+    };
+    assert_eq!(dumped.len(), forwards);
+    // Every position's logits, the prompt's included, as the reference
+    // decoder's dump holds them (a position without logits would be a NaN
+    // row).
+    let logits = dumped.logits();
+    assert_eq!(logits.as_ref().map(|l| l.rows()), Some(forwards));
+    for t in 0..forwards {
+        let row = logits.as_ref().and_then(|l| l.row(t)).unwrap_or(&[]);
+        assert!(
+            !row.is_empty() && row.iter().all(|x| x.is_finite()),
+            "position {t} has no logits in the candle dump"
+        );
+    }
 }
 
 /// Runs `engine` on the real model with f32 products, streaming its
