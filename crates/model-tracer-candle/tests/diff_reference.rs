@@ -161,8 +161,11 @@ fn candle_trace_matches_the_reference_f32_path_and_a_planted_fault_is_found_at_i
 }
 
 /// The quantized paths (candle's `QMatMul` and the reference decoder's
-/// kernels, both with 8-bit activations) part by more than the tolerance,
-/// yet choose the same token at every position.
+/// kernels, both with 8-bit activations) part by more than the tolerance
+/// from the first layer on: candle rounds each `Q8_1` block sum twice where
+/// ggml rounds it once, which moves every product by about 1e-3 of its size
+/// (`tests/q8_1_sums.rs` rebuilds one product both ways). They still choose
+/// the same token at every position.
 #[test]
 fn quantized_paths_choose_the_same_tokens() {
     let Some(path) = real_model() else {
@@ -182,5 +185,7 @@ fn quantized_paths_choose_the_same_tokens() {
         report.first_divergence
     );
     assert_eq!(report.sites_compared, SITES);
+    let first = report.first_divergence.expect("the quantized paths part");
+    assert_eq!((first.position, first.layer), (0, Some(0)));
     assert_eq!(report.top1_agreement.map(|f| f.0), Some(1.0));
 }
