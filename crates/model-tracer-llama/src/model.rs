@@ -732,7 +732,6 @@ struct RunState {
     xq: QuantizedActivations,
     lens_hidden: Vec<f32>, // (n_layers, dim) hidden state after each layer, for the logit lens
     lens_x: Vec<f32>,      // (n_layers, dim) the same through the final norm
-    lens_q: QuantizedBatch,
     lens_layers: Vec<usize>, // 0..n_layers
     rope_freq: Vec<f32>,     // (rope_dim / 2) inverse frequencies
 }
@@ -754,7 +753,6 @@ impl RunState {
             xq: QuantizedActivations::new(),
             lens_hidden: vec![0.0; c.n_layers * c.dim],
             lens_x: vec![0.0; c.n_layers * c.dim],
-            lens_q: QuantizedBatch::new(),
             lens_layers: (0..c.n_layers).collect(),
             rope_freq,
         }
@@ -999,30 +997,41 @@ fn trace_rows<C: TraceConfig>(
 }
 
 /// The logit lens of one position: `hidden`, the hidden state after each
-/// layer (`(n_layers, dim)`), through the final norm into `normed`, then
-/// through the LM head as one multi-row product that reads its weights
-/// once for all layers, straight into the tracer's lens rows. Each row is
-/// bit for bit the one-row product of that layer's state.
+/// layer of `layers` (`(layers.len(), dim)`), through the final norm into
+/// `normed`, then through the LM head as one multi-row product that reads
+/// its weights once for all those layers, straight into the tracer's lens
+/// rows.
+///
+/// The product is the f32 reference one (f32 activations times the
+/// weights as stored, dequantized: [`Linear::reference_rows`]): the
+/// projection of each layer's state itself, without the rounding of 8-bit
+/// activations, and each row bit for bit [`Linear::reference`] of that
+/// layer's state alone. The last layer's row is the model's own output,
+/// `logits`, copied: its ranks are those the model chooses by.
 #[cfg_attr(model_tracer_no_hooks, allow(dead_code))]
-#[allow(clippy::too_many_arguments)]
 fn logit_lens<C: TraceConfig>(
     tracer: &mut ModelTracer<C>,
     c: &Config,
     w: &Weights,
     hidden: &[f32],
     normed: &mut [f32],
-    q: &mut QuantizedBatch,
     layers: &[usize],
-    exact: bool,
+    logits: &[f32],
 ) {
+    let own = usize::from(layers.last() == Some(&(c.n_layers - 1)));
+    let projected = layers.len() - own;
     for (o, x) in normed
         .chunks_exact_mut(c.dim)
         .zip(hidden.chunks_exact(c.dim))
+        .take(projected)
     {
         rmsnorm(o, x, &w.output_norm, c.rms_eps);
     }
     tracer.logit_lens_layers(layers, c.vocab_size, |out| {
-        RowsInput::new(normed, c.dim, q, exact).multiply(&w.output, out);
+        let (rest, last) = out.split_at_mut(projected * c.vocab_size);
+        w.output
+            .reference_rows(&normed[..projected * c.dim], rest);
+        last.copy_from_slice(&logits[..last.len()]);
     });
 }
 
@@ -1372,24 +1381,6 @@ impl<C: TraceConfig> Llama<C> {
             );
         }
 
-        // logit lens: what the model would predict if it stopped after
-        // each layer, all layers in one product
-        traced!(
-            C,
-            if tracer.wants_logit_lens() {
-                logit_lens(
-                    tracer,
-                    c,
-                    w,
-                    &s.lens_hidden,
-                    &mut s.lens_x,
-                    &mut s.lens_q,
-                    &s.lens_layers,
-                    exact,
-                );
-            }
-        );
-
         // final rmsnorm
         rmsnorm(&mut s.xb, &s.x, &w.output_norm, c.rms_eps);
         traced!(C, tracer.activation(0, Stage::FinalNorm, &s.xb));
@@ -1403,6 +1394,23 @@ impl<C: TraceConfig> Llama<C> {
             &[&w.output],
             &mut xb,
             &mut s.logits,
+        );
+
+        // logit lens: what the model would predict if it stopped after
+        // each layer, all layers in one product
+        traced!(
+            C,
+            if tracer.wants_logit_lens() {
+                logit_lens(
+                    tracer,
+                    c,
+                    w,
+                    &s.lens_hidden,
+                    &mut s.lens_x,
+                    &s.lens_layers,
+                    &s.logits,
+                );
+            }
         );
         traced!(C, tracer.final_logits(&s.logits));
 
@@ -1776,6 +1784,10 @@ impl<C: TraceConfig> Llama<C> {
             traced!(C, traced_logits = tracer.wants_logits(i));
             traced!(C, tracer.focus_row(i));
             if last || traced_logits {
+                let out = if last { &mut s.logits } else { &mut b.logits };
+                out.resize(c.vocab_size, 0.0);
+                let mut xb = Input::new(&b.xb[i * dim..(i + 1) * dim], &mut s.xq, exact);
+                project(tracer, BrickId::LmHead, 0, &[&w.output], &mut xb, out);
                 if lens {
                     let hidden = &b.lens_hidden[i * n_layers * dim..(i + 1) * n_layers * dim];
                     traced!(
@@ -1786,16 +1798,11 @@ impl<C: TraceConfig> Llama<C> {
                             w,
                             hidden,
                             &mut s.lens_x,
-                            &mut s.lens_q,
                             &s.lens_layers,
-                            exact
+                            out
                         )
                     );
                 }
-                let out = if last { &mut s.logits } else { &mut b.logits };
-                out.resize(c.vocab_size, 0.0);
-                let mut xb = Input::new(&b.xb[i * dim..(i + 1) * dim], &mut s.xq, exact);
-                project(tracer, BrickId::LmHead, 0, &[&w.output], &mut xb, out);
                 traced!(C, tracer.final_logits(out));
             }
             traced!(

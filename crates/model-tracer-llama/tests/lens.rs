@@ -1,6 +1,8 @@
 //! The logit lens as one multi-row product: the hidden state after every
-//! layer goes through the final norm and the LM head at once, and gives
-//! the logits (so the ranks) of the one-row product of each layer alone.
+//! layer but the last goes through the final norm and the LM head at once
+//! (the f32 reference product), and gives the logits (so the ranks) of the
+//! one-row product of each layer alone; the last layer's are the model's
+//! own logits (the quantized product).
 #![cfg(feature = "dump")]
 
 mod common;
@@ -23,7 +25,8 @@ fn rmsnorm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
 /// For every position of a run of `prompt` (chunks of `chunk`, every row
 /// with logits), the lens of each tracked token at each layer against the
 /// layer's hidden state (from the run's dump) through the final norm and
-/// the one-row LM-head product: equal logits, bit for bit, and ranks.
+/// the one-row LM-head product (f32 before the last layer, the model's
+/// quantized one at the last): equal logits, bit for bit, and ranks.
 fn assert_lens_is_the_per_layer_product(mut m: Llama<Full>, prompt: &[u32], chunk: usize) -> usize {
     let options = TraceOptions {
         max_forwards: 4096,
@@ -49,8 +52,12 @@ fn assert_lens_is_the_per_layer_product(mut m: Llama<Full>, prompt: &[u32], chun
         for l in 0..c.n_layers {
             let hidden = dump.activation(Some(l), Stage::Output).unwrap();
             let normed = rmsnorm(hidden.row(row).unwrap(), &w.output_norm, c.rms_eps);
-            q.quantize_from(&normed, w.output.weight.ty()).unwrap();
-            w.output.weight.matvec(&q, &mut logits);
+            if l + 1 < c.n_layers {
+                w.output.reference(&normed, &mut logits);
+            } else {
+                q.quantize_from(&normed, w.output.weight.ty()).unwrap();
+                w.output.weight.matvec(&q, &mut logits);
+            }
             let ids: Vec<usize> = lens.tokens.iter().map(|t| t.token_id as usize).collect();
             let mut ranks = vec![0; ids.len()];
             model_tracer::stats::ranks_of(&logits, &ids, &mut ranks);
