@@ -20,7 +20,9 @@ use wide::f32x8;
 
 use super::dtype::GgmlType;
 use super::gguf::{GgufError, GgufFile};
-use super::quant::{activation_type, QMatrix, QuantError, QuantizedActivations, QuantizedBatch};
+use super::quant::{
+    activation_type, LensScratch, QMatrix, QuantError, QuantizedActivations, QuantizedBatch,
+};
 use super::tokenizer::{Tokenizer, TokenizerError};
 
 /// Why a model could not be built or loaded.
@@ -732,6 +734,7 @@ struct RunState {
     xq: QuantizedActivations,
     lens_hidden: Vec<f32>, // (n_layers, dim) hidden state after each layer, for the logit lens
     lens_x: Vec<f32>,      // (n_layers, dim) the same through the final norm
+    lens_scratch: LensScratch,
     lens_layers: Vec<usize>, // 0..n_layers
     rope_freq: Vec<f32>,     // (rope_dim / 2) inverse frequencies
 }
@@ -753,6 +756,7 @@ impl RunState {
             xq: QuantizedActivations::new(),
             lens_hidden: vec![0.0; c.n_layers * c.dim],
             lens_x: vec![0.0; c.n_layers * c.dim],
+            lens_scratch: LensScratch::new(),
             lens_layers: (0..c.n_layers).collect(),
             rope_freq,
         }
@@ -1002,21 +1006,24 @@ fn trace_rows<C: TraceConfig>(
 /// its weights once for all those layers, straight into the tracer's lens
 /// rows.
 ///
-/// The product is the f32 reference one (f32 activations times the
-/// weights as stored, dequantized: [`Linear::reference_rows`]): the
-/// projection of each layer's state itself, without the rounding of 8-bit
-/// activations, and each row bit for bit [`Linear::reference`] of that
-/// layer's state alone. The last layer's row is the model's own output,
-/// `logits`, copied: its ranks are those the model chooses by.
+/// The product is [`QMatrix::lens_matmul`]: the model's quantized product
+/// to rounding, each row the same whether computed with the others or
+/// alone; on the exact path ([`Llama::set_exact`]) the f32 reference
+/// product ([`Linear::reference_rows`]). The last layer's row is the
+/// model's own output, `logits`, copied: its ranks are those the model
+/// chooses by.
 #[cfg_attr(model_tracer_no_hooks, allow(dead_code))]
+#[allow(clippy::too_many_arguments)]
 fn logit_lens<C: TraceConfig>(
     tracer: &mut ModelTracer<C>,
     c: &Config,
     w: &Weights,
     hidden: &[f32],
     normed: &mut [f32],
+    scratch: &mut LensScratch,
     layers: &[usize],
     logits: &[f32],
+    exact: bool,
 ) {
     let own = usize::from(layers.last() == Some(&(c.n_layers - 1)));
     let projected = layers.len() - own;
@@ -1029,8 +1036,12 @@ fn logit_lens<C: TraceConfig>(
     }
     tracer.logit_lens_layers(layers, c.vocab_size, |out| {
         let (rest, last) = out.split_at_mut(projected * c.vocab_size);
-        w.output
-            .reference_rows(&normed[..projected * c.dim], rest);
+        let x = &normed[..projected * c.dim];
+        if exact {
+            w.output.reference_rows(x, rest);
+        } else {
+            w.output.weight.lens_matmul(x, scratch, rest);
+        }
         last.copy_from_slice(&logits[..last.len()]);
     });
 }
@@ -1407,8 +1418,10 @@ impl<C: TraceConfig> Llama<C> {
                     w,
                     &s.lens_hidden,
                     &mut s.lens_x,
+                    &mut s.lens_scratch,
                     &s.lens_layers,
                     &s.logits,
+                    exact,
                 );
             }
         );
@@ -1798,8 +1811,10 @@ impl<C: TraceConfig> Llama<C> {
                             w,
                             hidden,
                             &mut s.lens_x,
+                            &mut s.lens_scratch,
                             &s.lens_layers,
-                            out
+                            out,
+                            exact
                         )
                     );
                 }

@@ -67,7 +67,7 @@ mod matrix;
 pub use activations::{activation_type, QuantizedActivations, QuantizedBatch};
 pub use error::QuantError;
 pub use float::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
-pub use matrix::QMatrix;
+pub use matrix::{LensScratch, QMatrix};
 
 use crate::dtype::GgmlType;
 

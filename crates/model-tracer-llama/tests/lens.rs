@@ -1,8 +1,8 @@
 //! The logit lens as one multi-row product: the hidden state after every
 //! layer but the last goes through the final norm and the LM head at once
-//! (the f32 reference product), and gives the logits (so the ranks) of the
+//! (`QMatrix::lens_matmul`), and gives the logits (so the ranks) of the
 //! one-row product of each layer alone; the last layer's are the model's
-//! own logits (the quantized product).
+//! own logits.
 #![cfg(feature = "dump")]
 
 mod common;
@@ -10,7 +10,7 @@ mod common;
 use model_tracer::dump::{DumpFilter, DumpRecorder};
 use model_tracer::{Full, LogitRows, ModelTracer, Stage, TraceOptions};
 use model_tracer_llama::model::Llama;
-use model_tracer_llama::quant::QuantizedActivations;
+use model_tracer_llama::quant::{LensScratch, QuantizedActivations};
 
 /// The decoder's RMSNorm, written out: the same operations in the same order.
 fn rmsnorm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
@@ -25,8 +25,8 @@ fn rmsnorm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
 /// For every position of a run of `prompt` (chunks of `chunk`, every row
 /// with logits), the lens of each tracked token at each layer against the
 /// layer's hidden state (from the run's dump) through the final norm and
-/// the one-row LM-head product (f32 before the last layer, the model's
-/// quantized one at the last): equal logits, bit for bit, and ranks.
+/// the one-row LM-head product (the lens product before the last layer,
+/// the model's own at the last): equal logits, bit for bit, and ranks.
 fn assert_lens_is_the_per_layer_product(mut m: Llama<Full>, prompt: &[u32], chunk: usize) -> usize {
     let options = TraceOptions {
         max_forwards: 4096,
@@ -44,6 +44,7 @@ fn assert_lens_is_the_per_layer_product(mut m: Llama<Full>, prompt: &[u32], chun
     let dump = m.tracer_mut().take_dump().unwrap();
     let (c, w) = (&m.config, &m.weights);
     let mut q = QuantizedActivations::new();
+    let mut scratch = LensScratch::new();
     let mut logits = vec![0.0f32; c.vocab_size];
     let mut checked = 0;
     for (row, f) in m.tracer().forwards().enumerate() {
@@ -53,7 +54,7 @@ fn assert_lens_is_the_per_layer_product(mut m: Llama<Full>, prompt: &[u32], chun
             let hidden = dump.activation(Some(l), Stage::Output).unwrap();
             let normed = rmsnorm(hidden.row(row).unwrap(), &w.output_norm, c.rms_eps);
             if l + 1 < c.n_layers {
-                w.output.reference(&normed, &mut logits);
+                w.output.weight.lens_matmul(&normed, &mut scratch, &mut logits);
             } else {
                 q.quantize_from(&normed, w.output.weight.ty()).unwrap();
                 w.output.weight.matvec(&q, &mut logits);

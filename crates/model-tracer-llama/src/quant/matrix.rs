@@ -11,6 +11,9 @@ use super::dot::*;
 use super::{dequantize, quantize, QuantError};
 use crate::dtype::GgmlType;
 
+mod lens;
+pub use lens::LensScratch;
+
 /// A row-major matrix of ggml blocks: `rows` rows of `cols` elements, each
 /// row `ty.bytes_for(cols)` bytes. `cols` is a GGUF tensor's `dims[0]`, so the
 /// product with an activation vector of length `cols` has length `rows`.
