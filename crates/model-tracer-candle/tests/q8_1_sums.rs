@@ -62,7 +62,8 @@ fn q4_1_dot(row: &[u8], x: &[([i8; 32], f32, f32)]) -> f32 {
         let mx = f16_to_f32(u16::from_le_bytes([block[2], block[3]]));
         let mut sumi = 0i32;
         for (j, &b) in block[4..].iter().enumerate() {
-            sumi += i32::from(b & 0x0f) * i32::from(q[j]) + i32::from(b >> 4) * i32::from(q[j + 16]);
+            sumi +=
+                i32::from(b & 0x0f) * i32::from(q[j]) + i32::from(b >> 4) * i32::from(q[j + 16]);
         }
         sum += sumi as f32 * dx * dy + mx * s;
     }
@@ -88,9 +89,15 @@ fn candle_rounds_the_q8_1_block_sum_twice_and_the_reference_once() {
     let dev = Device::Cpu;
     let mut file = std::fs::File::open(&path).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
-    let embd = content.tensor(&mut file, "token_embd.weight", &dev).unwrap();
-    let norm = content.tensor(&mut file, "blk.0.attn_norm.weight", &dev).unwrap();
-    let weight = content.tensor(&mut file, "blk.0.attn_v.weight", &dev).unwrap();
+    let embd = content
+        .tensor(&mut file, "token_embd.weight", &dev)
+        .unwrap();
+    let norm = content
+        .tensor(&mut file, "blk.0.attn_norm.weight", &dev)
+        .unwrap();
+    let weight = content
+        .tensor(&mut file, "blk.0.attn_v.weight", &dev)
+        .unwrap();
     assert_eq!(weight.dtype(), GgmlDType::Q4_1);
     let (rows, cols) = weight.shape().dims2().unwrap();
 

@@ -54,7 +54,9 @@ fn assert_lens_is_the_per_layer_product(mut m: Llama<Full>, prompt: &[u32], chun
             let hidden = dump.activation(Some(l), Stage::Output).unwrap();
             let normed = rmsnorm(hidden.row(row).unwrap(), &w.output_norm, c.rms_eps);
             if l + 1 < c.n_layers {
-                w.output.weight.lens_matmul(&normed, &mut scratch, &mut logits);
+                w.output
+                    .weight
+                    .lens_matmul(&normed, &mut scratch, &mut logits);
             } else {
                 q.quantize_from(&normed, w.output.weight.ty()).unwrap();
                 w.output.weight.matvec(&q, &mut logits);
