@@ -76,8 +76,12 @@ impl QMatrix {
     /// rounding, and bit for bit the same for a row whatever other rows
     /// are in `x`.
     ///
-    /// Q4_1 and Q8_0 weights with finite scales get the lane kernel of the
-    /// [module documentation](self); other weights go through
+    /// Q4_1 and Q8_0 weights with finite scales get a lane kernel: for
+    /// each weight block it forms the integer block sums of eight
+    /// activation rows, gathers them into the lanes of one vector and
+    /// scales and accumulates the eight rows with one conversion and one
+    /// or two fused multiply-adds; every lane goes through the same
+    /// operations whatever the others hold. Other weights go through
     /// [`matmul`](Self::matmul).
     ///
     /// # Panics
