@@ -415,26 +415,9 @@ impl QMatrix {
     /// no columns, if `x` is not empty), or `out.len()` is not
     /// `x.len() / self.cols() * self.rows()`.
     pub fn matmul_f32(&self, x: &[f32], out: &mut [f32]) {
-        if self.cols == 0 {
-            assert!(x.is_empty(), "a matrix of no columns takes no activations");
-            assert!(
-                self.rows == 0 || out.len() % self.rows == 0,
-                "output length must be a multiple of the matrix rows"
-            );
-            out.fill(0.0);
+        let Some(rows_x) = self.batch_rows(x, out) else {
             return;
-        }
-        assert_eq!(
-            x.len() % self.cols,
-            0,
-            "activations must be whole rows of cols values"
-        );
-        let rows_x = x.len() / self.cols;
-        assert_eq!(
-            Some(out.len()),
-            rows_x.checked_mul(self.rows),
-            "output length must equal activation rows times matrix rows"
-        );
+        };
         if self.row_bytes == 0 {
             out.fill(0.0);
             return;
@@ -451,6 +434,39 @@ impl QMatrix {
             }
             _ => self.tiled::<TILE>(out, rows_x, &OneByOneF32 { m, x }),
         }
+    }
+
+    /// The number of rows of `x` (row-major, `cols` values each) for a
+    /// product of the batch into `out`, after checking both lengths;
+    /// `None` for a matrix of no columns, whose products are zero (`out`
+    /// is then filled with zeros).
+    ///
+    /// # Panics
+    /// If `x.len()` is not a multiple of `self.cols()` (or, for a matrix of
+    /// no columns, if `x` is not empty or `out.len()` not a multiple of
+    /// the rows), or `out.len()` is not `x.len() / self.cols() * self.rows()`.
+    fn batch_rows(&self, x: &[f32], out: &mut [f32]) -> Option<usize> {
+        if self.cols == 0 {
+            assert!(x.is_empty(), "a matrix of no columns takes no activations");
+            assert!(
+                self.rows == 0 || out.len() % self.rows == 0,
+                "output length must be a multiple of the matrix rows"
+            );
+            out.fill(0.0);
+            return None;
+        }
+        assert_eq!(
+            x.len() % self.cols,
+            0,
+            "activations must be whole rows of cols values"
+        );
+        let rows_x = x.len() / self.cols;
+        assert_eq!(
+            Some(out.len()),
+            rows_x.checked_mul(self.rows),
+            "output length must equal activation rows times matrix rows"
+        );
+        Some(rows_x)
     }
 
     /// Runs `kernel(r, t0)`, which returns the products of weight row `r`

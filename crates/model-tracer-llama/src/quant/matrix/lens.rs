@@ -85,26 +85,13 @@ impl QMatrix {
     /// [`matmul`](Self::matmul).
     ///
     /// # Panics
-    /// If `x.len()` is not a multiple of `self.cols()`, or `out.len()` is
-    /// not `x.len() / self.cols() * self.rows()`, or (for a matrix of no
-    /// columns) `x` is not empty.
+    /// As [`matmul_f32`](Self::matmul_f32): if `x.len()` is not a multiple
+    /// of `self.cols()` (or, for a matrix of no columns, if `x` is not
+    /// empty), or `out.len()` is not `x.len() / self.cols() * self.rows()`.
     pub fn lens_matmul(&self, x: &[f32], scratch: &mut LensScratch, out: &mut [f32]) {
-        if self.cols == 0 {
-            assert!(x.is_empty(), "a matrix of no columns takes no activations");
-            out.fill(0.0);
+        if !matches!(self.batch_rows(x, out), Some(t) if t > 0) {
             return;
         }
-        assert_eq!(
-            x.len() % self.cols,
-            0,
-            "activations must be whole rows of cols values"
-        );
-        let t = x.len() / self.cols;
-        assert_eq!(
-            Some(out.len()),
-            t.checked_mul(self.rows),
-            "output length must equal activation rows times matrix rows"
-        );
         if !lane_kernel(self) {
             if let Err(e) = scratch.batch.quantize_from(x, self.cols, self.ty) {
                 unreachable!("a QMatrix has an activation format for its type: {e}");
@@ -491,6 +478,17 @@ mod tests {
             assert_eq!(w[j] as u8, qs[j] & 15);
             assert_eq!(w[j + 16] as u8, qs[j] >> 4);
         }
+    }
+
+    #[test]
+    fn no_rows_and_no_columns_give_empty_and_zero_products() {
+        let m = QMatrix::from_f32(GgmlType::Q4_1, 4, 64, &values(4 * 64, 1)).unwrap();
+        let mut out: Vec<f32> = Vec::new();
+        m.lens_matmul(&[], &mut LensScratch::new(), &mut out);
+        let empty = QMatrix::from_f32(GgmlType::Q8_0, 3, 0, &[]).unwrap();
+        let mut out = vec![1f32; 6];
+        empty.lens_matmul(&[], &mut LensScratch::new(), &mut out);
+        assert_eq!(out, vec![0.0; 6]);
     }
 
     #[test]
