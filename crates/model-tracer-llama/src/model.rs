@@ -1025,7 +1025,7 @@ fn logit_lens<C: TraceConfig>(
     logits: &[f32],
     exact: bool,
 ) {
-    let own = usize::from(layers.last() == Some(&(c.n_layers - 1)));
+    let own = usize::from(layers.last().is_some_and(|&l| l + 1 == c.n_layers));
     let projected = layers.len() - own;
     for (o, x) in normed
         .chunks_exact_mut(c.dim)

@@ -2,8 +2,8 @@
 
 use wide::i16x16;
 
-use super::blocks::{q8_codes, q8_k_codes};
-use super::float::{f16_to_f32, f32_to_f16};
+use super::blocks::{q8_activation_block, q8_k_codes};
+use super::float::f32_to_f16;
 use super::QuantError;
 use crate::dtype::GgmlType;
 
@@ -162,11 +162,10 @@ impl QuantizedActivations {
             .zip(self.quants.chunks_exact_mut(2))
             .enumerate()
         {
-            let d = q8_codes(values, &mut codes);
-            self.scales[b] = f16_to_f32(f32_to_f16(d));
+            let (d, sum) = q8_activation_block(values, &mut codes, with_sums);
+            self.scales[b] = d;
             if with_sums {
-                let sum: i32 = codes.iter().map(|&c| i32::from(c)).sum();
-                self.sums[b] = f16_to_f32(f32_to_f16(sum as f32 * d));
+                self.sums[b] = sum;
             } else {
                 self.split[2 * b] = i16x16::new(std::array::from_fn(|j| i16::from(codes[2 * j])));
                 self.split[2 * b + 1] =

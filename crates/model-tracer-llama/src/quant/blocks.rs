@@ -281,6 +281,22 @@ pub(super) fn q8_codes(values: &[f32], codes: &mut [i8]) -> f32 {
     d
 }
 
+/// An 8-bit activation block as the products read it: [`q8_codes`] into
+/// `codes`, then the scale `d` rounded to f16 and, for Q8_1, the block sum
+/// `d · Σq` rounded to f16 as ggml stores it (from the unrounded `d`);
+/// returns both as f32 (the sum is 0 when `with_sum` is false).
+#[inline(always)]
+pub(super) fn q8_activation_block(values: &[f32], codes: &mut [i8], with_sum: bool) -> (f32, f32) {
+    let d = q8_codes(values, codes);
+    let sum = if with_sum {
+        let sum: i32 = codes.iter().map(|&c| i32::from(c)).sum();
+        f16_to_f32(f32_to_f16(sum as f32 * d))
+    } else {
+        0.0
+    };
+    (f16_to_f32(f32_to_f16(d)), sum)
+}
+
 /// C's `roundf` (ties away from zero) for |y| < 2^23, without a libm call;
 /// NaN gives 0.
 #[inline(always)]

@@ -17,8 +17,7 @@
 use super::QMatrix;
 use crate::dtype::GgmlType;
 use crate::quant::activations::QuantizedBatch;
-use crate::quant::blocks::q8_codes;
-use crate::quant::float::{f16_to_f32, f32_to_f16};
+use crate::quant::blocks::q8_activation_block;
 use wide::{f32x8, u32x8, u8x16};
 
 /// Rows of a lane group: one activation row per f32 lane.
@@ -186,9 +185,10 @@ impl LensScratch {
         Self::default()
     }
 
-    /// Quantizes the `T` rows of `x` to 8-bit blocks in lane order: codes
-    /// `round(x / d)` with `d = amax / 127` (as [`QuantizedBatch`] does),
-    /// `d` rounded to f16, and for Q8_1 the block sums `f16(Σq · d)`.
+    /// Quantizes the `T` rows of `x` to 8-bit blocks in lane order, each
+    /// block as the model's products quantize it (the one function both
+    /// use): codes `round(x / d)` with `d = amax / 127`, `d` rounded to
+    /// f16, and for Q8_1 the block sums `f16(Σq · d)`.
     fn quantize(&mut self, x: &[f32], cols: usize, with_sums: bool) {
         let t = x.len() / cols;
         let blocks = cols / 32;
@@ -211,13 +211,8 @@ impl LensScratch {
                 s.fill(0.0);
                 for k in 0..rows {
                     let at = (g * LANES + k) * cols + b * 32;
-                    let codes = &mut block.codes[k];
-                    let scale = q8_codes(&x[at..at + 32], codes);
-                    d[k] = f16_to_f32(f32_to_f16(scale));
-                    if with_sums {
-                        let sum: i32 = codes.iter().map(|&c| i32::from(c)).sum();
-                        s[k] = f16_to_f32(f32_to_f16(sum as f32 * scale));
-                    }
+                    (d[k], s[k]) =
+                        q8_activation_block(&x[at..at + 32], &mut block.codes[k], with_sums);
                 }
                 block.scale = f32x8::new(d);
                 block.sum = f32x8::new(s);
@@ -361,6 +356,7 @@ mod lanes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::float::f16_to_f32;
     use crate::quant::QuantizedActivations;
 
     /// A deterministic pseudo-random sequence in `[-1, 1)`.
