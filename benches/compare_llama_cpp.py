@@ -92,6 +92,94 @@ def program_round(program, gguf, text, generate, engine, ids):
             t["generation_forwards"], run["generated_ids"])
 
 
+def top2(logits):
+    """(best id, best logit, second id, second logit) of a logit vector."""
+    best = second = None
+    for i, v in enumerate(logits):
+        if best is None or v > logits[best]:
+            best, second = i, best
+        elif second is None or v > logits[second]:
+            second = i
+    return best, float(logits[best]), second, float(logits[second])
+
+
+def llama_cpp_margin(llm, ids, generated, step):
+    """llama.cpp's top two tokens and their logits where it chose
+    `generated[step]`: the prompt and the tokens before, evaluated anew."""
+    import numpy as np
+    llm.reset()
+    llm.eval(ids + generated[:step])
+    # Without logits_all the package keeps no logits of its own: read the
+    # context's, those of the last evaluated position.
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+    return top2(logits.tolist())
+
+
+def program_margin(program, gguf, text, engine, step):
+    """The engine's top two tokens and their logits where it chose its
+    generated token `step`: the last layer of the logit lens of a `Full`
+    trace (the lens tracks the final top 3, and the last layer's row is the
+    model's own logits)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "run.jsonl")
+        json_path = os.path.join(tmp, "run.json")
+        cmd = [program, "run", "--gguf", gguf, "--prompt", text, "--trace", "full",
+               "--max-tokens", str(step + 1), "--ctx", "1024", "--jsonl", path,
+               "--json", json_path]
+        if engine != "reference":
+            cmd += ["--engine", engine]
+        env = dict(os.environ, CANDLE_NUM_THREADS="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        with open(json_path) as f:
+            run = json.load(f)
+        position = len(run["prompt_ids"]) + step - 1
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    row = next((r for r in rows if r.get("position") == position), None)
+    if row is None or not row.get("lens_layer"):
+        sys.exit(f"{engine}: no logit-lens record at position {position}")
+    last = max(row["lens_layer"])
+    final = sorted(((float(l), t) for t, ly, l in
+                    zip(row["lens_token"], row["lens_layer"], row["lens_logit"]) if ly == last),
+                   reverse=True)
+    (l1, t1), (l2, t2) = final[0], final[1]
+    return t1, l1, t2, l2
+
+
+def agreement(results, engines, args, llm, ids, text):
+    """Where each pair of engines' greedy tokens part, with both engines'
+    top-two margins at that step: a parting at a near-tie (a margin of a few
+    hundredths of a logit) is rounding, not a bug. llama.cpp's margin comes
+    from evaluating the prompt and the tokens before as one batch, which
+    need not round as its token-by-token generation did."""
+    margins = {}
+
+    def margin(side, step):
+        if (side, step) not in margins:
+            if side == "llama.cpp":
+                margins[side, step] = llama_cpp_margin(llm, ids, results[side][0][4], step)
+            else:
+                margins[side, step] = program_margin(args.program, args.gguf, text, side, step)
+        return margins[side, step]
+
+    print()
+    for i, a in enumerate(engines):
+        for b in engines[i + 1:]:
+            ta, tb = results[a][0][4], results[b][0][4]
+            step = next((k for k, (x, y) in enumerate(zip(ta, tb)) if x != y), None)
+            if step is None:
+                print(f"{a} and {b}: the same {min(len(ta), len(tb))} generated tokens")
+                continue
+            print(f"{a} and {b} part at generated token {step} ({ta[step]} against "
+                  f"{tb[step]}), after {step} equal tokens")
+            for side in (a, b):
+                t1, l1, t2, l2 = margin(side, step)
+                print(f"  {side:9} top two there: {t1} ({l1:.3f}), {t2} ({l2:.3f}); "
+                      f"margin {l1 - l2:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -145,6 +233,11 @@ def main():
         first = results[e][0][4][:6]
         print(f"| {e} | {statistics.median(pr):.1f} ({max(pr):.1f}) | "
               f"{statistics.median(gr):.1f} ({max(gr):.1f}) | {first} |")
+    for e in engines:
+        if any(r[4] != results[e][0][4] for r in results[e]):
+            print(f"{e}: the generated tokens differ between rounds")
+    if len(engines) > 1:
+        agreement(results, engines, args, llm, ids, text)
 
 
 if __name__ == "__main__":

@@ -160,13 +160,20 @@ fn prefilled<C: TraceConfig>(trace: C) -> Box<CandleLlama<C>> {
     model
 }
 
-/// Callgrind counting instructions only, candle on one thread.
+/// Callgrind counting instructions only, candle on one thread, on the
+/// model file this process found.
+///
+/// The runner clears the environment of the measured process, so a
+/// `MODEL_TRACER_GGUF` given to `cargo bench` would not reach it: the path
+/// is resolved here, in the process that reads the configuration, and
+/// handed on explicitly.
 fn callgrind_config() -> LibraryBenchmarkConfig {
     let mut callgrind = Callgrind::with_args(["--cache-sim=no"]);
     callgrind.format([EventKind::Ir]);
     let mut config = LibraryBenchmarkConfig::default();
     config.tool(callgrind);
     config.env("CANDLE_NUM_THREADS", "1");
+    config.env("MODEL_TRACER_GGUF", model_path());
     config
 }
 
