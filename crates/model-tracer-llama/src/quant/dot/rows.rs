@@ -18,7 +18,7 @@
 
 use wide::{f32x8, i16x16, i32x8};
 
-use super::super::activations::QuantizedActivations;
+use super::super::activations::{QuantizedActivations, Q4_1_BYTE_PRODUCTS};
 use super::super::blocks::f16_at;
 use super::{
     blend_heads, codes_dot_x_f32, f16_high_to_f32, f16x8_to_f32, f32x8_of, gather_head,
@@ -61,23 +61,16 @@ fn pair_scale<const I: usize>(v: f32x8) -> f32x8 {
     f32x8::new([lo, lo, lo, lo, hi, hi, hi, hi])
 }
 
-/// Whether the multi-row Q4_1 kernel multiplies code bytes with `pmaddubsw`
-/// (x86 with AVX2), reading the activations' `pair_bytes`; otherwise it
-/// uses the `i16x16` products of the one-row kernel and `pairs`.
-///
-/// `pmaddubsw` multiplies 32 unsigned bytes with 32 signed ones and adds
-/// adjacent products into i16 lanes. The low nibbles of a pair's 32 code
-/// bytes are elements 0–15 of its two blocks and the high nibbles elements
-/// 16–31; against the activation bytes of the same elements, the two
-/// products added (at most 4 · 15 · 127 in a lane, no saturation) and then
-/// multiplied by 256 in pairs of lanes (`pmaddwd`) give i32 lane `k` of
-/// each block the sum over elements `4k..4k + 4` and `4k + 16..4k + 20`
-/// times 256: exactly the lanes of `q4_1_pair`. Two byte products and an
-/// i16 addition replace three of its four `pmaddwd` and two additions.
-pub(in crate::quant) const Q4_1_BYTES: bool = cfg!(all(
-    any(target_arch = "x86", target_arch = "x86_64"),
-    target_feature = "avx2"
-));
+// Byte products of the Q4_1 kernel (`Q4_1_BYTE_PRODUCTS`): `pmaddubsw`
+// multiplies 32 unsigned bytes with 32 signed ones and adds adjacent
+// products into i16 lanes. The low nibbles of a pair's 32 code bytes are
+// elements 0–15 of its two blocks and the high nibbles elements 16–31;
+// against the activation bytes of the same elements, the two products
+// added (at most 4 · 15 · 127 in a lane, no saturation) and then
+// multiplied by 256 in pairs of lanes (`pmaddwd`) give i32 lane `k` of
+// each block the sum over elements `4k..4k + 4` and `4k + 16..4k + 20`
+// times 256: exactly the lanes of `q4_1_pair`. Two byte products and an
+// i16 addition replace three of its four `pmaddwd` and two additions.
 
 /// A pair's codes as its multi-row product takes them.
 #[cfg(all(
@@ -92,12 +85,12 @@ type PairCodes = [safe_arch::m256i; 2];
 type PairCodes = [i16x16; 4];
 
 /// Activation vectors of a group per row: `pair_bytes` (8) or `pairs` (16).
-const GROUP_VECTORS: usize = if Q4_1_BYTES { 8 } else { 16 };
+const GROUP_VECTORS: usize = if Q4_1_BYTE_PRODUCTS { 8 } else { 16 };
 
 /// The vectors of a row's activations that [`q4_1_product`] reads.
 #[inline(always)]
 fn pair_layout(x: &QuantizedActivations) -> &[i16x16] {
-    if Q4_1_BYTES {
+    if Q4_1_BYTE_PRODUCTS {
         &x.pair_bytes
     } else {
         &x.pairs
@@ -407,29 +400,23 @@ fn q8_0_padded_tail_rows<const N: usize>(
     q8_0_tail_rows(&padded, n, acts, first)
 }
 
-/// Whether the multi-row Q8_0 kernel multiplies code bytes with `pmaddubsw`
-/// (x86 with AVX2), reading the activations' `pair_bytes` (for Q8_0 the
-/// codes in element order); otherwise it uses the `i16x16` products of the
-/// one-row kernel and `split`.
-///
-/// `pmaddubsw` multiplies unsigned bytes with signed ones, so the kernel
-/// takes `|w|` (`pabsb`) as the unsigned operand, once per tile, and the
-/// activation codes with the sign of `w` applied (`psignb`: `x`, `-x`, or 0
-/// where `w` is 0) as the signed one: `|w| · (sign(w) · x) = w · x`. Weight
-/// codes are any byte a file holds, −128 included: its `pabsb` is the byte
-/// 0x80, which `pmaddubsw` reads as the unsigned 128, right. Activation
-/// codes are within ±127 (`q8_codes` maps a block's largest magnitude to
-/// 127; a NaN product becomes 0 and, where the inverse scale overflows, an
-/// infinite one 0 or −1), so `-x` never wraps and a
-/// pair of products is at most 2 · 128 · 127 = 32 512, below the i16
-/// saturation at 32 767. The pairs of i16 lanes multiplied by 256 and
-/// added (`pmaddwd`) give i32 lane `k` of a block 256 × the sum over
-/// elements `4k..4k + 4`: exactly the lanes of `q8_0_split`. Per block and
-/// activation row, a load, a sign, a byte product and one `pmaddwd` replace
-/// two `pmaddwd` reading memory and an addition (one instruction more, half
-/// the activation bytes read); the weight codes are loaded and made
-/// absolute once per tile instead of shifted and masked.
-pub(in crate::quant) const Q8_0_BYTES: bool = Q4_1_BYTES;
+// Byte products of the Q8_0 kernel (`Q8_0_BYTE_PRODUCTS`): `pmaddubsw`
+// multiplies unsigned bytes with signed ones, so the kernel takes `|w|`
+// (`pabsb`) as the unsigned operand, once per tile, and the activation
+// codes with the sign of `w` applied (`psignb`: `x`, `-x`, or 0 where `w`
+// is 0) as the signed one: `|w| · (sign(w) · x) = w · x`. Weight codes are
+// any byte a file holds, −128 included: its `pabsb` is the byte 0x80, which
+// `pmaddubsw` reads as the unsigned 128, right. Activation codes are within
+// ±127 (`q8_codes` maps a block's largest magnitude to 127; a NaN product
+// becomes 0 and, where the inverse scale overflows, an infinite one 0 or
+// −1), so `-x` never wraps and a pair of products is at most 2 · 128 · 127
+// = 32 512, below the i16 saturation at 32 767. The pairs of i16 lanes
+// multiplied by 256 and added (`pmaddwd`) give i32 lane `k` of a block 256
+// × the sum over elements `4k..4k + 4`: exactly the lanes of `q8_0_split`.
+// Per block and activation row, a load, a sign, a byte product and one
+// `pmaddwd` replace two `pmaddwd` reading memory and an addition (one
+// instruction more, half the activation bytes read); the weight codes are
+// loaded and made absolute once per tile instead of shifted and masked.
 
 /// Adds block `K` of a group of eight Q8_0 blocks, whose code bytes are
 /// `w`, to accumulator `K % 2` of each row, `a` being the rows' code bytes
@@ -663,7 +650,8 @@ impl<'a, const N: usize> Q8_0Tile<'a, N> {
         }
     }
 
-    /// [`dot`](Self::dot) with byte products (see [`Q8_0_BYTES`]).
+    /// [`dot`](Self::dot) with byte products (see
+    /// [`Q8_0_BYTE_PRODUCTS`](super::super::activations::Q8_0_BYTE_PRODUCTS)).
     #[cfg(all(
         any(target_arch = "x86", target_arch = "x86_64"),
         target_feature = "avx2"
