@@ -19,7 +19,7 @@
 use wide::{f32x8, i16x16, i32x8};
 
 use super::super::activations::{QuantizedActivations, Q4_1_BYTE_PRODUCTS};
-use super::super::blocks::f16_at;
+use super::super::blocks::{f16_at, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
 use super::{
     blend_heads, codes_dot_x_f32, f16_high_to_f32, f16x8_to_f32, f32x8_of, gather_head,
     group_heads, group_scales_f32, load_i32x8, load_two, q4_0_codes, q8_0_split_sum, widen_i8,
@@ -206,7 +206,7 @@ fn q4_1_tail<const N: usize>(
     acts: &[QuantizedActivations; N],
     first: usize,
 ) -> [Q4_1Sums; N] {
-    const BB: usize = 20;
+    const BB: usize = Q4_1_BLOCK_BYTES;
     let h = n.div_ceil(2);
     let block = |lane: usize| if lane < 4 { lane } else { h + lane - 4 };
     let heads = blend_heads(std::array::from_fn(|lane| {
@@ -245,7 +245,7 @@ pub(in crate::quant) fn dot_q4_1_fast_rows<const N: usize>(
     row_bytes: usize,
     acts: &[QuantizedActivations; N],
 ) -> [f32; N] {
-    const BB: usize = 20;
+    const BB: usize = Q4_1_BLOCK_BYTES;
     let mut sums = [Q4_1Sums::ZERO; N];
     let blocks = row_bytes / BB;
     let whole = blocks / 8 * 8;
@@ -348,7 +348,7 @@ fn q8_0_group_rows<const N: usize>(
     first: usize,
     acc: &mut [[f32x8; 2]; N],
 ) {
-    const BB: usize = 34;
+    const BB: usize = Q8_0_BLOCK_BYTES;
     let wd = f16_high_to_f32(heads << 16u32, F16_REBIAS_BY_256);
     let mut d = [[0f32; 8]; N];
     for (d, x) in d.iter_mut().zip(acts) {
@@ -373,7 +373,7 @@ fn q8_0_tail_rows<const N: usize>(
 ) -> [f32x8; N] {
     let present = i32x8::splat(n as i32).simd_gt(i32x8::new([0, 1, 2, 3, 4, 5, 6, 7]));
     let mut acc = [[f32x8::ZERO; 2]; N];
-    let heads = group_heads::<34>(group) & present;
+    let heads = group_heads::<Q8_0_BLOCK_BYTES>(group) & present;
     q8_0_group_rows(group, heads, n, acts, first, &mut acc);
     let mut sums = [f32x8::ZERO; N];
     for (sum, [a, b]) in sums.iter_mut().zip(acc) {
@@ -477,10 +477,10 @@ fn q8_0_byte_group<const N: usize>(
     d: &[[f32; 8]; N],
     acc: &mut [[f32x8; 2]; N],
 ) {
-    const BB: usize = 34;
+    const BB: usize = Q8_0_BLOCK_BYTES;
     let codes = |k: usize| -> safe_arch::m256i {
         let mut bytes = [0u8; 32];
-        bytes.copy_from_slice(&group[BB * k + 2..BB * k + 34]);
+        bytes.copy_from_slice(&group[BB * k + 2..BB * (k + 1)]);
         wide::bytemuck::cast(bytes)
     };
     q8_0_byte_block::<0, N>(acc, codes(0), a, d);
@@ -549,7 +549,7 @@ fn q8_0_byte_tail<const N: usize>(
     s: &[&[f32; 8]; N],
 ) -> [f32x8; N] {
     let present = i32x8::splat(n as i32).simd_gt(i32x8::new([0, 1, 2, 3, 4, 5, 6, 7]));
-    let d = q8_0_byte_scales(group_heads::<34>(group) & present, s);
+    let d = q8_0_byte_scales(group_heads::<Q8_0_BLOCK_BYTES>(group) & present, s);
     let mut acc = [[f32x8::ZERO; 2]; N];
     q8_0_byte_group(group, n, a, &d, &mut acc);
     let mut sums = [f32x8::ZERO; N];
@@ -658,7 +658,7 @@ impl<'a, const N: usize> Q8_0Tile<'a, N> {
     ))]
     #[inline(always)]
     fn dot_bytes(&self, rest: &[u8], row_bytes: usize) -> [f32; N] {
-        const BB: usize = 34;
+        const BB: usize = Q8_0_BLOCK_BYTES;
         let blocks = row_bytes / BB;
         let whole = blocks / 8;
         let mut acc = [[f32x8::ZERO; 2]; N];
@@ -701,7 +701,7 @@ fn dot_q8_0_split_rows<const N: usize>(
     row_bytes: usize,
     acts: &[QuantizedActivations; N],
 ) -> [f32; N] {
-    const BB: usize = 34;
+    const BB: usize = Q8_0_BLOCK_BYTES;
     let mut acc = [[f32x8::ZERO; 2]; N];
     let blocks = row_bytes / BB;
     let whole = blocks / 8 * 8;
@@ -734,7 +734,7 @@ pub(in crate::quant) fn dot_q4_0_rows<const N: usize>(
     row: &[u8],
     acts: &[QuantizedActivations; N],
 ) -> [f32; N] {
-    const BB: usize = 18;
+    const BB: usize = Q4_0_BLOCK_BYTES;
     let mut acc = [[f32x8::ZERO; 2]; N];
     for (g, weights) in row.chunks(8 * BB).enumerate() {
         let heads = gather_head::<BB>(weights);
@@ -746,7 +746,7 @@ pub(in crate::quant) fn dot_q4_0_rows<const N: usize>(
         let a = vectors::<16, N>(acts, 16 * g, |x| &x.quants);
         // The one-row kernel adds block k of a group to accumulator k % 2,
         // whether the group is whole or not.
-        let codes = |k: usize| q4_0_codes(&weights[BB * k + 2..BB * k + 18]);
+        let codes = |k: usize| q4_0_codes(&weights[BB * k + 2..BB * (k + 1)]);
         add_blocks(&mut acc, weights.len() / BB, codes, &a, &d);
     }
     let mut totals = [0f32; N];
@@ -807,7 +807,7 @@ fn block_x<'a, const N: usize>(x: &[&'a [f32]; N], b: usize) -> [&'a [f32]; N] {
 #[inline(always)]
 pub(in crate::quant) fn dot_f32_q4_1_rows<const N: usize>(row: &[u8], x: &[&[f32]; N]) -> [f32; N] {
     let mut acc = [[f32x8::ZERO; 4]; N];
-    for_each_f32_block_at::<20, 4>(row, |b, codes, d, m, _| {
+    for_each_f32_block_at::<Q4_1_BLOCK_BYTES, 4>(row, |b, codes, d, m, _| {
         let [b0, b1] = widen_u8_whole(codes);
         let fifteen = i32x8::splat(15);
         let nibbles = [b0 & fifteen, b1 & fifteen, b0 >> 4u32, b1 >> 4u32];
@@ -844,14 +844,14 @@ pub(in crate::quant) fn dot_f32_q8_0_q4_0_rows<const Q4_0: bool, const N: usize>
         }
     };
     if Q4_0 {
-        for_each_f32_block_at::<18, 2>(row, |b, codes, d, _, parity| {
+        for_each_f32_block_at::<Q4_0_BLOCK_BYTES, 2>(row, |b, codes, d, _, parity| {
             let [b0, b1] = widen_u8(codes);
             let (fifteen, eight) = (i32x8::splat(15), i32x8::splat(8));
             let nibbles = [b0 & fifteen, b1 & fifteen, b0 >> 4u32, b1 >> 4u32];
             add(b, nibbles.map(|q| q - eight), d, parity);
         });
     } else {
-        for_each_f32_block_at::<34, 2>(row, |b, codes, d, _, parity| {
+        for_each_f32_block_at::<Q8_0_BLOCK_BYTES, 2>(row, |b, codes, d, _, parity| {
             let [c0, c1] = widen_i8(&codes[..16]);
             let [c2, c3] = widen_i8(&codes[16..32]);
             add(b, [c0, c1, c2, c3], d, parity);
