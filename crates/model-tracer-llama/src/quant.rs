@@ -123,9 +123,9 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Qua
     match ty {
         F32 | F16 | BF16 => {
             let decode = match ty {
-                F32 => dot::decode_f32,
-                F16 => dot::decode_f16,
-                _ => dot::decode_bf16,
+                F32 => float::decode_f32,
+                F16 => float::decode_f16,
+                _ => float::decode_bf16,
             };
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(elem)) {
                 *o = decode(b);

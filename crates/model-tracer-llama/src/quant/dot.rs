@@ -24,7 +24,7 @@ use super::blocks::{
     f16_at, k4_scale_min, u32_at, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES,
     Q5_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES,
 };
-use super::float::{bf16_to_f32, f16_to_f32};
+use super::float::F16_REBIAS;
 
 #[inline(always)]
 fn load_u8x16(bytes: &[u8]) -> u8x16 {
@@ -176,11 +176,9 @@ pub(super) fn q6_k_block(block: &[u8], a: &[i16x16]) -> i32x8 {
     sum
 }
 
-/// 2^112, see [`f16_to_f32`].
-pub(super) const F16_REBIAS: f32 = f32::from_bits(0x7780_0000);
-
 /// Eight f16 bit patterns (in the low 16 bits of each lane) to f32, exactly,
-/// by the same rebias trick as the scalar [`f16_to_f32`].
+/// by the same rebias trick as the scalar
+/// [`f16_to_f32`](super::float::f16_to_f32).
 #[inline(always)]
 pub(super) fn f16x8_to_f32(bits: i32x8) -> f32x8 {
     let sign = (bits & i32x8::splat(0x8000)) << 16u32;
@@ -375,21 +373,6 @@ pub(super) fn dot_f32_plain(
     acc.reduce_add()
 }
 
-#[inline(always)]
-pub(super) fn decode_f32(b: &[u8]) -> f32 {
-    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
-}
-
-#[inline(always)]
-pub(super) fn decode_f16(b: &[u8]) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[0], b[1]]))
-}
-
-#[inline(always)]
-pub(super) fn decode_bf16(b: &[u8]) -> f32 {
-    bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))
-}
-
 /// Lane `k` holds the first four bytes of block `k` of `group` (eight blocks
 /// of `BLOCK_BYTES`): eight overlapping 32-byte loads, the one for block `k`
 /// placed so that those bytes fall in lane `k`, blended together. This avoids
@@ -434,8 +417,9 @@ pub(super) const F16_REBIAS_BY_256: f32 = f32::from_bits(0x7380_0000);
 /// The f16 in the high 16 bits of each lane as f32, times `rebias / 2^112`.
 ///
 /// Exact for every finite f16 (zero and subnormals included, as in
-/// [`f16_to_f32`]); infinities and NaNs come out as finite values, so callers
-/// must know that none occur (`QMatrix` checks its scales at construction).
+/// [`f16_to_f32`](super::float::f16_to_f32)); infinities and NaNs come out
+/// as finite values, so callers must know that none occur (`QMatrix` checks
+/// its scales at construction).
 #[inline(always)]
 pub(super) fn f16_high_to_f32(bits: i32x8, rebias: f32) -> f32x8 {
     // The arithmetic shift puts exponent and mantissa where f32 keeps them

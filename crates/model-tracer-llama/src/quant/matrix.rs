@@ -8,6 +8,7 @@ use super::dot::rows::{
     dot_f32_q4_1_rows, dot_f32_q8_0_q4_0_rows, dot_q4_0_rows, dot_q4_1_fast_rows, Q8_0Tile,
 };
 use super::dot::*;
+use super::float::{decode_bf16, decode_f16, decode_f32};
 use super::{dequantize, quantize, QuantError};
 use crate::dtype::GgmlType;
 

@@ -20,11 +20,11 @@ use wide::{f32x8, i16x16, i32x8};
 
 use super::super::activations::{QuantizedActivations, Q4_1_BYTE_PRODUCTS};
 use super::super::blocks::{f16_at, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
+use super::super::float::F16_REBIAS;
 use super::{
     blend_heads, codes_dot_x_f32, f16_high_to_f32, f16x8_to_f32, f32x8_of, gather_head,
     group_heads, group_scales_f32, load_i32x8, load_two, q4_0_codes, q8_0_split_sum, widen_i8,
-    widen_u8, widen_u8_whole, Q4_1Sums, F16_REBIAS, F16_REBIAS_BY_256, Q4_1_GROUP_BYTES,
-    Q8_0_GROUP_BYTES,
+    widen_u8, widen_u8_whole, Q4_1Sums, F16_REBIAS_BY_256, Q4_1_GROUP_BYTES, Q8_0_GROUP_BYTES,
 };
 
 /// Each row's `LEN` activation vectors from vector `at` on, in the layout
