@@ -11,6 +11,7 @@ use super::dot::{
 };
 use super::float::F16_REBIAS;
 use super::*;
+use crate::dtype::GgmlType;
 
 /// An f16 uniform in `[lo, hi)`, as its little-endian bytes.
 fn f16_in(rng: &mut SplitMix64, lo: f32, hi: f32) -> [u8; 2] {
