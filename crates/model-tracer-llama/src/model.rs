@@ -1532,6 +1532,7 @@ fn attention_block_rows<C: TraceConfig>(
 /// sums of the values go into head `h` of each row of
 /// `b.xb: [t × n_heads·head_dim]`.
 #[inline(always)]
+#[cfg_attr(model_tracer_no_hooks, allow(unused_variables))]
 fn attention_heads_rows<C: TraceConfig>(
     tracer: &mut ModelTracer<C>,
     c: &Config,
@@ -1698,6 +1699,7 @@ fn ffn_block_rows<C: TraceConfig>(
 /// KV cache state of each row, as its one-position forward records it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
+#[cfg_attr(model_tracer_no_hooks, allow(unused_variables))]
 fn lm_head_rows<C: TraceConfig>(
     tracer: &mut ModelTracer<C>,
     c: &Config,
