@@ -654,6 +654,61 @@ impl KvCache {
         self.capacity - self.sinks
     }
 
+    /// Writes the key `k` and the value `v` (`[kv_dim]` each) of a
+    /// position in layer `layer` into `slot`.
+    #[inline(always)]
+    fn store(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let kv_dim = self.kv_dim;
+        let at = layer * self.capacity * kv_dim + slot * kv_dim;
+        self.key[at..at + kv_dim].copy_from_slice(k);
+        self.value[at..at + kv_dim].copy_from_slice(v);
+    }
+
+    /// The trace of the cache after the one-position step `step` at
+    /// position `pos`.
+    #[cfg_attr(model_tracer_no_hooks, allow(dead_code))]
+    fn step_state(&self, step: usize, n_layers: usize, pos: usize) -> KvCacheStateTrace {
+        let reused = self.len - 1;
+        let looked_up = pos + 1;
+        KvCacheStateTrace {
+            step,
+            max_positions: self.capacity,
+            valid_positions: self.len,
+            cache_size_bytes: self.bytes_in_use(n_layers),
+            cache_hit_rate: reused as f32 / looked_up as f32,
+            evictions_this_step: self.step_evictions,
+            reused_positions: reused,
+            computed_positions: 1,
+        }
+    }
+
+    /// The trace of the cache as row `i` of a chunk at position `pos`
+    /// leaves it, `old_len` positions having been cached before the chunk:
+    /// what the one-position step `step` of that row records.
+    #[cfg_attr(model_tracer_no_hooks, allow(dead_code))]
+    fn row_state(
+        &self,
+        step: usize,
+        n_layers: usize,
+        old_len: usize,
+        i: usize,
+        pos: usize,
+    ) -> KvCacheStateTrace {
+        let n_ctx = (old_len + i + 1).min(self.capacity);
+        let reused = n_ctx - 1;
+        let looked_up = pos + 1;
+        KvCacheStateTrace {
+            step,
+            max_positions: self.capacity,
+            valid_positions: n_ctx,
+            cache_size_bytes: 2 * n_layers * n_ctx * self.kv_dim * std::mem::size_of::<f32>(),
+            cache_hit_rate: reused as f32 / looked_up as f32,
+            evictions_this_step: usize::from(old_len + i + 1 > self.capacity),
+            reused_positions: reused,
+            computed_positions: 1,
+        }
+    }
+
     /// Positions holding keys and values.
     pub fn len(&self) -> usize {
         self.len
@@ -781,9 +836,6 @@ struct ChunkState {
     xq: QuantizedBatch,
     lens_hidden: Vec<f32>, // (T, n_layers, dim) hidden states for the logit lens
     logits: Vec<f32>,      // (vocab) logits of a row before the last
-    tokens: Vec<u32>,      // (T) tokens, out-of-vocabulary ids read as 0
-    old_slots: Vec<usize>, // cache slots before the chunk, chronological
-    slots: Vec<usize>,     // (T) cache slot of each row
 }
 
 impl ChunkState {
@@ -872,6 +924,7 @@ pub struct Llama<C: TraceConfig = model_tracer::DefaultTrace> {
     exact: bool,
     steps: usize,
     chunk: ChunkState,
+    rows: ChunkRows,
     prefill_chunk: usize,
 }
 
@@ -1108,6 +1161,602 @@ fn softmax(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// Where the one position of [`Llama::forward`] sits: its absolute
+/// position and the cache slot its key and value go to.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    pos: usize,
+    slot: usize,
+}
+
+/// Where the rows of a chunk sit: row `i` is token `tokens[i]` at position
+/// `positions[i]`, its keys and values go to cache slot `slots[i]`, and it
+/// attends the positions cached before the chunk (`old_slots`) that it
+/// does not evict, then rows `0..=i` of the chunk.
+#[derive(Debug, Clone, Default)]
+struct ChunkRows {
+    tokens: Vec<u32>,      // (T) tokens, out-of-vocabulary ids read as 0
+    positions: Vec<usize>, // (T) absolute position of each row
+    slots: Vec<usize>,     // (T) cache slot of each row
+    old_slots: Vec<usize>, // cache slots before the chunk, chronological
+}
+
+impl ChunkRows {
+    /// Places `tokens` at the next positions of `cache`, pushing them into
+    /// it, after noting the slots of the positions it held before.
+    fn place(&mut self, cache: &mut KvCache, tokens: &[u32], vocab_size: usize) {
+        let start = cache.next_position();
+        self.old_slots.clear();
+        self.old_slots.extend((0..cache.len).map(|t| cache.slot(t)));
+        self.tokens.clear();
+        self.tokens.extend(
+            tokens
+                .iter()
+                .map(|&t| if (t as usize) < vocab_size { t } else { 0 }),
+        );
+        cache.step_evictions = 0;
+        self.positions.clear();
+        self.slots.clear();
+        for (i, &t) in self.tokens.iter().enumerate() {
+            self.positions.push(start + i);
+            self.slots.push(cache.push(t, start + i));
+        }
+    }
+}
+
+/// [`rmsnorm`] of each row of `x: [t × dim]` into `out: [t × dim]`.
+#[inline(always)]
+fn rmsnorm_rows(out: &mut [f32], x: &[f32], weight: &[f32], dim: usize, eps: f32) {
+    for (o, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+        rmsnorm(o, x, weight, eps);
+    }
+}
+
+/// The residual connection: `x += update`, both `[t × dim]`.
+#[inline(always)]
+fn residual_add(x: &mut [f32], update: &[f32]) {
+    x.iter_mut().zip(update).for_each(|(x, d)| *x += d);
+}
+
+/// The SwiGLU non-linearity, `gate = silu(gate) · up`, both `[t × ffn_dim]`.
+#[inline(always)]
+fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// Injects `fault` into each row of `out: [t × dim]` whose position
+/// (`positions[i]`) it is for.
+#[inline(always)]
+fn fault_rows(
+    fault: Option<Fault>,
+    l: usize,
+    stage: Stage,
+    out: &mut [f32],
+    positions: &[usize],
+    c: &Config,
+) {
+    for (out, &pos) in out.chunks_exact_mut(c.dim).zip(positions) {
+        if let Some(f) = fault.filter(|f| f.position.is_none_or(|p| p == pos)) {
+            f.apply(l, stage, out, c.head_dim);
+        }
+    }
+}
+
+/// The attention block of the one position of [`Llama::forward`] in layer
+/// `l`: `x += W_o · attention(rope(W_q · norm(x)))` over the cached
+/// positions, the position's own rotated key and value written to the
+/// cache first.
+///
+/// Shapes (`kv_dim = n_kv_heads · head_dim`):
+/// - `s.x: [dim]`, the residual stream, read and updated;
+/// - `s.xb: [dim]`, the normed input, then the heads' outputs
+///   `[n_heads × head_dim]`;
+/// - `s.qkv: [dim + 2·kv_dim]`, `[q | k | v]`: q `[n_heads × head_dim]`,
+///   k and v `[n_kv_heads × head_dim]`;
+/// - `s.att: [n_heads × capacity]`, see [`attention_heads`];
+/// - `s.xb2: [dim]`, the output projection;
+/// - k cache, v cache: `[capacity × kv_dim]` per layer; the position
+///   writes slot `row.slot`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attention_block<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    c: &Config,
+    lw: &LayerWeights,
+    l: usize,
+    s: &mut RunState,
+    cache: &mut KvCache,
+    row: Row,
+    fault: Option<Fault>,
+    exact: bool,
+) {
+    let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
+    // attention rmsnorm
+    rmsnorm(&mut s.xb, &s.x, &lw.attn_norm, c.rms_eps);
+    traced!(C, tracer.activation(l, Stage::PostNorm, &s.xb));
+
+    // q, k, v projections into one buffer [q | k | v]
+    let qkv = [&lw.attn_q, &lw.attn_k, &lw.attn_v];
+    let mut xb = Input::new(&s.xb, &mut s.xq, exact);
+    project(tracer, BrickId::QkvProjection, l, &qkv, &mut xb, &mut s.qkv);
+
+    // RoPE relative positional encoding on q and k
+    let (q, kv) = s.qkv.split_at_mut(dim);
+    rope(q, hd, &s.rope_freq, row.pos);
+    rope(&mut kv[..kv_dim], hd, &s.rope_freq, row.pos);
+
+    // write k, v of this position into the cache
+    let (k, v) = kv.split_at(kv_dim);
+    cache.store(l, row.slot, k, v);
+
+    // grouped-query attention over the cached positions, into xb
+    attention_heads(tracer, c, l, row.pos, q, cache, &mut s.att, &mut s.xb);
+
+    // output projection
+    let mut xb = Input::new(&s.xb, &mut s.xq, exact);
+    let wo = [&lw.attn_output];
+    project(
+        tracer,
+        BrickId::AttentionOutput,
+        l,
+        &wo,
+        &mut xb,
+        &mut s.xb2,
+    );
+    if let Some(f) = fault {
+        f.apply(l, Stage::PostAttn, &mut s.xb2, hd);
+    }
+    traced!(C, tracer.activation(l, Stage::PostAttn, &s.xb2));
+
+    // residual connection (its ratio is recorded after the second)
+    residual_add(&mut s.x, &s.xb2);
+}
+
+/// Grouped-query attention of one position at `pos` in layer `l`, one head
+/// at a time: head `h` of `q: [n_heads × head_dim]` against the keys of
+/// kv head `h / (n_heads / n_kv_heads)` of the `n = cache.len()` cached
+/// positions in chronological order, scaled by `1/√head_dim` and
+/// softmaxed into `att[h·capacity..][..n]` (`att: [n_heads × capacity]`),
+/// then the values summed with those weights into head `h` of
+/// `out: [n_heads × head_dim]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(model_tracer_no_hooks, allow(unused_variables))]
+fn attention_heads<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    c: &Config,
+    l: usize,
+    pos: usize,
+    q: &[f32],
+    cache: &KvCache,
+    att: &mut [f32],
+    out: &mut [f32],
+) {
+    let (kv_dim, hd) = (c.kv_dim(), c.head_dim);
+    let kv_mul = c.n_heads / c.n_kv_heads;
+    let (cap, n_ctx) = (cache.capacity, cache.len);
+    let layer_off = l * cap * kv_dim;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for h in 0..c.n_heads {
+        let q = &q[h * hd..(h + 1) * hd];
+        let kv_off = (h / kv_mul) * hd;
+        let att = &mut att[h * cap..h * cap + n_ctx];
+        for (t, a) in att.iter_mut().enumerate() {
+            let k0 = layer_off + cache.slot(t) * kv_dim + kv_off;
+            let k = &cache.key[k0..k0 + hd];
+            *a = dot(q, k) * scale;
+        }
+        softmax(att);
+        traced!(C, tracer.attention(l, h, pos, att));
+        let out = &mut out[h * hd..(h + 1) * hd];
+        out.fill(0.0);
+        for (t, &a) in att.iter().enumerate() {
+            let v0 = layer_off + cache.slot(t) * kv_dim + kv_off;
+            for (o, &v) in out.iter_mut().zip(&cache.value[v0..v0 + hd]) {
+                *o += a * v;
+            }
+        }
+    }
+}
+
+/// The feed-forward block of the one position of [`Llama::forward`] in
+/// layer `l`: `x += W_down · (silu(W_gate · norm(x)) · W_up · norm(x))`.
+///
+/// Shapes: `s.x: [dim]`, read and updated; `s.xb: [dim]`, the normed
+/// input; `s.hb: [ffn_dim]`, the gate, then the SwiGLU product;
+/// `s.hb2: [ffn_dim]`, the up projection; `s.xb2: [dim]`, the down
+/// projection.
+#[inline(always)]
+fn ffn_block<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    c: &Config,
+    lw: &LayerWeights,
+    l: usize,
+    s: &mut RunState,
+    fault: Option<Fault>,
+    exact: bool,
+) {
+    // ffn rmsnorm
+    rmsnorm(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps);
+    traced!(C, tracer.activation(l, Stage::PostFfnNorm, &s.xb));
+
+    // gate and up projections, from one quantized input
+    let mut xb = Input::new(&s.xb, &mut s.xq, exact);
+    project(
+        tracer,
+        BrickId::FfnGate,
+        l,
+        &[&lw.ffn_gate],
+        &mut xb,
+        &mut s.hb,
+    );
+    project(
+        tracer,
+        BrickId::FfnUp,
+        l,
+        &[&lw.ffn_up],
+        &mut xb,
+        &mut s.hb2,
+    );
+
+    // SwiGLU non-linearity
+    swiglu(&mut s.hb, &s.hb2);
+
+    // down projection
+    let mut hb = Input::new(&s.hb, &mut s.xq, exact);
+    project(
+        tracer,
+        BrickId::FfnDown,
+        l,
+        &[&lw.ffn_down],
+        &mut hb,
+        &mut s.xb2,
+    );
+    if let Some(f) = fault {
+        f.apply(l, Stage::PostFfn, &mut s.xb2, c.head_dim);
+    }
+    traced!(C, tracer.activation(l, Stage::PostFfn, &s.xb2));
+
+    // residual connection
+    residual_add(&mut s.x, &s.xb2);
+}
+
+/// The attention block of the `t` rows of a chunk in layer `l`: for each
+/// row `i`, `x[i] += W_o · attention(rope(W_q · norm(x[i])))` over the
+/// positions cached before the chunk that row `i` does not evict and rows
+/// `0..=i` of the chunk (see [`attention_heads_rows`]). The chunk's keys
+/// and values go to the cache after every row has read those it attends,
+/// since a row's slot may hold a position an earlier row still reads.
+///
+/// Shapes (`kv_dim = n_kv_heads · head_dim`):
+/// - `b.x: [t × dim]`, the residual streams, read and updated;
+/// - `b.xb: [t × dim]`, the normed inputs, then the heads' outputs
+///   `[t × n_heads·head_dim]`;
+/// - `b.q: [t × n_heads·head_dim]`, `b.k, b.v: [t × kv_dim]`: the rotated
+///   queries and keys, the values;
+/// - `b.xb2: [t × dim]`, the output projection;
+/// - `s.qkv: [dim + 2·kv_dim]`, a row's `[q | k | v]` for the tracer;
+/// - k cache, v cache: `[capacity × kv_dim]` per layer; row `i` writes
+///   slot `r.slots[i]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attention_block_rows<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    c: &Config,
+    lw: &LayerWeights,
+    l: usize,
+    b: &mut ChunkState,
+    s: &mut RunState,
+    cache: &mut KvCache,
+    r: &ChunkRows,
+    fault: Option<Fault>,
+    exact: bool,
+) {
+    let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
+    // attention rmsnorm
+    rmsnorm_rows(&mut b.xb, &b.x, &lw.attn_norm, dim, c.rms_eps);
+    traced!(C, tracer.activation(l, Stage::PostNorm, &b.xb));
+
+    // q, k, v projections, from one quantized chunk
+    let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
+    xb.multiply(&lw.attn_q, &mut b.q);
+    xb.multiply(&lw.attn_k, &mut b.k);
+    xb.multiply(&lw.attn_v, &mut b.v);
+    traced!(
+        C,
+        trace_rows(
+            tracer,
+            BrickId::QkvProjection,
+            l,
+            &[&lw.attn_q, &lw.attn_k, &lw.attn_v],
+            &b.xb,
+            &[&b.q, &b.k, &b.v],
+            &mut s.qkv,
+        )
+    );
+
+    // RoPE relative positional encoding on q and k, per row
+    for ((q, k), &pos) in
+        b.q.chunks_exact_mut(dim)
+            .zip(b.k.chunks_exact_mut(kv_dim))
+            .zip(&r.positions)
+    {
+        rope(q, hd, &s.rope_freq, pos);
+        rope(k, hd, &s.rope_freq, pos);
+    }
+
+    // causal grouped-query attention, into xb
+    attention_heads_rows(tracer, c, l, b, cache, r);
+
+    // write k, v of the chunk into the cache, in one step
+    for (i, &slot) in r.slots.iter().enumerate() {
+        let (k, v) = (&b.k[i * kv_dim..][..kv_dim], &b.v[i * kv_dim..][..kv_dim]);
+        cache.store(l, slot, k, v);
+    }
+
+    // output projection
+    let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
+    xb.multiply(&lw.attn_output, &mut b.xb2);
+    traced!(
+        C,
+        trace_rows(
+            tracer,
+            BrickId::AttentionOutput,
+            l,
+            &[&lw.attn_output],
+            &b.xb,
+            &[&b.xb2],
+            &mut s.qkv,
+        )
+    );
+    fault_rows(fault, l, Stage::PostAttn, &mut b.xb2, &r.positions, c);
+    traced!(C, tracer.activation(l, Stage::PostAttn, &b.xb2));
+
+    // residual connection (its ratio is recorded after the second)
+    residual_add(&mut b.x, &b.xb2);
+}
+
+/// Causal grouped-query attention of the `t` rows of a chunk in layer
+/// `l`, one head at a time. Row `i` attends, in chronological order, the
+/// `old - evicted` positions cached before the chunk that it does not
+/// evict (`old = r.old_slots.len()`, `evicted = (old + i + 1) −
+/// capacity` when positive; the sinks stay), then rows `0..=i` of the
+/// chunk: keys from the cache (`[capacity × kv_dim]` per layer, slots
+/// `r.old_slots`) and from `b.k: [t × kv_dim]`, values likewise from the
+/// cache and `b.v: [t × kv_dim]`. Scores of tiles of [`SCORE_TILE`] rows
+/// of `b.q: [t × n_heads·head_dim]` go through `b.qt: [head_dim]` (a row a
+/// lane) into `b.scores: [keys]`, then row by row into
+/// `b.att: [t × stride]` (`stride = cache.len()`), softmaxed; the weighted
+/// sums of the values go into head `h` of each row of
+/// `b.xb: [t × n_heads·head_dim]`.
+#[inline(always)]
+#[cfg_attr(model_tracer_no_hooks, allow(unused_variables))]
+fn attention_heads_rows<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    c: &Config,
+    l: usize,
+    b: &mut ChunkState,
+    cache: &KvCache,
+    r: &ChunkRows,
+) {
+    let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
+    let kv_mul = c.n_heads / c.n_kv_heads;
+    let (cap, sinks, stride) = (cache.capacity, cache.sinks, cache.len);
+    let (rows, old_len) = (r.slots.len(), r.old_slots.len());
+    let layer_off = l * cap * kv_dim;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for h in 0..c.n_heads {
+        let kv_off = (h / kv_mul) * hd;
+        let key = |t: usize| -> &[f32] {
+            if t < old_len {
+                let k0 = layer_off + r.old_slots[t] * kv_dim + kv_off;
+                &cache.key[k0..k0 + hd]
+            } else {
+                &b.k[(t - old_len) * kv_dim + kv_off..][..hd]
+            }
+        };
+        // scores of tiles of 8 rows against every key one of them
+        // attends (cached keys, then the chunk's), into the rows
+        for i0 in (0..rows).step_by(SCORE_TILE) {
+            let n = SCORE_TILE.min(rows - i0);
+            b.qt.clear();
+            b.qt.extend((0..hd).map(|d| {
+                f32x8::new(std::array::from_fn(|lane| {
+                    if lane < n {
+                        b.q[(i0 + lane) * dim + h * hd + d]
+                    } else {
+                        0.0
+                    }
+                }))
+            }));
+            let keys = old_len + i0 + n;
+            b.scores.clear();
+            for t in (0..keys).step_by(4) {
+                let ks: [&[f32]; 4] = std::array::from_fn(|j| key((t + j).min(keys - 1)));
+                for s in dot_tile(&b.qt, ks) {
+                    b.scores.push((s * f32x8::splat(scale)).to_array());
+                }
+            }
+            for lane in 0..n {
+                let i = i0 + lane;
+                let evicted = (old_len + i + 1).saturating_sub(cap);
+                let kept = old_len - evicted;
+                let att = &mut b.att[i * stride..i * stride + kept + i + 1];
+                for (j, a) in att.iter_mut().enumerate() {
+                    let t = if j >= kept {
+                        old_len + j - kept
+                    } else if j < sinks {
+                        j
+                    } else {
+                        j + evicted
+                    };
+                    *a = b.scores[t][lane];
+                }
+                softmax(att);
+            }
+        }
+        // row i holds min(old_len + 1 + i, stride) weights
+        traced!(C, tracer.attention_rows(l, h, &b.att, old_len + 1));
+        for i in 0..rows {
+            let evicted = (old_len + i + 1).saturating_sub(cap);
+            let kept = old_len - evicted;
+            let att = &b.att[i * stride..i * stride + kept + i + 1];
+            let out = &mut b.xb[i * dim + h * hd..][..hd];
+            out.fill(0.0);
+            for (j, &a) in att.iter().enumerate() {
+                let v = if j < kept {
+                    let t = if j < sinks { j } else { j + evicted };
+                    let v0 = layer_off + r.old_slots[t] * kv_dim + kv_off;
+                    &cache.value[v0..v0 + hd]
+                } else {
+                    &b.v[(j - kept) * kv_dim + kv_off..][..hd]
+                };
+                for (o, &v) in out.iter_mut().zip(v) {
+                    *o += a * v;
+                }
+            }
+        }
+    }
+}
+
+/// The feed-forward block of the `t` rows of a chunk in layer `l`: for
+/// each row `i`, `x[i] += W_down · (silu(W_gate · norm(x[i])) · W_up ·
+/// norm(x[i]))`.
+///
+/// Shapes: `b.x: [t × dim]`, read and updated; `b.xb: [t × dim]`, the
+/// normed inputs; `b.hb: [t × ffn_dim]`, the gates, then the SwiGLU
+/// products; `b.hb2: [t × ffn_dim]`, the up projections;
+/// `b.xb2: [t × dim]`, the down projections; `s.qkv`, scratch for the
+/// tracer.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn ffn_block_rows<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    c: &Config,
+    lw: &LayerWeights,
+    l: usize,
+    b: &mut ChunkState,
+    s: &mut RunState,
+    r: &ChunkRows,
+    fault: Option<Fault>,
+    exact: bool,
+) {
+    let dim = c.dim;
+    // ffn rmsnorm
+    rmsnorm_rows(&mut b.xb, &b.x, &lw.ffn_norm, dim, c.rms_eps);
+    traced!(C, tracer.activation(l, Stage::PostFfnNorm, &b.xb));
+
+    // gate and up projections, from one quantized chunk
+    let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
+    xb.multiply(&lw.ffn_gate, &mut b.hb);
+    xb.multiply(&lw.ffn_up, &mut b.hb2);
+    traced!(C, {
+        let gate = [&lw.ffn_gate];
+        trace_rows(
+            tracer,
+            BrickId::FfnGate,
+            l,
+            &gate,
+            &b.xb,
+            &[&b.hb],
+            &mut s.qkv,
+        );
+        let up = [&lw.ffn_up];
+        trace_rows(tracer, BrickId::FfnUp, l, &up, &b.xb, &[&b.hb2], &mut s.qkv);
+    });
+
+    // SwiGLU non-linearity
+    swiglu(&mut b.hb, &b.hb2);
+
+    // down projection
+    let mut hb = RowsInput::new(&b.hb, c.ffn_dim, &mut b.xq, exact);
+    hb.multiply(&lw.ffn_down, &mut b.xb2);
+    traced!(
+        C,
+        trace_rows(
+            tracer,
+            BrickId::FfnDown,
+            l,
+            &[&lw.ffn_down],
+            &b.hb,
+            &[&b.xb2],
+            &mut s.qkv,
+        )
+    );
+    fault_rows(fault, l, Stage::PostFfn, &mut b.xb2, &r.positions, c);
+    traced!(C, tracer.activation(l, Stage::PostFfn, &b.xb2));
+
+    // residual connection
+    residual_add(&mut b.x, &b.xb2);
+}
+
+/// The LM head of a chunk after the final norm (`b.xb: [t × dim]`): the
+/// last row's logits into `s.logits: [vocab]`, and in turn those of each
+/// row the tracer asks for into `b.logits: [vocab]`, each with its logit
+/// lens (`lens`: the rows' hidden states are in `b.lens_hidden`); then the
+/// KV cache state of each row, as its one-position forward records it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(model_tracer_no_hooks, allow(unused_variables))]
+fn lm_head_rows<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    c: &Config,
+    w: &Weights,
+    b: &mut ChunkState,
+    s: &mut RunState,
+    cache: &KvCache,
+    r: &ChunkRows,
+    steps: &mut usize,
+    lens: bool,
+    exact: bool,
+) {
+    let (dim, n_layers) = (c.dim, c.n_layers);
+    let rows = r.slots.len();
+    for i in 0..rows {
+        let last = i + 1 == rows;
+        let mut traced_logits = false;
+        traced!(C, traced_logits = tracer.wants_logits(i));
+        traced!(C, tracer.focus_row(i));
+        if last || traced_logits {
+            let out = if last { &mut s.logits } else { &mut b.logits };
+            out.resize(c.vocab_size, 0.0);
+            let mut xb = Input::new(&b.xb[i * dim..(i + 1) * dim], &mut s.xq, exact);
+            project(tracer, BrickId::LmHead, 0, &[&w.output], &mut xb, out);
+            if lens {
+                let hidden = &b.lens_hidden[i * n_layers * dim..(i + 1) * n_layers * dim];
+                traced!(
+                    C,
+                    logit_lens(
+                        tracer,
+                        c,
+                        w,
+                        hidden,
+                        &mut s.lens_x,
+                        &mut s.lens_scratch,
+                        &s.lens_layers,
+                        out,
+                        exact
+                    )
+                );
+            }
+            traced!(C, tracer.final_logits(out));
+        }
+        traced!(
+            C,
+            tracer.kv_state(|| cache.row_state(
+                *steps + i,
+                n_layers,
+                r.old_slots.len(),
+                i,
+                r.positions[i]
+            ))
+        );
+    }
+    *steps += rows;
+}
+
 impl<C: TraceConfig> Llama<C> {
     /// Builds a decoder from weights, with a KV cache of `cache` positions.
     pub fn new(
@@ -1137,6 +1786,7 @@ impl<C: TraceConfig> Llama<C> {
             exact: false,
             steps: 0,
             chunk: ChunkState::default(),
+            rows: ChunkRows::default(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
         })
     }
@@ -1254,13 +1904,13 @@ impl<C: TraceConfig> Llama<C> {
         } else {
             0
         };
+        // the position's place: the next position, in a slot of the cache
         let pos = cache.next_position();
-        let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
-        let kv_mul = c.n_heads / c.n_kv_heads;
-        let cap = cache.capacity;
         cache.step_evictions = 0;
-        let slot = cache.push(token, pos);
-        let n_ctx = cache.len;
+        let row = Row {
+            pos,
+            slot: cache.push(token, pos),
+        };
         let fault = fault.filter(|f| f.position.is_none_or(|p| p == pos));
         traced!(C, tracer.begin_forward(pos));
         traced!(C, tracer.input_token(token));
@@ -1271,123 +1921,19 @@ impl<C: TraceConfig> Llama<C> {
 
         for (l, lw) in w.layers.iter().enumerate() {
             traced!(C, tracer.activation(l, Stage::Input, &s.x));
-            // attention rmsnorm
-            rmsnorm(&mut s.xb, &s.x, &lw.attn_norm, c.rms_eps);
-            traced!(C, tracer.activation(l, Stage::PostNorm, &s.xb));
-
-            // q, k, v projections into one buffer [q | k | v]
-            let qkv = [&lw.attn_q, &lw.attn_k, &lw.attn_v];
-            let mut xb = Input::new(&s.xb, &mut s.xq, exact);
-            project(tracer, BrickId::QkvProjection, l, &qkv, &mut xb, &mut s.qkv);
-
-            // RoPE relative positional encoding on q and k
-            let (q, kv) = s.qkv.split_at_mut(dim);
-            rope(q, hd, &s.rope_freq, pos);
-            rope(&mut kv[..kv_dim], hd, &s.rope_freq, pos);
-
-            // write k, v of this position into the cache
-            let layer_off = l * cap * kv_dim;
-            let at = layer_off + slot * kv_dim;
-            cache.key[at..at + kv_dim].copy_from_slice(&s.qkv[dim..dim + kv_dim]);
-            cache.value[at..at + kv_dim].copy_from_slice(&s.qkv[dim + kv_dim..]);
-
-            // grouped-query attention, one head at a time, over the cached
-            // positions in chronological order
-            let scale = 1.0 / (hd as f32).sqrt();
-            for h in 0..c.n_heads {
-                let q = &s.qkv[h * hd..(h + 1) * hd];
-                let kv_off = (h / kv_mul) * hd;
-                let att = &mut s.att[h * cap..h * cap + n_ctx];
-                for (t, a) in att.iter_mut().enumerate() {
-                    let k0 = layer_off + cache.slot(t) * kv_dim + kv_off;
-                    let k = &cache.key[k0..k0 + hd];
-                    *a = dot(q, k) * scale;
-                }
-                softmax(att);
-                traced!(C, tracer.attention(l, h, pos, att));
-                let out = &mut s.xb[h * hd..(h + 1) * hd];
-                out.fill(0.0);
-                for (t, &a) in att.iter().enumerate() {
-                    let v0 = layer_off + cache.slot(t) * kv_dim + kv_off;
-                    for (o, &v) in out.iter_mut().zip(&cache.value[v0..v0 + hd]) {
-                        *o += a * v;
-                    }
-                }
-            }
-
-            // output projection
-            let mut xb = Input::new(&s.xb, &mut s.xq, exact);
-            project(
-                tracer,
-                BrickId::AttentionOutput,
-                l,
-                &[&lw.attn_output],
-                &mut xb,
-                &mut s.xb2,
-            );
-            if let Some(f) = fault {
-                f.apply(l, Stage::PostAttn, &mut s.xb2, hd);
-            }
-            traced!(C, tracer.activation(l, Stage::PostAttn, &s.xb2));
-
-            // residual connection (its ratio is recorded after the second)
-            s.x.iter_mut().zip(&s.xb2).for_each(|(x, d)| *x += d);
-
-            // ffn rmsnorm
-            rmsnorm(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps);
-            traced!(C, tracer.activation(l, Stage::PostFfnNorm, &s.xb));
-
-            // gate and up projections, from one quantized input
-            let mut xb = Input::new(&s.xb, &mut s.xq, exact);
-            project(
-                tracer,
-                BrickId::FfnGate,
-                l,
-                &[&lw.ffn_gate],
-                &mut xb,
-                &mut s.hb,
-            );
-            project(
-                tracer,
-                BrickId::FfnUp,
-                l,
-                &[&lw.ffn_up],
-                &mut xb,
-                &mut s.hb2,
-            );
-
-            // SwiGLU non-linearity
-            for (g, &u) in s.hb.iter_mut().zip(&s.hb2) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-
-            // down projection
-            let mut hb = Input::new(&s.hb, &mut s.xq, exact);
-            project(
-                tracer,
-                BrickId::FfnDown,
-                l,
-                &[&lw.ffn_down],
-                &mut hb,
-                &mut s.xb2,
-            );
-            if let Some(f) = fault {
-                f.apply(l, Stage::PostFfn, &mut s.xb2, hd);
-            }
-            traced!(C, tracer.activation(l, Stage::PostFfn, &s.xb2));
+            // x += attention(norm(x)), this position's key and value cached
+            attention_block(tracer, c, lw, l, s, cache, row, fault, exact);
+            // x += ffn(norm(x))
+            ffn_block(tracer, c, lw, l, s, fault, exact);
             // The layer's residual ratio from the norms of its input and of
             // both updates, already summarised by the activation hooks.
             traced!(C, tracer.residual_from_stages(l));
-
-            // residual connection
-            s.x.iter_mut().zip(&s.xb2).for_each(|(x, d)| *x += d);
             traced!(C, tracer.activation(l, Stage::Output, &s.x));
-
             // hidden state for the logit lens
             traced!(
                 C,
                 if tracer.wants_logit_lens() {
-                    s.lens_hidden[l * dim..(l + 1) * dim].copy_from_slice(&s.x);
+                    s.lens_hidden[l * c.dim..(l + 1) * c.dim].copy_from_slice(&s.x);
                 }
             );
         }
@@ -1432,20 +1978,7 @@ impl<C: TraceConfig> Llama<C> {
         *steps += 1;
         traced!(
             C,
-            tracer.kv_state(|| {
-                let reused = n_ctx - 1;
-                let looked_up = pos + 1;
-                KvCacheStateTrace {
-                    step,
-                    max_positions: cap,
-                    valid_positions: n_ctx,
-                    cache_size_bytes: cache.bytes_in_use(c.n_layers),
-                    cache_hit_rate: reused as f32 / looked_up as f32,
-                    evictions_this_step: cache.step_evictions,
-                    reused_positions: reused,
-                    computed_positions: 1,
-                }
-            })
+            tracer.kv_state(|| cache.step_state(step, c.n_layers, pos))
         );
         traced!(C, tracer.end_forward());
         &s.logits
@@ -1520,43 +2053,25 @@ impl<C: TraceConfig> Llama<C> {
             cache,
             state: s,
             chunk: b,
+            rows: r,
             tracer,
             fault,
             exact,
             steps,
             ..
         } = self;
-        let exact = *exact;
+        let (exact, fault) = (*exact, *fault);
         let rows = tokens.len();
         if rows == 0 {
             return;
         }
-        let (dim, kv_dim, hd, ffn) = (c.dim, c.kv_dim(), c.head_dim, c.ffn_dim);
-        let n_layers = c.n_layers;
-        let kv_mul = c.n_heads / c.n_kv_heads;
-        let (cap, sinks) = (cache.capacity, cache.sinks);
-        let start = cache.next_position();
-        // the cached positions before the chunk, in chronological order
-        let old_len = cache.len;
-        b.old_slots.clear();
-        b.old_slots.extend((0..old_len).map(|t| cache.slot(t)));
-        b.tokens.clear();
-        b.tokens.extend(
-            tokens
-                .iter()
-                .map(|&t| if (t as usize) < c.vocab_size { t } else { 0 }),
-        );
-        cache.step_evictions = 0;
-        b.slots.clear();
-        for (i, &t) in b.tokens.iter().enumerate() {
-            b.slots.push(cache.push(t, start + i));
-        }
+        let (dim, n_layers) = (c.dim, c.n_layers);
+        // the rows' places: the next positions, in slots of the cache
+        r.place(cache, tokens, c.vocab_size);
         // attention row i spans min(old_len + i + 1, cap) positions
-        let stride = cache.len;
-        b.resize(c, rows, stride);
-        let fault_at = |i: usize| fault.filter(|f| f.position.is_none_or(|p| p == start + i));
-        traced!(C, tracer.begin_forward_rows(start, rows));
-        traced!(C, tracer.input_tokens(&b.tokens));
+        b.resize(c, rows, cache.len);
+        traced!(C, tracer.begin_forward_rows(r.positions[0], rows));
+        traced!(C, tracer.input_tokens(&r.tokens));
         // rows whose hidden states go through the logit lens
         let mut lens = false;
         traced!(C, lens = tracer.wants_logit_lens());
@@ -1565,215 +2080,21 @@ impl<C: TraceConfig> Llama<C> {
         }
 
         // token embeddings
-        for (x, &t) in b.x.chunks_exact_mut(dim).zip(&b.tokens) {
+        for (x, &t) in b.x.chunks_exact_mut(dim).zip(&r.tokens) {
             w.token_embd.dequantize_row(t as usize, x);
         }
         traced!(C, tracer.activation(0, Stage::Embedding, &b.x));
 
         for (l, lw) in w.layers.iter().enumerate() {
             traced!(C, tracer.activation(l, Stage::Input, &b.x));
-            // attention rmsnorm
-            for (o, x) in b.xb.chunks_exact_mut(dim).zip(b.x.chunks_exact(dim)) {
-                rmsnorm(o, x, &lw.attn_norm, c.rms_eps);
-            }
-            traced!(C, tracer.activation(l, Stage::PostNorm, &b.xb));
-
-            // q, k, v projections, from one quantized chunk
-            let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
-            xb.multiply(&lw.attn_q, &mut b.q);
-            xb.multiply(&lw.attn_k, &mut b.k);
-            xb.multiply(&lw.attn_v, &mut b.v);
-            traced!(
-                C,
-                trace_rows(
-                    tracer,
-                    BrickId::QkvProjection,
-                    l,
-                    &[&lw.attn_q, &lw.attn_k, &lw.attn_v],
-                    &b.xb,
-                    &[&b.q, &b.k, &b.v],
-                    &mut s.qkv,
-                )
-            );
-
-            // RoPE relative positional encoding on q and k, per row
-            for (i, (q, k)) in
-                b.q.chunks_exact_mut(dim)
-                    .zip(b.k.chunks_exact_mut(kv_dim))
-                    .enumerate()
-            {
-                rope(q, hd, &s.rope_freq, start + i);
-                rope(k, hd, &s.rope_freq, start + i);
-            }
-
-            // causal grouped-query attention: row i attends the cached
-            // positions it does not evict, then rows 0..=i of the chunk
-            let layer_off = l * cap * kv_dim;
-            let scale = 1.0 / (hd as f32).sqrt();
-            for h in 0..c.n_heads {
-                let kv_off = (h / kv_mul) * hd;
-                let key = |t: usize| -> &[f32] {
-                    if t < old_len {
-                        let k0 = layer_off + b.old_slots[t] * kv_dim + kv_off;
-                        &cache.key[k0..k0 + hd]
-                    } else {
-                        &b.k[(t - old_len) * kv_dim + kv_off..][..hd]
-                    }
-                };
-                // scores of tiles of 8 rows against every key one of them
-                // attends (cached keys, then the chunk's), into the rows
-                for i0 in (0..rows).step_by(SCORE_TILE) {
-                    let n = SCORE_TILE.min(rows - i0);
-                    b.qt.clear();
-                    b.qt.extend((0..hd).map(|d| {
-                        f32x8::new(std::array::from_fn(|r| {
-                            if r < n {
-                                b.q[(i0 + r) * dim + h * hd + d]
-                            } else {
-                                0.0
-                            }
-                        }))
-                    }));
-                    let keys = old_len + i0 + n;
-                    b.scores.clear();
-                    for t in (0..keys).step_by(4) {
-                        let ks: [&[f32]; 4] = std::array::from_fn(|j| key((t + j).min(keys - 1)));
-                        for s in dot_tile(&b.qt, ks) {
-                            b.scores.push((s * f32x8::splat(scale)).to_array());
-                        }
-                    }
-                    for r in 0..n {
-                        let i = i0 + r;
-                        let evicted = (old_len + i + 1).saturating_sub(cap);
-                        let kept = old_len - evicted;
-                        let att = &mut b.att[i * stride..i * stride + kept + i + 1];
-                        for (j, a) in att.iter_mut().enumerate() {
-                            let t = if j >= kept {
-                                old_len + j - kept
-                            } else if j < sinks {
-                                j
-                            } else {
-                                j + evicted
-                            };
-                            *a = b.scores[t][r];
-                        }
-                        softmax(att);
-                    }
-                }
-                // row i holds min(old_len + 1 + i, stride) weights
-                traced!(C, tracer.attention_rows(l, h, &b.att, old_len + 1));
-                for i in 0..rows {
-                    let evicted = (old_len + i + 1).saturating_sub(cap);
-                    let kept = old_len - evicted;
-                    let att = &b.att[i * stride..i * stride + kept + i + 1];
-                    let out = &mut b.xb[i * dim + h * hd..][..hd];
-                    out.fill(0.0);
-                    for (j, &a) in att.iter().enumerate() {
-                        let v = if j < kept {
-                            let t = if j < sinks { j } else { j + evicted };
-                            let v0 = layer_off + b.old_slots[t] * kv_dim + kv_off;
-                            &cache.value[v0..v0 + hd]
-                        } else {
-                            &b.v[(j - kept) * kv_dim + kv_off..][..hd]
-                        };
-                        for (o, &v) in out.iter_mut().zip(v) {
-                            *o += a * v;
-                        }
-                    }
-                }
-            }
-
-            // write k, v of the chunk into the cache, in one step
-            for (i, &slot) in b.slots.iter().enumerate() {
-                let at = layer_off + slot * kv_dim;
-                cache.key[at..at + kv_dim].copy_from_slice(&b.k[i * kv_dim..][..kv_dim]);
-                cache.value[at..at + kv_dim].copy_from_slice(&b.v[i * kv_dim..][..kv_dim]);
-            }
-
-            // output projection
-            let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
-            xb.multiply(&lw.attn_output, &mut b.xb2);
-            traced!(
-                C,
-                trace_rows(
-                    tracer,
-                    BrickId::AttentionOutput,
-                    l,
-                    &[&lw.attn_output],
-                    &b.xb,
-                    &[&b.xb2],
-                    &mut s.qkv,
-                )
-            );
-            for (i, out) in b.xb2.chunks_exact_mut(dim).enumerate() {
-                if let Some(f) = fault_at(i) {
-                    f.apply(l, Stage::PostAttn, out, hd);
-                }
-            }
-            traced!(C, tracer.activation(l, Stage::PostAttn, &b.xb2));
-
-            // residual connection (its ratio is recorded after the second)
-            b.x.iter_mut().zip(&b.xb2).for_each(|(x, d)| *x += d);
-
-            // ffn rmsnorm
-            for (o, x) in b.xb.chunks_exact_mut(dim).zip(b.x.chunks_exact(dim)) {
-                rmsnorm(o, x, &lw.ffn_norm, c.rms_eps);
-            }
-            traced!(C, tracer.activation(l, Stage::PostFfnNorm, &b.xb));
-
-            // gate and up projections, from one quantized chunk
-            let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
-            xb.multiply(&lw.ffn_gate, &mut b.hb);
-            xb.multiply(&lw.ffn_up, &mut b.hb2);
-            traced!(C, {
-                let gate = [&lw.ffn_gate];
-                trace_rows(
-                    tracer,
-                    BrickId::FfnGate,
-                    l,
-                    &gate,
-                    &b.xb,
-                    &[&b.hb],
-                    &mut s.qkv,
-                );
-                let up = [&lw.ffn_up];
-                trace_rows(tracer, BrickId::FfnUp, l, &up, &b.xb, &[&b.hb2], &mut s.qkv);
-            });
-
-            // SwiGLU non-linearity
-            for (g, &u) in b.hb.iter_mut().zip(&b.hb2) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-
-            // down projection
-            let mut hb = RowsInput::new(&b.hb, ffn, &mut b.xq, exact);
-            hb.multiply(&lw.ffn_down, &mut b.xb2);
-            traced!(
-                C,
-                trace_rows(
-                    tracer,
-                    BrickId::FfnDown,
-                    l,
-                    &[&lw.ffn_down],
-                    &b.hb,
-                    &[&b.xb2],
-                    &mut s.qkv,
-                )
-            );
-            for (i, out) in b.xb2.chunks_exact_mut(dim).enumerate() {
-                if let Some(f) = fault_at(i) {
-                    f.apply(l, Stage::PostFfn, out, hd);
-                }
-            }
-            traced!(C, tracer.activation(l, Stage::PostFfn, &b.xb2));
+            // x[i] += attention(norm(x[i])), the chunk's keys and values cached
+            attention_block_rows(tracer, c, lw, l, b, s, cache, r, fault, exact);
+            // x[i] += ffn(norm(x[i]))
+            ffn_block_rows(tracer, c, lw, l, b, s, r, fault, exact);
             // The layer's residual ratio from the norms of its input and of
             // both updates, already summarised by the activation hooks.
             traced!(C, tracer.residual_from_stages(l));
-
-            // residual connection
-            b.x.iter_mut().zip(&b.xb2).for_each(|(x, d)| *x += d);
             traced!(C, tracer.activation(l, Stage::Output, &b.x));
-
             // hidden states for the logit lens, (row, layer, dim)
             if lens {
                 for (i, x) in b.x.chunks_exact(dim).enumerate() {
@@ -1784,66 +2105,12 @@ impl<C: TraceConfig> Llama<C> {
         }
 
         // final rmsnorm
-        for (o, x) in b.xb.chunks_exact_mut(dim).zip(b.x.chunks_exact(dim)) {
-            rmsnorm(o, x, &w.output_norm, c.rms_eps);
-        }
+        rmsnorm_rows(&mut b.xb, &b.x, &w.output_norm, dim, c.rms_eps);
         traced!(C, tracer.activation(0, Stage::FinalNorm, &b.xb));
 
         // classifier into logits: the last row, and the rows the tracer
         // asks for; then the KV cache state of each row
-        for i in 0..rows {
-            let last = i + 1 == rows;
-            let mut traced_logits = false;
-            traced!(C, traced_logits = tracer.wants_logits(i));
-            traced!(C, tracer.focus_row(i));
-            if last || traced_logits {
-                let out = if last { &mut s.logits } else { &mut b.logits };
-                out.resize(c.vocab_size, 0.0);
-                let mut xb = Input::new(&b.xb[i * dim..(i + 1) * dim], &mut s.xq, exact);
-                project(tracer, BrickId::LmHead, 0, &[&w.output], &mut xb, out);
-                if lens {
-                    let hidden = &b.lens_hidden[i * n_layers * dim..(i + 1) * n_layers * dim];
-                    traced!(
-                        C,
-                        logit_lens(
-                            tracer,
-                            c,
-                            w,
-                            hidden,
-                            &mut s.lens_x,
-                            &mut s.lens_scratch,
-                            &s.lens_layers,
-                            out,
-                            exact
-                        )
-                    );
-                }
-                traced!(C, tracer.final_logits(out));
-            }
-            traced!(
-                C,
-                tracer.kv_state(|| {
-                    let n_ctx = (old_len + i + 1).min(cap);
-                    let reused = n_ctx - 1;
-                    let looked_up = start + i + 1;
-                    KvCacheStateTrace {
-                        step: *steps + i,
-                        max_positions: cap,
-                        valid_positions: n_ctx,
-                        cache_size_bytes: 2
-                            * n_layers
-                            * n_ctx
-                            * kv_dim
-                            * std::mem::size_of::<f32>(),
-                        cache_hit_rate: reused as f32 / looked_up as f32,
-                        evictions_this_step: usize::from(old_len + i + 1 > cap),
-                        reused_positions: reused,
-                        computed_positions: 1,
-                    }
-                })
-            );
-        }
-        *steps += rows;
+        lm_head_rows(tracer, c, w, b, s, cache, r, steps, lens, exact);
         traced!(C, tracer.end_forward());
     }
 

@@ -22,6 +22,22 @@ pub fn activation_type(weights: GgmlType) -> Option<GgmlType> {
     }
 }
 
+/// Whether the multi-row Q4_1 kernel (`dot::rows`) multiplies code bytes
+/// with `pmaddubsw` (x86 with AVX2), reading the `pair_bytes` of Q8_1 rows;
+/// otherwise it uses the `i16x16` products of the one-row kernel and
+/// `pairs`. Rows of a [`QuantizedBatch`] carry `pair_bytes` exactly when
+/// their kernel reads them.
+pub(super) const Q4_1_BYTE_PRODUCTS: bool = cfg!(all(
+    any(target_arch = "x86", target_arch = "x86_64"),
+    target_feature = "avx2"
+));
+
+/// Whether the multi-row Q8_0 kernel (`dot::rows`) multiplies code bytes
+/// with `pmaddubsw` (x86 with AVX2), reading the `pair_bytes` of Q8_0 rows
+/// (the codes in element order); otherwise it uses the `i16x16` products of
+/// the one-row kernel and `split`.
+pub(super) const Q8_0_BYTE_PRODUCTS: bool = Q4_1_BYTE_PRODUCTS;
+
 /// An activation vector prepared for [`QMatrix::matvec`](super::QMatrix::matvec):
 /// 8-bit codes with one scale per block, laid out for the SIMD kernels.
 ///
@@ -447,10 +463,10 @@ impl QuantizedBatch {
         }
         for (row, values) in self.rows.iter_mut().zip(x.chunks_exact(cols)) {
             row.quantize_from(values, for_weights)?;
-            if format == GgmlType::Q8_1 && super::dot::rows::Q4_1_BYTES {
+            if format == GgmlType::Q8_1 && Q4_1_BYTE_PRODUCTS {
                 row.fill_pair_bytes();
             }
-            if format == GgmlType::Q8_0 && super::dot::rows::Q8_0_BYTES {
+            if format == GgmlType::Q8_0 && Q8_0_BYTE_PRODUCTS {
                 row.fill_code_bytes();
             }
         }

@@ -5,6 +5,21 @@
 //! `block_bytes()` long and the value slice `block_len()` long.
 
 use super::float::{f16_to_f32, f32_to_f16};
+use crate::dtype::GgmlType;
+
+/// Bytes of a Q4_0 block: the f16 scale, then 16 bytes of nibbles.
+pub(super) const Q4_0_BLOCK_BYTES: usize = GgmlType::Q4_0.block_bytes();
+/// Bytes of a Q4_1 block: the f16 scale and minimum, then 16 bytes of
+/// nibbles.
+pub(super) const Q4_1_BLOCK_BYTES: usize = GgmlType::Q4_1.block_bytes();
+/// Bytes of a Q5_0 block: the f16 scale, the 32 fifth bits, then 16 bytes
+/// of nibbles.
+pub(super) const Q5_0_BLOCK_BYTES: usize = GgmlType::Q5_0.block_bytes();
+/// Bytes of a Q5_1 block: the f16 scale and minimum, the 32 fifth bits,
+/// then 16 bytes of nibbles.
+pub(super) const Q5_1_BLOCK_BYTES: usize = GgmlType::Q5_1.block_bytes();
+/// Bytes of a Q8_0 block: the f16 scale, then 32 code bytes.
+pub(super) const Q8_0_BLOCK_BYTES: usize = GgmlType::Q8_0.block_bytes();
 
 /// Reads the little-endian f16 at `at` as f32.
 #[inline(always)]

@@ -20,8 +20,11 @@ use wide::{bytemuck, f32x8, i16x16, i16x8, i32x8, i8x16, u16x16, u8x16};
 
 pub(super) mod rows;
 
-use super::blocks::{f16_at, k4_scale_min, u32_at};
-use super::float::{bf16_to_f32, f16_to_f32};
+use super::blocks::{
+    f16_at, k4_scale_min, u32_at, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES,
+    Q5_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES,
+};
+use super::float::F16_REBIAS;
 
 #[inline(always)]
 fn load_u8x16(bytes: &[u8]) -> u8x16 {
@@ -173,11 +176,9 @@ pub(super) fn q6_k_block(block: &[u8], a: &[i16x16]) -> i32x8 {
     sum
 }
 
-/// 2^112, see [`f16_to_f32`].
-pub(super) const F16_REBIAS: f32 = f32::from_bits(0x7780_0000);
-
 /// Eight f16 bit patterns (in the low 16 bits of each lane) to f32, exactly,
-/// by the same rebias trick as the scalar [`f16_to_f32`].
+/// by the same rebias trick as the scalar
+/// [`f16_to_f32`](super::float::f16_to_f32).
 #[inline(always)]
 pub(super) fn f16x8_to_f32(bits: i32x8) -> f32x8 {
     let sign = (bits & i32x8::splat(0x8000)) << 16u32;
@@ -273,27 +274,33 @@ fn dot_32<const BLOCK_BYTES: usize, const MIN: bool>(
 }
 
 pub(super) fn dot_q4_0(row: &[u8], quants: &[i16x16], scales: &[f32]) -> f32 {
-    dot_32::<18, false>(row, quants, scales, &[], |b, a| q4_0_block(&b[2..18], a))
+    dot_32::<Q4_0_BLOCK_BYTES, false>(row, quants, scales, &[], |b, a| {
+        q4_0_block(&b[2..Q4_0_BLOCK_BYTES], a)
+    })
 }
 
 pub(super) fn dot_q4_1(row: &[u8], quants: &[i16x16], scales: &[f32], sums: &[f32]) -> f32 {
-    dot_32::<20, true>(row, quants, scales, sums, |b, a| q4_1_block(&b[4..20], a))
+    dot_32::<Q4_1_BLOCK_BYTES, true>(row, quants, scales, sums, |b, a| {
+        q4_1_block(&b[4..Q4_1_BLOCK_BYTES], a)
+    })
 }
 
 pub(super) fn dot_q5_0(row: &[u8], quants: &[i16x16], scales: &[f32]) -> f32 {
-    dot_32::<22, false>(row, quants, scales, &[], |b, a| {
-        q5_block(u32_at(b, 2), &b[6..22], a, 16)
+    dot_32::<Q5_0_BLOCK_BYTES, false>(row, quants, scales, &[], |b, a| {
+        q5_block(u32_at(b, 2), &b[6..Q5_0_BLOCK_BYTES], a, 16)
     })
 }
 
 pub(super) fn dot_q5_1(row: &[u8], quants: &[i16x16], scales: &[f32], sums: &[f32]) -> f32 {
-    dot_32::<24, true>(row, quants, scales, sums, |b, a| {
-        q5_block(u32_at(b, 4), &b[8..24], a, 0)
+    dot_32::<Q5_1_BLOCK_BYTES, true>(row, quants, scales, sums, |b, a| {
+        q5_block(u32_at(b, 4), &b[8..Q5_1_BLOCK_BYTES], a, 0)
     })
 }
 
 pub(super) fn dot_q8_0(row: &[u8], quants: &[i16x16], scales: &[f32]) -> f32 {
-    dot_32::<34, false>(row, quants, scales, &[], |b, a| q8_0_block(&b[2..34], a))
+    dot_32::<Q8_0_BLOCK_BYTES, false>(row, quants, scales, &[], |b, a| {
+        q8_0_block(&b[2..Q8_0_BLOCK_BYTES], a)
+    })
 }
 
 pub(super) fn dot_q4_k(row: &[u8], quants: &[i16x16], scales: &[f32], bsums: &[i16]) -> f32 {
@@ -366,21 +373,6 @@ pub(super) fn dot_f32_plain(
     acc.reduce_add()
 }
 
-#[inline(always)]
-pub(super) fn decode_f32(b: &[u8]) -> f32 {
-    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
-}
-
-#[inline(always)]
-pub(super) fn decode_f16(b: &[u8]) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[0], b[1]]))
-}
-
-#[inline(always)]
-pub(super) fn decode_bf16(b: &[u8]) -> f32 {
-    bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))
-}
-
 /// Lane `k` holds the first four bytes of block `k` of `group` (eight blocks
 /// of `BLOCK_BYTES`): eight overlapping 32-byte loads, the one for block `k`
 /// placed so that those bytes fall in lane `k`, blended together. This avoids
@@ -425,8 +417,9 @@ pub(super) const F16_REBIAS_BY_256: f32 = f32::from_bits(0x7380_0000);
 /// The f16 in the high 16 bits of each lane as f32, times `rebias / 2^112`.
 ///
 /// Exact for every finite f16 (zero and subnormals included, as in
-/// [`f16_to_f32`]); infinities and NaNs come out as finite values, so callers
-/// must know that none occur (`QMatrix` checks its scales at construction).
+/// [`f16_to_f32`](super::float::f16_to_f32)); infinities and NaNs come out
+/// as finite values, so callers must know that none occur (`QMatrix` checks
+/// its scales at construction).
 #[inline(always)]
 pub(super) fn f16_high_to_f32(bits: i32x8, rebias: f32) -> f32x8 {
     // The arithmetic shift puts exponent and mantissa where f32 keeps them
@@ -490,7 +483,7 @@ pub(super) fn q4_1_pair_sum(c: &[i16x16; 4], a: &[i16x16]) -> i32x8 {
 }
 
 /// Bytes of eight Q4_1 blocks: how far a group's loads may reach.
-const Q4_1_GROUP_BYTES: usize = 8 * 20;
+const Q4_1_GROUP_BYTES: usize = 8 * Q4_1_BLOCK_BYTES;
 
 /// Partial sums of a Q4_1 row: two accumulators of scaled block sums and the
 /// minimum terms.
@@ -546,7 +539,7 @@ impl Q4_1Sums {
     /// their heads are zeroed and their activations are zero.
     #[inline(always)]
     fn add_tail(&mut self, src: &[u8], at: usize, n: usize, a: &[i16x16], sm: (&[f32], &[f32])) {
-        const BB: usize = 20;
+        const BB: usize = Q4_1_BLOCK_BYTES;
         let h = n.div_ceil(2);
         let block = |lane: usize| if lane < 4 { lane } else { h + lane - 4 };
         let heads = blend_heads(std::array::from_fn(|lane| {
@@ -595,7 +588,7 @@ pub(super) fn dot_q4_1_fast(
     scales: &[f32],
     sums: &[f32],
 ) -> f32 {
-    const BB: usize = 20;
+    const BB: usize = Q4_1_BLOCK_BYTES;
     let mut sum = Q4_1Sums::ZERO;
     let blocks = row_bytes / BB;
     let whole = blocks / 8 * 8;
@@ -661,7 +654,7 @@ pub(super) fn q8_0_split_sum(c: [i16x16; 2], a: &[i16x16]) -> i32x8 {
 }
 
 /// Bytes of eight Q8_0 blocks: how far a group's loads may reach.
-const Q8_0_GROUP_BYTES: usize = 8 * 34;
+const Q8_0_GROUP_BYTES: usize = 8 * Q8_0_BLOCK_BYTES;
 
 /// Adds the first `n` blocks of a Q8_0 group (`group` holds at least
 /// [`Q8_0_GROUP_BYTES`] bytes; lanes of `heads` from `n` on must be zero).
@@ -673,7 +666,7 @@ fn q8_0_group(
     (a, s): (&[i16x16], &[f32]),
     acc: &mut [f32x8; 2],
 ) {
-    const BB: usize = 34;
+    const BB: usize = Q8_0_BLOCK_BYTES;
     let d = (f16_high_to_f32(heads << 16u32, F16_REBIAS_BY_256) * f32x8_of(s)).to_array();
     let blocks = group.chunks_exact(BB).zip(a.chunks_exact(2)).zip(d);
     for (k, ((block, a), d)) in blocks.enumerate().take(n) {
@@ -690,7 +683,13 @@ fn q8_0_group(
 fn q8_0_tail(group: &[u8], n: usize, a: (&[i16x16], &[f32])) -> f32x8 {
     let present = i32x8::splat(n as i32).simd_gt(i32x8::new([0, 1, 2, 3, 4, 5, 6, 7]));
     let mut acc = [f32x8::ZERO; 2];
-    q8_0_group(group, group_heads::<34>(group) & present, n, a, &mut acc);
+    q8_0_group(
+        group,
+        group_heads::<Q8_0_BLOCK_BYTES>(group) & present,
+        n,
+        a,
+        &mut acc,
+    );
     acc[0] + acc[1]
 }
 
@@ -714,7 +713,7 @@ pub(super) fn dot_q8_0_fast(
     split: &[i16x16],
     scales: &[f32],
 ) -> f32 {
-    const BB: usize = 34;
+    const BB: usize = Q8_0_BLOCK_BYTES;
     let mut acc = [f32x8::ZERO; 2];
     let blocks = row_bytes / BB;
     let whole = blocks / 8 * 8;
@@ -859,7 +858,7 @@ fn codes_dot_x_f32(c: &[f32x8; 4], x: &[f32]) -> f32x8 {
 #[inline(always)]
 pub(super) fn dot_f32_q8_0(row: &[u8], x: &[f32]) -> f32 {
     let mut acc = [f32x8::ZERO; 2];
-    for_each_f32_block::<34, 2>(row, x, |k, codes, x, d, _| {
+    for_each_f32_block::<Q8_0_BLOCK_BYTES, 2>(row, x, |k, codes, x, d, _| {
         let [c0, c1] = widen_i8(&codes[..16]);
         let [c2, c3] = widen_i8(&codes[16..32]);
         let sum = codes_dot_x([c0, c1, c2, c3], x);
@@ -874,7 +873,7 @@ pub(super) fn dot_f32_q8_0(row: &[u8], x: &[f32]) -> f32 {
 #[inline(always)]
 pub(super) fn dot_f32_q4_0(row: &[u8], x: &[f32]) -> f32 {
     let mut acc = [f32x8::ZERO; 2];
-    for_each_f32_block::<18, 2>(row, x, |k, codes, x, d, _| {
+    for_each_f32_block::<Q4_0_BLOCK_BYTES, 2>(row, x, |k, codes, x, d, _| {
         let [b0, b1] = widen_u8(codes);
         let (fifteen, eight) = (i32x8::splat(15), i32x8::splat(8));
         let nibbles = [b0 & fifteen, b1 & fifteen, b0 >> 4u32, b1 >> 4u32];
@@ -895,7 +894,7 @@ pub(super) fn dot_f32_q4_0(row: &[u8], x: &[f32]) -> f32 {
 #[inline(always)]
 pub(super) fn dot_f32_q4_1(row: &[u8], x: &[f32]) -> f32 {
     let mut acc = [f32x8::ZERO; 4];
-    for_each_f32_block::<20, 4>(row, x, |_, codes, x, d, m| {
+    for_each_f32_block::<Q4_1_BLOCK_BYTES, 4>(row, x, |_, codes, x, d, m| {
         let [b0, b1] = widen_u8_whole(codes);
         let fifteen = i32x8::splat(15);
         let nibbles = [b0 & fifteen, b1 & fifteen, b0 >> 4u32, b1 >> 4u32];

@@ -4,7 +4,7 @@
 //! visibly the ones ggml and numpy use: round to nearest, ties to even.
 
 /// 2^112: rescales an f16 exponent/mantissa pair placed in the f32 bit layout.
-const F16_REBIAS: f32 = f32::from_bits(0x7780_0000);
+pub(super) const F16_REBIAS: f32 = f32::from_bits(0x7780_0000);
 
 /// Converts IEEE binary16 bits to the `f32` of the same value.
 ///
@@ -68,6 +68,24 @@ pub fn f32_to_bf16(value: f32) -> u16 {
         return ((bits >> 16) | 0x0040) as u16;
     }
     ((u64::from(bits) + 0x7fff + u64::from((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// The little-endian f32 at the start of `b`.
+#[inline(always)]
+pub(super) fn decode_f32(b: &[u8]) -> f32 {
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// The little-endian f16 at the start of `b`, as f32.
+#[inline(always)]
+pub(super) fn decode_f16(b: &[u8]) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+}
+
+/// The little-endian bf16 at the start of `b`, as f32.
+#[inline(always)]
+pub(super) fn decode_bf16(b: &[u8]) -> f32 {
+    bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))
 }
 
 #[cfg(test)]

@@ -4,15 +4,16 @@ use std::ops::Range;
 
 use super::activations::{activation_type, QuantizedActivations, QuantizedBatch};
 use super::blocks::*;
+use super::codec::{dequantize, quantize};
 use super::dot::rows::{
     dot_f32_q4_1_rows, dot_f32_q8_0_q4_0_rows, dot_q4_0_rows, dot_q4_1_fast_rows, Q8_0Tile,
 };
 use super::dot::*;
-use super::{dequantize, quantize, QuantError};
+use super::float::{decode_bf16, decode_f16, decode_f32};
+use super::QuantError;
 use crate::dtype::GgmlType;
 
-mod lens;
-pub use lens::LensScratch;
+pub(super) mod lens;
 
 /// A row-major matrix of ggml blocks: `rows` rows of `cols` elements, each
 /// row `ty.bytes_for(cols)` bytes. `cols` is a GGUF tensor's `dims[0]`, so the

@@ -7,9 +7,11 @@ use wide::i16x16;
 use super::blocks::{f16_at, k4_scale_min, u32_at};
 use super::dot::{
     f16_high_to_f32, q4_0_block, q4_1_block, q4_1_pair, q4_k_block, q4_k_min_sum, q5_block,
-    q6_k_block, q8_0_block, q8_0_split, F16_REBIAS, F16_REBIAS_BY_256,
+    q6_k_block, q8_0_block, q8_0_split, F16_REBIAS_BY_256,
 };
+use super::float::F16_REBIAS;
 use super::*;
+use crate::dtype::GgmlType;
 
 /// An f16 uniform in `[lo, hi)`, as its little-endian bytes.
 fn f16_in(rng: &mut SplitMix64, lo: f32, hi: f32) -> [u8; 2] {

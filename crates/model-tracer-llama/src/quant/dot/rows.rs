@@ -18,13 +18,13 @@
 
 use wide::{f32x8, i16x16, i32x8};
 
-use super::super::activations::QuantizedActivations;
-use super::super::blocks::f16_at;
+use super::super::activations::{QuantizedActivations, Q4_1_BYTE_PRODUCTS};
+use super::super::blocks::{f16_at, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
+use super::super::float::F16_REBIAS;
 use super::{
     blend_heads, codes_dot_x_f32, f16_high_to_f32, f16x8_to_f32, f32x8_of, gather_head,
     group_heads, group_scales_f32, load_i32x8, load_two, q4_0_codes, q8_0_split_sum, widen_i8,
-    widen_u8, widen_u8_whole, Q4_1Sums, F16_REBIAS, F16_REBIAS_BY_256, Q4_1_GROUP_BYTES,
-    Q8_0_GROUP_BYTES,
+    widen_u8, widen_u8_whole, Q4_1Sums, F16_REBIAS_BY_256, Q4_1_GROUP_BYTES, Q8_0_GROUP_BYTES,
 };
 
 /// Each row's `LEN` activation vectors from vector `at` on, in the layout
@@ -61,23 +61,16 @@ fn pair_scale<const I: usize>(v: f32x8) -> f32x8 {
     f32x8::new([lo, lo, lo, lo, hi, hi, hi, hi])
 }
 
-/// Whether the multi-row Q4_1 kernel multiplies code bytes with `pmaddubsw`
-/// (x86 with AVX2), reading the activations' `pair_bytes`; otherwise it
-/// uses the `i16x16` products of the one-row kernel and `pairs`.
-///
-/// `pmaddubsw` multiplies 32 unsigned bytes with 32 signed ones and adds
-/// adjacent products into i16 lanes. The low nibbles of a pair's 32 code
-/// bytes are elements 0–15 of its two blocks and the high nibbles elements
-/// 16–31; against the activation bytes of the same elements, the two
-/// products added (at most 4 · 15 · 127 in a lane, no saturation) and then
-/// multiplied by 256 in pairs of lanes (`pmaddwd`) give i32 lane `k` of
-/// each block the sum over elements `4k..4k + 4` and `4k + 16..4k + 20`
-/// times 256: exactly the lanes of `q4_1_pair`. Two byte products and an
-/// i16 addition replace three of its four `pmaddwd` and two additions.
-pub(in crate::quant) const Q4_1_BYTES: bool = cfg!(all(
-    any(target_arch = "x86", target_arch = "x86_64"),
-    target_feature = "avx2"
-));
+// Byte products of the Q4_1 kernel (`Q4_1_BYTE_PRODUCTS`): `pmaddubsw`
+// multiplies 32 unsigned bytes with 32 signed ones and adds adjacent
+// products into i16 lanes. The low nibbles of a pair's 32 code bytes are
+// elements 0–15 of its two blocks and the high nibbles elements 16–31;
+// against the activation bytes of the same elements, the two products
+// added (at most 4 · 15 · 127 in a lane, no saturation) and then
+// multiplied by 256 in pairs of lanes (`pmaddwd`) give i32 lane `k` of
+// each block the sum over elements `4k..4k + 4` and `4k + 16..4k + 20`
+// times 256: exactly the lanes of `q4_1_pair`. Two byte products and an
+// i16 addition replace three of its four `pmaddwd` and two additions.
 
 /// A pair's codes as its multi-row product takes them.
 #[cfg(all(
@@ -92,12 +85,12 @@ type PairCodes = [safe_arch::m256i; 2];
 type PairCodes = [i16x16; 4];
 
 /// Activation vectors of a group per row: `pair_bytes` (8) or `pairs` (16).
-const GROUP_VECTORS: usize = if Q4_1_BYTES { 8 } else { 16 };
+const GROUP_VECTORS: usize = if Q4_1_BYTE_PRODUCTS { 8 } else { 16 };
 
 /// The vectors of a row's activations that [`q4_1_product`] reads.
 #[inline(always)]
 fn pair_layout(x: &QuantizedActivations) -> &[i16x16] {
-    if Q4_1_BYTES {
+    if Q4_1_BYTE_PRODUCTS {
         &x.pair_bytes
     } else {
         &x.pairs
@@ -213,7 +206,7 @@ fn q4_1_tail<const N: usize>(
     acts: &[QuantizedActivations; N],
     first: usize,
 ) -> [Q4_1Sums; N] {
-    const BB: usize = 20;
+    const BB: usize = Q4_1_BLOCK_BYTES;
     let h = n.div_ceil(2);
     let block = |lane: usize| if lane < 4 { lane } else { h + lane - 4 };
     let heads = blend_heads(std::array::from_fn(|lane| {
@@ -252,7 +245,7 @@ pub(in crate::quant) fn dot_q4_1_fast_rows<const N: usize>(
     row_bytes: usize,
     acts: &[QuantizedActivations; N],
 ) -> [f32; N] {
-    const BB: usize = 20;
+    const BB: usize = Q4_1_BLOCK_BYTES;
     let mut sums = [Q4_1Sums::ZERO; N];
     let blocks = row_bytes / BB;
     let whole = blocks / 8 * 8;
@@ -355,7 +348,7 @@ fn q8_0_group_rows<const N: usize>(
     first: usize,
     acc: &mut [[f32x8; 2]; N],
 ) {
-    const BB: usize = 34;
+    const BB: usize = Q8_0_BLOCK_BYTES;
     let wd = f16_high_to_f32(heads << 16u32, F16_REBIAS_BY_256);
     let mut d = [[0f32; 8]; N];
     for (d, x) in d.iter_mut().zip(acts) {
@@ -380,7 +373,7 @@ fn q8_0_tail_rows<const N: usize>(
 ) -> [f32x8; N] {
     let present = i32x8::splat(n as i32).simd_gt(i32x8::new([0, 1, 2, 3, 4, 5, 6, 7]));
     let mut acc = [[f32x8::ZERO; 2]; N];
-    let heads = group_heads::<34>(group) & present;
+    let heads = group_heads::<Q8_0_BLOCK_BYTES>(group) & present;
     q8_0_group_rows(group, heads, n, acts, first, &mut acc);
     let mut sums = [f32x8::ZERO; N];
     for (sum, [a, b]) in sums.iter_mut().zip(acc) {
@@ -407,29 +400,23 @@ fn q8_0_padded_tail_rows<const N: usize>(
     q8_0_tail_rows(&padded, n, acts, first)
 }
 
-/// Whether the multi-row Q8_0 kernel multiplies code bytes with `pmaddubsw`
-/// (x86 with AVX2), reading the activations' `pair_bytes` (for Q8_0 the
-/// codes in element order); otherwise it uses the `i16x16` products of the
-/// one-row kernel and `split`.
-///
-/// `pmaddubsw` multiplies unsigned bytes with signed ones, so the kernel
-/// takes `|w|` (`pabsb`) as the unsigned operand, once per tile, and the
-/// activation codes with the sign of `w` applied (`psignb`: `x`, `-x`, or 0
-/// where `w` is 0) as the signed one: `|w| · (sign(w) · x) = w · x`. Weight
-/// codes are any byte a file holds, −128 included: its `pabsb` is the byte
-/// 0x80, which `pmaddubsw` reads as the unsigned 128, right. Activation
-/// codes are within ±127 (`q8_codes` maps a block's largest magnitude to
-/// 127; a NaN product becomes 0 and, where the inverse scale overflows, an
-/// infinite one 0 or −1), so `-x` never wraps and a
-/// pair of products is at most 2 · 128 · 127 = 32 512, below the i16
-/// saturation at 32 767. The pairs of i16 lanes multiplied by 256 and
-/// added (`pmaddwd`) give i32 lane `k` of a block 256 × the sum over
-/// elements `4k..4k + 4`: exactly the lanes of `q8_0_split`. Per block and
-/// activation row, a load, a sign, a byte product and one `pmaddwd` replace
-/// two `pmaddwd` reading memory and an addition (one instruction more, half
-/// the activation bytes read); the weight codes are loaded and made
-/// absolute once per tile instead of shifted and masked.
-pub(in crate::quant) const Q8_0_BYTES: bool = Q4_1_BYTES;
+// Byte products of the Q8_0 kernel (`Q8_0_BYTE_PRODUCTS`): `pmaddubsw`
+// multiplies unsigned bytes with signed ones, so the kernel takes `|w|`
+// (`pabsb`) as the unsigned operand, once per tile, and the activation
+// codes with the sign of `w` applied (`psignb`: `x`, `-x`, or 0 where `w`
+// is 0) as the signed one: `|w| · (sign(w) · x) = w · x`. Weight codes are
+// any byte a file holds, −128 included: its `pabsb` is the byte 0x80, which
+// `pmaddubsw` reads as the unsigned 128, right. Activation codes are within
+// ±127 (`q8_codes` maps a block's largest magnitude to 127; a NaN product
+// becomes 0 and, where the inverse scale overflows, an infinite one 0 or
+// −1), so `-x` never wraps and a pair of products is at most 2 · 128 · 127
+// = 32 512, below the i16 saturation at 32 767. The pairs of i16 lanes
+// multiplied by 256 and added (`pmaddwd`) give i32 lane `k` of a block 256
+// × the sum over elements `4k..4k + 4`: exactly the lanes of `q8_0_split`.
+// Per block and activation row, a load, a sign, a byte product and one
+// `pmaddwd` replace two `pmaddwd` reading memory and an addition (one
+// instruction more, half the activation bytes read); the weight codes are
+// loaded and made absolute once per tile instead of shifted and masked.
 
 /// Adds block `K` of a group of eight Q8_0 blocks, whose code bytes are
 /// `w`, to accumulator `K % 2` of each row, `a` being the rows' code bytes
@@ -490,10 +477,10 @@ fn q8_0_byte_group<const N: usize>(
     d: &[[f32; 8]; N],
     acc: &mut [[f32x8; 2]; N],
 ) {
-    const BB: usize = 34;
+    const BB: usize = Q8_0_BLOCK_BYTES;
     let codes = |k: usize| -> safe_arch::m256i {
         let mut bytes = [0u8; 32];
-        bytes.copy_from_slice(&group[BB * k + 2..BB * k + 34]);
+        bytes.copy_from_slice(&group[BB * k + 2..BB * (k + 1)]);
         wide::bytemuck::cast(bytes)
     };
     q8_0_byte_block::<0, N>(acc, codes(0), a, d);
@@ -562,7 +549,7 @@ fn q8_0_byte_tail<const N: usize>(
     s: &[&[f32; 8]; N],
 ) -> [f32x8; N] {
     let present = i32x8::splat(n as i32).simd_gt(i32x8::new([0, 1, 2, 3, 4, 5, 6, 7]));
-    let d = q8_0_byte_scales(group_heads::<34>(group) & present, s);
+    let d = q8_0_byte_scales(group_heads::<Q8_0_BLOCK_BYTES>(group) & present, s);
     let mut acc = [[f32x8::ZERO; 2]; N];
     q8_0_byte_group(group, n, a, &d, &mut acc);
     let mut sums = [f32x8::ZERO; N];
@@ -663,14 +650,15 @@ impl<'a, const N: usize> Q8_0Tile<'a, N> {
         }
     }
 
-    /// [`dot`](Self::dot) with byte products (see [`Q8_0_BYTES`]).
+    /// [`dot`](Self::dot) with byte products (see
+    /// [`Q8_0_BYTE_PRODUCTS`](super::super::activations::Q8_0_BYTE_PRODUCTS)).
     #[cfg(all(
         any(target_arch = "x86", target_arch = "x86_64"),
         target_feature = "avx2"
     ))]
     #[inline(always)]
     fn dot_bytes(&self, rest: &[u8], row_bytes: usize) -> [f32; N] {
-        const BB: usize = 34;
+        const BB: usize = Q8_0_BLOCK_BYTES;
         let blocks = row_bytes / BB;
         let whole = blocks / 8;
         let mut acc = [[f32x8::ZERO; 2]; N];
@@ -713,7 +701,7 @@ fn dot_q8_0_split_rows<const N: usize>(
     row_bytes: usize,
     acts: &[QuantizedActivations; N],
 ) -> [f32; N] {
-    const BB: usize = 34;
+    const BB: usize = Q8_0_BLOCK_BYTES;
     let mut acc = [[f32x8::ZERO; 2]; N];
     let blocks = row_bytes / BB;
     let whole = blocks / 8 * 8;
@@ -746,7 +734,7 @@ pub(in crate::quant) fn dot_q4_0_rows<const N: usize>(
     row: &[u8],
     acts: &[QuantizedActivations; N],
 ) -> [f32; N] {
-    const BB: usize = 18;
+    const BB: usize = Q4_0_BLOCK_BYTES;
     let mut acc = [[f32x8::ZERO; 2]; N];
     for (g, weights) in row.chunks(8 * BB).enumerate() {
         let heads = gather_head::<BB>(weights);
@@ -758,7 +746,7 @@ pub(in crate::quant) fn dot_q4_0_rows<const N: usize>(
         let a = vectors::<16, N>(acts, 16 * g, |x| &x.quants);
         // The one-row kernel adds block k of a group to accumulator k % 2,
         // whether the group is whole or not.
-        let codes = |k: usize| q4_0_codes(&weights[BB * k + 2..BB * k + 18]);
+        let codes = |k: usize| q4_0_codes(&weights[BB * k + 2..BB * (k + 1)]);
         add_blocks(&mut acc, weights.len() / BB, codes, &a, &d);
     }
     let mut totals = [0f32; N];
@@ -819,7 +807,7 @@ fn block_x<'a, const N: usize>(x: &[&'a [f32]; N], b: usize) -> [&'a [f32]; N] {
 #[inline(always)]
 pub(in crate::quant) fn dot_f32_q4_1_rows<const N: usize>(row: &[u8], x: &[&[f32]; N]) -> [f32; N] {
     let mut acc = [[f32x8::ZERO; 4]; N];
-    for_each_f32_block_at::<20, 4>(row, |b, codes, d, m, _| {
+    for_each_f32_block_at::<Q4_1_BLOCK_BYTES, 4>(row, |b, codes, d, m, _| {
         let [b0, b1] = widen_u8_whole(codes);
         let fifteen = i32x8::splat(15);
         let nibbles = [b0 & fifteen, b1 & fifteen, b0 >> 4u32, b1 >> 4u32];
@@ -856,14 +844,14 @@ pub(in crate::quant) fn dot_f32_q8_0_q4_0_rows<const Q4_0: bool, const N: usize>
         }
     };
     if Q4_0 {
-        for_each_f32_block_at::<18, 2>(row, |b, codes, d, _, parity| {
+        for_each_f32_block_at::<Q4_0_BLOCK_BYTES, 2>(row, |b, codes, d, _, parity| {
             let [b0, b1] = widen_u8(codes);
             let (fifteen, eight) = (i32x8::splat(15), i32x8::splat(8));
             let nibbles = [b0 & fifteen, b1 & fifteen, b0 >> 4u32, b1 >> 4u32];
             add(b, nibbles.map(|q| q - eight), d, parity);
         });
     } else {
-        for_each_f32_block_at::<34, 2>(row, |b, codes, d, _, parity| {
+        for_each_f32_block_at::<Q8_0_BLOCK_BYTES, 2>(row, |b, codes, d, _, parity| {
             let [c0, c1] = widen_i8(&codes[..16]);
             let [c2, c3] = widen_i8(&codes[16..32]);
             add(b, [c0, c1, c2, c3], d, parity);

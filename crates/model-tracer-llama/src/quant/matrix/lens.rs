@@ -17,7 +17,7 @@
 use super::QMatrix;
 use crate::dtype::GgmlType;
 use crate::quant::activations::QuantizedBatch;
-use crate::quant::blocks::q8_activation_block;
+use crate::quant::blocks::{q8_activation_block, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
 use wide::{f32x8, u32x8, u8x16};
 
 /// Rows of a lane group: one activation row per f32 lane.
@@ -127,22 +127,25 @@ impl QMatrix {
             .zip(results.chunks_exact_mut(groups))
         {
             if q4_1 {
-                for (block, h) in row.chunks_exact(20).zip(halves.chunks_exact_mut(2)) {
+                for (block, h) in row
+                    .chunks_exact(Q4_1_BLOCK_BYTES)
+                    .zip(halves.chunks_exact_mut(2))
+                {
                     h[0] = u32::from(u16::from_le_bytes([block[0], block[1]]));
                     h[1] = u32::from(u16::from_le_bytes([block[2], block[3]]));
                 }
                 f16_finite_all(halves, floats);
                 for ((block, w), dm) in row
-                    .chunks_exact(20)
+                    .chunks_exact(Q4_1_BLOCK_BYTES)
                     .zip(&mut *weights)
                     .zip(floats.chunks_exact(2))
                 {
                     w.d = f32x8::splat(dm[0]);
                     w.m = f32x8::splat(dm[1]);
-                    w.codes = q4_1_bytes(&block[4..20]);
+                    w.codes = q4_1_bytes(&block[4..Q4_1_BLOCK_BYTES]);
                 }
             } else {
-                for (block, h) in row.chunks_exact(34).zip(&mut *halves) {
+                for (block, h) in row.chunks_exact(Q8_0_BLOCK_BYTES).zip(&mut *halves) {
                     *h = u32::from(u16::from_le_bytes([block[0], block[1]]));
                 }
                 f16_finite_all(halves, floats);
@@ -159,7 +162,9 @@ impl QMatrix {
                         acc = w.m.mul_add(a.sum, acc);
                     }
                 } else {
-                    let codes = row.chunks_exact(34).map(|b| bytes_i8(&b[2..34]));
+                    let codes = row
+                        .chunks_exact(Q8_0_BLOCK_BYTES)
+                        .map(|b| bytes_i8(&b[2..Q8_0_BLOCK_BYTES]));
                     for ((a, w), codes) in group.iter().zip(&*weights).zip(codes) {
                         let s = f32x8::from_i32x8(lanes::signed(codes, &a.codes));
                         acc = s.mul_add(w.d * a.scale, acc);
