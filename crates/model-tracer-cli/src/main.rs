@@ -27,6 +27,8 @@ use model_tracer_llama::model::{
 use model_tracer_llama::tokenizer::{ChatMessage, Tokenizer};
 
 mod candle;
+mod diff;
+mod report;
 
 /// Trace what a transformer computes, token by token.
 #[derive(Debug, Parser)]
@@ -43,45 +45,11 @@ enum Command {
     Run(Box<Args>),
     /// Render the HTML report of a JSON Lines trace written earlier (`run
     /// --jsonl`, or any `JsonlSink`): the same report `run --html` writes
-    Report(ReportArgs),
+    Report(report::ReportArgs),
     /// Where two runs part: compare two traces (JSON Lines) position by
     /// position and stage by stage; report the first divergence and the
     /// largest jump. Exit status 0: no divergence, 1: they diverge, 2: error
-    Diff(DiffArgs),
-}
-
-#[derive(Debug, Clone, clap::Args)]
-struct DiffArgs {
-    /// The reference run: a JSON Lines trace
-    #[arg(value_name = "A")]
-    a: String,
-    /// The run compared with it
-    #[arg(value_name = "B")]
-    b: String,
-    /// Relative error above which a (position, layer, stage) diverges
-    #[arg(long, value_name = "X", default_value_t = model_tracer::diff::DEFAULT_TOLERANCE)]
-    tolerance: f32,
-    /// Write the comparison as JSON
-    #[arg(long, value_name = "PATH")]
-    json: Option<String>,
-    /// Write the comparison as an HTML page: a layers x positions heatmap
-    /// of the error, the divergence marked
-    #[arg(long, value_name = "PATH")]
-    html: Option<String>,
-}
-
-#[derive(Debug, Clone, clap::Args)]
-struct ReportArgs {
-    /// The JSON Lines trace
-    #[arg(value_name = "TRACE")]
-    trace: String,
-    /// Where to write the report [default: TRACE with the extension .html]
-    #[arg(short, long, value_name = "PATH")]
-    output: Option<String>,
-    /// Forwards shown in detail: the last N of the trace (the summary
-    /// covers all of them)
-    #[arg(long, value_name = "N", default_value_t = model_tracer::replay::DEFAULT_REPLAY_FORWARDS)]
-    last: usize,
+    Diff(diff::DiffArgs),
 }
 
 /// Where `bash .ci/fetch-model` puts SmolLM2-135M-Instruct.
@@ -335,7 +303,7 @@ fn main() -> ExitCode {
     let args = match Cli::parse().command {
         Command::Run(args) => *args,
         Command::Diff(args) => {
-            return match diff(&args) {
+            return match diff::diff(&args) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
@@ -345,7 +313,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Report(args) => {
-            return match report(&args) {
+            return match report::report(&args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -381,91 +349,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// One side of a diff, read from `path`: a JSON Lines trace or an
-/// activation dump.
-fn load_side(path: &str) -> Result<model_tracer::diff::Side, String> {
-    let name = std::path::Path::new(path)
-        .file_name()
-        .map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned());
-    let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
-    model_tracer::diff::Side::from_bytes(&name, &bytes).map_err(|e| e.to_string())
-}
-
-/// `model-tracer diff`: whether the two runs agree within the tolerance.
-fn diff(args: &DiffArgs) -> Result<bool, String> {
-    if args.tolerance.is_nan() || args.tolerance < 0.0 {
-        return Err(format!(
-            "--tolerance {} is not a relative error",
-            args.tolerance
-        ));
-    }
-    let (json, html) = (create_output(&args.json)?, create_output(&args.html)?);
-    let (a, b) = (load_side(&args.a)?, load_side(&args.b)?);
-    let report = model_tracer::diff::diff(&a, &b, args.tolerance).map_err(|e| e.to_string())?;
-    // A closed pipe (`| head`) is not an error of the comparison.
-    let _ = write!(std::io::stdout(), "{report}");
-    if let Some((path, file)) = json {
-        let mut out = std::io::BufWriter::new(file);
-        out.write_all(report.to_json().as_bytes())
-            .and_then(|()| out.flush())
-            .map_err(|e| format!("{path}: {e}"))?;
-        println!("wrote the comparison to {path}");
-    }
-    if let Some((path, file)) = html {
-        let mut out = std::io::BufWriter::new(file);
-        report
-            .write_html(&mut out)
-            .and_then(|()| out.flush())
-            .map_err(|e| format!("{path}: {e}"))?;
-        println!("wrote the comparison page to {path}");
-    }
-    Ok(report.first_divergence.is_none())
-}
-
-/// `model-tracer report`: the HTML report of a JSON Lines trace.
-fn report(args: &ReportArgs) -> Result<(), String> {
-    let output = args.output.clone().unwrap_or_else(|| {
-        std::path::Path::new(&args.trace)
-            .with_extension("html")
-            .to_string_lossy()
-            .into_owned()
-    });
-    if output == args.trace {
-        return Err(format!(
-            "the report would overwrite the trace {output}: name it with -o"
-        ));
-    }
-    let file = std::fs::File::open(&args.trace).map_err(|e| format!("{}: {e}", args.trace))?;
-    let replay =
-        model_tracer::replay::ReplayedTrace::read_jsonl(std::io::BufReader::new(file), args.last)
-            .map_err(|e| format!("{}: {e}", args.trace))?;
-    let name = std::path::Path::new(&args.trace)
-        .file_name()
-        .map_or_else(|| args.trace.clone(), |n| n.to_string_lossy().into_owned());
-    let input = replay.report_input(&name);
-    let summary = &input.summary;
-    println!(
-        "{}: {} forwards{}, traced {}; model {} ({} layers, hidden {})",
-        args.trace,
-        replay.rows(),
-        summary
-            .positions
-            .map_or(String::new(), |(a, b)| format!(" (positions {a}..={b})")),
-        summary.config,
-        input.model.name,
-        input.model.layers,
-        input.model.dim,
-    );
-    let file =
-        std::fs::File::create(&output).map_err(|e| format!("cannot create {output}: {e}"))?;
-    let mut out = std::io::BufWriter::new(file);
-    model_tracer::write_html(&mut out, &input)
-        .and_then(|()| out.flush())
-        .map_err(|e| format!("{output}: {e}"))?;
-    println!("wrote the HTML report to {output}");
-    Ok(())
 }
 
 /// Printable form of a token: control characters and quotes escaped.
