@@ -169,14 +169,7 @@ pub(crate) fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Re
             "prompt_text": ids_text(model.tokenizer.as_ref(), &prompt_ids),
             "generated_ids": generation.tokens,
             "generated_text": ids_text(model.tokenizer.as_ref(), &generation.tokens),
-            "timing": {
-                "load_s": timing.load_secs,
-                "prompt_positions": timing.prompt_positions,
-                "prompt_eval_s": timing.prompt_secs,
-                "generated_tokens": timing.generated,
-                "generation_forwards": timing.generation_forwards,
-                "generation_s": timing.generation_secs,
-            },
+            "timing": timing.to_json(),
         });
         if let (true, Some(map)) = (model.tracer().is_enabled(), doc.as_object_mut()) {
             let forwards: Vec<_> = model.tracer().forwards().collect();

@@ -7,7 +7,6 @@
 //! it and runs a synthetic model of the same shape. `--gguf PATH` traces
 //! another GGUF file. See `model-tracer run --help`.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -21,14 +20,17 @@ use model_tracer::{
     TraceOptions,
 };
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{
-    Config, Fault, Generation, KvCacheOptions, Llama, DEFAULT_PREFILL_CHUNK,
-};
+use model_tracer_llama::model::{Config, Fault, KvCacheOptions, Llama, DEFAULT_PREFILL_CHUNK};
 use model_tracer_llama::tokenizer::{ChatMessage, Tokenizer};
 
 mod candle;
 mod diff;
+mod print;
 mod report;
+mod timing;
+
+use print::{ids_text, print_outcome, report_trace, report_what_if};
+use timing::Timing;
 
 /// Trace what a transformer computes, token by token.
 #[derive(Debug, Parser)]
@@ -351,23 +353,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Printable form of a token: control characters and quotes escaped.
-fn shown(text: &str) -> String {
-    let mut s = String::new();
-    for c in text.chars() {
-        match c {
-            '\n' => s.push_str("\\n"),
-            '\t' => s.push_str("\\t"),
-            '"' => s.push_str("\\\""),
-            c if c.is_control() => {
-                let _ = write!(s, "\\u{{{:x}}}", c as u32);
-            }
-            c => s.push(c),
-        }
-    }
-    format!("\"{s}\"")
-}
-
 fn run<C: TraceConfig>(args: &Args, outputs: Outputs, trace: C) -> Result<(), String> {
     let started = Instant::now();
     let cache = KvCacheOptions {
@@ -586,51 +571,6 @@ fn progress_bar(max_tokens: usize) -> ProgressBar {
     bar
 }
 
-/// The text of `ids`: the tokenizer's, or each id in angle brackets.
-fn ids_text(tokenizer: Option<&Tokenizer>, ids: &[u32]) -> String {
-    match tokenizer {
-        Some(t) => t.decode(ids),
-        None => ids.iter().map(|i| format!("<{i}>")).collect(),
-    }
-}
-
-/// Prints the timing, the prompt and the answer.
-fn print_outcome(
-    timing: &Timing,
-    tokenizer: Option<&Tokenizer>,
-    prompt: &[u32],
-    generated: &[u32],
-) {
-    println!("{timing}");
-    println!("prompt:    {}", shown(&ids_text(tokenizer, prompt)));
-    println!("generated: {}", shown(&ids_text(tokenizer, generated)));
-    println!();
-}
-
-/// Prints what the tracer saw (summary, attention, logit lens, quantization
-/// error) and returns its summary; `None` when tracing is off.
-fn report_trace<C: TraceConfig>(
-    tracer: &ModelTracer<C>,
-    layers: usize,
-    token_text: impl Fn(u32) -> String,
-    prompt: &[u32],
-    generated: &[u32],
-    exact: bool,
-) -> Option<model_tracer::TraceSummary> {
-    if !tracer.is_enabled() {
-        return None;
-    }
-    let summary = tracer.summary();
-    print!("{summary}");
-    report_attention(&summary);
-    report_lens(tracer, layers, token_text, prompt, generated);
-    // Under --exact the products are their own reference: no error to show.
-    if !exact {
-        report_quant(&summary);
-    }
-    Some(summary)
-}
-
 /// Fails with the JSON Lines sink's error, if writing failed; otherwise
 /// says how many forwards it wrote.
 fn check_sink<C: TraceConfig>(
@@ -713,193 +653,6 @@ fn prompt_ids(args: &Args, tokenizer: Option<&Tokenizer>) -> Result<Vec<u32>, St
     Ok(ids)
 }
 
-/// Wall-clock times of a run: prompt evaluation (until the first generated
-/// token) and generation (the rest), as llama.cpp reports them.
-#[derive(Debug, Clone, Copy)]
-struct Timing {
-    load_secs: f64,
-    prompt_positions: usize,
-    prompt_secs: f64,
-    generated: usize,
-    generation_forwards: usize,
-    generation_secs: f64,
-}
-
-impl Timing {
-    fn new(load_secs: f64, g: &Generation, first_token: f64, end: f64) -> Self {
-        Self {
-            load_secs,
-            prompt_positions: g.computed_prompt_positions,
-            prompt_secs: first_token,
-            generated: g.tokens.len(),
-            // The last generated token is not fed back.
-            generation_forwards: g.tokens.len().saturating_sub(1),
-            generation_secs: end - first_token,
-        }
-    }
-}
-
-impl std::fmt::Display for Timing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-        write!(
-            f,
-            "prompt eval: {} positions in {:.2} s ({:.1} tokens/s)\n\
-             generation:  {} tokens, {} forwards in {:.2} s ({:.1} tokens/s)",
-            self.prompt_positions,
-            self.prompt_secs,
-            rate(self.prompt_positions, self.prompt_secs),
-            self.generated,
-            self.generation_forwards,
-            self.generation_secs,
-            rate(self.generation_forwards, self.generation_secs),
-        )
-    }
-}
-
-fn report_attention(summary: &model_tracer::TraceSummary) {
-    if summary.heads.is_empty() {
-        return;
-    }
-    let mut heads = summary.heads.clone();
-    heads.sort_by(|a, b| b.mean_sink_weight.total_cmp(&a.mean_sink_weight));
-    println!("\nattention sinks (heads with the most weight on the first token):");
-    println!(
-        "  {:>5} {:>4} {:>10} {:>10} {:>12} {:>9}",
-        "layer", "head", "sink wt", "sink share", "entropy/max", "recency"
-    );
-    for h in heads.iter().take(6) {
-        println!(
-            "  {:>5} {:>4} {:>9.1}% {:>9.1}% {:>12.3} {:>8.1}%",
-            h.layer,
-            h.head,
-            100.0 * h.mean_sink_weight,
-            100.0 * h.sink_share(),
-            h.mean_normalized_entropy,
-            100.0 * h.recency_share()
-        );
-    }
-    heads.sort_by(|a, b| b.recency_share().total_cmp(&a.recency_share()));
-    let recent: Vec<String> = heads
-        .iter()
-        .filter(|h| h.recency_share() > 0.5)
-        .take(8)
-        .map(|h| {
-            format!(
-                "L{}H{} ({:.0}%)",
-                h.layer,
-                h.head,
-                100.0 * h.recency_share()
-            )
-        })
-        .collect();
-    if recent.is_empty() {
-        println!(
-            "  recency: no head puts >70% of its weight on the last 5 positions in most steps"
-        );
-    } else {
-        println!(
-            "  recency-biased heads (>70% on the last 5 positions): {}",
-            recent.join(", ")
-        );
-    }
-}
-
-fn report_lens<C: TraceConfig>(
-    tracer: &ModelTracer<C>,
-    layers: usize,
-    token_text: impl Fn(u32) -> String,
-    prompt: &[u32],
-    generated: &[u32],
-) {
-    let start = prompt.len() - 1; // the forward whose logits chose generated[0]
-    let rows: Vec<_> = tracer
-        .forwards()
-        .filter(|f| f.position >= start)
-        .filter_map(|f| f.logits.as_ref().map(|l| (f.position, l)))
-        .collect();
-    if rows.is_empty() {
-        return;
-    }
-    println!("\nlogit lens: each generated token's rank through the layers (0 = top)");
-    println!("  decisive = the layer with the largest log-rank gain, ln(1 + rank)");
-    let step = layers.div_ceil(10).max(1);
-    let mut head = format!(
-        "  {:>5} {:<16} {:>5} {:>8} |",
-        "pos", "token", "won@", "decisive"
-    );
-    for l in (0..layers).step_by(step) {
-        let _ = write!(head, " L{l:<5}");
-    }
-    println!("{head}");
-    for (pos, lt) in rows {
-        let Some(chosen) = generated.get(pos - start) else {
-            continue;
-        };
-        let Some(tok) = lt.token(*chosen) else {
-            continue;
-        };
-        let mut line = format!(
-            "  {:>5} {:<16} {:>5} {:>8} |",
-            pos,
-            shown(&token_text(*chosen)),
-            tok.won_at_layer().map_or("-".into(), |l| l.to_string()),
-            tok.decisive_layer_log_rank()
-                .map_or("-".into(), |l| l.to_string())
-        );
-        for (i, rank) in tok.ranks.iter().enumerate() {
-            if tok.layer_at(i) % step == 0 {
-                let _ = write!(line, " {rank:<6}");
-            }
-        }
-        println!("{line}");
-    }
-}
-
-fn report_what_if(summary: &model_tracer::TraceSummary) {
-    if summary.what_if.is_empty() {
-        return;
-    }
-    println!(
-        "\nwhat-if: the bricks that lose most when re-quantized (keep these at higher precision):"
-    );
-    let mut types: Vec<_> = summary.what_if.iter().map(|w| w.quant_type).collect();
-    types.dedup();
-    for qt in types {
-        let mut rows: Vec<_> = summary
-            .what_if
-            .iter()
-            .filter(|w| w.quant_type == qt)
-            .collect();
-        rows.sort_by(|a, b| a.min_cosine.total_cmp(&b.min_cosine));
-        let worst: Vec<String> = rows
-            .iter()
-            .take(5)
-            .map(|w| {
-                format!(
-                    "{} L{} cos {:.5} ({:.1} dB)",
-                    w.brick, w.layer, w.min_cosine, w.mean_snr_db
-                )
-            })
-            .collect();
-        println!(
-            "  {:>5} ({:.2} bits/weight): {}",
-            qt.name(),
-            qt.bits_per_element(),
-            worst.join("; ")
-        );
-    }
-}
-
-fn report_quant(summary: &model_tracer::TraceSummary) {
-    if let Some(w) = &summary.worst_brick {
-        println!(
-            "\nworst quantized brick: {} of layer {} ({} weights, 8-bit activations): cosine {:.6}, SNR {:.1} dB, max |err| {:.3e}",
-            w.brick, w.layer_idx, w.quant_type, w.cosine_similarity, w.snr_db, w.max_abs_error
-        );
-    }
-}
-
 fn write_json<C: TraceConfig>(
     file: std::fs::File,
     model: &Llama<C>,
@@ -915,17 +668,7 @@ fn write_json<C: TraceConfig>(
             map.remove("summary");
             map.remove("forwards");
         }
-        map.insert(
-            "timing".into(),
-            serde_json::json!({
-                "load_s": timing.load_secs,
-                "prompt_positions": timing.prompt_positions,
-                "prompt_eval_s": timing.prompt_secs,
-                "generated_tokens": timing.generated,
-                "generation_forwards": timing.generation_forwards,
-                "generation_s": timing.generation_secs,
-            }),
-        );
+        map.insert("timing".into(), timing.to_json());
     }
     let mut out = std::io::BufWriter::new(file);
     serde_json::to_writer(&mut out, &doc).map_err(|e| e.to_string())?;
