@@ -3,7 +3,7 @@
 
 use std::io::Write as _;
 
-use crate::create_output;
+use crate::setup::outputs::create_output;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DiffArgs {

@@ -4,9 +4,10 @@
 
 use std::fmt::Write as _;
 
-use model_tracer::{ModelTracer, TraceConfig};
+use model_tracer::TraceSummary;
 use model_tracer_llama::tokenizer::Tokenizer;
 
+use crate::setup::Engine;
 use crate::timing::Timing;
 
 /// Printable form of a token: control characters and quotes escaped.
@@ -27,7 +28,7 @@ pub fn shown(text: &str) -> String {
 }
 
 /// The text of `ids`: the tokenizer's, or each id in angle brackets.
-pub fn ids_text(tokenizer: Option<&Tokenizer>, ids: &[u32]) -> String {
+fn ids_text(tokenizer: Option<&Tokenizer>, ids: &[u32]) -> String {
     match tokenizer {
         Some(t) => t.decode(ids),
         None => ids.iter().map(|i| format!("<{i}>")).collect(),
@@ -35,43 +36,40 @@ pub fn ids_text(tokenizer: Option<&Tokenizer>, ids: &[u32]) -> String {
 }
 
 /// Prints the timing, the prompt and the answer.
-pub fn print_outcome(
-    timing: &Timing,
-    tokenizer: Option<&Tokenizer>,
-    prompt: &[u32],
-    generated: &[u32],
-) {
+pub fn outcome(timing: &Timing, tokenizer: Option<&Tokenizer>, prompt: &[u32], generated: &[u32]) {
     println!("{timing}");
     println!("prompt:    {}", shown(&ids_text(tokenizer, prompt)));
     println!("generated: {}", shown(&ids_text(tokenizer, generated)));
     println!();
 }
 
-/// Prints what the tracer saw (summary, attention, logit lens, quantization
-/// error) and returns its summary; `None` when tracing is off.
-pub fn report_trace<C: TraceConfig>(
-    tracer: &ModelTracer<C>,
-    layers: usize,
-    token_text: impl Fn(u32) -> String,
+/// Prints what `model`'s tracer saw (summary, attention, logit lens,
+/// quantization error) and returns its summary; `None` when tracing is
+/// off. Under `exact` the products are their own reference: no
+/// quantization error is shown.
+pub fn trace<M: Engine>(
+    model: &M,
     prompt: &[u32],
     generated: &[u32],
     exact: bool,
-) -> Option<model_tracer::TraceSummary> {
+) -> Option<TraceSummary> {
+    let tracer = model.tracer();
     if !tracer.is_enabled() {
         return None;
     }
     let summary = tracer.summary();
     print!("{summary}");
-    report_attention(&summary);
-    report_lens(tracer, layers, token_text, prompt, generated);
-    // Under --exact the products are their own reference: no error to show.
+    attention(&summary);
+    lens(model, prompt, generated);
     if !exact {
-        report_quant(&summary);
+        quant(&summary);
     }
     Some(summary)
 }
 
-fn report_attention(summary: &model_tracer::TraceSummary) {
+/// The heads with the most weight on the first token, and the
+/// recency-biased ones.
+fn attention(summary: &TraceSummary) {
     if summary.heads.is_empty() {
         return;
     }
@@ -119,15 +117,13 @@ fn report_attention(summary: &model_tracer::TraceSummary) {
     }
 }
 
-fn report_lens<C: TraceConfig>(
-    tracer: &ModelTracer<C>,
-    layers: usize,
-    token_text: impl Fn(u32) -> String,
-    prompt: &[u32],
-    generated: &[u32],
-) {
+/// The logit lens's story of each generated token: its rank through the
+/// layers.
+fn lens<M: Engine>(model: &M, prompt: &[u32], generated: &[u32]) {
+    let layers = model.config().n_layers;
     let start = prompt.len() - 1; // the forward whose logits chose generated[0]
-    let rows: Vec<_> = tracer
+    let rows: Vec<_> = model
+        .tracer()
         .forwards()
         .filter(|f| f.position >= start)
         .filter_map(|f| f.logits.as_ref().map(|l| (f.position, l)))
@@ -156,7 +152,7 @@ fn report_lens<C: TraceConfig>(
         let mut line = format!(
             "  {:>5} {:<16} {:>5} {:>8} |",
             pos,
-            shown(&token_text(*chosen)),
+            shown(&model.token_text(*chosen)),
             tok.won_at_layer().map_or("-".into(), |l| l.to_string()),
             tok.decisive_layer_log_rank()
                 .map_or("-".into(), |l| l.to_string())
@@ -170,7 +166,8 @@ fn report_lens<C: TraceConfig>(
     }
 }
 
-pub fn report_what_if(summary: &model_tracer::TraceSummary) {
+/// The bricks that lose most under each what-if type.
+pub fn what_if(summary: &TraceSummary) {
     if summary.what_if.is_empty() {
         return;
     }
@@ -205,7 +202,8 @@ pub fn report_what_if(summary: &model_tracer::TraceSummary) {
     }
 }
 
-fn report_quant(summary: &model_tracer::TraceSummary) {
+/// The quantized brick furthest from its f32 product.
+fn quant(summary: &TraceSummary) {
     if let Some(w) = &summary.worst_brick {
         println!(
             "\nworst quantized brick: {} of layer {} ({} weights, 8-bit activations): cosine {:.6}, SNR {:.1} dB, max |err| {:.3e}",
