@@ -1,0 +1,78 @@
+//! What the program needs of a model, whichever engine runs it: the one
+//! trait the reference decoder and the candle model implement, each in its
+//! own module.
+
+use model_tracer::{ModelTracer, TraceConfig};
+use model_tracer_llama::dtype::GgmlType;
+use model_tracer_llama::model::{Config, Fault, Generation};
+use model_tracer_llama::tokenizer::Tokenizer;
+
+use super::{CacheArgs, ModelArgs};
+
+/// A model the program can load, configure, run and read the trace of.
+/// Everything else (the set-up from the flags, the tracer's options and
+/// outputs, the printed report) is written once against this trait.
+pub trait Engine: Sized {
+    /// The trace level the model was compiled for.
+    type Trace: TraceConfig;
+
+    /// The model's type, as the line saying that tracing is off names it.
+    const TYPE_NAME: &'static str;
+    /// The name the outputs give the engine (the trace line, `engine` in
+    /// the JSON document and the dump's metadata); the reference decoder,
+    /// the default, goes unnamed.
+    const ENGINE: Option<&'static str>;
+    /// What the matmuls compute under `--exact`, for the set-up notes.
+    const EXACT_PATH: &'static str;
+
+    /// Loads the model `model` names, with a KV cache of `cache.ctx`
+    /// positions, and returns it with the name the outputs give it.
+    /// `notes` hears what the loading has to say before the model is there.
+    fn load(
+        model: &ModelArgs,
+        cache: &CacheArgs,
+        trace: Self::Trace,
+        notes: &mut dyn FnMut(&str),
+    ) -> Result<(Self, String), String>;
+
+    /// Hyperparameters.
+    fn config(&self) -> &Config;
+    /// The tokenizer, if the model has one (a synthetic model has none).
+    fn tokenizer(&self) -> Option<&Tokenizer>;
+    /// Text of a token for display: the tokenizer's piece, or `<id>`.
+    fn token_text(&self, id: u32) -> String;
+    /// The tracer.
+    fn tracer(&self) -> &ModelTracer<Self::Trace>;
+    /// The tracer, to replace it or take what it recorded.
+    fn tracer_mut(&mut self) -> &mut ModelTracer<Self::Trace>;
+
+    /// Positions the KV cache holds.
+    fn kv_capacity(&self) -> usize;
+    /// Positions the KV cache keeps at the start when it evicts.
+    fn kv_sinks(&self) -> usize;
+    /// Whether the KV cache evicts when full; one that does not holds at
+    /// most [`kv_capacity`](Self::kv_capacity) positions of a run.
+    fn evicts(&self) -> bool;
+
+    /// Injects `fault` into every following forward pass.
+    fn set_fault(&mut self, fault: Option<Fault>);
+    /// Traces every brick re-quantized to each of `types` as well.
+    fn set_what_if(&mut self, types: &[GgmlType]) -> Result<(), String>;
+    /// Runs the matmuls in f32 ([`EXACT_PATH`](Self::EXACT_PATH)).
+    fn set_exact(&mut self, exact: bool) -> Result<(), String>;
+    /// Positions a prefill runs through the model at once, where the
+    /// engine takes that option.
+    fn set_prefill_chunk(&mut self, positions: usize);
+    /// Positions a prefill runs through the model at once; `None` when the
+    /// engine runs the prompt as it chooses.
+    fn prefill_chunk(&self) -> Option<usize>;
+
+    /// Greedy generation of up to `max_tokens` tokens after `prompt`;
+    /// `on_token` sees each new token.
+    fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        on_token: impl FnMut(u32),
+    ) -> Result<Generation, String>;
+}
