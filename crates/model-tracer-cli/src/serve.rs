@@ -23,7 +23,7 @@ use model_tracer_llama::model::{Fault, Llama};
 
 use crate::setup::outputs::model_info;
 use crate::setup::{CacheArgs, Engine as _, ModelArgs};
-use engine::{Level, TraceContext};
+use engine::{Engine as _, Level, TraceContext};
 use scheduler::{Scheduler, Stats};
 use traces::TraceStore;
 
@@ -119,7 +119,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
     let engine = single::SingleEngine::new(Some(off), Some(light), Some(full), context);
 
     let stats = Arc::new(Stats {
-        slots: args.parallel,
+        slots: args.parallel.min(engine.capacity()),
         ..Stats::default()
     });
     let store = Arc::new(Mutex::new(TraceStore::new(args.keep_traces)));
@@ -144,6 +144,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
         store,
         tokenizer: tokenizer.map(Arc::new),
         context: ctx,
+        queue_capacity: queue,
         model: name,
         level,
         full_every: args.full_every,

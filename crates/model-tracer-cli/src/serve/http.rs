@@ -38,6 +38,8 @@ pub struct Shared {
     pub tokenizer: Option<Arc<Tokenizer>>,
     /// Positions one sequence holds.
     pub context: usize,
+    /// Requests the queue holds.
+    pub queue_capacity: usize,
     /// The model's name in the responses.
     pub model: String,
     /// The level of a request that asks for none.
@@ -114,6 +116,8 @@ async fn health(State(app): App) -> Json<serde_json::Value> {
         "model": app.model,
         "slots": {"total": s.slots, "busy": busy, "free": s.slots.saturating_sub(busy)},
         "queued": s.queued.load(Ordering::Relaxed),
+        "queue": {"capacity": app.queue_capacity},
+        "context": app.context,
         "finished": s.finished.load(Ordering::Relaxed),
         "abandoned": s.abandoned.load(Ordering::Relaxed),
         "traces_kept": traces::lock(&app.store).len(),
@@ -168,8 +172,11 @@ async fn completions(State(app): App, headers: HeaderMap, body: Body) -> Respons
     complete(app, Endpoint::Completions, headers, body).await
 }
 
-/// Reads the body, at most `limit` bytes.
+/// Reads the body, at most `limit` bytes. A larger one is answered 413,
+/// after reading (and dropping) it up to `DRAIN` times `limit`, so that a
+/// client still sending it reads the answer instead of a reset connection.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    const DRAIN: u64 = 8;
     let too_large = || {
         ApiError::new(
             413,
@@ -182,10 +189,12 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    let drain_cap = (limit as u64).saturating_mul(DRAIN);
+    if declared.is_some_and(|n| n > drain_cap) {
         return Err(too_large());
     }
     let mut out = Vec::new();
+    let mut seen: u64 = 0;
     let mut stream = body.into_data_stream();
     while let Some(part) = stream.next().await {
         let part = part.map_err(|e| {
@@ -196,10 +205,16 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
                 format!("reading the body failed: {e}"),
             )
         })?;
-        if out.len() + part.len() > limit {
+        seen += part.len() as u64;
+        if seen > drain_cap {
             return Err(too_large());
         }
-        out.extend_from_slice(&part);
+        if seen <= limit as u64 {
+            out.extend_from_slice(&part);
+        }
+    }
+    if seen > limit as u64 {
+        return Err(too_large());
     }
     Ok(out)
 }
