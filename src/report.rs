@@ -40,12 +40,11 @@ use serde::{Serialize, Serializer};
 
 use crate::activation::Stage;
 use crate::anomaly::{AnomalyKind, Origin};
-use crate::config::TraceConfig;
+use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheStateTrace;
 pub use crate::model_info::ModelInfo;
 use crate::quant::{BrickId, QuantType};
 use crate::summary::TraceSummary;
-use crate::tracer::{ForwardTrace, ModelTracer};
 
 /// Positions of context shown before a query in the attention view.
 pub const CONTEXT_WINDOW: usize = 48;
@@ -76,26 +75,6 @@ pub struct ReportInput<'a> {
 }
 
 impl<'a> ReportInput<'a> {
-    /// The input for `tracer`'s retained forwards, summary and KV steps;
-    /// fill [`position_text`](Self::position_text) and
-    /// [`token_text`](Self::token_text) to show token strings.
-    pub fn from_tracer<C: TraceConfig>(tracer: &'a ModelTracer<C>, model: ModelInfo) -> Self {
-        let summary = tracer.summary();
-        Self {
-            title: format!("model-tracer report: {}", model.name),
-            config: summary.config.clone(),
-            model,
-            summary,
-            forwards: tracer.forwards().collect(),
-            kv_steps: tracer
-                .kv_session()
-                .map(|s| s.steps.iter().copied().collect())
-                .unwrap_or_default(),
-            position_text: BTreeMap::new(),
-            token_text: BTreeMap::new(),
-        }
-    }
-
     /// The vocabulary ids the report names: tracked and chosen tokens of
     /// the logit lens.
     pub fn token_ids(&self) -> BTreeSet<u32> {
@@ -566,6 +545,7 @@ const SCRIPT: &str = include_str!("report/report.js");
 mod tests {
     use super::*;
     use crate::quant::QuantizationErrorTrace;
+    use crate::tracer::ModelTracer;
 
     #[test]
     fn slot_positions_follow_the_streaming_cache_layout() {

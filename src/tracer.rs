@@ -1284,6 +1284,34 @@ impl<C: TraceConfig> ModelTracer<C> {
     }
 }
 
+// The report reads the records and the summary only; the tracer gathers
+// them for it.
+#[cfg(feature = "serde")]
+impl<'a> crate::report::ReportInput<'a> {
+    /// The input for `tracer`'s retained forwards, summary and KV steps;
+    /// fill [`position_text`](Self::position_text) and
+    /// [`token_text`](Self::token_text) to show token strings.
+    pub fn from_tracer<C: TraceConfig>(
+        tracer: &'a ModelTracer<C>,
+        model: crate::model_info::ModelInfo,
+    ) -> Self {
+        let summary = tracer.summary();
+        Self {
+            title: format!("model-tracer report: {}", model.name),
+            config: summary.config.clone(),
+            model,
+            summary,
+            forwards: tracer.forwards().collect(),
+            kv_steps: tracer
+                .kv_session()
+                .map(|s| s.steps.iter().copied().collect())
+                .unwrap_or_default(),
+            position_text: std::collections::BTreeMap::new(),
+            token_text: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
