@@ -7,20 +7,33 @@
 //! both are constants, so a disabled hook, its closure and the buffers it
 //! would read vanish from the caller's code; the work of an enabled hook
 //! happens in an out-of-line method of the recorder.
+//!
+//! This is the model-facing part of the crate, with the
+//! [configs](crate::config) and the [storage of records](crate::storage)
+//! beneath it. It imports the records and the outputs it writes into (sinks,
+//! summary, dump, events), never the analysis of traces written earlier.
 
 use std::collections::VecDeque;
+
+// Public at the crate root (`model_tracer::config`, `model_tracer::storage`).
+#[doc(hidden)]
+pub mod config;
+#[doc(hidden)]
+pub mod storage;
 
 use crate::activation::{ratio_of_norms, LayerActivationTrace, Stage};
 use crate::anomaly::Anomaly;
 use crate::attention::AttentionWeightTrace;
 use crate::config::TraceConfig;
 use crate::fingerprint::Fingerprinter;
+#[doc(no_inline)]
 pub use crate::forward::ForwardTrace;
 use crate::kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
 use crate::logit::LogitEvolutionTrace;
 use crate::quant::{BrickId, QuantType, QuantizationErrorTrace};
 use crate::stats::{self, TensorStats};
 use crate::storage::ParkedRow;
+#[doc(no_inline)]
 pub use crate::storage::{
     LogitRows, QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE,
     MAX_BUFFER_LEN, MAX_FORWARD_ROWS, MAX_HEADS, MAX_LAYERS,

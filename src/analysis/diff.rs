@@ -966,8 +966,8 @@ impl DiffReport {
 }
 
 // The page's parts, each in a file of its own language.
-const DIFF_BODY: &str = include_str!("report/diff_body.html");
-const DIFF_SCRIPT: &str = include_str!("report/diff.js");
+const DIFF_BODY: &str = include_str!("../output/report/diff_body.html");
+const DIFF_SCRIPT: &str = include_str!("../output/report/diff.js");
 
 impl fmt::Display for DiffReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -42,6 +42,7 @@ use crate::activation::Stage;
 use crate::anomaly::{AnomalyKind, Origin};
 use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheStateTrace;
+#[doc(no_inline)]
 pub use crate::model_info::ModelInfo;
 use crate::quant::{BrickId, QuantType};
 use crate::summary::TraceSummary;
