@@ -958,7 +958,9 @@ impl DiffReport {
         page.push_str(DIFF_BODY);
         page.push_str("<script type=\"application/json\" id=\"diff-data\">");
         page.push_str(&data);
+        // One script element: the shared DOM helpers, then the page's script.
         page.push_str("</script>\n<script>");
+        page.push_str(crate::report::DOM);
         page.push_str(DIFF_SCRIPT);
         page.push_str("</script>\n</body>\n</html>\n");
         out.write_all(page.as_bytes())

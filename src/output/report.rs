@@ -521,7 +521,8 @@ pub(crate) fn script_json(data: &impl Serialize) -> serde_json::Result<String> {
 pub fn write_html(out: &mut impl Write, input: &ReportInput<'_>) -> io::Result<()> {
     let title = escape_html(&input.title);
     let data = script_json(&PageData::new(input)).map_err(io::Error::other)?;
-    let mut page = String::with_capacity(data.len() + STYLE.len() + SCRIPT.len() + 4096);
+    let mut page =
+        String::with_capacity(data.len() + STYLE.len() + DOM.len() + SCRIPT.len() + 4096);
     page.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
     let _ = writeln!(page, "<title>{title}</title>");
     page.push_str("<style>");
@@ -531,14 +532,18 @@ pub fn write_html(out: &mut impl Write, input: &ReportInput<'_>) -> io::Result<(
     page.push_str(BODY);
     page.push_str("<script type=\"application/json\" id=\"trace-data\">");
     page.push_str(&data);
+    // One script element: the shared DOM helpers, then the page's script.
     page.push_str("</script>\n<script>");
+    page.push_str(DOM);
     page.push_str(SCRIPT);
     page.push_str("</script>\n</body>\n</html>\n");
     out.write_all(page.as_bytes())
 }
 
-// The page's parts, each in a file of its own language.
+// The page's parts, each in a file of its own language. The diff page
+// shares the style and the DOM helpers.
 pub(crate) const STYLE: &str = include_str!("report/report.css");
+pub(crate) const DOM: &str = include_str!("report/dom.js");
 const BODY: &str = include_str!("report/body.html");
 const SCRIPT: &str = include_str!("report/report.js");
 
