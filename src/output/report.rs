@@ -88,6 +88,24 @@ impl<'a> ReportInput<'a> {
         }
         ids
     }
+
+    /// Names the tokens: `tokens[p]` is the token at position `p` (a run
+    /// whose cache started empty), and `text` gives a token's text, for
+    /// the positions and for every id the report names
+    /// ([`token_ids`](Self::token_ids)).
+    pub fn name_tokens(mut self, tokens: &[u32], text: impl Fn(u32) -> String) -> Self {
+        self.position_text = tokens
+            .iter()
+            .enumerate()
+            .map(|(p, &t)| (p, text(t)))
+            .collect();
+        self.token_text = self
+            .token_ids()
+            .into_iter()
+            .map(|id| (id, text(id)))
+            .collect();
+        self
+    }
 }
 
 /// Absolute position held by cache slot `slot` when the query at
