@@ -47,39 +47,40 @@
 //! reference decoder that uses it, `model-tracer-llama`, and the
 //! `model-tracer` program are crates of their own.
 
-pub mod activation;
-pub mod anomaly;
-pub mod attention;
-pub mod config;
+// The crate is grouped by role, each role importing only the ones before
+// it: the records a forward's hooks produce, the outputs they go to, the
+// tracer that fills them, and the analysis of traces written earlier. The
+// role modules are private; their modules are public here, at the crate
+// root, and code inside the crate names them by these public paths
+// (`crate::stats`, `crate::config`). A public re-export of an item defined
+// under a role module is marked `#[doc(no_inline)]`, so that the docs show
+// it once, in its public module.
 #[cfg(feature = "serde")]
-pub mod diff;
-#[cfg(feature = "dump")]
-pub mod dump;
-pub mod fingerprint;
-pub mod forward;
-pub mod kv_cache;
-pub mod logit;
-pub mod model_info;
-pub mod quant;
-#[cfg(feature = "serde")]
-pub mod read;
-#[cfg(feature = "serde")]
-pub mod replay;
-#[cfg(feature = "serde")]
-pub mod report;
-#[cfg(feature = "serde")]
-pub mod serde_float;
-#[cfg(feature = "serde")]
-mod serde_keyed;
-pub mod sink;
-pub mod stage;
-pub mod stats;
-pub mod storage;
-pub mod summary;
+mod analysis;
+mod output;
+mod record;
 pub mod tracer;
 
+#[cfg(feature = "serde")]
+pub use record::serde_float;
+pub use record::{
+    activation, anomaly, attention, fingerprint, forward, kv_cache, logit, model_info, quant,
+    stage, stats,
+};
+
+#[cfg(feature = "dump")]
+pub use output::dump;
 #[cfg(any(feature = "log", feature = "tracing"))]
-pub mod events;
+pub use output::events;
+#[cfg(feature = "serde")]
+pub use output::report;
+pub use output::{sink, summary};
+
+#[doc(inline)]
+pub use tracer::{config, storage};
+
+#[cfg(feature = "serde")]
+pub use analysis::{diff, read, replay};
 
 /// Calls tracer hooks in the measured zero-cost form: the call, its
 /// arguments and its closures sit in a branch on `C::ANY`, which is a
@@ -137,27 +138,44 @@ macro_rules! traced {
     ($config:ty, $($call:tt)*) => {};
 }
 
+// The items users reach for first. The re-exports name the public modules
+// and are not inlined, so the docs show each item once, in its module.
+#[doc(no_inline)]
 pub use activation::{residual_ratio, LayerActivationTrace, ModelActivationTrace, Stage};
+#[doc(no_inline)]
 pub use anomaly::{Anomaly, AnomalyKind, Origin};
+#[doc(no_inline)]
 pub use attention::{AttentionTraceConfig, AttentionWeightTrace};
+#[doc(no_inline)]
 pub use config::{
     DefaultTrace, Disabled, Full, Lightweight, ModelTracerConfig, TraceConfig, TraceOptions,
 };
 #[cfg(feature = "dump")]
+#[doc(no_inline)]
 pub use dump::{ActivationDump, DumpError, DumpFilter, DumpRecorder};
+#[doc(no_inline)]
 pub use kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
+#[doc(no_inline)]
 pub use logit::{LogitEvolutionTrace, TokenLogitEvolution};
+#[doc(no_inline)]
 pub use model_info::ModelInfo;
+#[doc(no_inline)]
 pub use quant::{
     BrickId, ModelQuantizationError, QuantTraceError, QuantType, QuantizationErrorTrace, Severity,
 };
 #[cfg(feature = "serde")]
+#[doc(no_inline)]
 pub use report::{write_html, ReportInput};
 #[cfg(feature = "serde")]
+#[doc(no_inline)]
 pub use sink::JsonlSink;
+#[doc(no_inline)]
 pub use sink::{ForwardSink, SinkFailure, SinkHandle, SinkStatus};
+#[doc(no_inline)]
 pub use stats::{StatsAccumulator, TensorStats};
+#[doc(no_inline)]
 pub use summary::{SessionAggregates, TraceSummary};
+#[doc(no_inline)]
 pub use tracer::{ForwardTrace, LogitRows, ModelTracer, QuantSampling, Recorder, Storage};
 
 // The tracer's unit tests count heap allocations (`test_f263`).

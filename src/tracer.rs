@@ -7,20 +7,33 @@
 //! both are constants, so a disabled hook, its closure and the buffers it
 //! would read vanish from the caller's code; the work of an enabled hook
 //! happens in an out-of-line method of the recorder.
+//!
+//! This is the model-facing part of the crate, with the
+//! [configs](crate::config) and the [storage of records](crate::storage)
+//! beneath it. It imports the records and the outputs it writes into (sinks,
+//! summary, dump, events), never the analysis of traces written earlier.
 
 use std::collections::VecDeque;
+
+// Public at the crate root (`model_tracer::config`, `model_tracer::storage`).
+#[doc(hidden)]
+pub mod config;
+#[doc(hidden)]
+pub mod storage;
 
 use crate::activation::{ratio_of_norms, LayerActivationTrace, Stage};
 use crate::anomaly::Anomaly;
 use crate::attention::AttentionWeightTrace;
 use crate::config::TraceConfig;
 use crate::fingerprint::Fingerprinter;
+#[doc(no_inline)]
 pub use crate::forward::ForwardTrace;
 use crate::kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
 use crate::logit::LogitEvolutionTrace;
 use crate::quant::{BrickId, QuantType, QuantizationErrorTrace};
 use crate::stats::{self, TensorStats};
 use crate::storage::ParkedRow;
+#[doc(no_inline)]
 pub use crate::storage::{
     LogitRows, QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE,
     MAX_BUFFER_LEN, MAX_FORWARD_ROWS, MAX_HEADS, MAX_LAYERS,
@@ -1281,6 +1294,34 @@ impl<C: TraceConfig> ModelTracer<C> {
     pub fn take_dump(&mut self) -> Option<crate::dump::ActivationDump> {
         let r = self.storage.recorder_mut()?;
         r.dump.take().map(|d| d.finish())
+    }
+}
+
+// The report reads the records and the summary only; the tracer gathers
+// them for it.
+#[cfg(feature = "serde")]
+impl<'a> crate::report::ReportInput<'a> {
+    /// The input for `tracer`'s retained forwards, summary and KV steps;
+    /// fill [`position_text`](Self::position_text) and
+    /// [`token_text`](Self::token_text) to show token strings.
+    pub fn from_tracer<C: TraceConfig>(
+        tracer: &'a ModelTracer<C>,
+        model: crate::model_info::ModelInfo,
+    ) -> Self {
+        let summary = tracer.summary();
+        Self {
+            title: format!("model-tracer report: {}", model.name),
+            config: summary.config.clone(),
+            model,
+            summary,
+            forwards: tracer.forwards().collect(),
+            kv_steps: tracer
+                .kv_session()
+                .map(|s| s.steps.iter().copied().collect())
+                .unwrap_or_default(),
+            position_text: std::collections::BTreeMap::new(),
+            token_text: std::collections::BTreeMap::new(),
+        }
     }
 }
 

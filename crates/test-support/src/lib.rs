@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 pub mod gguf;
+pub mod modules;
 mod rng;
 
 pub use rng::SplitMix64;

@@ -112,18 +112,8 @@ pub fn model_info<M: Engine>(model: &M, name: &str) -> ModelInfo {
 /// followed by the generated tokens; position `p` holds `tokens[p]`),
 /// named `name`.
 pub fn report_input<'a, M: Engine>(model: &'a M, tokens: &[u32], name: &str) -> ReportInput<'a> {
-    let mut input = ReportInput::from_tracer(model.tracer(), model_info(model, name));
-    input.position_text = tokens
-        .iter()
-        .enumerate()
-        .map(|(p, &t)| (p, model.token_text(t)))
-        .collect();
-    input.token_text = input
-        .token_ids()
-        .into_iter()
-        .map(|id| (id, model.token_text(id)))
-        .collect();
-    input
+    ReportInput::from_tracer(model.tracer(), model_info(model, name))
+        .name_tokens(tokens, |id| model.token_text(id))
 }
 
 /// The run as one JSON document: the model's shape, the trace

@@ -20,7 +20,9 @@ use crate::summary::SessionAggregates;
 /// folded into the session aggregates and dropped).
 pub const DEFAULT_HISTORY: usize = 64;
 
+#[doc(no_inline)]
 pub use crate::activation::MAX_LAYERS;
+#[doc(no_inline)]
 pub use crate::attention::MAX_HEADS;
 
 /// Longest vector a hook allocates a buffer for: a logit-lens row of

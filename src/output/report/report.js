@@ -1,28 +1,9 @@
 (function () {
 "use strict";
+// The DOM helpers (h, s, tip, clear, byId, failPage) are in dom.js.
 var body = document.body;
-function fail(msg) {
-  body.setAttribute("data-status", "error");
-  var st = document.getElementById("status");
-  if (st) { st.className = "error"; st.textContent = "The report script failed: " + msg; }
-}
+function fail(msg) { failPage("report", msg); }
 window.addEventListener("error", function (ev) { fail(String(ev.message)); });
-var SVGNS = "http://www.w3.org/2000/svg";
-function h(tag, attrs, text) {
-  var e = document.createElement(tag);
-  if (attrs) for (var k in attrs) e.setAttribute(k, attrs[k]);
-  if (text !== undefined && text !== null) e.textContent = text;
-  return e;
-}
-function s(tag, attrs, text) {
-  var e = document.createElementNS(SVGNS, tag);
-  if (attrs) for (var k in attrs) e.setAttribute(k, attrs[k]);
-  if (text !== undefined && text !== null) e.textContent = text;
-  return e;
-}
-function tip(el, text) { el.appendChild(s("title", null, text)); return el; }
-function clear(el) { while (el.firstChild) el.removeChild(el.firstChild); return el; }
-function byId(id) { return document.getElementById(id); }
 function fmt(v) {
   if (v === null || v === undefined || !isFinite(v)) return "n/a";
   var a = Math.abs(v);

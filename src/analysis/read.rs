@@ -70,6 +70,7 @@ use crate::stats::{ErrorMetrics, TensorStats};
 // lens entry may name `MAX_LAYERS` itself: the output logits, after the
 // last layer). The tracer's hooks ignore such records, so every trace it
 // writes reads back.
+#[doc(no_inline)]
 pub use crate::storage::{MAX_HEADS, MAX_LAYERS};
 
 /// A trace line that could not be read.

@@ -7,9 +7,11 @@
 //! arguments it would have consumed. [`ModelTracerConfig`] is the runtime
 //! variant: its consts say "may trace" and its methods read its fields.
 
+#[doc(no_inline)]
 pub use crate::activation::DEFAULT_WARMUP_LAYERS;
 use crate::attention::AttentionTraceConfig;
 use crate::storage::{Recorder, Storage};
+#[doc(no_inline)]
 pub use crate::storage::{TraceOptions, DEFAULT_HISTORY, DEFAULT_LENS_TOP_K};
 
 /// Chooses, at compile time, which of the five trace systems may run.

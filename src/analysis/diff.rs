@@ -958,7 +958,9 @@ impl DiffReport {
         page.push_str(DIFF_BODY);
         page.push_str("<script type=\"application/json\" id=\"diff-data\">");
         page.push_str(&data);
+        // One script element: the shared DOM helpers, then the page's script.
         page.push_str("</script>\n<script>");
+        page.push_str(crate::report::DOM);
         page.push_str(DIFF_SCRIPT);
         page.push_str("</script>\n</body>\n</html>\n");
         out.write_all(page.as_bytes())
@@ -966,8 +968,8 @@ impl DiffReport {
 }
 
 // The page's parts, each in a file of its own language.
-const DIFF_BODY: &str = include_str!("report/diff_body.html");
-const DIFF_SCRIPT: &str = include_str!("report/diff.js");
+const DIFF_BODY: &str = include_str!("../output/report/diff_body.html");
+const DIFF_SCRIPT: &str = include_str!("../output/report/diff.js");
 
 impl fmt::Display for DiffReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

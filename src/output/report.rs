@@ -40,12 +40,12 @@ use serde::{Serialize, Serializer};
 
 use crate::activation::Stage;
 use crate::anomaly::{AnomalyKind, Origin};
-use crate::config::TraceConfig;
+use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheStateTrace;
+#[doc(no_inline)]
 pub use crate::model_info::ModelInfo;
 use crate::quant::{BrickId, QuantType};
 use crate::summary::TraceSummary;
-use crate::tracer::{ForwardTrace, ModelTracer};
 
 /// Positions of context shown before a query in the attention view.
 pub const CONTEXT_WINDOW: usize = 48;
@@ -76,26 +76,6 @@ pub struct ReportInput<'a> {
 }
 
 impl<'a> ReportInput<'a> {
-    /// The input for `tracer`'s retained forwards, summary and KV steps;
-    /// fill [`position_text`](Self::position_text) and
-    /// [`token_text`](Self::token_text) to show token strings.
-    pub fn from_tracer<C: TraceConfig>(tracer: &'a ModelTracer<C>, model: ModelInfo) -> Self {
-        let summary = tracer.summary();
-        Self {
-            title: format!("model-tracer report: {}", model.name),
-            config: summary.config.clone(),
-            model,
-            summary,
-            forwards: tracer.forwards().collect(),
-            kv_steps: tracer
-                .kv_session()
-                .map(|s| s.steps.iter().copied().collect())
-                .unwrap_or_default(),
-            position_text: BTreeMap::new(),
-            token_text: BTreeMap::new(),
-        }
-    }
-
     /// The vocabulary ids the report names: tracked and chosen tokens of
     /// the logit lens.
     pub fn token_ids(&self) -> BTreeSet<u32> {
@@ -107,6 +87,24 @@ impl<'a> ReportInput<'a> {
             }
         }
         ids
+    }
+
+    /// Names the tokens: `tokens[p]` is the token at position `p` (a run
+    /// whose cache started empty), and `text` gives a token's text, for
+    /// the positions and for every id the report names
+    /// ([`token_ids`](Self::token_ids)).
+    pub fn name_tokens(mut self, tokens: &[u32], text: impl Fn(u32) -> String) -> Self {
+        self.position_text = tokens
+            .iter()
+            .enumerate()
+            .map(|(p, &t)| (p, text(t)))
+            .collect();
+        self.token_text = self
+            .token_ids()
+            .into_iter()
+            .map(|id| (id, text(id)))
+            .collect();
+        self
     }
 }
 
@@ -541,7 +539,8 @@ pub(crate) fn script_json(data: &impl Serialize) -> serde_json::Result<String> {
 pub fn write_html(out: &mut impl Write, input: &ReportInput<'_>) -> io::Result<()> {
     let title = escape_html(&input.title);
     let data = script_json(&PageData::new(input)).map_err(io::Error::other)?;
-    let mut page = String::with_capacity(data.len() + STYLE.len() + SCRIPT.len() + 4096);
+    let mut page =
+        String::with_capacity(data.len() + STYLE.len() + DOM.len() + SCRIPT.len() + 4096);
     page.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
     let _ = writeln!(page, "<title>{title}</title>");
     page.push_str("<style>");
@@ -551,14 +550,18 @@ pub fn write_html(out: &mut impl Write, input: &ReportInput<'_>) -> io::Result<(
     page.push_str(BODY);
     page.push_str("<script type=\"application/json\" id=\"trace-data\">");
     page.push_str(&data);
+    // One script element: the shared DOM helpers, then the page's script.
     page.push_str("</script>\n<script>");
+    page.push_str(DOM);
     page.push_str(SCRIPT);
     page.push_str("</script>\n</body>\n</html>\n");
     out.write_all(page.as_bytes())
 }
 
-// The page's parts, each in a file of its own language.
+// The page's parts, each in a file of its own language. The diff page
+// shares the style and the DOM helpers.
 pub(crate) const STYLE: &str = include_str!("report/report.css");
+pub(crate) const DOM: &str = include_str!("report/dom.js");
 const BODY: &str = include_str!("report/body.html");
 const SCRIPT: &str = include_str!("report/report.js");
 
@@ -566,6 +569,7 @@ const SCRIPT: &str = include_str!("report/report.js");
 mod tests {
     use super::*;
     use crate::quant::QuantizationErrorTrace;
+    use crate::tracer::ModelTracer;
 
     #[test]
     fn slot_positions_follow_the_streaming_cache_layout() {

@@ -184,7 +184,7 @@ pub struct SessionAggregates {
     /// The most recent anomaly of the session.
     pub last_anomaly: Option<Anomaly>,
     /// Attention aggregates by (layer, head).
-    #[cfg_attr(feature = "serde", serde(with = "crate::serde_keyed"))]
+    #[cfg_attr(feature = "serde", serde(with = "crate::output::serde_keyed"))]
     pub heads: BTreeMap<(usize, usize), HeadAggregate>,
     /// How often each layer was a tracked token's decisive layer, by the
     /// log-rank rule ([`decisive_layer_log_rank`]): with a vocabulary of tens
@@ -214,13 +214,13 @@ pub struct SessionAggregates {
     pub top1_agreements: usize,
     /// What-if comparisons by (target type, brick, layer): the error of
     /// the weights re-quantized to the target type against the model's own.
-    #[cfg_attr(feature = "serde", serde(with = "crate::serde_keyed"))]
+    #[cfg_attr(feature = "serde", serde(with = "crate::output::serde_keyed"))]
     pub what_if: BTreeMap<(QuantType, BrickId, usize), BrickLayerAggregate>,
     /// Where anomalies first appeared, by (layer, stage).
-    #[cfg_attr(feature = "serde", serde(default, with = "crate::serde_keyed"))]
+    #[cfg_attr(feature = "serde", serde(default, with = "crate::output::serde_keyed"))]
     pub anomaly_sites: BTreeMap<(Option<usize>, Stage), AnomalySite>,
     /// Quantization error of the model's own weights by (brick, layer).
-    #[cfg_attr(feature = "serde", serde(default, with = "crate::serde_keyed"))]
+    #[cfg_attr(feature = "serde", serde(default, with = "crate::output::serde_keyed"))]
     pub brick_layers: BTreeMap<(BrickId, usize), BrickLayerAggregate>,
 }
 
@@ -337,7 +337,7 @@ impl BrickLayerAggregate {
 #[cfg(feature = "serde")]
 mod keyed {
     use super::*;
-    use crate::serde_keyed::Keyed;
+    use crate::output::serde_keyed::Keyed;
 
     impl Keyed<(usize, usize)> for HeadAggregate {
         fn key(&self) -> (usize, usize) {

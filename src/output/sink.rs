@@ -1,11 +1,12 @@
 //! Streaming out: every completed forward pass, written as it completes.
 //!
 //! A tracer keeps only the last `max_forwards` forwards in detail. To keep
-//! all of them, give it a sink: [`ModelTracer::set_sink`] installs a
-//! [`SinkHandle`], and every [`end_forward`](ModelTracer::end_forward) hands
-//! the completed [`ForwardTrace`] to it. `JsonlSink` (feature `serde`) writes one JSON object
-//! per forward to any [`io::Write`] (JSON Lines) and flushes it, so a crash
-//! loses at most the forward in flight.
+//! all of them, give it a sink:
+//! [`ModelTracer::set_sink`](crate::ModelTracer::set_sink) installs a
+//! [`SinkHandle`], and every [`end_forward`](crate::ModelTracer::end_forward)
+//! hands the completed [`ForwardTrace`] to it. `JsonlSink` (feature `serde`)
+//! writes one JSON object per forward to any [`io::Write`] (JSON Lines) and
+//! flushes it, so a crash loses at most the forward in flight.
 //!
 //! ```
 //! # #[cfg(feature = "serde")] {
@@ -43,9 +44,6 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use crate::forward::ForwardTrace;
-
-#[cfg(doc)]
-use crate::ModelTracer;
 
 /// Receives every completed forward pass of a tracer.
 pub trait ForwardSink: Send {

@@ -1,26 +1,10 @@
 (function () {
 "use strict";
 // Renders the comparison embedded in #diff-data. Every string from the data
-// goes into the page with textContent, never as markup.
+// goes into the page with textContent, never as markup. The DOM helpers
+// (h, s, byId, failPage) are in dom.js.
 var body = document.body;
-function fail(msg) {
-  body.setAttribute("data-status", "error");
-  var st = document.getElementById("status");
-  if (st) { st.className = "error"; st.textContent = "The diff script failed: " + msg; }
-}
-var SVG = "http://www.w3.org/2000/svg";
-function h(tag, attrs, text) {
-  var e = document.createElement(tag);
-  for (var k in attrs || {}) e.setAttribute(k, attrs[k]);
-  if (text !== undefined && text !== null) e.textContent = text;
-  return e;
-}
-function s(tag, attrs, text) {
-  var e = document.createElementNS(SVG, tag);
-  for (var k in attrs || {}) e.setAttribute(k, attrs[k]);
-  if (text !== undefined && text !== null) e.textContent = text;
-  return e;
-}
+function fail(msg) { failPage("diff", msg); }
 function num(v) {
   if (v === null || v === undefined) return null;
   if (v === "NaN") return NaN;
@@ -53,9 +37,9 @@ function colour(e, tol) {
 }
 var rendered = {};
 try {
-  var D = JSON.parse(document.getElementById("diff-data").textContent);
+  var D = JSON.parse(byId("diff-data").textContent);
   var tol = num(D.tolerance);
-  var v = document.getElementById("verdict-text");
+  var v = byId("verdict-text");
   v.appendChild(h("p", {}, "A: " + D.a.name + " (" + D.a.kind + ", " + D.a.positions + " positions)  \u00b7  B: " + D.b.name + " (" + D.b.kind + ", " + D.b.positions + " positions)"));
   v.appendChild(h("p", { "class": D.first_divergence ? "warn" : "" }, D.first_divergence ?
     "First divergence: " + place(D.first_divergence) + " > tolerance " + fmt(D.tolerance) :
@@ -91,8 +75,8 @@ try {
     var col = P.indexOf(fd.position);
     if (col >= 0) svg.appendChild(s("rect", { "class": "sel", id: "divergence-mark", x: left + cw * col, y: top0 + ch * fd.layer, width: cw, height: ch }));
   }
-  document.getElementById("heat-plot").appendChild(svg);
-  var legend = document.getElementById("heat-legend");
+  byId("heat-plot").appendChild(svg);
+  var legend = byId("heat-legend");
   [1e-7, tol / 10, tol, tol * 10, tol * 100].forEach(function (x) {
     var item = h("span");
     item.appendChild(h("span", { "class": "sw", style: "background:" + colour(x, tol) }));
@@ -117,7 +101,7 @@ try {
     tr.appendChild(h("td", {}, fmt(row.mean_error)));
     t.appendChild(tr);
   });
-  document.getElementById("site-table").appendChild(t);
+  byId("site-table").appendChild(t);
   rendered.sites = D.sites.length;
   var lt = h("table");
   var lh = h("tr");
@@ -133,7 +117,7 @@ try {
     tr.appendChild(h("td", {}, row.lens_rank_change === null ? "-" : String(row.lens_rank_change)));
     lt.appendChild(tr);
   });
-  document.getElementById("layer-table").appendChild(lt);
+  byId("layer-table").appendChild(lt);
   rendered.layers = D.layers.length;
   body.setAttribute("data-rendered", Object.keys(rendered).map(function (k) { return k + ":" + rendered[k]; }).join(","));
   if (body.getAttribute("data-status") === "loading") body.setAttribute("data-status", "ok");

@@ -2,6 +2,7 @@
 
 use crate::anomaly::{Anomaly, AnomalyKind, Origin};
 use crate::fingerprint::Fingerprint;
+#[doc(no_inline)]
 pub use crate::stage::Stage;
 use crate::stats::TensorStats;
 
