@@ -4,7 +4,7 @@ a few at a time. At the end every sequence slot is free and the queue
 empty, the server's resident memory is within 5% of what it was after the
 first 100 requests, and no status other than the documented ones came back.
 
-    model-tracer serve --port 8080 --keep-traces 16 &
+    model-tracer serve --port 8080 --ctx 512 --keep-traces 8 &
     python3 benches/serve_soak.py --url http://127.0.0.1:8080 --pid $! [--requests 2000]
 
 (--pid: the server's process id, for VmRSS in /proc/PID/status.)"""
@@ -84,7 +84,7 @@ def one(url, i, seed):
         host, port = serve_http.split(url)
         conn = http.client.HTTPConnection(host, port, timeout=60)
         streaming = rng.random() < 0.5
-        payload = dict(body, stream=streaming, max_tokens=64)
+        payload = dict(body, stream=streaming, max_tokens=32)
         conn.request("POST", path, body=json.dumps(payload).encode(),
                      headers={"Content-Type": "application/json"})
         if streaming:
@@ -129,18 +129,21 @@ def main():
     serve_http.wait_health(args.url, lambda h: h["slots"]["busy"] == 0 and h["queued"] == 0,
                            "the server to be idle after the first requests")
     rss_warm = rss_kib(args.pid)
+    store_warm = serve_http.health(args.url)["traces"]["bytes"]
     batch(warm, args.requests)
     h = serve_http.wait_health(
         args.url, lambda h: h["slots"]["busy"] == 0 and h["queued"] == 0,
         "every slot to be free", timeout=60)
     rss_end = rss_kib(args.pid)
+    store_end = h["traces"]["bytes"]
     elapsed = time.time() - t0
     print(f"{args.requests} requests in {elapsed:.1f} s, {args.clients} clients: "
           f"{dict(sorted(statuses.items(), key=str))}")
     print(f"health: {h}")
     growth = (rss_end - rss_warm) / rss_warm
     print(f"VmRSS after {warm} requests {rss_warm} KiB, after {args.requests}: {rss_end} KiB "
-          f"({100 * growth:+.2f}%)")
+          f"({100 * growth:+.2f}%); the kept traces' rows {store_warm // 1024} KiB, then "
+          f"{store_end // 1024} KiB")
     unknown = {s for s in statuses if s != "hung up" and s not in DOCUMENTED}
     failures = []
     if unknown:

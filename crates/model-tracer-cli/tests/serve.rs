@@ -188,7 +188,7 @@ fn a_soak_of_mixed_requests_leaves_every_slot_free_and_memory_flat() {
     let Some(model) = prerequisites() else { return };
     let mut server = Server::start(
         &model,
-        &["--parallel", "4", "--ctx", "512", "--keep-traces", "16"],
+        &["--parallel", "4", "--ctx", "512", "--keep-traces", "8"],
     );
     let soak = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/serve_soak.py");
     let pid = server.pid().to_string();

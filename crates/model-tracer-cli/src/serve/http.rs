@@ -111,6 +111,10 @@ async fn models(State(app): App) -> Json<serde_json::Value> {
 async fn health(State(app): App) -> Json<serde_json::Value> {
     let s = &app.stats;
     let busy = s.running.load(Ordering::Relaxed);
+    let (kept, bytes) = {
+        let store = traces::lock(&app.store);
+        (store.len(), store.bytes())
+    };
     Json(json!({
         "status": "ok",
         "model": app.model,
@@ -120,7 +124,7 @@ async fn health(State(app): App) -> Json<serde_json::Value> {
         "context": app.context,
         "finished": s.finished.load(Ordering::Relaxed),
         "abandoned": s.abandoned.load(Ordering::Relaxed),
-        "traces_kept": traces::lock(&app.store).len(),
+        "traces": {"kept": kept, "bytes": bytes},
     }))
 }
 

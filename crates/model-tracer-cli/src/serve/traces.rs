@@ -71,6 +71,11 @@ impl TraceStore {
     pub fn len(&self) -> usize {
         self.traces.len()
     }
+
+    /// Bytes of the rows kept.
+    pub fn bytes(&self) -> usize {
+        self.traces.values().map(|t| t.rows.len()).sum()
+    }
 }
 
 /// The store, shared by the model thread and the HTTP side.
@@ -103,6 +108,7 @@ mod tests {
         assert_eq!(s.get("b").map(|t| t.rows.clone()), Some(b"2".to_vec()));
         assert_eq!(s.get("c").map(|t| t.rows.clone()), Some(b"3".to_vec()));
         assert_eq!(s.len(), 2);
+        assert_eq!(s.bytes(), 2);
         let mut none = TraceStore::new(0);
         none.insert("a".into(), trace("1"));
         assert!(none.get("a").is_none());
