@@ -4,12 +4,12 @@
 //! queues them and streams their tokens back. Each request's trace is its
 //! own and is kept for a while ([`traces`]).
 
+mod batch;
 mod engine;
 mod http;
 mod openai;
 mod sampling;
 mod scheduler;
-mod single;
 mod text;
 mod traces;
 
@@ -18,8 +18,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use model_tracer::{Disabled, Full, Lightweight, TraceConfig};
-use model_tracer_llama::model::{Fault, Llama};
+use model_tracer::tracer::MAX_SEQUENCES;
+use model_tracer::{Disabled, Full, Lightweight, ModelInfo, TraceConfig};
+use model_tracer_llama::model::{Fault, KvCacheOptions, Llama};
 
 use crate::setup::outputs::model_info;
 use crate::setup::{CacheArgs, Engine as _, ModelArgs};
@@ -77,8 +78,8 @@ pub fn serve(args: &Args) -> Result<(), String> {
     if args.model.engine != "reference" {
         return Err("serve runs the reference decoder: drop --engine".into());
     }
-    if args.parallel == 0 {
-        return Err("--parallel must be at least 1".into());
+    if !(1..=MAX_SEQUENCES).contains(&args.parallel) {
+        return Err(format!("--parallel must be between 1 and {MAX_SEQUENCES}"));
     }
     let queue = args.queue.unwrap_or(4 * args.parallel);
     if queue == 0 {
@@ -87,28 +88,57 @@ pub fn serve(args: &Args) -> Result<(), String> {
     let level = Level::parse(&args.trace).unwrap_or(Level::Lightweight);
     let notes = &mut |line: &str| eprintln!("{line}");
 
-    let (off, name) = load(args, Disabled, notes)?;
-    let (light, _) = load(args, Lightweight, &mut |_| {})?;
-    let (full, _) = load(args, Full, &mut |_| {})?;
+    // One copy of the weights, three monomorphized models over it; each
+    // model's own one-sequence cache is unused and kept small.
+    let small = KvCacheOptions {
+        capacity: 2,
+        sinks: 0,
+    };
+    let base = CacheArgs {
+        ctx: 2,
+        ..args.cache.clone()
+    };
+    let (light, name) = Llama::<Lightweight>::load(&args.model, &base, Lightweight, notes)?;
+    let weights = light.shared_weights();
+    let tok = light.tokenizer.shared();
+    let off = Llama::from_shared(
+        Arc::clone(&weights),
+        light.config.clone(),
+        tok.clone(),
+        small,
+        Disabled,
+    )
+    .map_err(|e| e.to_string())?;
+    let full = Llama::from_shared(weights, light.config.clone(), tok.clone(), small, Full)
+        .map_err(|e| e.to_string())?;
+    let (off, light, full) = (
+        configure(args, off)?,
+        configure(args, light)?,
+        configure(args, full)?,
+    );
     let name = model_name(&name);
-    let vocab_size = off.config.vocab_size;
+    let c = light.config.clone();
+    let ctx = args.cache.ctx.clamp(2, c.context_len);
     let context = TraceContext {
-        model: model_info(&off, &name),
+        model: ModelInfo {
+            kv_capacity: ctx,
+            kv_sinks: batch::SINKS,
+            ..model_info(&light, &name)
+        },
         vocab: Arc::new(
-            (0..vocab_size as u32)
-                .map(|id| off.token_text(id))
+            (0..c.vocab_size as u32)
+                .map(|id| light.token_text(id))
                 .collect(),
         ),
+        rows: Arc::default(),
     };
-    let tokenizer = off.tokenizer.clone();
-    let ctx = off.cache().capacity();
-    let chunk = off.prefill_chunk();
-    let c = &off.config;
+    let chunk = light.prefill_chunk();
     notes(&format!(
-        "model: {name}: {} layers, hidden {}, vocab {vocab_size}; {} sequences of {ctx} \
+        "model: {name}: {} layers, hidden {}, vocab {}; {} sequences of up to {ctx} \
          positions, queue {queue}, trace {}{}",
         c.n_layers,
         c.dim,
+        c.vocab_size,
         args.parallel,
         level.name(),
         args.inject.map_or(String::new(), |f| format!(
@@ -116,7 +146,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
             f.kind, f.layer
         )),
     ));
-    let engine = single::SingleEngine::new(Some(off), Some(light), Some(full), context);
+    let engine = batch::BatchEngine::new(off, light, full, context);
 
     let stats = Arc::new(Stats {
         slots: args.parallel.min(engine.capacity()),
@@ -129,7 +159,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
         queue: queue_rx,
         parallel: args.parallel,
         chunk,
-        tokenizer: tokenizer.clone(),
+        tokenizer: tok.clone(),
         store: Arc::clone(&store),
         stats: Arc::clone(&stats),
     };
@@ -142,7 +172,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
         queue: queue_tx,
         stats,
         store,
-        tokenizer: tokenizer.map(Arc::new),
+        tokenizer: tok,
         context: ctx,
         queue_capacity: queue,
         model: name,
@@ -174,14 +204,9 @@ pub fn serve(args: &Args) -> Result<(), String> {
     served
 }
 
-/// The model the flags name, compiled for `trace`, with the fault and the
-/// matmuls they ask for, and its name.
-fn load<C: TraceConfig>(
-    args: &Args,
-    trace: C,
-    notes: &mut dyn FnMut(&str),
-) -> Result<(Llama<C>, String), String> {
-    let (mut model, name) = Llama::<C>::load(&args.model, &args.cache, trace, notes)?;
+/// `model` with the fault, the matmuls and the prefill chunk the flags
+/// ask for.
+fn configure<C: TraceConfig>(args: &Args, mut model: Llama<C>) -> Result<Llama<C>, String> {
     if let Some(f) = args.inject {
         let layers = model.config.n_layers;
         if f.layer >= layers {
@@ -196,7 +221,7 @@ fn load<C: TraceConfig>(
         model.set_exact(true);
     }
     model.set_prefill_chunk(args.cache.prefill_chunk);
-    Ok((model, name))
+    Ok(model)
 }
 
 /// The model's name in the responses: a file's stem, or the synthetic

@@ -102,7 +102,7 @@ class Stream:
                     self.done = True
                     return
                 self.chunks.append(json.loads(data))
-        except (OSError, http.client.HTTPException, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - a hung-up stream fails in many ways
             self.error = e
         finally:
             self.started.set()

@@ -8,12 +8,13 @@
 //! sequence hands the rows back with its summary's anomaly count and
 //! first anomaly.
 
+use std::collections::HashMap;
 use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use model_tracer::{
-    AttentionTraceConfig, JsonlSink, ModelInfo, ModelTracer, SinkHandle, TraceConfig, TraceOptions,
-    TraceSummary,
+    AttentionTraceConfig, ForwardSink, ForwardTrace, JsonlSink, ModelInfo, ModelTracer, SequenceId,
+    SinkHandle, TraceConfig, TraceOptions, TraceSummary,
 };
 
 /// How much a sequence's tracer records: the three monomorphized models.
@@ -48,9 +49,8 @@ impl Level {
     }
 }
 
-/// A sequence the engine runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SeqId(pub u64);
+/// A sequence the engine runs: the tracer's id of its rows.
+pub type SeqId = SequenceId;
 
 /// One sequence's part of a step: tokens to run at its next positions (a
 /// prompt chunk, or the one token it generated last).
@@ -96,30 +96,24 @@ pub trait Engine {
     fn finish(&mut self, seq: SeqId) -> TraceOutcome;
 }
 
-/// A `Write` into a buffer shared with whoever takes the rows later: the
-/// JSON Lines sink of one sequence's tracer.
+/// A `Write` into a buffer shared with whoever takes the bytes later.
 #[derive(Clone, Default)]
 pub struct SharedBuf(Arc<Mutex<Vec<u8>>>);
 
 impl SharedBuf {
-    /// The bytes written so far, leaving the buffer empty.
-    pub fn take(&self) -> Vec<u8> {
-        match self.0.lock() {
-            Ok(mut b) => std::mem::take(&mut *b),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        }
+    /// Moves the bytes written so far to the end of `out`.
+    pub fn drain_into(&self, out: &mut Vec<u8>) {
+        let mut b = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        out.extend_from_slice(&b);
+        b.clear();
     }
 }
 
 impl Write for SharedBuf {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self.0.lock() {
-            Ok(mut b) => {
-                b.extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            Err(_) => Err(io::Error::other("trace buffer poisoned")),
-        }
+        let mut b = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        b.extend_from_slice(buf);
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -127,21 +121,69 @@ impl Write for SharedBuf {
     }
 }
 
-/// What every sequence's JSON Lines rows say of the model: its shape and
-/// the text of each token id.
+/// The JSON Lines rows of the live traced sequences, by sequence.
+pub type Rows = Arc<Mutex<HashMap<SequenceId, Vec<u8>>>>;
+
+/// Locks `rows`, even when their holder panicked.
+pub fn lock_rows(rows: &Rows) -> MutexGuard<'_, HashMap<SequenceId, Vec<u8>>> {
+    rows.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The sink of a model's tracer that gives every sequence its own trace:
+/// each forward becomes its JSON Lines row (the tracer's schema, naming
+/// the model and the tokens' text) appended to the rows of its sequence,
+/// if that sequence is one the engine traces.
+struct RowRouter {
+    sink: JsonlSink<SharedBuf>,
+    line: SharedBuf,
+    rows: Rows,
+}
+
+impl ForwardSink for RowRouter {
+    fn write_forward(&mut self, forward: &ForwardTrace) -> io::Result<()> {
+        let Some(id) = forward.sequence else {
+            return Ok(());
+        };
+        let mut rows = lock_rows(&self.rows);
+        let Some(out) = rows.get_mut(&id) else {
+            return Ok(());
+        };
+        // A row that cannot be written is left out of its sequence's
+        // trace; an error here would stop the sink for every sequence.
+        if self.sink.write(forward).is_ok() {
+            self.line.drain_into(out);
+        } else {
+            self.line.drain_into(&mut Vec::new());
+        }
+        Ok(())
+    }
+
+    fn tracer_config(&mut self, description: &str) {
+        ForwardSink::tracer_config(&mut self.sink, description);
+    }
+}
+
+/// What every sequence's JSON Lines rows say of the model (its shape and
+/// the text of each token id), and where they go.
 #[derive(Clone)]
 pub struct TraceContext {
     /// The model, in every row.
     pub model: ModelInfo,
     /// Token id → text.
     pub vocab: Arc<Vec<String>>,
+    /// The rows of the live traced sequences.
+    pub rows: Rows,
 }
 
 impl TraceContext {
-    /// A fresh tracer for one sequence, of `config`, keeping one forward in
-    /// detail (the rows stream out as they end; the summary covers them
-    /// all), with its sink: the rows go to the returned buffer.
-    pub fn tracer<C: TraceConfig>(&self, config: C) -> (ModelTracer<C>, SharedBuf) {
+    /// Makes `tracer` anew for serving: one forward kept in detail per
+    /// sequence (the rows stream out as they end; each sequence's summary
+    /// covers them all), and the sink that routes every row to its
+    /// sequence's trace. A tracer that records nothing is left as it is.
+    pub fn install<C: TraceConfig>(&self, tracer: &mut ModelTracer<C>) {
+        if !tracer.is_enabled() {
+            return;
+        }
         let options = TraceOptions {
             max_forwards: 1,
             attention_config: AttentionTraceConfig {
@@ -150,30 +192,23 @@ impl TraceContext {
             },
             ..TraceOptions::default()
         };
-        let mut tracer = ModelTracer::with_options(config, options);
-        let buf = SharedBuf::default();
-        if tracer.is_enabled() {
-            let vocab = Arc::clone(&self.vocab);
-            let sink = JsonlSink::new(buf.clone())
-                .with_model(self.model.clone())
-                .with_vocabulary(move |id| {
-                    vocab
-                        .get(id as usize)
-                        .cloned()
-                        .unwrap_or_else(|| format!("<{id}>"))
-                });
-            tracer.set_sink(Some(SinkHandle::new(sink)));
-        }
-        (tracer, buf)
+        *tracer = ModelTracer::with_options(tracer.config().clone(), options);
+        let vocab = Arc::clone(&self.vocab);
+        let line = SharedBuf::default();
+        let sink = JsonlSink::new(line.clone())
+            .with_model(self.model.clone())
+            .with_vocabulary(move |id| {
+                vocab
+                    .get(id as usize)
+                    .cloned()
+                    .unwrap_or_else(|| format!("<{id}>"))
+            });
+        tracer.set_sink(Some(SinkHandle::new(RowRouter {
+            sink,
+            line,
+            rows: Arc::clone(&self.rows),
+        })));
     }
-}
-
-/// The outcome of a sequence whose tracer was `tracer`, its rows in `buf`.
-pub fn outcome<C: TraceConfig>(tracer: &ModelTracer<C>, buf: &SharedBuf) -> TraceOutcome {
-    if !tracer.is_enabled() {
-        return TraceOutcome::default();
-    }
-    outcome_of(&tracer.summary(), buf.take())
 }
 
 /// The outcome of a sequence whose summary is `summary`, its rows `rows`.

@@ -91,7 +91,7 @@ pub struct Scheduler<E: Engine> {
     /// Prompt positions one step takes of a sequence.
     pub chunk: usize,
     /// The tokenizer: the bytes of each token, the end-of-generation ones.
-    pub tokenizer: Option<Tokenizer>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
     /// Where finished traces go.
     pub store: SharedStore,
     /// Shared with `/health`.
