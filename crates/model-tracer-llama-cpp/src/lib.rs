@@ -50,15 +50,16 @@
 //! name its graph does not use is not recorded, never recorded as zero
 //! (the `tensor_names` example lists what a model's graph names).
 //!
-//! **The last layer.** Every llama.cpp graph computes its last layer from
-//! the attention's residual add on, and the final norm and the LM head,
-//! only for the rows whose output the batch asks for (`ggml_get_rows` on
-//! `inp_out_ids`). A traced prompt batch asks for its last row; the other
-//! `t - 1` rows are one tracer forward, streamed from the callback, the
-//! last row (kept aside by the callback, a few vectors per layer) a forward
-//! of its own after the decode, so each position records what llama.cpp
-//! computed for it: positions `0..t-1` of a prompt have no `post_ffn_norm`,
-//! `post_ffn` or `output` in the last layer, no final norm and no logits.
+//! **The last layer.** Every llama.cpp graph computes the rest of its last
+//! layer after the attention, the final norm and the LM head only for the
+//! rows whose output the batch asks for (`ggml_get_rows` on `inp_out_ids`:
+//! after `attn_out` in llama's graph, before `attn_post_norm` in Gemma 3's).
+//! A traced prompt batch asks for its last row; the other `t - 1` rows are
+//! one tracer forward, streamed from the callback, the last row (kept aside
+//! by the callback, a few vectors per layer) a forward of its own after the
+//! decode, so each position records what llama.cpp computed for it: the
+//! other positions of a prompt have no final norm and no logits, and their
+//! last layer ends at `post_attn` (llama) or `post_norm` (Gemma 3).
 //! With `TraceOptions::logit_rows = LogitRows::Every` every row is an output
 //! (llama.cpp then runs the LM head on every row) and every position has
 //! every stage.
