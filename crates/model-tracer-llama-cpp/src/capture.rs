@@ -45,6 +45,10 @@ fn stage_index(stage: Stage) -> Option<usize> {
     STAGES.iter().position(|&s| s == stage)
 }
 
+/// A test-only change of the copy of the tensor it names, before its
+/// hook.
+pub type Perturbation = (String, fn(&mut [f32]));
+
 /// The decode in flight: which positions, and whether the last row is
 /// recorded apart.
 #[derive(Debug, Clone, Copy, Default)]
@@ -145,8 +149,7 @@ pub(crate) struct Capture<C: TraceConfig> {
     pub observed: usize,
     /// A test-only change of a copied tensor before its hook: the tensor's
     /// name and the change.
-    #[allow(clippy::type_complexity)]
-    pub perturb: Option<(String, fn(&mut [f32]))>,
+    pub perturb: Option<Perturbation>,
     /// Why the callback stopped the graph, if it did.
     pub failure: Option<String>,
     scratch: Vec<f32>,
@@ -260,7 +263,7 @@ impl<C: TraceConfig> Capture<C> {
             return;
         }
         let all = rows == plan.rows;
-        if !all && !(plan.split && rows == 1) {
+        if !(all || plan.split && rows == 1) {
             return; // rows that match neither the batch nor its output
         }
         let streamed = if all {

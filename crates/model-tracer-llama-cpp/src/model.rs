@@ -206,7 +206,7 @@ impl<C: TraceConfig> LlamaCpp<C> {
             let heads = count(sys::llama_model_n_head(m));
             let vocab_ptr = sys::llama_model_get_vocab(m);
             let head_dim = meta_num(m, &format!("{arch}.attention.key_length"))
-                .unwrap_or(if heads > 0 { dim / heads } else { 0 });
+                .unwrap_or(dim.checked_div(heads).unwrap_or(0));
             let shape = ModelShape {
                 layers,
                 dim,
@@ -357,7 +357,7 @@ impl<C: TraceConfig> LlamaCpp<C> {
     /// `name` (e.g. `l_out-7`) before its hook, in every following decode;
     /// llama.cpp's own tensor is not touched.
     #[doc(hidden)]
-    pub fn set_perturbation(&mut self, perturbation: Option<(String, fn(&mut [f32]))>) {
+    pub fn set_perturbation(&mut self, perturbation: Option<crate::capture::Perturbation>) {
         self.capture_mut().perturb = perturbation;
     }
 
