@@ -5,6 +5,8 @@
 
 mod candle;
 mod engine;
+#[cfg(feature = "llama-cpp")]
+mod llama_cpp;
 pub mod outputs;
 mod reference;
 
@@ -51,9 +53,10 @@ pub struct ModelArgs {
     /// The model that runs: the reference decoder (`Llama`), or the LLaMA
     /// written on candle's ops and quantized matmuls (`CandleLlama`; a
     /// GGUF file, no --synthetic, no --what-if, a KV cache that does not
-    /// evict)
+    /// evict), or llama.cpp itself (a GGUF file with a BPE vocabulary;
+    /// built with the `llama-cpp` feature)
     #[arg(long, default_value = "reference", value_name = "ENGINE",
-          value_parser = ["reference", "candle"], help_heading = "Model")]
+          value_parser = ["reference", "candle", "llama.cpp"], help_heading = "Model")]
     pub engine: String,
 }
 
@@ -253,6 +256,14 @@ impl Setup<'_> {
         if self.model.engine == "candle" {
             candle::validate(self.model, trace)?;
         }
+        if self.model.engine == "llama.cpp" {
+            #[cfg(not(feature = "llama-cpp"))]
+            return Err(
+                "--engine llama.cpp: this program was built without the `llama-cpp` feature".into(),
+            );
+            #[cfg(feature = "llama-cpp")]
+            llama_cpp::validate(self.model, trace)?;
+        }
         if !trace.what_if.is_empty() && trace.trace != "full" {
             return Err(format!(
                 "--what-if needs quantization-error tracing, which --trace {} does not \
@@ -279,6 +290,8 @@ impl Setup<'_> {
                 self.open::<CandleLlama<Lightweight>, W>(Lightweight, notes, then)
             }
             ("candle", _) => self.open::<CandleLlama<Full>, W>(Full, notes, then),
+            #[cfg(feature = "llama-cpp")]
+            ("llama.cpp", level) => llama_cpp::open(self, level, notes, then),
             (_, "off") => self.open::<Llama<Disabled>, W>(Disabled, notes, then),
             (_, "lightweight") => self.open::<Llama<Lightweight>, W>(Lightweight, notes, then),
             _ => self.open::<Llama<Full>, W>(Full, notes, then),
