@@ -117,6 +117,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// The Prometheus client these metrics register into, re-exported so that
+/// a caller names the same version (`model_tracer::metrics::prometheus_client`).
+pub use prometheus_client;
+
 use crate::activation::MAX_LAYERS;
 use crate::anomaly::{Anomaly, AnomalyKind, Origin};
 use crate::forward::ForwardTrace;
