@@ -67,7 +67,7 @@ fn tiny_forward<C: TraceConfig>(t: &mut ModelTracer<C>, pos: usize, nan_at: Opti
         .map(|i| ((pos * 7 + i) % 5) as f32 * 0.3 - 0.5)
         .collect();
     t.activation(0, Stage::Embedding, &x);
-    for layer in 0..LAYERS {
+    for (layer, &lens_rank) in LENS_RANKS.iter().enumerate() {
         t.activation(layer, Stage::Input, &x);
         let norm = rms_norm(&x);
         t.activation(layer, Stage::PostNorm, &norm);
@@ -88,7 +88,7 @@ fn tiny_forward<C: TraceConfig>(t: &mut ModelTracer<C>, pos: usize, nan_at: Opti
         t.residual(layer, &x, &ffn);
         x.iter_mut().zip(&ffn).for_each(|(a, b)| *a += b);
         t.activation(layer, Stage::Output, &x);
-        t.logit_lens(layer, VOCAB, |out| lens_logits(LENS_RANKS[layer], out));
+        t.logit_lens(layer, VOCAB, |out| lens_logits(lens_rank, out));
     }
     t.activation(0, Stage::FinalNorm, &rms_norm(&x));
     let mut logits = vec![0.0; VOCAB];
@@ -782,6 +782,10 @@ fn a_tee_of_json_lines_and_metrics_writes_every_forward_to_both() {
     assert!(dbg.contains("Tee"));
 }
 
+/// What the Python script printed of one family: its type, the label keys
+/// of its samples (`le` aside), and the samples (name, labels, value).
+type Parsed = (String, BTreeSet<String>, Vec<(String, String, f64)>);
+
 /// Families, types and label keys as the module documents them.
 const FAMILIES: [(&str, &str, &[&str]); 10] = [
     ("model_tracer_forwards", "counter", &[]),
@@ -844,9 +848,7 @@ fn the_python_client_parses_the_text_with_the_documented_families() {
             String::from_utf8_lossy(&out.stderr)
         );
         let stdout = String::from_utf8(out.stdout).expect("utf-8");
-        // family -> (type, label keys of its samples, samples)
-        let mut seen: BTreeMap<String, (String, BTreeSet<String>, Vec<(String, String, f64)>)> =
-            BTreeMap::new();
+        let mut seen: BTreeMap<String, Parsed> = BTreeMap::new();
         for line in stdout.lines() {
             let cols: Vec<&str> = line.split('\t').collect();
             assert_eq!(cols.len(), 5, "{line}");
@@ -894,4 +896,45 @@ fn the_python_client_parses_the_text_with_the_documented_families() {
         let (_, _, rms) = &seen["model_tracer_activation_rms"];
         assert_eq!(rms.len(), SITES, "{format}");
     }
+}
+
+#[test]
+fn the_families_table_of_features_md_is_the_exported_one() {
+    let doc = include_str!("../features.md");
+    let start = doc.find("## Fleet metrics").expect("the section");
+    let section = &doc[start..];
+    let end = section[3..].find("\n## ").map_or(section.len(), |e| e + 3);
+    let mut documented = Vec::new();
+    for line in section[..end].lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let Some(name) = cells
+            .get(1)
+            .and_then(|c| c.strip_prefix("`model_tracer_"))
+            .and_then(|c| c.strip_suffix('`'))
+        else {
+            continue;
+        };
+        let labels: Vec<String> = cells[3]
+            .split(',')
+            .map(|l| l.trim().trim_matches('`').to_string())
+            .filter(|l| !l.is_empty() && l != "—")
+            .collect();
+        documented.push((format!("model_tracer_{name}"), cells[2].to_string(), labels));
+    }
+    let exported: Vec<(String, String, Vec<String>)> = FAMILIES
+        .iter()
+        .map(|(name, kind, labels)| {
+            let name = if *kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            (
+                name,
+                kind.to_string(),
+                labels.iter().map(|l| l.to_string()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(documented, exported);
 }

@@ -59,10 +59,13 @@
 //! final norm, logits); `stage` is the [`Stage`]'s name (`"post_attn"`);
 //! `kind` the [`AnomalyKind`]'s name (`"nan"`). No label ever holds a
 //! request id, a token or a position, so the series are bounded by the
-//! model: at most `(layers + 1) × 9` per (layer, stage) family (every layer
-//! with its six stages, plus embedding, final norm and logits), five times
-//! that for the anomalies, `layers` per per-layer family. Records of a
-//! layer at or beyond [`MAX_LAYERS`] are ignored.
+//! model: a model of `L` layers traced by a [`ModelTracer`](crate::ModelTracer)
+//! has at most `6·L + 3` series per (layer, stage) family (the six stages
+//! of each layer, plus embedding, final norm and logits), five times that
+//! for the anomalies and as many in the corrupted requests, `L` per
+//! per-layer family. Records of a layer at or beyond [`MAX_LAYERS`] are
+//! ignored. A family with labels appears in a scrape from its first
+//! series on.
 //!
 //! # Gauges: a recent window
 //!
