@@ -65,7 +65,7 @@ pub mod tracer;
 pub use record::serde_float;
 pub use record::{
     activation, anomaly, attention, fingerprint, forward, kv_cache, logit, model_info, quant,
-    stage, stats,
+    sequence, stage, stats,
 };
 
 #[cfg(feature = "dump")]
@@ -168,6 +168,8 @@ pub use quant::{
 #[cfg(feature = "serde")]
 #[doc(no_inline)]
 pub use report::{write_html, ReportInput};
+#[doc(no_inline)]
+pub use sequence::{BatchRow, SequenceId};
 #[cfg(feature = "serde")]
 #[doc(no_inline)]
 pub use sink::JsonlSink;
@@ -178,7 +180,9 @@ pub use stats::{StatsAccumulator, TensorStats};
 #[doc(no_inline)]
 pub use summary::{SessionAggregates, TraceSummary};
 #[doc(no_inline)]
-pub use tracer::{ForwardTrace, LogitRows, ModelTracer, QuantSampling, Recorder, Storage};
+pub use tracer::{
+    ForwardTrace, LogitRows, ModelTracer, QuantSampling, Recorder, SequenceTrace, Storage,
+};
 
 // The tracer's unit tests count heap allocations (`test_f263`).
 #[cfg(test)]

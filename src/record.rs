@@ -16,6 +16,7 @@ pub mod kv_cache;
 pub mod logit;
 pub mod model_info;
 pub mod quant;
+pub mod sequence;
 #[cfg(feature = "serde")]
 pub mod serde_float;
 pub mod stage;

@@ -31,27 +31,38 @@ pub use crate::forward::ForwardTrace;
 use crate::kv_cache::{KvCacheSessionTrace, KvCacheStateTrace};
 use crate::logit::LogitEvolutionTrace;
 use crate::quant::{BrickId, QuantType, QuantizationErrorTrace};
+use crate::sequence::SequenceId;
 use crate::stats::{self, TensorStats};
-use crate::storage::ParkedRow;
+use crate::storage::{Lane, LaneSlot, ParkedRow};
 #[doc(no_inline)]
 pub use crate::storage::{
     LogitRows, QuantSampling, Recorder, Storage, TraceOptions, DEFAULT_QUANT_STRIDE,
-    MAX_BUFFER_LEN, MAX_FORWARD_ROWS, MAX_HEADS, MAX_LAYERS,
+    MAX_BUFFER_LEN, MAX_FORWARD_ROWS, MAX_HEADS, MAX_LAYERS, MAX_SEQUENCES,
 };
+
+mod batch;
 use crate::summary::{SessionAggregates, TraceSummary};
+pub use batch::SequenceTrace;
 
 impl Recorder {
     pub(crate) fn new(mut options: TraceOptions) -> Self {
         options.max_forwards = options.max_forwards.max(1);
         Self {
-            history: VecDeque::with_capacity(options.max_forwards),
+            lane: Box::new(Lane {
+                history: VecDeque::with_capacity(options.max_forwards),
+                ..Lane::default()
+            }),
+            lane_in_focus: LaneSlot::Main,
+            main_home: Box::default(),
+            void_home: Box::default(),
+            lanes: Vec::new(),
+            batches: 0,
+            batch: false,
+            places: Vec::new(),
             options,
             quant_sampling: QuantSampling::default(),
-            quant_visits: 0,
             in_forward: false,
             current: Box::default(),
-            aggregates: SessionAggregates::default(),
-            kv_session: KvCacheSessionTrace::default(),
             residual_norms: Vec::new(),
             topk_scratch: Vec::new(),
             spare_attention: Vec::new(),
@@ -99,6 +110,55 @@ impl Recorder {
         self.swap_parked(from);
         self.swap_parked(row);
         self.focus = row;
+        if self.batch {
+            if let Some(p) = self.places.get(row) {
+                self.bring_lane(p.lane);
+            }
+        }
+    }
+
+    /// Exchanges the lane in focus with the one at the home of `slot`.
+    fn swap_home(&mut self, slot: LaneSlot) {
+        let home = match slot {
+            LaneSlot::Main => &mut self.main_home,
+            LaneSlot::Void => &mut self.void_home,
+            LaneSlot::Sequence(i) => match self.lanes.get_mut(i as usize) {
+                Some(l) => &mut l.lane,
+                None => return,
+            },
+        };
+        std::mem::swap(&mut self.lane, home);
+    }
+
+    /// Brings the lane of `slot` into focus, the one in focus going home.
+    #[inline]
+    pub(crate) fn bring_lane(&mut self, slot: LaneSlot) {
+        if slot == self.lane_in_focus {
+            return;
+        }
+        let from = self.lane_in_focus;
+        self.swap_home(from);
+        self.swap_home(slot);
+        self.lane_in_focus = slot;
+    }
+
+    /// The one-sequence API's lane, wherever it is.
+    pub(crate) fn main_lane(&self) -> &Lane {
+        if self.lane_in_focus == LaneSlot::Main {
+            &self.lane
+        } else {
+            &self.main_home
+        }
+    }
+
+    /// The lane of sequence `id`, if it is live.
+    pub(crate) fn sequence_lane(&self, id: SequenceId) -> Option<&Lane> {
+        let i = self.lanes.iter().position(|l| l.id == id)?;
+        if self.lane_in_focus == LaneSlot::Sequence(i as u32) {
+            Some(&self.lane)
+        } else {
+            Some(&self.lanes[i].lane)
+        }
     }
 
     fn begin(&mut self, start: usize, rows: usize) {
@@ -106,6 +166,7 @@ impl Recorder {
             self.end();
         }
         self.in_forward = true;
+        self.batch = false;
         // `start + rows` must be a position: the rows stop before usize::MAX.
         let rows = rows
             .clamp(1, MAX_FORWARD_ROWS)
@@ -123,7 +184,7 @@ impl Recorder {
         }
         for row in 0..rows {
             self.focus(row);
-            self.begin_row(start.saturating_add(row), rows);
+            self.begin_row(start.saturating_add(row), None, rows);
         }
         self.focus(0);
     }
@@ -131,9 +192,9 @@ impl Recorder {
     /// Prepares the row in focus for `position`, recycling the oldest
     /// retained forward when the forward's rows would not fit beside the
     /// retained ones.
-    fn begin_row(&mut self, position: usize, rows: usize) {
-        if self.history.len() + rows > self.options.max_forwards {
-            if let Some(mut old) = self.history.pop_front() {
+    fn begin_row(&mut self, position: usize, sequence: Option<SequenceId>, rows: usize) {
+        if self.lane.history.len() + rows > self.options.max_forwards {
+            if let Some(mut old) = self.lane.history.pop_front() {
                 self.spare_attention.append(&mut old.attention);
                 if let Some(l) = &mut old.logits {
                     self.spare_tokens.append(&mut l.tokens);
@@ -141,7 +202,8 @@ impl Recorder {
                 *self.current = old;
             }
         }
-        self.current.reset(position, self.options.warmup_layers);
+        self.current
+            .reset(position, sequence, self.options.warmup_layers);
         self.current.quantization.traces.reserve(self.most_quant);
         let layers = &mut self.current.activations.layers;
         layers.reserve(self.most_layers.saturating_sub(layers.len()));
@@ -195,7 +257,7 @@ impl Recorder {
             self.fingerprint(layer, stage, x);
         }
         #[cfg(feature = "dump")]
-        if let Some(d) = &mut self.dump {
+        if let (false, Some(d)) = (self.batch, &mut self.dump) {
             d.activation_row(self.focus, layer, stage, x);
         }
     }
@@ -215,12 +277,45 @@ impl Recorder {
 
     #[inline(never)]
     fn attention_rows(&mut self, layer: usize, head: usize, weights: &[f32], first_len: usize) {
+        if self.batch {
+            // The rows' own positions, not `start + i`.
+            return self.attention_segment(layer, head, 0, self.rows, weights, first_len);
+        }
         let stride = weights.len() / self.rows;
         let start = self.start;
         self.each_row(weights, |r, i, row| {
             let n = first_len.saturating_add(i).min(stride);
             r.attention(layer, head, start.saturating_add(i), &row[..n]);
         });
+    }
+
+    /// The causal softmax rows of one head for rows `first..first + rows`
+    /// of the forward (rows beyond the forward's are ignored), row `j`
+    /// attending the first `min(first_len + j, stride)` entries of its
+    /// stride, for the query at the row's own position.
+    #[inline(never)]
+    pub(crate) fn attention_segment(
+        &mut self,
+        layer: usize,
+        head: usize,
+        first: usize,
+        rows: usize,
+        weights: &[f32],
+        first_len: usize,
+    ) {
+        if (layer | head) >= MAX_LAYERS || !self.wants_attention(layer, head) || rows == 0 {
+            return;
+        }
+        let stride = weights.len() / rows;
+        let focus = self.focus;
+        let end = first.saturating_add(rows).min(self.rows);
+        for (j, row) in (first..end).enumerate() {
+            let n = first_len.saturating_add(j).min(stride);
+            self.focus(row);
+            let position = self.current.position;
+            self.attention(layer, head, position, &weights[j * stride..j * stride + n]);
+        }
+        self.focus(focus);
     }
 
     /// The fingerprint of `x` at `(layer, stage)`; none for an empty `x`,
@@ -364,7 +459,7 @@ impl Recorder {
                 self.fingerprint(0, Stage::Logits, logits);
             }
             #[cfg(feature = "dump")]
-            if let Some(d) = &mut self.dump {
+            if let (false, Some(d)) = (self.batch, &mut self.dump) {
                 d.activation_row(self.focus, 0, Stage::Logits, logits);
             }
         }
@@ -418,7 +513,7 @@ impl Recorder {
 
     fn wants_quant_error(&self, brick: BrickId) -> bool {
         self.quant_sampling
-            .selects(brick, self.current.position, self.quant_visits)
+            .selects(brick, self.current.position, self.lane.quant_visits)
     }
 
     #[inline(never)]
@@ -478,7 +573,7 @@ impl Recorder {
         // A forward of several rows folds each row's state when the row
         // ends, in position order, whatever the order of the calls.
         if self.rows == 1 {
-            self.kv_session.add_step(state);
+            self.lane.kv_session.add_step(state);
         }
     }
 
@@ -488,7 +583,7 @@ impl Recorder {
         }
         self.in_forward = false;
         #[cfg(feature = "dump")]
-        if let Some(d) = &mut self.dump {
+        if let (false, Some(d)) = (self.batch, &mut self.dump) {
             for row in 0..self.rows {
                 let token = if row == self.focus {
                     self.current.token
@@ -504,10 +599,16 @@ impl Recorder {
         let mut primary = None;
         for row in 0..self.rows {
             self.focus(row);
+            if self.lane_in_focus == LaneSlot::Void {
+                continue;
+            }
             let p = self.end_row();
             primary = primary.or(p);
         }
-        // The fields hold spare buffers again; the next forward starts at row 0.
+        // The fields hold spare buffers again; the next forward starts at
+        // row 0, with the one-sequence API's lane.
+        self.bring_lane(LaneSlot::Main);
+        self.batch = false;
         self.focus = 0;
         self.rows = 1;
         primary
@@ -522,9 +623,9 @@ impl Recorder {
             .detect_anomalies(position, &mut anomalies);
         self.current.activations.has_anomaly = !anomalies.is_empty();
         self.current.anomalies = anomalies;
-        self.aggregates.absorb(&self.current);
+        self.lane.aggregates.absorb(&self.current);
         if let (true, Some(state)) = (self.rows > 1, self.current.kv_cache) {
-            self.kv_session.add_step(state);
+            self.lane.kv_session.add_step(state);
         }
         self.most_quant = self.most_quant.max(self.current.quantization.traces.len());
         self.most_layers = self.most_layers.max(self.current.activations.layers.len());
@@ -533,13 +634,13 @@ impl Recorder {
         let done = std::mem::take(&mut *self.current);
         #[cfg(any(feature = "log", feature = "tracing"))]
         crate::events::anomalies(&done.anomalies);
-        self.history.push_back(done);
-        if let (Some(sink), Some(done)) = (&self.sink, self.history.back()) {
+        self.lane.history.push_back(done);
+        if let (Some(sink), Some(done)) = (&self.sink, self.lane.history.back()) {
             sink.write(done);
         }
         // A forward of more rows than `max_forwards` keeps its last ones.
-        while self.history.len() > self.options.max_forwards {
-            if let Some(mut old) = self.history.pop_front() {
+        while self.lane.history.len() > self.options.max_forwards {
+            if let Some(mut old) = self.lane.history.pop_front() {
                 self.spare_attention.append(&mut old.attention);
                 if let Some(l) = &mut old.logits {
                     self.spare_tokens.append(&mut l.tokens);
@@ -914,10 +1015,7 @@ impl<C: TraceConfig> ModelTracer<C> {
     #[inline(always)]
     pub fn wants_logits(&self, row: usize) -> bool {
         (self.activations_on() || self.logits_on())
-            && self
-                .storage
-                .recorder()
-                .is_some_and(|r| r.options.logit_rows.selects(row, r.rows))
+            && self.storage.recorder().is_some_and(|r| r.wants_logits(row))
     }
 
     /// Whether the logit lens runs: when false, model code should not even
@@ -1028,7 +1126,7 @@ impl<C: TraceConfig> ModelTracer<C> {
         if self.quant_on() {
             if let Some(r) = self.storage.recorder_mut() {
                 let measure = r.wants_quant_error(brick);
-                r.quant_visits += 1;
+                r.lane.quant_visits += 1;
                 if measure {
                     r.quant_error(brick, layer, quant_type, quantized, &mut reference);
                 }
@@ -1194,14 +1292,14 @@ impl<C: TraceConfig> ModelTracer<C> {
         }
         forward.drop_out_of_range();
         if let Some(state) = forward.kv_cache {
-            r.kv_session.add_step(state);
+            r.lane.kv_session.add_step(state);
         }
-        r.aggregates.absorb(&forward);
-        if r.history.len() >= r.options.max_forwards {
-            r.history.pop_front();
+        r.lane.aggregates.absorb(&forward);
+        if r.lane.history.len() >= r.options.max_forwards {
+            r.lane.history.pop_front();
         }
-        r.history.push_back(forward);
-        if let (Some(sink), Some(done)) = (&r.sink, r.history.back()) {
+        r.lane.history.push_back(forward);
+        if let (Some(sink), Some(done)) = (&r.sink, r.lane.history.back()) {
             sink.write(done);
         }
     }
@@ -1210,7 +1308,9 @@ impl<C: TraceConfig> ModelTracer<C> {
 
     /// The most recent completed forward.
     pub fn last_forward(&self) -> Option<&ForwardTrace> {
-        self.storage.recorder().and_then(|r| r.history.back())
+        self.storage
+            .recorder()
+            .and_then(|r| r.main_lane().history.back())
     }
 
     /// The retained completed forwards, oldest first.
@@ -1218,13 +1318,13 @@ impl<C: TraceConfig> ModelTracer<C> {
         self.storage
             .recorder()
             .into_iter()
-            .flat_map(|r| r.history.iter())
+            .flat_map(|r| r.main_lane().history.iter())
     }
 
     /// The KV cache session (`None` when KV tracing is off).
     pub fn kv_session(&self) -> Option<&KvCacheSessionTrace> {
         if self.kv_on() {
-            self.storage.recorder().map(|r| &r.kv_session)
+            self.storage.recorder().map(|r| &r.main_lane().kv_session)
         } else {
             None
         }
@@ -1233,7 +1333,7 @@ impl<C: TraceConfig> ModelTracer<C> {
     /// Session aggregates over every completed forward, including those no
     /// longer retained.
     pub fn aggregates(&self) -> Option<&SessionAggregates> {
-        self.storage.recorder().map(|r| &r.aggregates)
+        self.storage.recorder().map(|r| &r.main_lane().aggregates)
     }
 
     /// A summary of the whole session, from the aggregates.
@@ -1242,7 +1342,7 @@ impl<C: TraceConfig> ModelTracer<C> {
             crate::config::describe(&self.config),
             self.storage
                 .recorder()
-                .map(|r| (&r.aggregates, &r.kv_session)),
+                .map(|r| (&r.main_lane().aggregates, &r.main_lane().kv_session)),
             self.kv_on(),
         )
     }

@@ -61,6 +61,7 @@ use crate::kv_cache::KvCacheStateTrace;
 use crate::logit::{LogitEvolutionTrace, TokenLogitEvolution};
 use crate::model_info::ModelInfo;
 use crate::quant::{BrickId, ModelQuantizationError, QuantType, QuantizationErrorTrace};
+use crate::sequence::SequenceId;
 use crate::serde_float::Float;
 use crate::stage::Stage;
 use crate::stats::{ErrorMetrics, TensorStats};
@@ -186,6 +187,8 @@ pub fn parse_row(line: &str) -> Result<JsonlRow, String> {
 #[derive(Deserialize)]
 struct RawRow {
     position: usize,
+    #[serde(default)]
+    sequence: Option<SequenceId>,
     #[serde(default)]
     token: Option<u32>,
     #[serde(default)]
@@ -399,6 +402,7 @@ impl RawRow {
         let position = self.position;
         let mut f = ForwardTrace {
             position,
+            sequence: self.sequence,
             token: self.token,
             activations: ModelActivationTrace::default(),
             ..ForwardTrace::default()

@@ -288,6 +288,7 @@ mod jsonl {
             let text = |id: u32| context.vocabulary.as_ref().map(|v| v(id));
             let mut m = s.serialize_map(None)?;
             m.serialize_entry("position", &f.position)?;
+            m.serialize_entry("sequence", &f.sequence)?;
             m.serialize_entry("token", &f.token)?;
             m.serialize_entry("token_text", &f.token.and_then(text))?;
             m.serialize_entry(

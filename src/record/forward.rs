@@ -6,6 +6,7 @@ use crate::attention::{AttentionWeightTrace, MAX_HEADS};
 use crate::kv_cache::KvCacheStateTrace;
 use crate::logit::{LogitEvolutionTrace, TokenLogitEvolution};
 use crate::quant::{ModelQuantizationError, QuantizationErrorTrace};
+use crate::sequence::SequenceId;
 
 /// Everything traced in one forward pass.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -13,6 +14,11 @@ use crate::quant::{ModelQuantizationError, QuantizationErrorTrace};
 pub struct ForwardTrace {
     /// Token position.
     pub position: usize,
+    /// The sequence of the row, in a forward over the rows of several
+    /// sequences ([`ModelTracer::begin_forward_batch`](crate::ModelTracer::begin_forward_batch));
+    /// `None` for the one-sequence API.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub sequence: Option<SequenceId>,
     /// The token id fed at this position, when the model told the tracer
     /// ([`ModelTracer::input_token`](crate::ModelTracer::input_token)).
     #[cfg_attr(feature = "serde", serde(default))]
@@ -35,8 +41,14 @@ pub struct ForwardTrace {
 }
 
 impl ForwardTrace {
-    pub(crate) fn reset(&mut self, position: usize, warmup_layers: usize) {
+    pub(crate) fn reset(
+        &mut self,
+        position: usize,
+        sequence: Option<SequenceId>,
+        warmup_layers: usize,
+    ) {
         self.position = position;
+        self.sequence = sequence;
         self.token = None;
         self.activations.reset(warmup_layers);
         self.attention.clear();

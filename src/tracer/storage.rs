@@ -14,6 +14,7 @@ use crate::forward::ForwardTrace;
 use crate::kv_cache::KvCacheSessionTrace;
 use crate::logit::TokenLogitEvolution;
 use crate::quant::BrickId;
+use crate::sequence::SequenceId;
 use crate::summary::SessionAggregates;
 
 /// Forwards whose detailed records a tracer keeps by default (older ones are
@@ -36,6 +37,14 @@ pub const MAX_BUFFER_LEN: usize = 1 << 24;
 /// 65 536 positions, far beyond any prefill chunk, so that a wrong count
 /// cannot make the tracer allocate a record per claimed row.
 pub const MAX_FORWARD_ROWS: usize = 1 << 16;
+
+/// Most sequences a tracer keeps records for at once
+/// ([`ModelTracer::begin_forward_batch`](crate::ModelTracer::begin_forward_batch)):
+/// 256, the default `max_num_seqs` of vLLM. A sequence first seen when
+/// that many are live releases the lane of the one seen longest ago
+/// (its records are dropped, as [`ModelTracer::end_sequence`](crate::ModelTracer::end_sequence)
+/// would release them, unreturned).
+pub const MAX_SEQUENCES: usize = 256;
 
 /// Final top-k tokens whose logit-lens trajectory is recorded when no
 /// tokens are tracked explicitly.
@@ -190,14 +199,29 @@ impl QuantSampling {
 pub struct Recorder {
     pub(crate) options: TraceOptions,
     pub(crate) quant_sampling: QuantSampling,
-    pub(crate) quant_visits: u64,
     pub(crate) in_forward: bool,
     // Boxed, so that bringing another row of a forward into focus moves a
     // pointer, not the record.
     pub(crate) current: Box<ForwardTrace>,
-    pub(crate) history: VecDeque<ForwardTrace>,
-    pub(crate) aggregates: SessionAggregates,
-    pub(crate) kv_session: KvCacheSessionTrace,
+    // The session state of the row in focus: the one-sequence API's
+    // outside forwards over several sequences (`lane_in_focus` says whose),
+    // boxed so that bringing a row of another sequence into focus moves a
+    // pointer. Every lane not in focus is at home: the one-sequence API's
+    // in `main_home`, a sequence's in `lanes`, the lane of rows that are
+    // not recorded in `void_home`; the home of the lane in focus holds a
+    // spare lane.
+    pub(crate) lane: Box<Lane>,
+    pub(crate) lane_in_focus: LaneSlot,
+    pub(crate) main_home: Box<Lane>,
+    pub(crate) void_home: Box<Lane>,
+    pub(crate) lanes: Vec<SequenceLane>,
+    // Forwards over several sequences begun, to find the lane seen
+    // longest ago.
+    pub(crate) batches: u64,
+    // The forward in flight runs the rows of several sequences, placed by
+    // `places` (one per row).
+    pub(crate) batch: bool,
+    pub(crate) places: Vec<RowPlace>,
     // Per-layer `(‖residual‖, Σ‖update‖)` of the forward in flight.
     pub(crate) residual_norms: Vec<Option<(f32, f32)>>,
     pub(crate) topk_scratch: Vec<(usize, f32)>,
@@ -241,6 +265,45 @@ pub struct Recorder {
     pub(crate) focus: usize,
     pub(crate) parked: Vec<ParkedRow>,
     pub(crate) lens_row: usize,
+}
+
+/// What a tracer keeps across the forwards of one sequence: the
+/// quantization sampling's visit count, the retained forwards, the
+/// session aggregates and the KV session.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Lane {
+    pub(crate) quant_visits: u64,
+    pub(crate) history: VecDeque<ForwardTrace>,
+    pub(crate) aggregates: SessionAggregates,
+    pub(crate) kv_session: KvCacheSessionTrace,
+}
+
+/// A live sequence's lane, and when it was last seen.
+#[derive(Debug, Clone)]
+pub(crate) struct SequenceLane {
+    pub(crate) id: SequenceId,
+    pub(crate) lane: Box<Lane>,
+    pub(crate) last_seen: u64,
+}
+
+/// Whose lane a row records into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LaneSlot {
+    /// The one-sequence API's.
+    Main,
+    /// The sequence whose lane is `lanes[i]`.
+    Sequence(u32),
+    /// None: the row is not recorded.
+    Void,
+}
+
+/// Where a row of a forward over several sequences belongs: its lane,
+/// and the rows of its sequence's segment (`first..first + rows`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowPlace {
+    pub(crate) lane: LaneSlot,
+    pub(crate) first: usize,
+    pub(crate) rows: usize,
 }
 
 /// The per-position state of a row of a forward that is not in focus.

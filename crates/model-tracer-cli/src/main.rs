@@ -1,6 +1,7 @@
 //! `model-tracer`: traces a LLaMA-family model end to end with the five
-//! trace systems (`run`), and renders (`report`) and compares (`diff`) the
-//! traces it writes; this file parses the command line and dispatches.
+//! trace systems (`run`), renders (`report`) and compares (`diff`) the
+//! traces it writes, and serves the traced model over HTTP (`serve`); this
+//! file parses the command line and dispatches.
 
 use std::process::ExitCode;
 
@@ -10,6 +11,7 @@ mod diff;
 mod print;
 mod report;
 mod run;
+mod serve;
 mod setup;
 mod timing;
 
@@ -33,6 +35,10 @@ enum Command {
     /// position and stage by stage; report the first divergence and the
     /// largest jump. Exit status 0: no divergence, 1: they diverge, 2: error
     Diff(diff::DiffArgs),
+    /// Serve the traced model over an OpenAI-compatible HTTP API
+    /// (/v1/chat/completions, /v1/completions, streaming or not), each
+    /// request with its own trace (/v1/traces/{id})
+    Serve(Box<serve::Args>),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +49,10 @@ fn main() -> ExitCode {
             Err(run::Error::Run(e)) => (1, Some(e)),
         },
         Command::Report(args) => match report::report(&args) {
+            Ok(()) => (0, None),
+            Err(e) => (1, Some(e)),
+        },
+        Command::Serve(args) => match serve::serve(&args) {
             Ok(()) => (0, None),
             Err(e) => (1, Some(e)),
         },

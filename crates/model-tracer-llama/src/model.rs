@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use model_tracer::config::TraceConfig;
 use model_tracer::kv_cache::KvCacheStateTrace;
@@ -24,6 +25,9 @@ use super::quant::{
     activation_type, LensScratch, QMatrix, QuantError, QuantizedActivations, QuantizedBatch,
 };
 use super::tokenizer::{Tokenizer, TokenizerError};
+
+mod batch;
+pub use batch::{Sequence, SequenceStep};
 
 /// Why a model could not be built or loaded.
 #[derive(Debug)]
@@ -749,6 +753,26 @@ impl KvCache {
         (0..self.len).map(|t| self.positions[self.slot(t)])
     }
 
+    /// The key (`[kv_dim]`, rotated) of the `t`-th oldest cached position
+    /// in layer `layer`, if both exist.
+    pub fn key(&self, layer: usize, t: usize) -> Option<&[f32]> {
+        self.entry(&self.key, layer, t)
+    }
+
+    /// The value (`[kv_dim]`) of the `t`-th oldest cached position in
+    /// layer `layer`, if both exist.
+    pub fn value(&self, layer: usize, t: usize) -> Option<&[f32]> {
+        self.entry(&self.value, layer, t)
+    }
+
+    fn entry<'a>(&self, data: &'a [f32], layer: usize, t: usize) -> Option<&'a [f32]> {
+        if t >= self.len {
+            return None;
+        }
+        let at = (layer * self.capacity + self.slot(t)) * self.kv_dim;
+        data.get(at..at + self.kv_dim)
+    }
+
     /// Bytes held by the valid positions (keys and values, every layer).
     pub fn bytes_in_use(&self, n_layers: usize) -> usize {
         2 * n_layers * self.len * self.kv_dim * std::mem::size_of::<f32>()
@@ -907,16 +931,59 @@ pub struct Generation {
     pub computed_prompt_positions: usize,
 }
 
+/// The tokenizer of a model, when its file carries a vocabulary, shared
+/// by the models built over the same weights ([`Llama::from_shared`]).
+#[derive(Debug, Clone, Default)]
+pub struct SharedTokenizer(Option<Arc<Tokenizer>>);
+
+impl SharedTokenizer {
+    /// The tokenizer `tokenizer`, or none.
+    pub fn new(tokenizer: Option<Arc<Tokenizer>>) -> Self {
+        Self(tokenizer)
+    }
+
+    /// The tokenizer, if there is one.
+    #[allow(clippy::should_implement_trait)]
+    pub fn as_ref(&self) -> Option<&Tokenizer> {
+        self.0.as_deref()
+    }
+
+    /// A new handle on the shared tokenizer, to build another model with.
+    pub fn shared(&self) -> Option<Arc<Tokenizer>> {
+        self.0.clone()
+    }
+
+    /// Whether there is a tokenizer.
+    pub fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl From<Option<Tokenizer>> for SharedTokenizer {
+    fn from(t: Option<Tokenizer>) -> Self {
+        Self(t.map(Arc::new))
+    }
+}
+
 /// A LLaMA-family decoder generic over its trace config: `Llama<Disabled>`
 /// runs with no tracing code at all.
+///
+/// The weights and the tokenizer are shared (`Arc`): any number of models,
+/// of any trace config, run over one copy ([`Llama::from_shared`]). A model
+/// runs one conversation of its own ([`forward`](Self::forward),
+/// [`prefill`](Self::prefill), [`generate`](Self::generate)) and any number
+/// of [`Sequence`]s, whose rows share forwards
+/// ([`forward_batch`](Self::forward_batch)).
 #[derive(Debug)]
 pub struct Llama<C: TraceConfig = model_tracer::DefaultTrace> {
     /// Hyperparameters.
     pub config: Config,
-    /// Weights.
-    pub weights: Weights,
+    /// Weights, shared by the models built over them; what changes them
+    /// ([`set_what_if`](Self::set_what_if)) gives this model its own copy
+    /// first when they are shared (`Arc::make_mut`).
+    pub weights: Arc<Weights>,
     /// The tokenizer, when the model file carries a vocabulary.
-    pub tokenizer: Option<Tokenizer>,
+    pub tokenizer: SharedTokenizer,
     cache: KvCache,
     state: RunState,
     tracer: ModelTracer<C>,
@@ -926,6 +993,8 @@ pub struct Llama<C: TraceConfig = model_tracer::DefaultTrace> {
     chunk: ChunkState,
     rows: ChunkRows,
     prefill_chunk: usize,
+    batch: batch::BatchRows,
+    next_sequence: u64,
 }
 
 /// Prompt positions a prefill runs through the model at once, unless
@@ -1440,6 +1509,11 @@ fn ffn_block<C: TraceConfig>(
 /// - `s.qkv: [dim + 2·kv_dim]`, a row's `[q | k | v]` for the tracer;
 /// - k cache, v cache: `[capacity × kv_dim]` per layer; row `i` writes
 ///   slot `r.slots[i]`.
+///
+/// `attend` runs the attention of the rows (at `positions`) against the
+/// cache and writes their keys and values to it: [`attend_chunk`] for the
+/// one cache of a chunk, each sequence's segment against its own cache
+/// in a forward over several sequences.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attention_block_rows<C: TraceConfig>(
@@ -1449,10 +1523,10 @@ fn attention_block_rows<C: TraceConfig>(
     l: usize,
     b: &mut ChunkState,
     s: &mut RunState,
-    cache: &mut KvCache,
-    r: &ChunkRows,
+    positions: &[usize],
     fault: Option<Fault>,
     exact: bool,
+    attend: impl FnOnce(&mut ModelTracer<C>, &mut ChunkState),
 ) {
     let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
     // attention rmsnorm
@@ -1481,20 +1555,15 @@ fn attention_block_rows<C: TraceConfig>(
     for ((q, k), &pos) in
         b.q.chunks_exact_mut(dim)
             .zip(b.k.chunks_exact_mut(kv_dim))
-            .zip(&r.positions)
+            .zip(positions)
     {
         rope(q, hd, &s.rope_freq, pos);
         rope(k, hd, &s.rope_freq, pos);
     }
 
-    // causal grouped-query attention, into xb
-    attention_heads_rows(tracer, c, l, b, cache, r);
-
-    // write k, v of the chunk into the cache, in one step
-    for (i, &slot) in r.slots.iter().enumerate() {
-        let (k, v) = (&b.k[i * kv_dim..][..kv_dim], &b.v[i * kv_dim..][..kv_dim]);
-        cache.store(l, slot, k, v);
-    }
+    // causal grouped-query attention, into xb; then k, v of the rows
+    // into the cache
+    attend(tracer, b);
 
     // output projection
     let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
@@ -1511,11 +1580,32 @@ fn attention_block_rows<C: TraceConfig>(
             &mut s.qkv,
         )
     );
-    fault_rows(fault, l, Stage::PostAttn, &mut b.xb2, &r.positions, c);
+    fault_rows(fault, l, Stage::PostAttn, &mut b.xb2, positions, c);
     traced!(C, tracer.activation(l, Stage::PostAttn, &b.xb2));
 
     // residual connection (its ratio is recorded after the second)
     residual_add(&mut b.x, &b.xb2);
+}
+
+/// The attention of the rows of a chunk in layer `l` against `cache`
+/// ([`attention_heads_rows`]), then their keys and values written to it,
+/// in one step (a row's slot may hold a position an earlier row reads).
+#[inline(always)]
+fn attend_chunk<C: TraceConfig>(
+    tracer: &mut ModelTracer<C>,
+    c: &Config,
+    l: usize,
+    b: &mut ChunkState,
+    cache: &mut KvCache,
+    r: &ChunkRows,
+) {
+    let kv_dim = c.kv_dim();
+    let rows = r.slots.len();
+    attention_heads_rows(tracer, c, l, b, cache, 0, rows, &r.old_slots, false);
+    for (i, &slot) in r.slots.iter().enumerate() {
+        let (k, v) = (&b.k[i * kv_dim..][..kv_dim], &b.v[i * kv_dim..][..kv_dim]);
+        cache.store(l, slot, k, v);
+    }
 }
 
 /// Causal grouped-query attention of the `t` rows of a chunk in layer
@@ -1531,7 +1621,13 @@ fn attention_block_rows<C: TraceConfig>(
 /// `b.att: [t × stride]` (`stride = cache.len()`), softmaxed; the weighted
 /// sums of the values go into head `h` of each row of
 /// `b.xb: [t × n_heads·head_dim]`.
+///
+/// The rows are rows `first..first + rows` of the chunk's buffers (`b.q`,
+/// `b.k`, `b.v`, `b.xb`): one sequence's segment of a forward over several
+/// sequences ([`Llama::forward_batch`]), whose hook is then
+/// `attention_segment` (`segment`), or the whole chunk.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 #[cfg_attr(model_tracer_no_hooks, allow(unused_variables))]
 fn attention_heads_rows<C: TraceConfig>(
     tracer: &mut ModelTracer<C>,
@@ -1539,22 +1635,30 @@ fn attention_heads_rows<C: TraceConfig>(
     l: usize,
     b: &mut ChunkState,
     cache: &KvCache,
-    r: &ChunkRows,
+    first: usize,
+    rows: usize,
+    old_slots: &[usize],
+    segment: bool,
 ) {
     let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
     let kv_mul = c.n_heads / c.n_kv_heads;
     let (cap, sinks, stride) = (cache.capacity, cache.sinks, cache.len);
-    let (rows, old_len) = (r.slots.len(), r.old_slots.len());
+    let old_len = old_slots.len();
     let layer_off = l * cap * kv_dim;
+    let (q_rows, k_rows, v_rows) = (
+        &b.q[first * dim..],
+        &b.k[first * kv_dim..],
+        &b.v[first * kv_dim..],
+    );
     let scale = 1.0 / (hd as f32).sqrt();
     for h in 0..c.n_heads {
         let kv_off = (h / kv_mul) * hd;
         let key = |t: usize| -> &[f32] {
             if t < old_len {
-                let k0 = layer_off + r.old_slots[t] * kv_dim + kv_off;
+                let k0 = layer_off + old_slots[t] * kv_dim + kv_off;
                 &cache.key[k0..k0 + hd]
             } else {
-                &b.k[(t - old_len) * kv_dim + kv_off..][..hd]
+                &k_rows[(t - old_len) * kv_dim + kv_off..][..hd]
             }
         };
         // scores of tiles of 8 rows against every key one of them
@@ -1565,7 +1669,7 @@ fn attention_heads_rows<C: TraceConfig>(
             b.qt.extend((0..hd).map(|d| {
                 f32x8::new(std::array::from_fn(|lane| {
                     if lane < n {
-                        b.q[(i0 + lane) * dim + h * hd + d]
+                        q_rows[(i0 + lane) * dim + h * hd + d]
                     } else {
                         0.0
                     }
@@ -1598,20 +1702,28 @@ fn attention_heads_rows<C: TraceConfig>(
             }
         }
         // row i holds min(old_len + 1 + i, stride) weights
-        traced!(C, tracer.attention_rows(l, h, &b.att, old_len + 1));
+        traced!(
+            C,
+            if segment {
+                let att = &b.att[..rows * stride];
+                tracer.attention_segment(l, h, first, rows, att, old_len + 1);
+            } else {
+                tracer.attention_rows(l, h, &b.att, old_len + 1);
+            }
+        );
         for i in 0..rows {
             let evicted = (old_len + i + 1).saturating_sub(cap);
             let kept = old_len - evicted;
             let att = &b.att[i * stride..i * stride + kept + i + 1];
-            let out = &mut b.xb[i * dim + h * hd..][..hd];
+            let out = &mut b.xb[(first + i) * dim + h * hd..][..hd];
             out.fill(0.0);
             for (j, &a) in att.iter().enumerate() {
                 let v = if j < kept {
                     let t = if j < sinks { j } else { j + evicted };
-                    let v0 = layer_off + r.old_slots[t] * kv_dim + kv_off;
+                    let v0 = layer_off + old_slots[t] * kv_dim + kv_off;
                     &cache.value[v0..v0 + hd]
                 } else {
-                    &b.v[(j - kept) * kv_dim + kv_off..][..hd]
+                    &v_rows[(j - kept) * kv_dim + kv_off..][..hd]
                 };
                 for (o, &v) in out.iter_mut().zip(v) {
                     *o += a * v;
@@ -1639,7 +1751,7 @@ fn ffn_block_rows<C: TraceConfig>(
     l: usize,
     b: &mut ChunkState,
     s: &mut RunState,
-    r: &ChunkRows,
+    positions: &[usize],
     fault: Option<Fault>,
     exact: bool,
 ) {
@@ -1685,7 +1797,7 @@ fn ffn_block_rows<C: TraceConfig>(
             &mut s.qkv,
         )
     );
-    fault_rows(fault, l, Stage::PostFfn, &mut b.xb2, &r.positions, c);
+    fault_rows(fault, l, Stage::PostFfn, &mut b.xb2, positions, c);
     traced!(C, tracer.activation(l, Stage::PostFfn, &b.xb2));
 
     // residual connection
@@ -1766,6 +1878,26 @@ impl<C: TraceConfig> Llama<C> {
         cache: KvCacheOptions,
         trace: C,
     ) -> Result<Self, ModelError> {
+        Self::from_shared(
+            Arc::new(weights),
+            config,
+            tokenizer.map(Arc::new),
+            cache,
+            trace,
+        )
+    }
+
+    /// Builds a decoder over weights (and a tokenizer) shared with other
+    /// models, of this trace config or another: nothing is copied. `cache`
+    /// sizes the cache of the model's own conversation (the one-sequence
+    /// API); each [`Sequence`] has its own.
+    pub fn from_shared(
+        weights: Arc<Weights>,
+        config: Config,
+        tokenizer: Option<Arc<Tokenizer>>,
+        cache: KvCacheOptions,
+        trace: C,
+    ) -> Result<Self, ModelError> {
         config.validate()?;
         check_shapes(&config, &weights)?;
         let capacity = cache.capacity.clamp(2, config.context_len);
@@ -1779,7 +1911,7 @@ impl<C: TraceConfig> Llama<C> {
             tracer: ModelTracer::new(trace),
             config,
             weights,
-            tokenizer,
+            tokenizer: SharedTokenizer::new(tokenizer),
             cache,
             state,
             fault: None,
@@ -1788,7 +1920,20 @@ impl<C: TraceConfig> Llama<C> {
             chunk: ChunkState::default(),
             rows: ChunkRows::default(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            batch: batch::BatchRows::default(),
+            next_sequence: 0,
         })
+    }
+
+    /// A new handle on the weights, to build another model over them
+    /// ([`from_shared`](Self::from_shared)).
+    pub fn shared_weights(&self) -> Arc<Weights> {
+        Arc::clone(&self.weights)
+    }
+
+    /// The tokenizer, when the model file carries a vocabulary.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
     }
 
     /// Loads a GGUF file (llama architecture) with its tokenizer.
@@ -1836,12 +1981,33 @@ impl<C: TraceConfig> Llama<C> {
     ///
     /// With a GGUF file the reference is the file's own weights, so the
     /// table shows what moving each brick to another type would cost; with
-    /// a synthetic model it is the f32 master weights.
+    /// a synthetic model it is the f32 master weights. Weights shared with
+    /// other models ([`from_shared`](Self::from_shared)) are copied for
+    /// this model first (`Arc::make_mut`): the others keep theirs.
     pub fn set_what_if(&mut self, targets: &[GgmlType]) -> Result<(), ModelError> {
+        if targets.is_empty() && self.weights.output.what_if.is_empty() {
+            let none = |l: &LayerWeights| l.attn_q.what_if.is_empty();
+            if self.weights.layers.iter().all(none) {
+                return Ok(());
+            }
+        }
         for &t in targets {
             if let Some(l) = self
                 .weights
-                .linears_mut()
+                .layers
+                .iter()
+                .flat_map(|l| {
+                    [
+                        &l.attn_q,
+                        &l.attn_k,
+                        &l.attn_v,
+                        &l.attn_output,
+                        &l.ffn_gate,
+                        &l.ffn_up,
+                        &l.ffn_down,
+                    ]
+                })
+                .chain(std::iter::once(&self.weights.output))
                 .find(|l| l.weight.cols() % t.block_len() != 0)
             {
                 return Err(ModelError::Config(format!(
@@ -1851,7 +2017,8 @@ impl<C: TraceConfig> Llama<C> {
                 )));
             }
         }
-        for (i, l) in self.weights.linears_mut().enumerate() {
+        // Weights shared with other models are copied for this one first.
+        for (i, l) in Arc::make_mut(&mut self.weights).linears_mut().enumerate() {
             l.build_what_if(targets)
                 .map_err(|error| ModelError::Quant {
                     tensor: format!("what-if copy {i}"),
@@ -2088,9 +2255,12 @@ impl<C: TraceConfig> Llama<C> {
         for (l, lw) in w.layers.iter().enumerate() {
             traced!(C, tracer.activation(l, Stage::Input, &b.x));
             // x[i] += attention(norm(x[i])), the chunk's keys and values cached
-            attention_block_rows(tracer, c, lw, l, b, s, cache, r, fault, exact);
+            let attend = |t: &mut ModelTracer<C>, b: &mut ChunkState| {
+                attend_chunk(t, c, l, b, cache, r);
+            };
+            attention_block_rows(tracer, c, lw, l, b, s, &r.positions, fault, exact, attend);
             // x[i] += ffn(norm(x[i]))
-            ffn_block_rows(tracer, c, lw, l, b, s, r, fault, exact);
+            ffn_block_rows(tracer, c, lw, l, b, s, &r.positions, fault, exact);
             // The layer's residual ratio from the norms of its input and of
             // both updates, already summarised by the activation hooks.
             traced!(C, tracer.residual_from_stages(l));

@@ -216,3 +216,41 @@ fn batched_products_allocate_nothing_after_the_first_chunk() {
     }
     assert_eq!(allocations() - before, 0);
 }
+
+/// Allocations of each of `MEASURED` batch decode steps of four sequences
+/// (one of them in a cache that evicts) after `WARM_UP` steps.
+fn batch_allocations_per_step<C: TraceConfig>(trace: C) -> Vec<usize> {
+    use model_tracer_llama::model::SequenceStep;
+    let mut model = tiny(trace);
+    let mut seqs: Vec<_> = [256, 256, 32, 256]
+        .into_iter()
+        .map(|capacity| model.new_sequence(KvCacheOptions { capacity, sinks: 4 }))
+        .collect();
+    let mut step = |model: &mut Llama<C>, position: usize| {
+        let tokens: Vec<[u32; 1]> = (0..seqs.len()).map(|i| [token(position + 7 * i)]).collect();
+        let mut steps: Vec<SequenceStep<'_>> = seqs
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(s, t)| SequenceStep::new(s, t))
+            .collect();
+        let before = allocations();
+        model.forward_batch(&mut steps);
+        allocations() - before
+    };
+    for position in 0..WARM_UP {
+        step(&mut model, position);
+    }
+    (WARM_UP..WARM_UP + MEASURED)
+        .map(|position| step(&mut model, position))
+        .collect()
+}
+
+#[test]
+fn a_batch_decode_step_of_several_sequences_allocates_nothing_after_warm_up() {
+    assert_none("batch, Disabled", &batch_allocations_per_step(Disabled));
+    assert_none(
+        "batch, Lightweight",
+        &batch_allocations_per_step(Lightweight),
+    );
+    assert_none("batch, Full", &batch_allocations_per_step(Full));
+}

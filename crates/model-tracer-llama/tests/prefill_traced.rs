@@ -70,15 +70,17 @@ fn traced_run<C: TraceConfig>(
 ) -> Run {
     use model_tracer::{JsonlSink, ModelTracer, QuantSampling, SinkHandle, TraceOptions};
     let mut m = tiny(trace.clone(), GgmlType::Q4_1, capacity, 4);
-    m.weights.output.weight = match model_tracer_llama::quant::QMatrix::from_f32(
-        GgmlType::Q8_0,
-        m.config.vocab_size,
-        m.config.dim,
-        &m.weights.output.weight.to_f32(),
-    ) {
-        Ok(w) => w,
-        Err(e) => panic!("{e}"),
-    };
+    // Shared with no other model: changed in place.
+    std::sync::Arc::make_mut(&mut m.weights).output.weight =
+        match model_tracer_llama::quant::QMatrix::from_f32(
+            GgmlType::Q8_0,
+            m.config.vocab_size,
+            m.config.dim,
+            &m.weights.output.weight.to_f32(),
+        ) {
+            Ok(w) => w,
+            Err(e) => panic!("{e}"),
+        };
     let options = TraceOptions {
         max_forwards: 1024,
         logit_rows,

@@ -1,0 +1,201 @@
+//! `model-tracer serve` on the real model, driven from Python: the `openai`
+//! package for the API (against `model-tracer run` on the same prompts),
+//! raw HTTP for bad input while requests stream, a full queue and clients
+//! that hang up, and the soak of `benches/serve_soak.py`. Each test starts
+//! its own server on 127.0.0.1 with port 0 and kills it at the end, also
+//! when it fails.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use model_tracer_test_support::{python_with, real_model, require};
+
+const BIN: &str = env!("CARGO_BIN_EXE_model-tracer");
+
+/// A running server, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Starts `model-tracer serve --port 0` on `model` with `args`, and
+    /// waits (at most two minutes) for its `listening on` line.
+    fn start(model: &Path, args: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--gguf")
+            .arg(model)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {BIN}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.to_string());
+                }
+            }
+        });
+        let mut server = Server {
+            child,
+            url: String::new(),
+        };
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => server.url = url,
+            Err(_) => panic!("the server printed no `listening on` line in 2 minutes"),
+        }
+        assert!(
+            server.url.starts_with("http://127.0.0.1:"),
+            "{}",
+            server.url
+        );
+        server
+    }
+
+    /// The process id (for its resident memory).
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the server is no longer running.
+    fn assert_alive(&mut self) {
+        match self.child.try_wait() {
+            Ok(None) => {}
+            other => panic!("the server exited: {other:?}"),
+        }
+    }
+}
+
+fn tests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests")
+}
+
+/// Runs `python3 script args…` to its end (at most `limit`), and fails
+/// with its output unless it succeeds.
+fn python(script: &Path, args: &[&str], limit: Duration) {
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3 {}: {e}", script.display()));
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                assert!(status.success(), "{} failed: {status}", script.display());
+                return;
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} took more than {limit:?}", script.display());
+            }
+            Err(e) => panic!("waiting for {}: {e}", script.display()),
+        }
+    }
+}
+
+/// The real model and the `openai` package, or a skip (a failure in CI).
+fn prerequisites() -> Option<PathBuf> {
+    let model = real_model()?;
+    require(
+        python_with("openai").is_some(),
+        "the openai Python package (pip install openai)",
+    )
+    .then_some(model)
+}
+
+#[test]
+fn the_openai_client_gets_what_run_generates() {
+    let Some(model) = prerequisites() else { return };
+    let mut server = Server::start(&model, &["--parallel", "8"]);
+    let model = model.to_string_lossy().into_owned();
+    python(
+        &tests_dir().join("serve_openai.py"),
+        &["--url", &server.url, "--bin", BIN, "--gguf", &model],
+        Duration::from_secs(900),
+    );
+    server.assert_alive();
+}
+
+#[test]
+fn an_injected_fault_is_the_first_anomaly_of_every_request() {
+    let Some(model) = prerequisites() else { return };
+    let mut server = Server::start(&model, &["--inject", "nan@7"]);
+    let model = model.to_string_lossy().into_owned();
+    python(
+        &tests_dir().join("serve_openai.py"),
+        &[
+            "--url",
+            &server.url,
+            "--bin",
+            BIN,
+            "--gguf",
+            &model,
+            "--mode",
+            "inject",
+        ],
+        Duration::from_secs(300),
+    );
+    server.assert_alive();
+}
+
+#[test]
+fn bad_input_gets_an_error_while_other_requests_stream() {
+    let Some(model) = prerequisites() else { return };
+    let mut server = Server::start(&model, &["--parallel", "4", "--ctx", "512"]);
+    python(
+        &tests_dir().join("serve_bad_input.py"),
+        &["--url", &server.url],
+        Duration::from_secs(600),
+    );
+    server.assert_alive();
+}
+
+#[test]
+fn a_full_queue_answers_503_and_clients_that_hang_up_free_their_slot() {
+    let Some(model) = prerequisites() else { return };
+    let mut server = Server::start(&model, &["--parallel", "1", "--queue", "1"]);
+    python(
+        &tests_dir().join("serve_bad_input.py"),
+        &["--url", &server.url, "--mode", "queue"],
+        Duration::from_secs(300),
+    );
+    server.assert_alive();
+}
+
+#[test]
+fn a_soak_of_mixed_requests_leaves_every_slot_free_and_memory_flat() {
+    let Some(model) = prerequisites() else { return };
+    let mut server = Server::start(
+        &model,
+        &["--parallel", "4", "--ctx", "512", "--keep-traces", "8"],
+    );
+    let soak = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/serve_soak.py");
+    let pid = server.pid().to_string();
+    python(
+        &soak,
+        &["--url", &server.url, "--pid", &pid, "--requests", "200"],
+        Duration::from_secs(600),
+    );
+    server.assert_alive();
+}
