@@ -9,8 +9,8 @@ use model_tracer::metrics::{
     first_corruption, MetricsOptions, MetricsSink, Tee, TraceMetrics, DEFAULT_WEIGHT, NO_LAYER,
 };
 use model_tracer::{
-    Anomaly, AnomalyKind, ForwardSink, ForwardTrace, Full, KvCacheStateTrace, Lightweight,
-    ModelTracer, Origin, SinkHandle, Stage, TraceConfig,
+    Anomaly, AnomalyKind, BatchRow, ForwardSink, ForwardTrace, Full, KvCacheStateTrace,
+    Lightweight, ModelTracer, Origin, SequenceId, SinkHandle, Stage, TraceConfig,
 };
 use prometheus_client::registry::Registry;
 
@@ -614,6 +614,11 @@ fn a_fold_allocates_nothing_once_its_series_exist() {
     let mut sink = metrics.sink();
     let ((), first) = model_tracer_test_support::count_allocations(|| metrics.observe(&forward));
     assert!(first > 0, "the first fold creates the series");
+    // The sink's first corrupted forward makes room for its request.
+    let ((), first) = model_tracer_test_support::count_allocations(|| {
+        let _ = sink.write_forward(&forward);
+    });
+    assert_eq!(first, 1);
     let ((), again) = model_tracer_test_support::count_allocations(|| {
         for _ in 0..100 {
             metrics.observe(&forward);
@@ -621,7 +626,7 @@ fn a_fold_allocates_nothing_once_its_series_exist() {
         }
     });
     assert_eq!(again, 0);
-    assert_eq!(metrics.forwards(), 201);
+    assert_eq!(metrics.forwards(), 202);
 }
 
 #[test]
@@ -937,4 +942,104 @@ fn the_families_table_of_features_md_is_the_exported_one() {
         })
         .collect();
     assert_eq!(documented, exported);
+}
+
+/// A forward over one row of each of `sequences` at `pos`, layers 0..5 of
+/// width 8; the row of `poisoned` gets a NaN in layer 3's attention output.
+fn batch_forward(
+    t: &mut ModelTracer<Lightweight>,
+    sequences: &[u64],
+    pos: usize,
+    poisoned: Option<u64>,
+) {
+    let rows: Vec<BatchRow> = sequences
+        .iter()
+        .map(|&s| BatchRow::new(SequenceId(s), pos))
+        .collect();
+    t.begin_forward_batch(&rows);
+    let mut x: Vec<f32> = (0..sequences.len() * DIM)
+        .map(|i| ((i * 3 + pos) % 7) as f32 * 0.25 - 0.7)
+        .collect();
+    for layer in 0..LAYERS {
+        t.activation(layer, Stage::Input, &x);
+        let mut attn: Vec<f32> = x.iter().map(|v| 0.5 * v.tanh()).collect();
+        for (row, &s) in sequences.iter().enumerate() {
+            if layer == 3 && Some(s) == poisoned {
+                attn[row * DIM + 1] = f32::NAN;
+            }
+        }
+        t.activation(layer, Stage::PostAttn, &attn);
+        x.iter_mut().zip(&attn).for_each(|(a, b)| *a += b);
+        t.activation(layer, Stage::Output, &x);
+    }
+    t.end_forward();
+}
+
+#[test]
+fn a_sink_of_a_tracer_running_several_sequences_keeps_each_request_apart() {
+    let mut registry = Registry::default();
+    let metrics = TraceMetrics::register(&mut registry);
+    let sink = metrics.sink();
+    let mut t = ModelTracer::new(Lightweight);
+    t.set_sink(Some(SinkHandle::new(sink.clone())));
+    for pos in 0..4 {
+        batch_forward(&mut t, &[1, 2], pos, (pos == 2).then_some(2));
+    }
+    // Sequence 3 joins; its rows are poisoned from the start.
+    for pos in 0..2 {
+        batch_forward(&mut t, &[1, 3], 4 + pos, Some(3));
+    }
+    assert_eq!(metrics.forwards(), 12, "one fold per row");
+    assert!(sink.sequence_corruption(SequenceId(1)).is_none());
+    let two = sink
+        .sequence_corruption(SequenceId(2))
+        .expect("sequence 2 saw the NaN");
+    assert_eq!(
+        (two.layer, two.stage, two.position),
+        (Some(3), Stage::PostAttn, 2)
+    );
+    assert!(sink.corruption().is_none(), "no one-sequence request ran");
+
+    for id in [1, 2, 3] {
+        t.end_sequence(SequenceId(id));
+        sink.finish_sequence(SequenceId(id));
+    }
+    let s = samples(&text(&registry));
+    assert_eq!(value(&s, "model_tracer_requests_total", &[]), Some(3.0));
+    let origin = [("origin_layer", "3"), ("origin_stage", "post_attn")];
+    assert_eq!(
+        value(&s, "model_tracer_requests_corrupted_total", &origin),
+        Some(2.0)
+    );
+    let nan = [("kind", "nan"), ("layer", "3"), ("stage", "post_attn")];
+    assert_eq!(value(&s, "model_tracer_anomalies_total", &nan), Some(3.0));
+    // Finishing a request forgets it: a second call counts a clean one.
+    sink.finish_sequence(SequenceId(2));
+    let s = samples(&text(&registry));
+    assert_eq!(value(&s, "model_tracer_requests_total", &[]), Some(4.0));
+    assert_eq!(
+        value(&s, "model_tracer_requests_corrupted_total", &origin),
+        Some(2.0)
+    );
+}
+
+#[test]
+fn the_sink_remembers_a_bounded_number_of_corrupted_sequences() {
+    let mut registry = Registry::default();
+    let metrics = TraceMetrics::register(&mut registry);
+    let mut sink = metrics.sink();
+    let mut t = ModelTracer::new(Lightweight);
+    t.begin_forward(0);
+    t.activation(0, Stage::Input, &[1.0, f32::NAN]);
+    t.end_forward();
+    let mut f = t.last_forward().expect("kept").clone();
+    let pending = model_tracer::metrics::MAX_PENDING_SEQUENCES as u64;
+    for id in 0..pending + 10 {
+        f.sequence = Some(SequenceId(id));
+        sink.write_forward(&f).expect("never fails");
+    }
+    // The ten oldest were forgotten, the newest are kept.
+    assert!(sink.sequence_corruption(SequenceId(9)).is_none());
+    assert!(sink.sequence_corruption(SequenceId(10)).is_some());
+    assert!(sink.sequence_corruption(SequenceId(pending + 9)).is_some());
 }

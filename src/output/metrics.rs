@@ -92,8 +92,10 @@
 //! tokens. When it ends, the server calls
 //! [`TraceMetrics::request_finished`] with the request's first non-finite
 //! anomaly of origin [`Origin::Produced`] ([`first_corruption`] picks it
-//! from any anomalies), or [`MetricsSink::finish_request`], which passes
-//! the one its forwards carried. `model_tracer_requests_total` counts every
+//! from any anomalies), or [`MetricsSink::finish_request`] (one sequence
+//! per tracer) or [`MetricsSink::finish_sequence`] (forwards over several
+//! sequences, by [`SequenceId`]), which pass the one the request's
+//! forwards carried. `model_tracer_requests_total` counts every
 //! finished request; a request that saw a NaN or Inf also counts in
 //! `model_tracer_requests_corrupted_total`, labelled with the place the
 //! value was produced, not the places it propagated to. A program tracing
@@ -127,6 +129,7 @@ pub use prometheus_client;
 use crate::activation::MAX_LAYERS;
 use crate::anomaly::{Anomaly, AnomalyKind, Origin};
 use crate::forward::ForwardTrace;
+use crate::sequence::SequenceId;
 use crate::sink::{ForwardSink, SinkFailure};
 use crate::stage::Stage;
 
@@ -441,7 +444,7 @@ impl TraceMetrics {
     pub fn sink(&self) -> MetricsSink {
         MetricsSink {
             metrics: self.clone(),
-            corruption: Arc::new(Mutex::new(None)),
+            corruption: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -628,24 +631,40 @@ pub fn first_corruption<'a>(
     fallback
 }
 
-/// A [`ForwardSink`] into [`TraceMetrics`] for one sequence at a time.
+/// Sequences whose corruption a [`MetricsSink`] remembers at once: a
+/// sequence corrupted beyond them forgets the oldest one (whose request
+/// then finishes clean). A server that finishes its requests holds at
+/// most its live sequences.
+pub const MAX_PENDING_SEQUENCES: usize = 4096;
+
+/// A [`ForwardSink`] into [`TraceMetrics`] for the requests of one tracer.
 ///
 /// Every forward it receives is folded into the shared metrics; it also
-/// remembers the sequence's corruption (the first non-finite anomaly of
+/// remembers each request's corruption (the first non-finite anomaly of
 /// origin `Produced`, else the first non-finite one, as
-/// [`first_corruption`] picks), which [`finish_request`](Self::finish_request)
-/// reports. Clones share that memory: keep one clone, install the other in
-/// the tracer (`SinkHandle::new(sink.clone())`). Writing never fails.
+/// [`first_corruption`] picks), which the call at the request's end
+/// reports. A request is the one-sequence API's forwards
+/// ([`ForwardTrace::sequence`] `None`; ended by
+/// [`finish_request`](Self::finish_request)) or the rows of one
+/// [`SequenceId`] in forwards over several sequences (ended by
+/// [`finish_sequence`](Self::finish_sequence), beside the tracer's
+/// `end_sequence`). Clones share that memory: keep one clone, install the
+/// other in the tracer (`SinkHandle::new(sink.clone())`). Writing never
+/// fails.
 #[derive(Clone)]
 pub struct MetricsSink {
     metrics: TraceMetrics,
-    corruption: Arc<Mutex<Option<Anomaly>>>,
+    corruption: Arc<Mutex<Pending>>,
 }
+
+/// The corruption of each unfinished request, by sequence (`None`: the
+/// one-sequence API), oldest first.
+type Pending = Vec<(Option<SequenceId>, Anomaly)>;
 
 impl fmt::Debug for MetricsSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MetricsSink")
-            .field("corruption", &self.corruption())
+            .field("pending", &self.pending().len())
             .finish_non_exhaustive()
     }
 }
@@ -656,35 +675,71 @@ impl MetricsSink {
         &self.metrics
     }
 
-    fn slot(&self) -> MutexGuard<'_, Option<Anomaly>> {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
         match self.corruption.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    /// The corruption of the current request so far.
-    pub fn corruption(&self) -> Option<Anomaly> {
-        *self.slot()
+    fn corruption_at(&self, sequence: Option<SequenceId>) -> Option<Anomaly> {
+        self.pending()
+            .iter()
+            .find(|(s, _)| *s == sequence)
+            .map(|&(_, a)| a)
     }
 
-    /// Ends the current request: counts it (and its corruption) with
-    /// [`TraceMetrics::request_finished`], and forgets the corruption, so
-    /// that the sink serves the next request of the same tracer.
-    pub fn finish_request(&self) {
-        let corruption = self.slot().take();
+    /// The corruption of the current one-sequence request so far.
+    pub fn corruption(&self) -> Option<Anomaly> {
+        self.corruption_at(None)
+    }
+
+    /// The corruption of sequence `id`'s request so far.
+    pub fn sequence_corruption(&self, id: SequenceId) -> Option<Anomaly> {
+        self.corruption_at(Some(id))
+    }
+
+    fn finish(&self, sequence: Option<SequenceId>) {
+        let corruption = {
+            let mut pending = self.pending();
+            let i = pending.iter().position(|(s, _)| *s == sequence);
+            i.map(|i| pending.remove(i).1)
+        };
         self.metrics.request_finished(corruption.as_ref());
+    }
+
+    /// Ends the current one-sequence request: counts it (and its
+    /// corruption) with [`TraceMetrics::request_finished`], and forgets the
+    /// corruption, so that the sink serves the next request of the same
+    /// tracer.
+    pub fn finish_request(&self) {
+        self.finish(None);
+    }
+
+    /// Ends the request of sequence `id` (whose rows ran in forwards over
+    /// several sequences), as [`finish_request`](Self::finish_request)
+    /// ends the one-sequence request.
+    pub fn finish_sequence(&self, id: SequenceId) {
+        self.finish(Some(id));
     }
 
     fn remember(&self, forward: &ForwardTrace) {
         let Some(found) = first_corruption(&forward.anomalies) else {
             return;
         };
-        let mut slot = self.slot();
-        match *slot {
-            Some(ref kept)
-                if kept.origin == Origin::Produced || found.origin != Origin::Produced => {}
-            _ => *slot = Some(*found),
+        let mut pending = self.pending();
+        match pending.iter_mut().find(|(s, _)| *s == forward.sequence) {
+            Some((_, kept)) => {
+                if kept.origin != Origin::Produced && found.origin == Origin::Produced {
+                    *kept = *found;
+                }
+            }
+            None => {
+                if pending.len() >= MAX_PENDING_SEQUENCES {
+                    pending.remove(0);
+                }
+                pending.push((forward.sequence, *found));
+            }
         }
     }
 }
