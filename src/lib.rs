@@ -72,6 +72,8 @@ pub use record::{
 pub use output::dump;
 #[cfg(any(feature = "log", feature = "tracing"))]
 pub use output::events;
+#[cfg(feature = "metrics")]
+pub use output::metrics;
 #[cfg(feature = "serde")]
 pub use output::report;
 pub use output::{sink, summary};

@@ -9,6 +9,8 @@
 pub mod dump;
 #[cfg(any(feature = "log", feature = "tracing"))]
 pub mod events;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 #[cfg(feature = "serde")]
 pub mod report;
 #[cfg(feature = "serde")]
