@@ -19,77 +19,24 @@
 //! one (`CANDLE_NUM_THREADS=1`): threads would make the counts depend on
 //! scheduling. Without the model file the benchmarks say so and stop.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use iai_callgrind::{
     library_benchmark, library_benchmark_group, main, Callgrind, EventKind, LibraryBenchmarkConfig,
 };
 use model_tracer::{Disabled, Full, Lightweight, TraceConfig};
 use model_tracer_candle::CandleLlama;
+use model_tracer_test_support::BumpAllocator;
 
-/// The benchmark's allocator: a bump allocator over one region, blocks
-/// aligned to 64 bytes, nothing freed.
-///
-/// Unlike the reference decoder's step, which allocates nothing, candle
-/// allocates the output of every operation, and glibc's `malloc` costs a
-/// number of instructions that depends on the heap the process had before
-/// the step: where the heap starts (after the binary, whose size differs
-/// between the two builds) and what the harness allocated. With `malloc`,
-/// the two builds' `Disabled` steps, the same model code to the
+/// The benchmark's allocator: [`BumpAllocator`], whose instruction count
+/// per allocation does not depend on the heap the process had before.
+/// candle allocates the output of every operation, and with glibc's
+/// `malloc` the two builds' `Disabled` steps, the same model code to the
 /// instruction, differed by 29,360 to 56,503 instructions, all of them in
-/// `malloc` and `free`. A bump allocation costs the same instructions
-/// wherever its region starts, and 64-byte blocks give every copy the same
-/// alignment in both builds.
-struct Bump;
-
-/// Bytes reserved for the process: the model, the prompt and the step.
-const REGION: usize = 2 << 30;
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-static END: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every block returned lies inside the region, aligned as asked and
-// disjoint from every other (the cursor only moves forward); a failure to
-// reserve the region or a full region returns null, as allocators do.
-unsafe impl GlobalAlloc for Bump {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if NEXT.load(Ordering::Relaxed) == 0 {
-            // SAFETY: a valid non-zero layout; the first allocation happens
-            // on the main thread, before any other thread exists.
-            let region = unsafe { System.alloc(Layout::from_size_align_unchecked(REGION, 4096)) };
-            if region.is_null() {
-                return region;
-            }
-            NEXT.store(region as usize, Ordering::Relaxed);
-            END.store(region as usize + REGION, Ordering::Relaxed);
-        }
-        let align = layout.align().max(64);
-        let size = layout.size().div_ceil(64) * 64;
-        let mut next = NEXT.load(Ordering::Relaxed);
-        loop {
-            let start = next.div_ceil(align) * align;
-            if start + size > END.load(Ordering::Relaxed) {
-                return std::ptr::null_mut();
-            }
-            match NEXT.compare_exchange_weak(
-                next,
-                start + size,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return start as *mut u8,
-                Err(now) => next = now,
-            }
-        }
-    }
-
-    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: Layout) {}
-}
-
+/// `malloc` and `free`.
 #[global_allocator]
-static ALLOCATOR: Bump = Bump;
+static ALLOCATOR: BumpAllocator = BumpAllocator;
 
 /// Tokens run before the measured step; the step runs at this position.
 const PREFILL: usize = 16;

@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
+mod bump;
 pub mod gguf;
 pub mod modules;
 mod rng;
 
+pub use bump::BumpAllocator;
 pub use rng::SplitMix64;
 
 thread_local! {
