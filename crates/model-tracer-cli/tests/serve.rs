@@ -30,7 +30,8 @@ impl Drop for Server {
 
 impl Server {
     /// Starts `model-tracer serve --port 0` on `model` with `args`, and
-    /// waits (at most two minutes) for its `listening on` line.
+    /// waits (at most two minutes) for its `listening on` line, then for
+    /// `GET /health` to answer 200.
     fn start(model: &Path, args: &[&str]) -> Server {
         let mut child = Command::new(BIN)
             .arg("serve")
@@ -66,7 +67,35 @@ impl Server {
             "{}",
             server.url
         );
+        server.wait_healthy(Duration::from_secs(60));
         server
+    }
+
+    /// Waits until `GET /health` answers 200 (at most `limit`).
+    fn wait_healthy(&self, limit: Duration) {
+        use std::io::{Read, Write};
+        let addr = self.url.trim_start_matches("http://").to_string();
+        let start = Instant::now();
+        loop {
+            let answer = std::net::TcpStream::connect(&addr).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(
+                    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                )?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            });
+            if answer.is_ok_and(|t| t.starts_with("HTTP/1.1 200")) {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{}/health did not answer 200 within {limit:?}",
+                self.url
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The process id (for its resident memory).
