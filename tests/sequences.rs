@@ -6,8 +6,10 @@
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
+use model_tracer::diff::{diff, Side};
 use model_tracer::kv_cache::KvCacheStateTrace;
-use model_tracer::read::JsonlReader;
+use model_tracer::read::{JsonlReader, SequenceChoice};
+use model_tracer::replay::ReplayedTrace;
 use model_tracer::{
     AnomalyKind, BatchRow, BrickId, ForwardTrace, Full, JsonlSink, Lightweight, LogitRows,
     ModelTracer, QuantSampling, QuantType, SequenceId, SinkHandle, Stage, TraceConfig,
@@ -202,9 +204,13 @@ fn check<C: TraceConfig>(config: C, logit_rows: LogitRows) {
         0,
         "the one-sequence lane saw nothing"
     );
+    let mut alone_rows = Vec::new();
     for seq in 0..3u64 {
         let id = SequenceId(seq);
         let mut alone = tracer(config.clone(), logit_rows);
+        let alone_out = Shared::default();
+        alone.set_sink(Some(SinkHandle::new(JsonlSink::new(alone_out.clone()))));
+        alone_rows.push(alone_out);
         for segs in schedule() {
             for g in segs.iter().filter(|g| g.seq == seq) {
                 forward(&mut alone, std::slice::from_ref(g), false);
@@ -280,6 +286,58 @@ fn check<C: TraceConfig>(config: C, logit_rows: LogitRows) {
         .flat_map(|g| (0..g.rows).map(move |i| (Some(SequenceId(g.seq)), g.start + i)))
         .collect();
     assert_eq!(back, sent);
+
+    // Read back one sequence at a time, the trace of all three replays and
+    // compares as each sequence traced alone; read whole, it is refused
+    // at the first row of a second sequence.
+    let err = ReplayedTrace::read_jsonl(text.as_bytes(), 1000).map(|_| ());
+    let err = err.expect_err("a trace of three sequences is not one run");
+    assert_eq!(err.line, 6, "{err}");
+    assert!(
+        err.message.contains("sequence 1") && err.message.contains("sequence 0"),
+        "{err}"
+    );
+    let err = Side::from_jsonl("all", text.as_bytes()).map(|_| ());
+    assert_eq!(err.map_err(|e| e.line), Err(6));
+    for (seq, alone_out) in alone_rows.iter().enumerate() {
+        let alone_text = alone_out.0.lock().map(|b| b.clone()).unwrap_or_default();
+        let choice = SequenceChoice::Only(SequenceId(seq as u64));
+        let one = ReplayedTrace::read_jsonl_of(text.as_bytes(), 1000, choice)
+            .unwrap_or_else(|e| panic!("sequence {seq}: {e}"));
+        let alone = ReplayedTrace::read_jsonl(&alone_text[..], 1000)
+            .unwrap_or_else(|e| panic!("sequence {seq} alone: {e}"));
+        assert_eq!(one.rows(), alone.rows(), "sequence {seq}");
+        assert_eq!(
+            format!("{:?}", one.tracer().summary()),
+            format!("{:?}", alone.tracer().summary()),
+            "sequence {seq}"
+        );
+        let got: Vec<String> = one
+            .tracer()
+            .forwards()
+            .map(|f| format!("{:?}", without_sequence(f)))
+            .collect();
+        let want: Vec<String> = alone
+            .tracer()
+            .forwards()
+            .map(|f| format!("{f:?}"))
+            .collect();
+        assert_eq!(got, want, "sequence {seq}");
+        let a = Side::from_jsonl_of("one", text.as_bytes(), choice)
+            .unwrap_or_else(|e| panic!("sequence {seq}: {e}"));
+        let b = Side::from_jsonl("alone", &alone_text[..])
+            .unwrap_or_else(|e| panic!("sequence {seq} alone: {e}"));
+        let report = diff(&a, &b, 0.0).unwrap_or_else(|e| panic!("sequence {seq}: {e}"));
+        assert!(
+            report.first_divergence.is_none(),
+            "sequence {seq}: {report}"
+        );
+        assert_eq!(a.positions.len(), b.positions.len());
+    }
+    let none =
+        ReplayedTrace::read_jsonl_of(text.as_bytes(), 10, SequenceChoice::Only(SequenceId(9)));
+    let none = none.map(|_| ()).expect_err("no row of sequence 9");
+    assert_eq!(none.message, "the trace holds no row of sequence 9");
 }
 
 #[test]

@@ -45,7 +45,7 @@ use std::fmt;
 
 use crate::forward::ForwardTrace;
 use crate::model_info::ModelInfo;
-use crate::read::{JsonlReader, ReadError};
+use crate::read::{no_row, JsonlReader, ReadError, SequenceChoice};
 use crate::serde_float::Float;
 use crate::stage::Stage;
 use crate::stats::TensorStats;
@@ -220,12 +220,27 @@ impl Side {
     /// The first row that cannot be read, with its line; a trace with no
     /// row.
     pub fn from_jsonl(name: &str, input: impl std::io::BufRead) -> Result<Self, ReadError> {
+        Self::from_jsonl_of(name, input, SequenceChoice::Single)
+    }
+
+    /// [`from_jsonl`](Self::from_jsonl) of the rows `choice` keeps: one
+    /// sequence of a trace of forwards over several.
+    ///
+    /// # Errors
+    ///
+    /// As [`from_jsonl`](Self::from_jsonl); a row of a second sequence
+    /// under [`SequenceChoice::Single`]; no row of the sequence asked for.
+    pub fn from_jsonl_of(
+        name: &str,
+        input: impl std::io::BufRead,
+        choice: SequenceChoice,
+    ) -> Result<Self, ReadError> {
         let mut side = Side {
             name: name.to_string(),
             kind: "jsonl".into(),
             ..Side::default()
         };
-        for row in JsonlReader::new(input) {
+        for row in JsonlReader::new(input).of_sequence(choice) {
             let row = row?;
             if row.model.is_some() {
                 side.model = row.model;
@@ -233,10 +248,7 @@ impl Side {
             side.insert_forward(&row.forward);
         }
         if side.positions.is_empty() {
-            return Err(ReadError {
-                line: 0,
-                message: "the trace holds no row".into(),
-            });
+            return Err(no_row(choice));
         }
         Ok(side)
     }
@@ -326,9 +338,31 @@ impl Side {
     /// they are, with its line or its tensor; a dump when the crate is
     /// built without the `dump` feature.
     pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Self, DiffError> {
+        Self::from_bytes_of(name, bytes, SequenceChoice::Single)
+    }
+
+    /// [`from_bytes`](Self::from_bytes) of the rows `choice` keeps, when
+    /// the bytes are a JSON Lines trace.
+    ///
+    /// # Errors
+    ///
+    /// As [`from_bytes`](Self::from_bytes); a sequence asked of a dump,
+    /// which holds the forwards of one sequence.
+    pub fn from_bytes_of(
+        name: &str,
+        bytes: &[u8],
+        choice: SequenceChoice,
+    ) -> Result<Self, DiffError> {
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
         if first == Some(b'{') {
-            return Self::from_jsonl(name, bytes).map_err(|e| DiffError(format!("{name}: {e}")));
+            return Self::from_jsonl_of(name, bytes, choice)
+                .map_err(|e| DiffError(format!("{name}: {e}")));
+        }
+        if let SequenceChoice::Only(id) = choice {
+            return Err(DiffError(format!(
+                "{name}: not a JSON Lines trace, so it has no sequence {} to choose",
+                id.0
+            )));
         }
         if bytes.len() > 8 && bytes[8] == b'{' {
             #[cfg(feature = "dump")]

@@ -169,6 +169,104 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
     }
 }
 
+impl<R: BufRead> JsonlReader<R> {
+    /// The line of the row (or error) returned last, from 1 (0 before
+    /// the first).
+    pub fn line(&self) -> usize {
+        self.line
+    }
+
+    /// The rows of one sequence: see [`SequenceChoice`].
+    pub fn of_sequence(self, choice: SequenceChoice) -> SequenceRows<R> {
+        SequenceRows {
+            rows: self,
+            choice,
+            first: None,
+            failed: false,
+        }
+    }
+}
+
+/// Which rows of a trace to read. A trace written by forwards over several
+/// sequences (a server's, with [`begin_forward_batch`](crate::ModelTracer::begin_forward_batch))
+/// holds the rows of each, named by their `sequence` column, with their
+/// positions counted per sequence: what is replayed or compared is one
+/// sequence at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SequenceChoice {
+    /// The trace holds one sequence, or rows that name none: a row of a
+    /// second sequence is an error naming both and its line.
+    #[default]
+    Single,
+    /// The rows of this sequence only; the others are skipped.
+    Only(SequenceId),
+}
+
+/// The rows of a [`JsonlReader`] that a [`SequenceChoice`] keeps
+/// ([`JsonlReader::of_sequence`]).
+#[derive(Debug)]
+pub struct SequenceRows<R> {
+    rows: JsonlReader<R>,
+    choice: SequenceChoice,
+    first: Option<Option<SequenceId>>,
+    failed: bool,
+}
+
+/// How an error message names the sequence of a row.
+fn sequence_name(s: Option<SequenceId>) -> String {
+    s.map_or_else(|| "no sequence".into(), |s| format!("sequence {}", s.0))
+}
+
+impl<R: BufRead> Iterator for SequenceRows<R> {
+    type Item = Result<JsonlRow, ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            let row = match self.rows.next()? {
+                Ok(row) => row,
+                Err(e) => return Some(Err(e)),
+            };
+            let seq = row.forward.sequence;
+            match self.choice {
+                SequenceChoice::Only(id) if seq != Some(id) => continue,
+                SequenceChoice::Only(_) => return Some(Ok(row)),
+                SequenceChoice::Single => match self.first {
+                    None => {
+                        self.first = Some(seq);
+                        return Some(Ok(row));
+                    }
+                    Some(first) if first == seq => return Some(Ok(row)),
+                    Some(first) => {
+                        self.failed = true;
+                        return Some(Err(ReadError {
+                            line: self.rows.line(),
+                            message: format!(
+                                "a row of {} after rows of {}: the trace holds several \
+                                 sequences; read one of them by its id",
+                                sequence_name(seq),
+                                sequence_name(first)
+                            ),
+                        }));
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// The error of a choice that kept no row: an empty trace, or no row of
+/// the sequence asked for.
+pub fn no_row(choice: SequenceChoice) -> ReadError {
+    let message = match choice {
+        SequenceChoice::Single => "the trace holds no row".to_string(),
+        SequenceChoice::Only(id) => format!("the trace holds no row of sequence {}", id.0),
+    };
+    ReadError { line: 0, message }
+}
+
 /// Reads one row (one line, without its newline).
 pub fn parse_row(line: &str) -> Result<JsonlRow, String> {
     let raw: RawRow = serde_json::from_str(line).map_err(|e| {

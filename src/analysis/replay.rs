@@ -14,7 +14,7 @@ use std::io::BufRead;
 
 use crate::config::ModelTracerConfig;
 use crate::model_info::ModelInfo;
-use crate::read::{JsonlReader, JsonlRow, ReadError};
+use crate::read::{no_row, JsonlReader, JsonlRow, ReadError, SequenceChoice};
 use crate::report::ReportInput;
 use crate::stage::Stage;
 use crate::tracer::ModelTracer;
@@ -45,11 +45,29 @@ impl ReplayedTrace {
     ///
     /// # Errors
     ///
-    /// The first row that cannot be read (its line and column named), or
-    /// an input with no row at all.
+    /// The first row that cannot be read (its line and column named), a
+    /// row of a second sequence (a trace of forwards over several
+    /// sequences: replay one with [`read_jsonl_of`](Self::read_jsonl_of)),
+    /// or an input with no row at all.
     pub fn read_jsonl(input: impl BufRead, max_forwards: usize) -> Result<Self, ReadError> {
+        Self::read_jsonl_of(input, max_forwards, SequenceChoice::Single)
+    }
+
+    /// [`read_jsonl`](Self::read_jsonl) of the rows `choice` keeps: with
+    /// [`SequenceChoice::Only`], one sequence of a trace that holds
+    /// several, replayed as if it had been traced alone.
+    ///
+    /// # Errors
+    ///
+    /// As [`read_jsonl`](Self::read_jsonl); no row of the sequence asked
+    /// for.
+    pub fn read_jsonl_of(
+        input: impl BufRead,
+        max_forwards: usize,
+        choice: SequenceChoice,
+    ) -> Result<Self, ReadError> {
         let mut replay: Option<Self> = None;
-        for row in JsonlReader::new(input) {
+        for row in JsonlReader::new(input).of_sequence(choice) {
             let JsonlRow {
                 forward,
                 model,
@@ -85,10 +103,7 @@ impl ReplayedTrace {
             r.tracer.replay_forward(forward);
             r.rows += 1;
         }
-        replay.ok_or_else(|| ReadError {
-            line: 0,
-            message: "the trace holds no row".into(),
-        })
+        replay.ok_or_else(|| no_row(choice))
     }
 
     /// The tracer the rows were replayed into.

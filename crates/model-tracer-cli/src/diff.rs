@@ -3,6 +3,7 @@
 
 use std::io::Write as _;
 
+use crate::report::sequence_choice;
 use crate::setup::outputs::create_output;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -23,16 +24,30 @@ pub struct DiffArgs {
     /// of the error, the divergence marked
     #[arg(long, value_name = "PATH")]
     html: Option<String>,
+    /// The sequence of A compared, when A's trace holds forwards over
+    /// several (by the id in its rows' `sequence` column)
+    #[arg(long, value_name = "ID")]
+    sequence_a: Option<u64>,
+    /// The sequence of B compared, as --sequence-a
+    #[arg(long, value_name = "ID")]
+    sequence_b: Option<u64>,
 }
 
 /// One side of a diff, read from `path`: a JSON Lines trace or an
 /// activation dump.
-fn load_side(path: &str) -> Result<model_tracer::diff::Side, String> {
+fn load_side(path: &str, sequence: Option<u64>) -> Result<model_tracer::diff::Side, String> {
     let name = std::path::Path::new(path)
         .file_name()
         .map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned());
     let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
-    model_tracer::diff::Side::from_bytes(&name, &bytes).map_err(|e| e.to_string())
+    model_tracer::diff::Side::from_bytes_of(&name, &bytes, sequence_choice(sequence)).map_err(|e| {
+        let e = e.to_string();
+        if sequence.is_none() && e.contains("several sequences") {
+            format!("{e} (--sequence-a/--sequence-b ID)")
+        } else {
+            e
+        }
+    })
 }
 
 /// `model-tracer diff`: whether the two runs agree within the tolerance.
@@ -44,7 +59,10 @@ pub fn diff(args: &DiffArgs) -> Result<bool, String> {
         ));
     }
     let (json, html) = (create_output(&args.json)?, create_output(&args.html)?);
-    let (a, b) = (load_side(&args.a)?, load_side(&args.b)?);
+    let (a, b) = (
+        load_side(&args.a, args.sequence_a)?,
+        load_side(&args.b, args.sequence_b)?,
+    );
     let report = model_tracer::diff::diff(&a, &b, args.tolerance).map_err(|e| e.to_string())?;
     // A closed pipe (`| head`) is not an error of the comparison.
     let _ = write!(std::io::stdout(), "{report}");

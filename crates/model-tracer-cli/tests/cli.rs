@@ -828,3 +828,121 @@ fn exact_dump_of_the_real_model_has_the_numpy_logits() {
     assert_eq!(best, NUMPY_PARIS.0);
     assert!((last[best] - NUMPY_PARIS.1).abs() < 2e-3, "{}", last[best]);
 }
+
+/// The rows of the traces at `paths` interleaved into one trace, each row
+/// given the `sequence` of its file's index: the trace of a program whose
+/// forwards held several sequences.
+fn interleave(paths: &[&str], out: &Path) {
+    let files: Vec<Vec<String>> = paths
+        .iter()
+        .map(|p| match std::fs::read_to_string(p) {
+            Ok(t) => t.lines().map(str::to_string).collect(),
+            Err(e) => panic!("{p}: {e}"),
+        })
+        .collect();
+    let longest = files.iter().map(Vec::len).max().unwrap_or(0);
+    let mut text = String::new();
+    for i in 0..longest {
+        for (seq, rows) in files.iter().enumerate() {
+            let Some(line) = rows.get(i) else { continue };
+            let mut row: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            row["sequence"] = serde_json::json!(seq);
+            text.push_str(&row.to_string());
+            text.push('\n');
+        }
+    }
+    if let Err(e) = std::fs::write(out, text) {
+        panic!("{}: {e}", out.display());
+    }
+}
+
+#[test]
+fn report_and_diff_take_one_sequence_of_a_trace_that_holds_several() {
+    let dir = scratch_dir("cli-sequences");
+    let a = tiny_trace(&dir, "a.jsonl", &[]);
+    let b = tiny_trace(&dir, "b.jsonl", &["--inject", "scale@1"]);
+    let multi = dir.join("multi.jsonl");
+    interleave(&[&a, &b], &multi);
+    let multi = multi.to_string_lossy().into_owned();
+
+    // Whole, it is refused, naming the option and the row of the second
+    // sequence; nothing is written.
+    let out = program(&["report", &multi, "-o", "mixed.html"], &dir);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("line 2") && err.contains("sequence 1") && err.contains("--sequence"),
+        "{err}"
+    );
+    assert!(!dir.join("mixed.html").exists());
+
+    // One sequence of it renders the page of that sequence's own trace.
+    for (seq, alone) in [("0", &a), ("1", &b)] {
+        let (one, own) = (format!("seq{seq}.html"), format!("own{seq}.html"));
+        let out = program(&["report", &multi, "--sequence", seq, "-o", &one], &dir);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains(&format!("sequence {seq}")));
+        let out = program(&["report", alone, "-o", &own], &dir);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let (x, y) = match (std::fs::read(dir.join(&one)), std::fs::read(dir.join(&own))) {
+            (Ok(x), Ok(y)) => (x, y),
+            other => panic!("a report is missing: {other:?}"),
+        };
+        assert!(
+            x.len() > 10_000 && x == y,
+            "sequence {seq}: {} vs {} bytes",
+            x.len(),
+            y.len()
+        );
+    }
+    let out = program(
+        &["report", &multi, "--sequence", "7", "-o", "none.html"],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no row of sequence 7"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The diff compares a sequence with its own trace (no divergence) and
+    // with the other prompt's (a divergence), and refuses the whole trace.
+    let out = program(&["diff", &multi, &b, "--sequence-a", "1"], &dir);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = program(&["diff", &multi, &a, "--sequence-a", "1"], &dir);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = program(
+        &[
+            "diff",
+            &multi,
+            &multi,
+            "--sequence-a",
+            "0",
+            "--sequence-b",
+            "0",
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = program(&["diff", &multi, &a], &dir);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--sequence-a"),
+        "{}",
+        text(&out.stderr)
+    );
+}
