@@ -257,7 +257,7 @@ impl Recorder {
             self.fingerprint(layer, stage, x);
         }
         #[cfg(feature = "dump")]
-        if let (false, Some(d)) = (self.batch, &mut self.dump) {
+        if let Some(d) = &mut self.dump {
             d.activation_row(self.focus, layer, stage, x);
         }
     }
@@ -459,7 +459,7 @@ impl Recorder {
                 self.fingerprint(0, Stage::Logits, logits);
             }
             #[cfg(feature = "dump")]
-            if let (false, Some(d)) = (self.batch, &mut self.dump) {
+            if let Some(d) = &mut self.dump {
                 d.activation_row(self.focus, 0, Stage::Logits, logits);
             }
         }
@@ -583,7 +583,7 @@ impl Recorder {
         }
         self.in_forward = false;
         #[cfg(feature = "dump")]
-        if let (false, Some(d)) = (self.batch, &mut self.dump) {
+        if let Some(d) = &mut self.dump {
             for row in 0..self.rows {
                 let token = if row == self.focus {
                     self.current.token

@@ -661,6 +661,7 @@ fn the_tracer_applies_the_filter() {
         layers: Some(vec![1]),
         stages: Some(vec![Stage::PostAttn, Stage::Logits]),
         positions: Some(5..7),
+        sequence: None,
     };
     t.set_dump(Some(DumpRecorder::new(filter.clone())));
     for pos in 0..10 {

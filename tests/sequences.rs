@@ -462,3 +462,49 @@ fn a_disabled_tracer_has_no_lanes() {
     assert!(t.end_sequence(SequenceId(1)).is_none());
     assert_eq!(t.sequences().count(), 0);
 }
+
+/// A dump of one sequence's rows of forwards over several sequences is the
+/// dump of that sequence run alone; a dump that names no sequence keeps no
+/// row of a batch forward.
+#[cfg(feature = "dump")]
+#[test]
+fn a_dump_of_one_sequence_of_batch_forwards_is_its_dump_alone() {
+    use model_tracer::{DumpFilter, DumpRecorder};
+    for seq in 0..3u64 {
+        let filter = DumpFilter {
+            sequence: Some(SequenceId(seq)),
+            ..DumpFilter::default()
+        };
+        let mut batched = tracer(Full, LogitRows::Last);
+        batched.set_dump(Some(DumpRecorder::new(filter)));
+        for segs in schedule() {
+            forward(&mut batched, &segs, true);
+        }
+        let mut alone = tracer(Full, LogitRows::Last);
+        alone.set_dump(Some(DumpRecorder::new(DumpFilter::default())));
+        for segs in schedule() {
+            for g in segs.iter().filter(|g| g.seq == seq) {
+                forward(&mut alone, std::slice::from_ref(g), false);
+            }
+        }
+        let (Some(got), Some(want)) = (batched.take_dump(), alone.take_dump()) else {
+            panic!("a dump was installed");
+        };
+        let rows: usize = schedule()
+            .iter()
+            .flatten()
+            .filter(|g| g.seq == seq)
+            .map(|g| g.rows)
+            .sum();
+        assert_eq!(got.len(), rows, "sequence {seq}");
+        assert_eq!(got.positions(), want.positions(), "sequence {seq}");
+        assert_eq!(got.tokens(), want.tokens(), "sequence {seq}");
+        assert!(got.to_bytes() == want.to_bytes(), "sequence {seq}");
+    }
+    let mut batched = tracer(Lightweight, LogitRows::Last);
+    batched.set_dump(Some(DumpRecorder::new(DumpFilter::default())));
+    for segs in schedule() {
+        forward(&mut batched, &segs, true);
+    }
+    assert_eq!(batched.take_dump().map(|d| d.len()), Some(0));
+}

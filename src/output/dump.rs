@@ -60,6 +60,7 @@ use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::activation::MAX_LAYERS;
+use crate::sequence::{BatchRow, SequenceId};
 use crate::stage::Stage;
 
 /// `__metadata__["format"]` of a dump.
@@ -1038,6 +1039,13 @@ pub struct DumpFilter {
     /// Positions whose forwards are kept (by the position given to
     /// `begin_forward`); the others record nothing, not even their token.
     pub positions: Option<Range<usize>>,
+    /// The sequence whose rows are kept in forwards over several
+    /// sequences ([`ModelTracer::begin_forward_batch`](crate::ModelTracer::begin_forward_batch)):
+    /// a dump holds the forwards of one sequence. `None` keeps the
+    /// forwards of the one-sequence API and no row of a batch forward;
+    /// `Some(id)` keeps the rows of `id` in batch forwards, as if the
+    /// sequence had run alone, and no forward of the one-sequence API.
+    pub sequence: Option<SequenceId>,
 }
 
 impl DumpFilter {
@@ -1141,20 +1149,41 @@ impl DumpRecorder {
     /// of the dump per position the filter keeps. A forward begun and not
     /// ended is dropped.
     pub fn begin_rows(&mut self, start: usize, rows: usize) {
-        if !self.open.is_empty() {
-            let rows = self.tokens.len();
-            self.columns.values_mut().for_each(|c| c.fit(rows));
-        }
-        self.open.clear();
-        self.open_rows.clear();
+        self.drop_open();
         for position in start..start.saturating_add(rows.max(1)) {
-            if self.filter.wants_position(position) {
+            if self.filter.sequence.is_none() && self.filter.wants_position(position) {
                 self.open_rows.push(Some(self.open.len()));
                 self.open.push((position, None));
             } else {
                 self.open_rows.push(None);
             }
         }
+    }
+
+    /// Starts a forward over the rows of several sequences (`rows`, in
+    /// the order of the forward's buffers): one row of the dump per row of
+    /// the filter's [`sequence`](DumpFilter::sequence) at a position it
+    /// keeps. A forward begun and not ended is dropped.
+    pub fn begin_batch(&mut self, rows: &[BatchRow]) {
+        self.drop_open();
+        for r in rows {
+            if Some(r.sequence) == self.filter.sequence && self.filter.wants_position(r.position) {
+                self.open_rows.push(Some(self.open.len()));
+                self.open.push((r.position, None));
+            } else {
+                self.open_rows.push(None);
+            }
+        }
+    }
+
+    /// Drops the forward being recorded, if any: its rows never ended.
+    fn drop_open(&mut self) {
+        if !self.open.is_empty() {
+            let rows = self.tokens.len();
+            self.columns.values_mut().for_each(|c| c.fit(rows));
+        }
+        self.open.clear();
+        self.open_rows.clear();
     }
 
     /// Names the token of the forward being recorded (of its first row).

@@ -52,6 +52,10 @@ impl Recorder {
         self.in_forward = true;
         self.batch = true;
         self.batches += 1;
+        #[cfg(feature = "dump")]
+        if let Some(d) = &mut self.dump {
+            d.begin_batch(rows);
+        }
         let n = rows.len().clamp(1, MAX_FORWARD_ROWS);
         self.start = rows.first().map_or(0, |r| r.position);
         self.rows = n;

@@ -432,7 +432,7 @@ impl Setup<'_> {
             let filter = DumpFilter {
                 layers: self.output.dump_layers.clone(),
                 stages: self.output.dump_stages.clone(),
-                positions: None,
+                ..DumpFilter::default()
             };
             tracer.set_dump(Some(DumpRecorder::new(filter)));
         }
