@@ -1417,6 +1417,7 @@ mod tests {
             layers: Some(vec![1]),
             stages: Some(vec![Stage::Input, Stage::Output, Stage::Logits]),
             positions: Some(2..4),
+            sequence: None,
         };
         let mut r = DumpRecorder::new(filter);
         for pos in 0..6 {

@@ -55,11 +55,15 @@ use std::path::PathBuf;
 use iai_callgrind::{
     library_benchmark, library_benchmark_group, main, Callgrind, EventKind, LibraryBenchmarkConfig,
 };
+use model_tracer::metrics::prometheus_client::registry::Registry;
+use model_tracer::metrics::TraceMetrics;
 use model_tracer::tracer::DEFAULT_QUANT_STRIDE;
-use model_tracer::{Disabled, Full, Lightweight, Recorder, TraceConfig};
+use model_tracer::{Disabled, Full, Lightweight, Recorder, SinkHandle, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::gguf::GgufFile;
-use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama, Weights};
+use model_tracer_llama::model::{
+    synthetic_weights, Config, KvCacheOptions, Llama, Sequence, SequenceStep, Weights,
+};
 use model_tracer_llama::quant::QMatrix;
 use model_tracer_test_support::gguf::GgufWriter;
 use model_tracer_test_support::BumpAllocator;
@@ -82,6 +86,8 @@ const SEED: u64 = 1;
 const CHUNK: usize = 32;
 /// KV cache capacity: room for every benchmarked position, no eviction.
 const CACHE_CAPACITY: usize = 128;
+/// Sequences of the measured batch decode step.
+const BATCH: usize = 8;
 
 /// The two model shapes benchmarked.
 #[derive(Debug, Clone, Copy)]
@@ -147,6 +153,13 @@ fn forward_chunks_of<C: TraceConfig>() -> usize {
     chunks as usize
 }
 
+/// The address of `Llama::<C>::forward_batch`.
+fn forward_batch_of<C: TraceConfig>() -> usize {
+    let batch: for<'a, 'b, 'c> fn(&'a mut Llama<C>, &'b mut [SequenceStep<'c>]) =
+        Llama::<C>::forward_batch;
+    batch as usize
+}
+
 /// Makes both builds compile the decoder for every config.
 ///
 /// Which helper functions the optimizer inlines into `Llama::<Disabled>::forward`
@@ -183,6 +196,10 @@ fn instantiate_every_config() {
         forward_chunks_of::<LogitLens>(),
         forward_chunks_of::<QuantError>(),
         forward_chunks_of::<Fingerprints>(),
+    ]);
+    black_box([
+        forward_batch_of::<Disabled>(),
+        forward_batch_of::<Lightweight>(),
     ]);
 }
 
@@ -265,6 +282,67 @@ fn prefilled_with_chunk<C: TraceConfig>(shape: Shape, trace: C) -> (Box<Llama<C>
     (model, tokens)
 }
 
+/// Benchmark setup of the fleet metrics' cost: the model of `shape` after
+/// the prefill, its tracer's sink a [`MetricsSink`](model_tracer::metrics::MetricsSink)
+/// that folds every forward into the model-health families (the prefill
+/// made every series, as the first forwards of a server do).
+fn prefilled_with_metrics<C: TraceConfig>(shape: Shape, trace: C) -> Box<Llama<C>> {
+    let config = shape.config();
+    let vocab = config.vocab_size;
+    let cache = KvCacheOptions {
+        capacity: CACHE_CAPACITY,
+        sinks: 4,
+    };
+    let mut model = Box::new(or_exit(
+        Llama::new(config, read_weights(shape), None, cache, trace),
+        "building the model",
+    ));
+    // The families live as long as the sink, which holds them; the
+    // registry that would encode them is not needed to fold.
+    let metrics = TraceMetrics::register(&mut Registry::default());
+    model
+        .tracer_mut()
+        .set_sink(Some(SinkHandle::new(metrics.sink())));
+    let tokens: Vec<u32> = (0..PREFILL).map(|p| token_at(p, vocab)).collect();
+    model.forward_chunks(&tokens);
+    model
+}
+
+/// Benchmark setup of a decode step of several sequences: the model of
+/// `shape` and [`BATCH`] sequences of their own KV caches, sequence `i`
+/// after a prompt of `2 + i` tokens (all of them prefilled in one batch
+/// forward), and the token each runs next.
+fn batched<C: TraceConfig>(
+    shape: Shape,
+    trace: C,
+) -> (Box<Llama<C>>, Vec<Sequence>, Vec<[u32; 1]>) {
+    let config = shape.config();
+    let vocab = config.vocab_size;
+    let cache = KvCacheOptions {
+        capacity: CACHE_CAPACITY,
+        sinks: 4,
+    };
+    let mut model = Box::new(or_exit(
+        Llama::new(config, read_weights(shape), None, cache, trace),
+        "building the model",
+    ));
+    let mut sequences: Vec<Sequence> = (0..BATCH).map(|_| model.new_sequence(cache)).collect();
+    let prompts: Vec<Vec<u32>> = (0..BATCH)
+        .map(|i| (0..2 + i).map(|p| token_at(p + 100 * i, vocab)).collect())
+        .collect();
+    let mut steps: Vec<SequenceStep<'_>> = sequences
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(s, p)| SequenceStep::new(s, p))
+        .collect();
+    model.forward_batch(&mut steps);
+    drop(steps);
+    let next = (0..BATCH)
+        .map(|i| [token_at(2 + i + 100 * i, vocab)])
+        .collect();
+    (model, sequences, next)
+}
+
 /// Callgrind counting instructions only.
 fn callgrind_config() -> LibraryBenchmarkConfig {
     let mut callgrind = Callgrind::with_args(["--cache-sim=no"]);
@@ -286,6 +364,21 @@ fn run_step<C: TraceConfig>(model: &mut Llama<C>) {
 #[inline(always)]
 fn run_chunk<C: TraceConfig>(model: &mut Llama<C>, tokens: &[u32]) {
     black_box(model.forward_chunks(black_box(tokens)));
+}
+
+/// One decode step of [`BATCH`] sequences: one forward of a row each.
+#[inline(always)]
+fn run_batch_step<C: TraceConfig>(
+    model: &mut Llama<C>,
+    sequences: &mut [Sequence],
+    next: &[[u32; 1]],
+) {
+    let mut steps: Vec<SequenceStep<'_>> = sequences
+        .iter_mut()
+        .zip(next)
+        .map(|(s, t)| SequenceStep::new(s, black_box(t)))
+        .collect();
+    model.forward_batch(black_box(&mut steps));
 }
 
 /// [`DEFAULT_QUANT_STRIDE`] consecutive decode steps from position
@@ -372,19 +465,106 @@ mod markers {
 
 use markers::*;
 
-// The `Disabled` ids of the hooks build come first, in the places of the
-// `compiled_out` ids of the baseline build: iai-callgrind runs each id as
-// `<binary> --iai-run <group> <function> <index> ...`, and with equal
-// arguments (and binary paths of equal length, see `.ci/overhead`) both
-// processes start with the same stack and heap layout. Otherwise `memcpy`,
-// whose instruction count depends on the alignment of its operands, can
+// Each measured function exists in two builds: the `Disabled` ids of the
+// hooks build and the `compiled_out` ids of the baseline build have
+// functions of the same shape (the same number of ids, the same
+// arguments), listed first in the group in the same order; the traced
+// configs' ids live in functions of their own after them. iai-callgrind
+// runs each id as `<binary> --iai-run <group> <function> <index> ...`, so
+// with equal arguments (and binary paths of equal length, see
+// `.ci/overhead`) both processes start with the same stack and heap
+// layout, and the wrappers it generates around the two functions are the
+// same code. Otherwise `memcpy`, whose instruction count depends on the
+// alignment of its operands, or a wrapper's dispatch over more ids, can
 // differ by a few instructions between the two builds.
+
+type Prefilled<C> = (Box<Llama<C>>, Vec<u32>);
+type Batched<C> = (Box<Llama<C>>, Vec<Sequence>, Vec<[u32; 1]>);
+
+#[library_benchmark]
+#[cfg_attr(
+    not(model_tracer_no_hooks),
+    bench::smollm2_disabled(args = (Shape::Smollm2, Disabled), setup = prefilled)
+)]
+#[cfg_attr(
+    not(model_tracer_no_hooks),
+    bench::tiny_disabled(args = (Shape::Tiny, Disabled), setup = prefilled)
+)]
+#[cfg_attr(
+    model_tracer_no_hooks,
+    bench::smollm2_compiled_out(args = (Shape::Smollm2, Disabled), setup = prefilled)
+)]
+#[cfg_attr(
+    model_tracer_no_hooks,
+    bench::tiny_compiled_out(args = (Shape::Tiny, Disabled), setup = prefilled)
+)]
+fn step<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
+    run_step(&mut model);
+    model
+}
+
+#[library_benchmark]
+#[cfg_attr(
+    not(model_tracer_no_hooks),
+    bench::smollm2_disabled_x37(args = (Shape::Smollm2, Disabled), setup = prefilled)
+)]
+#[cfg_attr(
+    not(model_tracer_no_hooks),
+    bench::tiny_disabled_x37(args = (Shape::Tiny, Disabled), setup = prefilled)
+)]
+#[cfg_attr(
+    model_tracer_no_hooks,
+    bench::smollm2_compiled_out_x37(args = (Shape::Smollm2, Disabled), setup = prefilled)
+)]
+#[cfg_attr(
+    model_tracer_no_hooks,
+    bench::tiny_compiled_out_x37(args = (Shape::Tiny, Disabled), setup = prefilled)
+)]
+fn steps<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
+    run_stride_steps(&mut model);
+    model
+}
+
+#[library_benchmark]
+#[cfg_attr(
+    not(model_tracer_no_hooks),
+    bench::smollm2_disabled_prefill(args = (Shape::Smollm2, Disabled), setup = prefilled_with_chunk)
+)]
+#[cfg_attr(
+    not(model_tracer_no_hooks),
+    bench::tiny_disabled_prefill(args = (Shape::Tiny, Disabled), setup = prefilled_with_chunk)
+)]
+#[cfg_attr(
+    model_tracer_no_hooks,
+    bench::smollm2_compiled_out_prefill(args = (Shape::Smollm2, Disabled), setup = prefilled_with_chunk)
+)]
+#[cfg_attr(
+    model_tracer_no_hooks,
+    bench::tiny_compiled_out_prefill(args = (Shape::Tiny, Disabled), setup = prefilled_with_chunk)
+)]
+fn prefill<C: TraceConfig>((mut model, tokens): Prefilled<C>) -> Prefilled<C> {
+    run_chunk(&mut model, &tokens);
+    (model, tokens)
+}
+
+#[library_benchmark]
+#[cfg_attr(
+    not(model_tracer_no_hooks),
+    bench::smollm2_disabled_batch8(args = (Shape::Smollm2, Disabled), setup = batched)
+)]
+#[cfg_attr(
+    model_tracer_no_hooks,
+    bench::smollm2_compiled_out_batch8(args = (Shape::Smollm2, Disabled), setup = batched)
+)]
+fn batch<C: TraceConfig>((mut model, mut sequences, next): Batched<C>) -> Batched<C> {
+    run_batch_step(&mut model, &mut sequences, &next);
+    (model, sequences, next)
+}
 
 #[cfg(not(model_tracer_no_hooks))]
 #[library_benchmark]
-#[bench::smollm2_disabled(args = (Shape::Smollm2, Disabled), setup = prefilled)]
-#[bench::tiny_disabled(args = (Shape::Tiny, Disabled), setup = prefilled)]
 #[bench::smollm2_lightweight(args = (Shape::Smollm2, Lightweight), setup = prefilled)]
+#[bench::smollm2_lightweight_metrics(args = (Shape::Smollm2, Lightweight), setup = prefilled_with_metrics)]
 #[bench::smollm2_activations(args = (Shape::Smollm2, Activations), setup = prefilled)]
 #[bench::smollm2_fingerprints(args = (Shape::Smollm2, Fingerprints), setup = prefilled)]
 #[bench::smollm2_kv_cache(args = (Shape::Smollm2, KvCache), setup = prefilled)]
@@ -409,65 +589,45 @@ use markers::*;
 #[bench::tiny_quant_error(args = (Shape::Tiny, QuantError), setup = prefilled)]
 #[bench::tiny_full_no_lens(args = (Shape::Tiny, FullNoLens), setup = prefilled)]
 #[bench::tiny_full(args = (Shape::Tiny, Full), setup = prefilled)]
-fn step<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
+fn traced_step<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
     run_step(&mut model);
     model
 }
 
 #[cfg(not(model_tracer_no_hooks))]
 #[library_benchmark]
-#[bench::smollm2_disabled_x37(args = (Shape::Smollm2, Disabled), setup = prefilled)]
-#[bench::tiny_disabled_x37(args = (Shape::Tiny, Disabled), setup = prefilled)]
 #[bench::smollm2_quant_error_x37(args = (Shape::Smollm2, QuantError), setup = prefilled)]
 #[bench::tiny_quant_error_x37(args = (Shape::Tiny, QuantError), setup = prefilled)]
-fn steps<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
-    run_stride_steps(&mut model);
-    model
-}
-
-#[cfg(model_tracer_no_hooks)]
-#[library_benchmark]
-#[bench::smollm2_compiled_out(args = (Shape::Smollm2, Disabled), setup = prefilled)]
-#[bench::tiny_compiled_out(args = (Shape::Tiny, Disabled), setup = prefilled)]
-fn step<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
-    run_step(&mut model);
-    model
-}
-
-#[cfg(model_tracer_no_hooks)]
-#[library_benchmark]
-#[bench::smollm2_compiled_out_x37(args = (Shape::Smollm2, Disabled), setup = prefilled)]
-#[bench::tiny_compiled_out_x37(args = (Shape::Tiny, Disabled), setup = prefilled)]
-fn steps<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
+fn traced_steps<C: TraceConfig>(mut model: Box<Llama<C>>) -> Box<Llama<C>> {
     run_stride_steps(&mut model);
     model
 }
 
 #[cfg(not(model_tracer_no_hooks))]
 #[library_benchmark]
-#[bench::smollm2_disabled_prefill(args = (Shape::Smollm2, Disabled), setup = prefilled_with_chunk)]
-#[bench::tiny_disabled_prefill(args = (Shape::Tiny, Disabled), setup = prefilled_with_chunk)]
 #[bench::smollm2_lightweight_prefill(args = (Shape::Smollm2, Lightweight), setup = prefilled_with_chunk)]
 #[bench::tiny_lightweight_prefill(args = (Shape::Tiny, Lightweight), setup = prefilled_with_chunk)]
-fn prefill<C: TraceConfig>(
-    (mut model, tokens): (Box<Llama<C>>, Vec<u32>),
-) -> (Box<Llama<C>>, Vec<u32>) {
+fn traced_prefill<C: TraceConfig>((mut model, tokens): Prefilled<C>) -> Prefilled<C> {
     run_chunk(&mut model, &tokens);
     (model, tokens)
 }
+
+#[cfg(not(model_tracer_no_hooks))]
+#[library_benchmark]
+#[bench::smollm2_lightweight_batch8(args = (Shape::Smollm2, Lightweight), setup = batched)]
+fn traced_batch<C: TraceConfig>((mut model, mut sequences, next): Batched<C>) -> Batched<C> {
+    run_batch_step(&mut model, &mut sequences, &next);
+    (model, sequences, next)
+}
+
+#[cfg(not(model_tracer_no_hooks))]
+library_benchmark_group!(
+    name = overhead;
+    benchmarks = step, steps, prefill, batch, traced_step, traced_steps, traced_prefill, traced_batch
+);
 
 #[cfg(model_tracer_no_hooks)]
-#[library_benchmark]
-#[bench::smollm2_compiled_out_prefill(args = (Shape::Smollm2, Disabled), setup = prefilled_with_chunk)]
-#[bench::tiny_compiled_out_prefill(args = (Shape::Tiny, Disabled), setup = prefilled_with_chunk)]
-fn prefill<C: TraceConfig>(
-    (mut model, tokens): (Box<Llama<C>>, Vec<u32>),
-) -> (Box<Llama<C>>, Vec<u32>) {
-    run_chunk(&mut model, &tokens);
-    (model, tokens)
-}
-
-library_benchmark_group!(name = overhead; benchmarks = step, steps, prefill);
+library_benchmark_group!(name = overhead; benchmarks = step, steps, prefill, batch);
 
 main!(
     config = callgrind_config();
