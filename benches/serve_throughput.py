@@ -3,15 +3,21 @@
 once (1, 2, 4, 8), each asking for 128 greedy tokens, against a server
 with --trace off and one with --trace lightweight, measured in turns (off,
 lightweight, off, ...) so that a change of the machine's load falls on
-both. Prints a Markdown table of generated tokens per second.
+both. With --llama-server PATH, llama.cpp's own server on the same file
+(one thread, --parallel as many slots as the most clients, the same
+context per slot) is measured in the same turns. Prints a Markdown table
+of generated tokens per second.
 
     cargo build --release -p model-tracer-cli
+    bash benches/build_llama_server.sh     # for --llama-server; prints its path
     python3 benches/serve_throughput.py [--bin target/release/model-tracer] \
-        [--gguf models/SmolLM2-135M-Instruct.Q4_1.gguf] [--rounds 3]"""
+        [--gguf models/SmolLM2-135M-Instruct.Q4_1.gguf] [--rounds 3] \
+        [--llama-server target/llama-server/build/bin/llama-server]"""
 
 import argparse
 import concurrent.futures
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +65,42 @@ class Server:
         self.proc.wait(30)
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    """llama.cpp's `llama-server` on 127.0.0.1: one thread, `parallel`
+    slots of 512 positions each, ready once GET /health answers 200."""
+
+    def __init__(self, binary, gguf, parallel):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
+             "-t", "1", "-tb", "1", "--parallel", str(parallel), "-c", str(512 * parallel),
+             "--no-webui"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit("llama-server exited at start")
+            try:
+                if serve_http.request(self.url, "GET", "/health", timeout=5).status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        sys.exit("llama-server did not start")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(30)
+
+
 def measure(url, clients, tokens):
     """Generated tokens per second of `clients` requests at once."""
     def one(i):
@@ -83,10 +125,14 @@ def main():
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--llama-server", help="llama.cpp's llama-server binary, measured beside")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     levels = ["off", "lightweight"]
     servers = {lv: Server(args.bin, args.gguf, lv, max(clients)) for lv in levels}
+    if args.llama_server:
+        levels.append("llama-server")
+        servers["llama-server"] = LlamaServer(args.llama_server, args.gguf, max(clients))
     results = {(lv, c): [] for lv in levels for c in clients}
     try:
         for lv in levels:  # warm-up: page in the weights, grow the buffers
@@ -100,12 +146,25 @@ def main():
             s.stop()
     print(f"{args.tokens} greedy tokens per client, median of {args.rounds} rounds, "
           "generated tokens/s of all clients together\n")
-    print("| clients | --trace off | --trace lightweight | lightweight / off |")
-    print("| ---: | ---: | ---: | ---: |")
+    llama = "llama-server" in levels
+    print("| clients | --trace off | --trace lightweight | lightweight / off |"
+          + (" llama-server -t 1 | off / llama-server |" if llama else ""))
+    print("| ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if llama else ""))
+    one = statistics.median(results[("off", clients[0])])
     for c in clients:
         off = statistics.median(results[("off", c)])
         light = statistics.median(results[("lightweight", c)])
-        print(f"| {c} | {off:.1f} | {light:.1f} | {light / off:.2f} |")
+        row = f"| {c} | {off:.1f} | {light:.1f} | {light / off:.3f} |"
+        if llama:
+            ls = statistics.median(results[("llama-server", c)])
+            row += f" {ls:.1f} | {off / ls:.2f} |"
+        print(row)
+    last = statistics.median(results[("off", clients[-1])])
+    print(f"\n--trace off: {clients[-1]} clients give {last / one:.2f}x the tokens/s of {clients[0]}")
+    if llama:
+        a = statistics.median(results[("llama-server", clients[0])])
+        b = statistics.median(results[("llama-server", clients[-1])])
+        print(f"llama-server: {clients[-1]} clients give {b / a:.2f}x the tokens/s of {clients[0]}")
 
 
 if __name__ == "__main__":
