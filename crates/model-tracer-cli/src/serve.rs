@@ -7,6 +7,7 @@
 mod batch;
 mod engine;
 mod http;
+mod metrics;
 mod openai;
 mod sampling;
 mod scheduler;
@@ -24,7 +25,8 @@ use model_tracer_llama::model::{Fault, KvCacheOptions, Llama};
 
 use crate::setup::outputs::model_info;
 use crate::setup::{CacheArgs, Engine as _, ModelArgs};
-use engine::{Engine as _, Level, TraceContext};
+use engine::{Level, TraceContext};
+use metrics::ServeMetrics;
 use scheduler::{Scheduler, Stats};
 use traces::TraceStore;
 
@@ -119,6 +121,12 @@ pub fn serve(args: &Args) -> Result<(), String> {
     let name = model_name(&name);
     let c = light.config.clone();
     let ctx = args.cache.ctx.clamp(2, c.context_len);
+    let stats = Arc::new(Stats {
+        // --parallel is at most MAX_SEQUENCES, the engine's capacity.
+        slots: args.parallel,
+        ..Stats::default()
+    });
+    let metrics = Arc::new(ServeMetrics::new(&stats));
     let context = TraceContext {
         model: ModelInfo {
             kv_capacity: ctx,
@@ -131,6 +139,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
                 .collect(),
         ),
         rows: Arc::default(),
+        metrics: metrics.sink.clone(),
     };
     let chunk = light.prefill_chunk();
     notes(&format!(
@@ -147,11 +156,6 @@ pub fn serve(args: &Args) -> Result<(), String> {
         )),
     ));
     let engine = batch::BatchEngine::new(off, light, full, context);
-
-    let stats = Arc::new(Stats {
-        slots: args.parallel.min(engine.capacity()),
-        ..Stats::default()
-    });
     let store = Arc::new(Mutex::new(TraceStore::new(args.keep_traces)));
     let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(queue);
     let scheduler = Scheduler {
@@ -162,6 +166,8 @@ pub fn serve(args: &Args) -> Result<(), String> {
         tokenizer: tok.clone(),
         store: Arc::clone(&store),
         stats: Arc::clone(&stats),
+        metrics: Arc::clone(&metrics),
+        kv_positions: stats.slots * ctx,
     };
     let model_thread = std::thread::Builder::new()
         .name("model".into())
@@ -171,6 +177,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
     let shared = Arc::new(http::Shared {
         queue: queue_tx,
         stats,
+        metrics,
         store,
         tokenizer: tok,
         context: ctx,
