@@ -3,6 +3,33 @@
 //! bounded queue; the async side ([`http`]) checks requests ([`openai`]),
 //! queues them and streams their tokens back. Each request's trace is its
 //! own and is kept for a while ([`traces`]).
+//!
+//! # `GET /metrics`
+//!
+//! OpenMetrics text ([`metrics`]) of one registry: the tracer's
+//! model-health families (`model_tracer::metrics`, fed by the requests
+//! traced at `lightweight` or `full`; a request at `off` records nothing
+//! and is in none of them) and these serving families:
+//!
+//! | family | type | labels |
+//! |---|---|---|
+//! | `model_tracer_completion_requests_total` | counter | `status` (`200 400 404 405 413 415 422 499 500 503 other`), `finish_reason` (`stop length abort error`) |
+//! | `model_tracer_prompt_tokens_total` | counter | — |
+//! | `model_tracer_generation_tokens_total` | counter | — |
+//! | `model_tracer_time_to_first_token_seconds` | histogram (1 ms … 10 s) | — |
+//! | `model_tracer_inter_token_latency_seconds` | histogram (1 ms … 10 s) | — |
+//! | `model_tracer_requests_running` | gauge | — |
+//! | `model_tracer_requests_waiting` | gauge | — |
+//! | `model_tracer_kv_cache_usage_ratio` | gauge | — |
+//!
+//! The HTTP side counts a completion request by the status its client got
+//! and its finish reason (`abort`: the client left before the end, with
+//! status `499` if it was waiting for a whole response) and times the text it receives from the model thread; the model thread
+//! counts the tokens it runs and sets the gauges. The KV cache's usage is
+//! the positions in the running sequences' caches over `--parallel` × the
+//! context. A scrape encodes on an async worker and never waits for the
+//! model thread, nor the model thread for it, but for a family's map the
+//! first time the model thread sees a new series.
 
 mod batch;
 mod engine;
