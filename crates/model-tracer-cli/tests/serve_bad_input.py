@@ -169,6 +169,10 @@ def queue(url):
                                          "model_tracer_requests_waiting",
                                          "model_tracer_kv_cache_usage_ratio")]
     check(gauges == [0, 0, 0], f"/metrics: nothing runs or waits, the KV cache is empty: {gauges}")
+    itl = m[("model_tracer_inter_token_latency_seconds_count", ())]
+    ttft = m[("model_tracer_time_to_first_token_seconds_count", ())]
+    check(itl >= 1 and ttft == 2,
+          f"/metrics: latencies of the text sent: {itl:.0f} gaps, {ttft:.0f} first tokens")
 
     # a client of a whole response that hangs up got nothing: 499
     host, port = serve_http.split(url)

@@ -193,14 +193,15 @@ impl ServeMetrics {
 }
 
 /// One completion request as its client sees it: its latencies as its
-/// text arrives, and, when dropped, its count by status and finish reason
-/// (a request dropped before its end, its client gone, is an abort).
+/// text arrives, and its count by status and finish reason, made at its
+/// end (before the client reads the end), or when it is dropped before
+/// its end, its client gone (an abort).
 pub struct RequestTimer {
     metrics: Arc<ServeMetrics>,
     arrived: Instant,
     last_text: Option<Instant>,
     status: u16,
-    finish: Finish,
+    counted: bool,
 }
 
 impl RequestTimer {
@@ -212,7 +213,7 @@ impl RequestTimer {
             arrived: Instant::now(),
             last_text: None,
             status: 499,
-            finish: Finish::Abort,
+            counted: false,
         }
     }
 
@@ -237,20 +238,25 @@ impl RequestTimer {
         self.last_text = Some(now);
     }
 
-    /// The request ended with `status` and `finish`.
+    /// The request ended with `status` and `finish`: counts it.
     pub fn finished(&mut self, status: u16, finish: Finish) {
+        if self.counted {
+            return;
+        }
         if finish != Finish::Error && self.last_text.is_none() {
             // No text at all (the first token ended the generation): its
             // first token came with the end.
             self.text();
         }
-        self.status = status;
-        self.finish = finish;
+        self.metrics.request_finished(status, finish);
+        self.counted = true;
     }
 }
 
 impl Drop for RequestTimer {
     fn drop(&mut self) {
-        self.metrics.request_finished(self.status, self.finish);
+        if !self.counted {
+            self.metrics.request_finished(self.status, Finish::Abort);
+        }
     }
 }

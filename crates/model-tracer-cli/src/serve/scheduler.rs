@@ -242,7 +242,11 @@ impl<E: Engine> Scheduler<E> {
 
     /// After a step: every sequence whose logits are fresh takes its next
     /// token; those that end leave `running`.
+    /// The gauges are set before the ended sequences' clients are told,
+    /// so that a client that scrapes `/metrics` after its answer finds its
+    /// sequence gone.
     fn advance(&mut self, running: &mut Vec<Running>, work: &[StepWork]) {
+        let mut ended = Vec::new();
         let mut i = 0;
         while i < running.len() {
             let r = &mut running[i];
@@ -267,11 +271,14 @@ impl<E: Engine> Scheduler<E> {
                     r.next = Some(token);
                     i += 1;
                 }
-                Some(finish) => {
-                    let r = running.remove(i);
-                    self.end(r, finish);
-                }
+                Some(finish) => ended.push((running.remove(i), finish)),
             }
+        }
+        if !ended.is_empty() {
+            self.set_running(running);
+        }
+        for (r, finish) in ended {
+            self.end(r, finish);
         }
     }
 
