@@ -149,11 +149,12 @@ impl<E: Engine> Scheduler<E> {
                 Err(_) => Some("the model failed during a step".to_string()),
             };
             if let Some(e) = failure {
-                for r in running.drain(..) {
+                let failed = std::mem::take(&mut running);
+                self.set_running(&running);
+                for r in failed {
                     self.engine.finish(r.seq);
                     self.fail(&r.job, &e);
                 }
-                self.set_running(&running);
                 continue;
             }
             self.advance(&mut running, &work);
