@@ -1,5 +1,7 @@
 //! The Grafana dashboard and the Prometheus alert rules of `dashboards/`
-//! name only families the metrics export, and cover the health panels.
+//! name only families the metrics export (or `model-tracer serve`'s
+//! serving families, as features.md documents them), and cover the health
+//! and serving panels.
 #![cfg(all(feature = "metrics", feature = "serde"))]
 
 use std::collections::BTreeSet;
@@ -56,6 +58,40 @@ fn exported_names() -> BTreeSet<String> {
             names.insert(format!("{name}{s}"));
         }
     }
+    names
+}
+
+/// The sample names of `model-tracer serve`'s serving families: the table
+/// of features.md's "Fleet metrics" subsection on the server (the serve
+/// tests check that table against a scrape of the server).
+fn served_names() -> BTreeSet<String> {
+    let doc = include_str!("../features.md");
+    let start = doc
+        .find("### Served: `GET /metrics` of `model-tracer serve`")
+        .expect("the subsection on the server");
+    let section = &doc[start..];
+    let end = section.find("\n## ").unwrap_or(section.len());
+    let mut names = BTreeSet::new();
+    for line in section[..end].lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let Some(name) = cells
+            .get(1)
+            .and_then(|c| c.strip_prefix('`'))
+            .and_then(|c| c.strip_suffix('`'))
+            .filter(|c| c.starts_with("model_tracer_"))
+        else {
+            continue;
+        };
+        let suffixes: &[&str] = match cells[2] {
+            "counter" | "gauge" => &[""],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            other => panic!("unexpected type {other} of {name}"),
+        };
+        for s in suffixes {
+            names.insert(format!("{name}{s}"));
+        }
+    }
+    assert!(names.len() >= 8, "{names:?}");
     names
 }
 
@@ -123,7 +159,7 @@ fn the_dashboard_parses_and_names_only_exported_families() {
         }
         health += 1;
     }
-    assert!(health >= 9);
+    assert!(health >= 15);
     // Panel ids are unique; panels do not overlap in the grid.
     let ids: BTreeSet<u64> = panels.iter().filter_map(|p| p["id"].as_u64()).collect();
     assert_eq!(ids.len(), panels.len());
@@ -152,9 +188,21 @@ fn the_dashboard_parses_and_names_only_exported_families() {
     strings_at(&d, "expr", &mut exprs);
     strings_at(&d, "definition", &mut exprs);
     let used: BTreeSet<String> = exprs.iter().flat_map(|e| names_in(e)).collect();
-    let exported = exported_names();
+    let mut exported = exported_names();
+    exported.extend(served_names());
     let unknown: Vec<_> = used.difference(&exported).collect();
     assert!(unknown.is_empty(), "not exported: {unknown:?}");
+    // The serving panels: latencies, statuses, the queue, the KV cache.
+    for family in [
+        "model_tracer_time_to_first_token_seconds_bucket",
+        "model_tracer_inter_token_latency_seconds_bucket",
+        "model_tracer_completion_requests_total",
+        "model_tracer_requests_running",
+        "model_tracer_requests_waiting",
+        "model_tracer_kv_cache_usage_ratio",
+    ] {
+        assert!(used.contains(family), "no panel shows {family}");
+    }
     // The health panels: every family but the plain request count is on it.
     for family in [
         "model_tracer_requests_corrupted_total",

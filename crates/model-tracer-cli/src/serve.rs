@@ -3,10 +3,38 @@
 //! bounded queue; the async side ([`http`]) checks requests ([`openai`]),
 //! queues them and streams their tokens back. Each request's trace is its
 //! own and is kept for a while ([`traces`]).
+//!
+//! # `GET /metrics`
+//!
+//! OpenMetrics text ([`metrics`]) of one registry: the tracer's
+//! model-health families (`model_tracer::metrics`, fed by the requests
+//! traced at `lightweight` or `full`; a request at `off` records nothing
+//! and is in none of them) and these serving families:
+//!
+//! | family | type | labels |
+//! |---|---|---|
+//! | `model_tracer_completion_requests_total` | counter | `status` (`200 400 404 405 413 415 422 499 500 503 other`), `finish_reason` (`stop length abort error`) |
+//! | `model_tracer_prompt_tokens_total` | counter | — |
+//! | `model_tracer_generation_tokens_total` | counter | — |
+//! | `model_tracer_time_to_first_token_seconds` | histogram (1 ms … 10 s) | — |
+//! | `model_tracer_inter_token_latency_seconds` | histogram (1 ms … 10 s) | — |
+//! | `model_tracer_requests_running` | gauge | — |
+//! | `model_tracer_requests_waiting` | gauge | — |
+//! | `model_tracer_kv_cache_usage_ratio` | gauge | — |
+//!
+//! The HTTP side counts a completion request by the status its client got
+//! and its finish reason (`abort`: the client left before the end, with
+//! status `499` if it was waiting for a whole response) and times the text it receives from the model thread; the model thread
+//! counts the tokens it runs and sets the gauges. The KV cache's usage is
+//! the positions in the running sequences' caches over `--parallel` × the
+//! context. A scrape encodes on an async worker and never waits for the
+//! model thread, nor the model thread for it, but for a family's map the
+//! first time the model thread sees a new series.
 
 mod batch;
 mod engine;
 mod http;
+mod metrics;
 mod openai;
 mod sampling;
 mod scheduler;
@@ -24,7 +52,8 @@ use model_tracer_llama::model::{Fault, KvCacheOptions, Llama};
 
 use crate::setup::outputs::model_info;
 use crate::setup::{CacheArgs, Engine as _, ModelArgs};
-use engine::{Engine as _, Level, TraceContext};
+use engine::{Level, TraceContext};
+use metrics::ServeMetrics;
 use scheduler::{Scheduler, Stats};
 use traces::TraceStore;
 
@@ -119,6 +148,12 @@ pub fn serve(args: &Args) -> Result<(), String> {
     let name = model_name(&name);
     let c = light.config.clone();
     let ctx = args.cache.ctx.clamp(2, c.context_len);
+    let stats = Arc::new(Stats {
+        // --parallel is at most MAX_SEQUENCES, the engine's capacity.
+        slots: args.parallel,
+        ..Stats::default()
+    });
+    let metrics = Arc::new(ServeMetrics::new(&stats));
     let context = TraceContext {
         model: ModelInfo {
             kv_capacity: ctx,
@@ -131,6 +166,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
                 .collect(),
         ),
         rows: Arc::default(),
+        metrics: metrics.sink.clone(),
     };
     let chunk = light.prefill_chunk();
     notes(&format!(
@@ -147,11 +183,6 @@ pub fn serve(args: &Args) -> Result<(), String> {
         )),
     ));
     let engine = batch::BatchEngine::new(off, light, full, context);
-
-    let stats = Arc::new(Stats {
-        slots: args.parallel.min(engine.capacity()),
-        ..Stats::default()
-    });
     let store = Arc::new(Mutex::new(TraceStore::new(args.keep_traces)));
     let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(queue);
     let scheduler = Scheduler {
@@ -162,6 +193,8 @@ pub fn serve(args: &Args) -> Result<(), String> {
         tokenizer: tok.clone(),
         store: Arc::clone(&store),
         stats: Arc::clone(&stats),
+        metrics: Arc::clone(&metrics),
+        kv_positions: stats.slots * ctx,
     };
     let model_thread = std::thread::Builder::new()
         .name("model".into())
@@ -171,6 +204,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
     let shared = Arc::new(http::Shared {
         queue: queue_tx,
         stats,
+        metrics,
         store,
         tokenizer: tok,
         context: ctx,

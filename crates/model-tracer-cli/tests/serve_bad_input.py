@@ -8,7 +8,9 @@ beyond the queue is answered 503 with Retry-After, and clients that hang
 up free their sequence and their place in the queue at once."""
 
 import argparse
+import json
 import os
+import socket
 import sys
 import time
 
@@ -114,6 +116,12 @@ def matrix(url):
           "and still answers")
 
 
+def requests(m, status, reason):
+    """Completion requests of the samples `m` with that status and reason."""
+    return m.get(("model_tracer_completion_requests_total",
+                  (("finish_reason", reason), ("status", status))), 0)
+
+
 def queue(url):
     h = serve_http.health(url)
     check(h["slots"]["total"] == 1 and h["queue"]["capacity"] == 1,
@@ -124,6 +132,13 @@ def queue(url):
                            "the first request to run")
     b = serve_http.Stream(url, COMPLETIONS, long)
     serve_http.wait_health(url, lambda h: h["queued"] == 1, "the second to wait")
+    m = serve_http.metrics(url)
+    running, waiting, kv = (m[(name, ())] for name in (
+        "model_tracer_requests_running", "model_tracer_requests_waiting",
+        "model_tracer_kv_cache_usage_ratio"))
+    check((running, waiting) == (1, 1), f"/metrics: one runs, one waits: {running}, {waiting}")
+    context = h["context"]
+    check(0 < kv <= 1, f"/metrics: the running one holds {kv * context:.0f} of {context} positions")
     reply = serve_http.post(url, COMPLETIONS, {"prompt": "Hi", "max_tokens": 2})
     err = error_object(reply, 503, "a request beyond the queue")
     check(reply.headers.get("retry-after") == "1" or reply.headers.get("Retry-After") == "1",
@@ -141,6 +156,36 @@ def queue(url):
     check(h["abandoned"] == 2, f"both counted as abandoned: {h}")
     reply = serve_http.post(url, COMPLETIONS, {"prompt": "Hi", "max_tokens": 2})
     check(reply.status == 200, "the next request runs")
+    finish = reply.json()["choices"][0]["finish_reason"]
+
+    # /metrics counted each request by what its client got
+    m = serve_http.metrics(url)
+    check(requests(m, "503", "error") == 1, "/metrics: the request beyond the queue, 503")
+    check(requests(m, "200", "abort") == 2, "/metrics: the two streams hung up on, 200 then abort")
+    check(requests(m, "200", finish) == 1, f"/metrics: the last request, 200 {finish}")
+    served = {k[1]: v for k, v in m.items() if k[0] == "model_tracer_completion_requests_total"}
+    check(sum(served.values()) == 4, f"/metrics: four requests in all: {served}")
+    gauges = [m[(name, ())] for name in ("model_tracer_requests_running",
+                                         "model_tracer_requests_waiting",
+                                         "model_tracer_kv_cache_usage_ratio")]
+    check(gauges == [0, 0, 0], f"/metrics: nothing runs or waits, the KV cache is empty: {gauges}")
+    itl = m[("model_tracer_inter_token_latency_seconds_count", ())]
+    ttft = m[("model_tracer_time_to_first_token_seconds_count", ())]
+    check(itl >= 1 and ttft == 2,
+          f"/metrics: latencies of the text sent: {itl:.0f} gaps, {ttft:.0f} first tokens")
+
+    # a client of a whole response that hangs up got nothing: 499
+    host, port = serve_http.split(url)
+    sock = socket.create_connection((host, port), timeout=30)
+    body = json.dumps(long).encode()
+    sock.sendall(b"POST " + COMPLETIONS.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    serve_http.wait_health(url, lambda h: h["slots"]["busy"] == 1, "the whole request to run")
+    sock.close()
+    serve_http.wait_health(url, lambda h: h["slots"]["busy"] == 0, "its slot to free", timeout=30)
+    m = serve_http.metrics(url)
+    check(requests(m, "499", "abort") == 1, "/metrics: the whole response hung up on, 499 abort")
 
 
 def main():

@@ -4,6 +4,7 @@ call has a timeout; shared by the serve tests and benches/serve_*.py."""
 
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -49,6 +50,23 @@ def post(url, path, body, timeout=120):
 
 def health(url):
     return request(url, "GET", "/health", timeout=30).json()
+
+
+def metrics(url):
+    """The samples of GET /metrics: {(name, ((label, value), ...)): value},
+    labels sorted (read line by line; the tests that check the format
+    parse it with the Prometheus client)."""
+    text = request(url, "GET", "/metrics", timeout=30).body.decode()
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)', line)
+        if not m:
+            raise ValueError(f"not a sample: {line!r}")
+        labels = tuple(sorted(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(2) or "")))
+        out[(m.group(1), labels)] = float(m.group(3))
+    return out
 
 
 def wait_health(url, pred, what, timeout=60):

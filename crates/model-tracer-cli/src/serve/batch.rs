@@ -148,6 +148,11 @@ impl Engine for BatchEngine {
             Level::Lightweight => self.light.end_sequence(sequence),
             Level::Full => self.full.end_sequence(sequence),
         };
+        if level != Level::Off {
+            // Its request counts in the health families, corrupted at the
+            // origin its forwards produced, if any.
+            self.context.metrics.finish_sequence(seq);
+        }
         match trace {
             Some(t) => outcome_of(&t.summary, rows.unwrap_or_default()),
             None => TraceOutcome::default(),

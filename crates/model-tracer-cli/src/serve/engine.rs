@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use model_tracer::metrics::{MetricsSink, Tee};
 use model_tracer::{
     AttentionTraceConfig, ForwardSink, ForwardTrace, JsonlSink, ModelInfo, ModelTracer, SequenceId,
     SinkHandle, TraceConfig, TraceOptions, TraceSummary,
@@ -173,13 +174,20 @@ pub struct TraceContext {
     pub vocab: Arc<Vec<String>>,
     /// The rows of the live traced sequences.
     pub rows: Rows,
+    /// The model-health metrics every traced forward is folded into (one
+    /// sink for every model: the sequence ids are the engine's, unique
+    /// across its models); a sequence's end is told to it with
+    /// [`MetricsSink::finish_sequence`].
+    pub metrics: MetricsSink,
 }
 
 impl TraceContext {
     /// Makes `tracer` anew for serving: one forward kept in detail per
     /// sequence (the rows stream out as they end; each sequence's summary
     /// covers them all), and the sink that routes every row to its
-    /// sequence's trace. A tracer that records nothing is left as it is.
+    /// sequence's trace and folds it into the metrics. A tracer that
+    /// records nothing is left as it is: its requests are in no health
+    /// family.
     pub fn install<C: TraceConfig>(&self, tracer: &mut ModelTracer<C>) {
         if !tracer.is_enabled() {
             return;
@@ -203,11 +211,15 @@ impl TraceContext {
                     .cloned()
                     .unwrap_or_else(|| format!("<{id}>"))
             });
-        tracer.set_sink(Some(SinkHandle::new(RowRouter {
+        let router = RowRouter {
             sink,
             line,
             rows: Arc::clone(&self.rows),
-        })));
+        };
+        tracer.set_sink(Some(SinkHandle::new(Tee::new(
+            router,
+            self.metrics.clone(),
+        ))));
     }
 }
 

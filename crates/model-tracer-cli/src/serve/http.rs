@@ -22,6 +22,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use model_tracer_llama::tokenizer::Tokenizer;
 
 use super::engine::Level;
+use super::metrics::{self, Finish, RequestTimer, ServeMetrics};
 use super::openai::{self, ApiError, Endpoint, Envelope, Limits};
 use super::scheduler::{Event, Job, Stats};
 use super::traces::{self, SharedStore};
@@ -32,6 +33,8 @@ pub struct Shared {
     pub queue: SyncSender<Job>,
     /// The model thread's counts.
     pub stats: Arc<Stats>,
+    /// The registry of `/metrics`.
+    pub metrics: Arc<ServeMetrics>,
     /// The kept traces.
     pub store: SharedStore,
     /// The model's tokenizer, for the prompts.
@@ -76,6 +79,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/metrics", get(scrape))
         .route("/v1/traces/{id}", get(trace_rows))
         .route("/v1/traces/{id}/report", get(trace_report))
         .method_not_allowed_fallback(method_not_allowed)
@@ -88,7 +92,7 @@ async fn not_found() -> ApiError {
         404,
         "invalid_request_error",
         "unknown_url",
-        "no such route: see /v1/chat/completions, /v1/completions, /v1/models, /v1/traces/{id}, /health",
+        "no such route: see /v1/chat/completions, /v1/completions, /v1/models, /v1/traces/{id}, /health, /metrics",
     )
 }
 
@@ -110,7 +114,7 @@ async fn models(State(app): App) -> Json<serde_json::Value> {
 
 async fn health(State(app): App) -> Json<serde_json::Value> {
     let s = &app.stats;
-    let busy = s.running.load(Ordering::Relaxed);
+    let busy = usize::try_from(s.running.get()).unwrap_or(0);
     let (kept, bytes) = {
         let store = traces::lock(&app.store);
         (store.len(), store.bytes())
@@ -119,13 +123,30 @@ async fn health(State(app): App) -> Json<serde_json::Value> {
         "status": "ok",
         "model": app.model,
         "slots": {"total": s.slots, "busy": busy, "free": s.slots.saturating_sub(busy)},
-        "queued": s.queued.load(Ordering::Relaxed),
+        "queued": s.queued.get().max(0),
         "queue": {"capacity": app.queue_capacity},
         "context": app.context,
         "finished": s.finished.load(Ordering::Relaxed),
         "abandoned": s.abandoned.load(Ordering::Relaxed),
         "traces": {"kept": kept, "bytes": bytes},
     }))
+}
+
+/// The OpenMetrics text of the registry. Encoding reads atomics and takes
+/// each family's read lock in turn, for some microseconds: it runs here, on
+/// an async worker, and never stops the model thread (see the
+/// [`metrics`] module).
+async fn scrape(State(app): App) -> Response {
+    match app.metrics.encode() {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(_) => ApiError::new(
+            500,
+            "server_error",
+            "metrics_failed",
+            "encoding the metrics failed",
+        )
+        .into_response(),
+    }
 }
 
 fn unknown_trace(id: &str) -> ApiError {
@@ -229,15 +250,22 @@ async fn complete(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // Counts the request when dropped: at its end, or when its client
+    // leaves and axum drops this future or the stream.
+    let mut timer = RequestTimer::new(Arc::clone(&app.metrics));
     match start(&app, endpoint, &headers, body).await {
         Ok((envelope, request, events)) => {
             if request.stream {
-                stream_response(envelope, request.include_usage, events).into_response()
+                timer.answered(200);
+                stream_response(envelope, request.include_usage, events, timer).into_response()
             } else {
-                whole_response(envelope, events).await
+                whole_response(envelope, events, timer).await
             }
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            timer.finished(e.status, Finish::Error);
+            e.into_response()
+        }
     }
 }
 
@@ -292,9 +320,9 @@ async fn start(
         level,
         events: tx,
     };
-    app.stats.queued.fetch_add(1, Ordering::Relaxed);
+    app.stats.queued.inc();
     if let Err(e) = app.queue.try_send(job) {
-        app.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        app.stats.queued.dec();
         return Err(match e {
             TrySendError::Full(_) => ApiError::new(
                 503,
@@ -322,24 +350,36 @@ async fn start(
     Ok((envelope, parsed, rx))
 }
 
-async fn whole_response(envelope: Envelope, mut events: UnboundedReceiver<Event>) -> Response {
+async fn whole_response(
+    envelope: Envelope,
+    mut events: UnboundedReceiver<Event>,
+    mut timer: RequestTimer,
+) -> Response {
     let mut text = String::new();
     loop {
         match events.recv().await {
-            Some(Event::Text(t)) => text.push_str(&t),
-            Some(Event::Done(done)) => {
-                return Json(envelope.response(&text, done.finish, done.usage, done.model_trace))
-                    .into_response()
+            Some(Event::Text(t)) => {
+                timer.text();
+                text.push_str(&t)
             }
-            Some(Event::Failed(e)) => return e.into_response(),
+            Some(Event::Done(done)) => {
+                timer.finished(200, done.finish.into());
+                return Json(envelope.response(&text, done.finish, done.usage, done.model_trace))
+                    .into_response();
+            }
+            Some(Event::Failed(e)) => {
+                timer.finished(e.status, Finish::Error);
+                return e.into_response();
+            }
             None => {
+                timer.finished(500, Finish::Error);
                 return ApiError::new(
                     500,
                     "server_error",
                     "model_stopped",
                     "the model thread stopped",
                 )
-                .into_response()
+                .into_response();
             }
         }
     }
@@ -361,20 +401,23 @@ fn stream_response(
     envelope: Envelope,
     include_usage: bool,
     events: UnboundedReceiver<Event>,
+    timer: RequestTimer,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let data = |v: serde_json::Value| SseEvent::default().data(v.to_string());
     let state = (
         events,
         Phase::Start,
         std::collections::VecDeque::<SseEvent>::new(),
+        timer,
     );
-    let stream =
-        futures_util::stream::unfold(state, move |(mut events, mut phase, mut pending)| {
+    let stream = futures_util::stream::unfold(
+        state,
+        move |(mut events, mut phase, mut pending, mut timer)| {
             let envelope = envelope.clone();
             async move {
                 loop {
                     if let Some(e) = pending.pop_front() {
-                        return Some((Ok(e), (events, phase, pending)));
+                        return Some((Ok(e), (events, phase, pending, timer)));
                     }
                     match phase {
                         Phase::Over => return None,
@@ -392,9 +435,11 @@ fn stream_response(
                     }
                     match events.recv().await {
                         Some(Event::Text(t)) => {
+                            timer.text();
                             pending.push_back(data(envelope.text_chunk(&t, false)))
                         }
                         Some(Event::Done(done)) => {
+                            timer.finished(200, done.finish.into());
                             if include_usage {
                                 pending.push_back(data(envelope.finish_chunk(done.finish, None)));
                                 pending.push_back(data(
@@ -408,10 +453,14 @@ fn stream_response(
                             phase = Phase::Closing;
                         }
                         Some(Event::Failed(e)) => {
+                            // The stream's status was 200; its end is an
+                            // error.
+                            timer.finished(200, Finish::Error);
                             pending.push_back(data(e.body()));
                             phase = Phase::Closing;
                         }
                         None => {
+                            timer.finished(200, Finish::Error);
                             let e = ApiError::new(
                                 500,
                                 "server_error",
@@ -424,6 +473,7 @@ fn stream_response(
                     }
                 }
             }
-        });
+        },
+    );
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

@@ -9,16 +9,18 @@
 //! client is gone, which frees the sequence at once.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
+use model_tracer::metrics::prometheus_client::metrics::gauge::Gauge;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
 use model_tracer_llama::tokenizer::Tokenizer;
 
 use super::engine::{Engine, Level, SeqId, StepWork, TraceOutcome};
+use super::metrics::ServeMetrics;
 use super::openai::{ApiError, FinishReason, Usage};
 use super::sampling::{Sampler, Sampling};
 use super::text::{Progress, TextState};
@@ -70,10 +72,10 @@ pub struct Done {
 pub struct Stats {
     /// Sequences the model thread runs at once.
     pub slots: usize,
-    /// Sequences running now.
-    pub running: AtomicUsize,
-    /// Requests waiting in the queue.
-    pub queued: AtomicUsize,
+    /// Sequences running now (`model_tracer_requests_running`).
+    pub running: Gauge,
+    /// Requests waiting in the queue (`model_tracer_requests_waiting`).
+    pub queued: Gauge,
     /// Requests finished (to their end, or given up by their client).
     pub finished: AtomicU64,
     /// Requests whose client went away before their end.
@@ -96,6 +98,11 @@ pub struct Scheduler<E: Engine> {
     pub store: SharedStore,
     /// Shared with `/health`.
     pub stats: Arc<Stats>,
+    /// Shared with `/metrics`.
+    pub metrics: Arc<ServeMetrics>,
+    /// Positions the server allows: slots × the context of a sequence
+    /// (the denominator of `model_tracer_kv_cache_usage_ratio`).
+    pub kv_positions: usize,
 }
 
 /// A sequence being run.
@@ -130,7 +137,7 @@ impl<E: Engine> Scheduler<E> {
                 }
                 !gone
             });
-            self.stats.running.store(running.len(), Ordering::Relaxed);
+            self.set_running(&running);
             if running.is_empty() {
                 continue;
             }
@@ -142,16 +149,31 @@ impl<E: Engine> Scheduler<E> {
                 Err(_) => Some("the model failed during a step".to_string()),
             };
             if let Some(e) = failure {
-                for r in running.drain(..) {
+                let failed = std::mem::take(&mut running);
+                self.set_running(&running);
+                for r in failed {
                     self.engine.finish(r.seq);
                     self.fail(&r.job, &e);
                 }
-                self.stats.running.store(0, Ordering::Relaxed);
                 continue;
             }
             self.advance(&mut running, &work);
-            self.stats.running.store(running.len(), Ordering::Relaxed);
+            self.set_running(&running);
         }
+    }
+
+    /// The running gauge and the KV cache's usage: the positions in the
+    /// running sequences' caches (their prompt positions run and their
+    /// generated tokens but the last, which runs at the next step) over
+    /// [`kv_positions`](Self::kv_positions).
+    fn set_running(&self, running: &[Running]) {
+        self.stats.running.set(running.len() as i64);
+        let held: usize = running
+            .iter()
+            .map(|r| r.read + r.generated.len().saturating_sub(1))
+            .sum();
+        let ratio = held as f64 / self.kv_positions.max(1) as f64;
+        self.metrics.kv_usage.set(ratio);
     }
 
     /// Takes queued requests into free slots; waits for one when nothing
@@ -170,7 +192,7 @@ impl<E: Engine> Scheduler<E> {
                     Err(TryRecvError::Disconnected) => break,
                 }
             };
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            self.stats.queued.dec();
             if job.events.is_closed() {
                 self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
                 self.stats.finished.fetch_add(1, Ordering::Relaxed);
@@ -221,7 +243,11 @@ impl<E: Engine> Scheduler<E> {
 
     /// After a step: every sequence whose logits are fresh takes its next
     /// token; those that end leave `running`.
+    /// The gauges are set before the ended sequences' clients are told,
+    /// so that a client that scrapes `/metrics` after its answer finds its
+    /// sequence gone.
     fn advance(&mut self, running: &mut Vec<Running>, work: &[StepWork]) {
+        let mut ended = Vec::new();
         let mut i = 0;
         while i < running.len() {
             let r = &mut running[i];
@@ -231,6 +257,7 @@ impl<E: Engine> Scheduler<E> {
             };
             if r.next.is_none() {
                 r.read += w.tokens.len();
+                self.metrics.prompt_tokens.inc_by(w.tokens.len() as u64);
                 if r.read < r.job.prompt.len() {
                     i += 1;
                     continue;
@@ -245,11 +272,14 @@ impl<E: Engine> Scheduler<E> {
                     r.next = Some(token);
                     i += 1;
                 }
-                Some(finish) => {
-                    let r = running.remove(i);
-                    self.end(r, finish);
-                }
+                Some(finish) => ended.push((running.remove(i), finish)),
             }
+        }
+        if !ended.is_empty() {
+            self.set_running(running);
+        }
+        for (r, finish) in ended {
+            self.end(r, finish);
         }
     }
 
@@ -257,6 +287,7 @@ impl<E: Engine> Scheduler<E> {
     /// generation if it is one.
     fn take_token(&self, r: &mut Running, token: u32) -> Option<FinishReason> {
         r.generated.push(token);
+        self.metrics.generation_tokens.inc();
         let eog = self.tokenizer.as_ref().is_some_and(|t| t.is_eog(token));
         if eog {
             let rest = r.text.flush();
