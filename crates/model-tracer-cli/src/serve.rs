@@ -8,6 +8,7 @@ mod batch;
 mod engine;
 mod http;
 mod openai;
+mod otlp;
 mod sampling;
 mod scheduler;
 mod text;
@@ -71,6 +72,13 @@ pub struct Args {
     /// request, as `run --inject` does
     #[arg(long, value_name = "FAULT", value_parser = Fault::parse, help_heading = "Tracing")]
     inject: Option<Fault>,
+
+    /// Export each request's anomalies (log records) and span to the
+    /// OpenTelemetry collector at URL, over OTLP/HTTP with protobuf:
+    /// URL/v1/logs and URL/v1/traces (e.g. http://127.0.0.1:4318)
+    #[arg(long, value_name = "URL", value_parser = otlp::parse_endpoint,
+          help_heading = "Tracing")]
+    otlp_endpoint: Option<String>,
 }
 
 /// `model-tracer serve`.
@@ -86,6 +94,11 @@ pub fn serve(args: &Args) -> Result<(), String> {
         return Err("--queue must be at least 1".into());
     }
     let level = Level::parse(&args.trace).unwrap_or(Level::Lightweight);
+    let otlp = args
+        .otlp_endpoint
+        .as_deref()
+        .map(otlp::Otlp::start)
+        .transpose()?;
     let notes = &mut |line: &str| eprintln!("{line}");
 
     // One copy of the weights, three monomorphized models over it; each
@@ -162,6 +175,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
         tokenizer: tok.clone(),
         store: Arc::clone(&store),
         stats: Arc::clone(&stats),
+        otlp,
     };
     let model_thread = std::thread::Builder::new()
         .name("model".into())
