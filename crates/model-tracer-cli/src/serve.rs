@@ -2,7 +2,9 @@
 //! server. The model runs on its own OS thread ([`scheduler`]), fed by a
 //! bounded queue; the async side ([`http`]) checks requests ([`openai`]),
 //! queues them and streams their tokens back. Each request's trace is its
-//! own and is kept for a while ([`traces`]).
+//! own and is kept for a while ([`traces`]). The faults a request's trace
+//! recorded become `tracing` events when it ends, exported with its span
+//! to an OpenTelemetry collector by `--otlp-endpoint` ([`otlp`]).
 
 mod batch;
 mod engine;
