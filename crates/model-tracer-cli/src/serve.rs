@@ -30,12 +30,17 @@
 //! context. A scrape encodes on an async worker and never waits for the
 //! model thread, nor the model thread for it, but for a family's map the
 //! first time the model thread sees a new series.
+//!
+//! The faults a request's trace recorded become `tracing` events when it
+//! ends, exported with its span to an OpenTelemetry collector by
+//! `--otlp-endpoint` ([`otlp`]).
 
 mod batch;
 mod engine;
 mod http;
 mod metrics;
 mod openai;
+mod otlp;
 mod sampling;
 mod scheduler;
 mod text;
@@ -100,6 +105,13 @@ pub struct Args {
     /// request, as `run --inject` does
     #[arg(long, value_name = "FAULT", value_parser = Fault::parse, help_heading = "Tracing")]
     inject: Option<Fault>,
+
+    /// Export each request's anomalies (log records) and span to the
+    /// OpenTelemetry collector at URL, over OTLP/HTTP with protobuf:
+    /// URL/v1/logs and URL/v1/traces (e.g. http://127.0.0.1:4318)
+    #[arg(long, value_name = "URL", value_parser = otlp::parse_endpoint,
+          help_heading = "Tracing")]
+    otlp_endpoint: Option<String>,
 }
 
 /// `model-tracer serve`.
@@ -115,6 +127,11 @@ pub fn serve(args: &Args) -> Result<(), String> {
         return Err("--queue must be at least 1".into());
     }
     let level = Level::parse(&args.trace).unwrap_or(Level::Lightweight);
+    let otlp = args
+        .otlp_endpoint
+        .as_deref()
+        .map(otlp::Otlp::start)
+        .transpose()?;
     let notes = &mut |line: &str| eprintln!("{line}");
 
     // One copy of the weights, three monomorphized models over it; each
@@ -195,6 +212,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
         stats: Arc::clone(&stats),
         metrics: Arc::clone(&metrics),
         kv_positions: stats.slots * ctx,
+        otlp,
     };
     let model_thread = std::thread::Builder::new()
         .name("model".into())

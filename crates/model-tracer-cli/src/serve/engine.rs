@@ -13,9 +13,10 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use model_tracer::metrics::{MetricsSink, Tee};
+use model_tracer::summary::AnomalySite;
 use model_tracer::{
-    AttentionTraceConfig, ForwardSink, ForwardTrace, JsonlSink, ModelInfo, ModelTracer, SequenceId,
-    SinkHandle, TraceConfig, TraceOptions, TraceSummary,
+    Anomaly, AttentionTraceConfig, ForwardSink, ForwardTrace, JsonlSink, ModelInfo, ModelTracer,
+    SequenceId, SinkHandle, TraceConfig, TraceOptions, TraceSummary,
 };
 
 /// How much a sequence's tracer records: the three monomorphized models.
@@ -75,6 +76,10 @@ pub struct TraceOutcome {
     pub anomalies: usize,
     /// The first one, in `run --json`'s shape.
     pub first_anomaly: Option<serde_json::Value>,
+    /// The first one.
+    pub first: Option<Anomaly>,
+    /// Where each kind first appeared in a forward, by (layer, stage).
+    pub sites: Vec<AnomalySite>,
 }
 
 /// A model that runs several sequences, each with its own KV cache and its
@@ -233,5 +238,7 @@ pub fn outcome_of(summary: &TraceSummary, rows: Vec<u8>) -> TraceOutcome {
             .first_anomaly
             .as_ref()
             .and_then(|a| serde_json::to_value(a).ok()),
+        first: summary.first_anomaly,
+        sites: summary.anomaly_sites.clone(),
     }
 }

@@ -12,6 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use model_tracer::metrics::prometheus_client::metrics::gauge::Gauge;
 use serde_json::{json, Value};
@@ -22,6 +23,7 @@ use model_tracer_llama::tokenizer::Tokenizer;
 use super::engine::{Engine, Level, SeqId, StepWork, TraceOutcome};
 use super::metrics::ServeMetrics;
 use super::openai::{ApiError, FinishReason, Usage};
+use super::otlp::{self, Otlp, RequestEnd};
 use super::sampling::{Sampler, Sampling};
 use super::text::{Progress, TextState};
 use super::traces::{self, SharedStore, StoredTrace};
@@ -103,6 +105,9 @@ pub struct Scheduler<E: Engine> {
     /// Positions the server allows: slots × the context of a sequence
     /// (the denominator of `model_tracer_kv_cache_usage_ratio`).
     pub kv_positions: usize,
+    /// Where each request's span and anomaly events are exported, if
+    /// anywhere (`--otlp-endpoint`).
+    pub otlp: Option<Otlp>,
 }
 
 /// A sequence being run.
@@ -116,6 +121,9 @@ struct Running {
     generated: Vec<u32>,
     text: TextState,
     sampler: Sampler,
+    /// When it was taken from the queue, and when its prompt was read.
+    started: SystemTime,
+    prefilled: Option<SystemTime>,
 }
 
 impl<E: Engine> Scheduler<E> {
@@ -212,6 +220,8 @@ impl<E: Engine> Scheduler<E> {
                     read: 0,
                     next: None,
                     generated: Vec::new(),
+                    started: SystemTime::now(),
+                    prefilled: None,
                 }),
                 Err(e) => self.fail(&job, &e),
             }
@@ -262,6 +272,7 @@ impl<E: Engine> Scheduler<E> {
                     i += 1;
                     continue;
                 }
+                r.prefilled = Some(SystemTime::now());
             }
             let token = match self.engine.logits(r.seq) {
                 Some(logits) => r.sampler.sample(logits),
@@ -322,6 +333,20 @@ impl<E: Engine> Scheduler<E> {
         let outcome =
             catch_unwind(AssertUnwindSafe(|| self.engine.finish(r.seq))).unwrap_or_default();
         let model_trace = model_trace(&r.job, &r.generated, &outcome);
+        match &self.otlp {
+            Some(o) => o.request(&RequestEnd {
+                id: &r.job.id,
+                seq: r.seq,
+                level: r.job.level.name(),
+                started: r.started,
+                prefilled: r.prefilled,
+                prompt_tokens: r.job.prompt.len(),
+                completion_tokens: r.generated.len(),
+                finish_reason: finish.name(),
+                outcome: &outcome,
+            }),
+            None => otlp::anomaly_events(&r.job.id, r.seq, &outcome),
+        }
         if r.job.level != Level::Off && !outcome.rows.is_empty() {
             traces::lock(&self.store).insert(r.job.id.clone(), StoredTrace { rows: outcome.rows });
         }
