@@ -20,7 +20,7 @@ use model_tracer_candle::CandleLlama;
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::model::{Fault, Llama, DEFAULT_PREFILL_CHUNK};
 
-pub use engine::Engine;
+pub use engine::{Engine, Text};
 use outputs::Outputs;
 
 /// Where `bash .ci/fetch-model` puts SmolLM2-135M-Instruct.
