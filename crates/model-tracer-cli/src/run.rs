@@ -28,7 +28,8 @@ pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
 
-    /// Raw prompt; special-token text like <|im_start|> is parsed
+    /// Raw prompt, no chat template; special-token text like <|im_start|>
+    /// is parsed (--engine llama.cpp adds the BOS the vocabulary asks for)
     #[arg(
         long,
         value_name = "TEXT",
@@ -42,7 +43,7 @@ pub struct Args {
     #[arg(long, value_name = "TEXT", help_heading = "Input")]
     chat: Option<String>,
     /// The chat's system message; `template` keeps the one the chat template
-    /// inserts
+    /// inserts (llama.cpp's rendering of a template inserts none)
     #[arg(long, value_name = "TEXT", default_value = DEFAULT_SYSTEM, help_heading = "Input")]
     system: String,
     /// Tokens to generate, greedily
