@@ -4,11 +4,9 @@
 
 use std::fmt::Write as _;
 
-use model_tracer::TraceSummary;
-use model_tracer_llama::tokenizer::Tokenizer;
-
-use crate::setup::Engine;
+use crate::setup::{Engine, Text};
 use crate::timing::Timing;
+use model_tracer::TraceSummary;
 
 /// Printable form of a token: control characters and quotes escaped.
 pub fn shown(text: &str) -> String {
@@ -27,19 +25,19 @@ pub fn shown(text: &str) -> String {
     format!("\"{s}\"")
 }
 
-/// The text of `ids`: the tokenizer's, or each id in angle brackets.
-fn ids_text(tokenizer: Option<&Tokenizer>, ids: &[u32]) -> String {
-    match tokenizer {
+/// The text of `ids`: the model's, or each id in angle brackets.
+fn ids_text(text: Option<&dyn Text>, ids: &[u32]) -> String {
+    match text {
         Some(t) => t.decode(ids),
         None => ids.iter().map(|i| format!("<{i}>")).collect(),
     }
 }
 
 /// Prints the timing, the prompt and the answer.
-pub fn outcome(timing: &Timing, tokenizer: Option<&Tokenizer>, prompt: &[u32], generated: &[u32]) {
+pub fn outcome(timing: &Timing, text: Option<&dyn Text>, prompt: &[u32], generated: &[u32]) {
     println!("{timing}");
-    println!("prompt:    {}", shown(&ids_text(tokenizer, prompt)));
-    println!("generated: {}", shown(&ids_text(tokenizer, generated)));
+    println!("prompt:    {}", shown(&ids_text(text, prompt)));
+    println!("generated: {}", shown(&ids_text(text, generated)));
     println!();
 }
 

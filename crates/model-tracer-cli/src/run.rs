@@ -5,11 +5,13 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use model_tracer_llama::tokenizer::{ChatMessage, Tokenizer};
+use model_tracer_llama::tokenizer::ChatMessage;
 
 use crate::print;
 use crate::setup::outputs::{Finished, Outputs};
-use crate::setup::{CacheArgs, Engine, Loaded, ModelArgs, OutputArgs, Setup, TraceArgs, WithModel};
+use crate::setup::{
+    CacheArgs, Engine, Loaded, ModelArgs, OutputArgs, Setup, Text, TraceArgs, WithModel,
+};
 use crate::timing::Timing;
 
 /// The chat question asked when no input is given.
@@ -26,7 +28,8 @@ pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
 
-    /// Raw prompt; special-token text like <|im_start|> is parsed
+    /// Raw prompt, no chat template; special-token text like <|im_start|>
+    /// is parsed (--engine llama.cpp adds the BOS the vocabulary asks for)
     #[arg(
         long,
         value_name = "TEXT",
@@ -40,7 +43,7 @@ pub struct Args {
     #[arg(long, value_name = "TEXT", help_heading = "Input")]
     chat: Option<String>,
     /// The chat's system message; `template` keeps the one the chat template
-    /// inserts
+    /// inserts (llama.cpp's rendering of a template inserts none)
     #[arg(long, value_name = "TEXT", default_value = DEFAULT_SYSTEM, help_heading = "Input")]
     system: String,
     /// Tokens to generate, greedily
@@ -106,7 +109,7 @@ fn generate<M: Engine>(args: &Args, outputs: Outputs, loaded: Loaded<M>) -> Resu
         name,
         load_secs,
     } = loaded;
-    let prompt_ids = prompt_ids(args, model.tokenizer())?;
+    let prompt_ids = prompt_ids(args, model.text())?;
     let total = prompt_ids.len() + args.max_tokens;
     if !model.evicts() && total > model.kv_capacity() {
         return Err(format!(
@@ -146,7 +149,7 @@ fn generate<M: Engine>(args: &Args, outputs: Outputs, loaded: Loaded<M>) -> Resu
         first_token.unwrap_or(0.0),
         t0.elapsed().as_secs_f64(),
     );
-    print::outcome(&timing, model.tokenizer(), &prompt_ids, &generation.tokens);
+    print::outcome(&timing, model.text(), &prompt_ids, &generation.tokens);
     match print::trace(&model, &prompt_ids, &generation.tokens, args.model.exact) {
         Some(summary) => print::what_if(&summary),
         None => println!(
@@ -177,12 +180,12 @@ fn progress_bar(max_tokens: usize) -> ProgressBar {
 }
 
 /// The prompt's token ids: the chat question (default) or the raw prompt,
-/// through the model's tokenizer; a synthetic model has none and takes the
-/// text's bytes as ids.
-fn prompt_ids(args: &Args, tokenizer: Option<&Tokenizer>) -> Result<Vec<u32>, String> {
-    let ids = match tokenizer {
-        Some(tok) => match &args.prompt {
-            Some(p) => tok.encode(p),
+/// through the model's text interface; a synthetic model has none and
+/// takes the text's bytes as ids.
+fn prompt_ids(args: &Args, text: Option<&dyn Text>) -> Result<Vec<u32>, String> {
+    let ids = match text {
+        Some(t) => match &args.prompt {
+            Some(p) => t.encode(p)?,
             None => {
                 let question = args.chat.as_deref().unwrap_or(DEFAULT_CHAT);
                 let mut chat = Vec::new();
@@ -190,10 +193,7 @@ fn prompt_ids(args: &Args, tokenizer: Option<&Tokenizer>) -> Result<Vec<u32>, St
                     chat.push(ChatMessage::system(args.system.as_str()));
                 }
                 chat.push(ChatMessage::user(question));
-                let text = tok
-                    .apply_chat_template(&chat, true)
-                    .map_err(|e| e.to_string())?;
-                tok.encode(&text)
+                t.encode_chat(&chat)?
             }
         },
         None => {

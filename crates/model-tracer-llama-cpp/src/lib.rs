@@ -114,7 +114,9 @@ mod lens;
 mod model;
 pub mod names;
 
-pub use model::{argmax, LlamaCpp, LlamaCppOptions, ModelShape};
+pub use model::{
+    argmax, builtin_chat_templates, ChatTemplate, LlamaCpp, LlamaCppOptions, ModelShape,
+};
 pub use names::{ArchMap, Site};
 
 /// Why loading or running a model failed.
@@ -132,6 +134,8 @@ pub enum LlamaCppError {
     Lens(String),
     /// Tokenization failed.
     Tokenize(String),
+    /// The chat could not be rendered with the model's chat template.
+    ChatTemplate(String),
     /// A token id outside the vocabulary.
     Token(u32),
     /// No tokens to run.
@@ -155,6 +159,7 @@ impl std::fmt::Display for LlamaCppError {
             Self::Options(m) => write!(f, "options: {m}"),
             Self::Lens(m) => write!(f, "logit lens: {m}"),
             Self::Tokenize(m) => write!(f, "tokenize: {m}"),
+            Self::ChatTemplate(m) => write!(f, "chat template: {m}"),
             Self::Token(t) => write!(f, "token id {t} is outside the vocabulary"),
             Self::Empty => f.write_str("no tokens to run"),
             Self::ContextFull { needed, capacity } => write!(

@@ -77,6 +77,9 @@ pub struct ModelShape {
 
 static BACKEND: Once = Once::new();
 
+/// The longest chat [`LlamaCpp::apply_chat_template`] renders, bytes.
+const MAX_CHAT_BYTES: usize = 1 << 26;
+
 /// llama.cpp's log, errors only, to stderr.
 unsafe extern "C" fn quiet_log(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
     if level == sys::GGML_LOG_LEVEL_ERROR {
@@ -370,38 +373,163 @@ impl<C: TraceConfig> LlamaCpp<C> {
     /// beginning-of-sequence token where the model's vocabulary asks for
     /// one. Special-token text is not parsed.
     pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, LlamaCppError> {
-        let len = i32::try_from(text.len())
-            .map_err(|_| LlamaCppError::Tokenize("the text is too long".into()))?;
-        // SAFETY: live model; the buffers are as long as we say.
-        unsafe {
-            let vocab = sys::llama_model_get_vocab(self.model.as_ptr());
-            let mut ids = vec![0i32; text.len() + 2];
-            let mut n = sys::llama_tokenize(
-                vocab,
-                text.as_ptr().cast(),
-                len,
-                ids.as_mut_ptr(),
-                ids.len() as i32,
-                add_special,
-                false,
-            );
-            if n < 0 {
-                ids.resize(n.unsigned_abs() as usize, 0);
-                n = sys::llama_tokenize(
+        self.tokenize_with(text, add_special, false)
+    }
+
+    /// Tokenizes `text` as [`tokenize`](Self::tokenize) does, except that
+    /// the texts of special tokens (`<start_of_turn>`, `<|im_start|>`, …)
+    /// become those tokens: the tokenization of a rendered chat.
+    pub fn tokenize_special(
+        &self,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<u32>, LlamaCppError> {
+        self.tokenize_with(text, add_special, true)
+    }
+
+    fn tokenize_with(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, LlamaCppError> {
+        let too_long = || LlamaCppError::Tokenize("the text is too long".into());
+        let len = i32::try_from(text.len()).map_err(|_| too_long())?;
+        // At most one token per byte, and the BOS and EOS llama.cpp may
+        // add; once more at the count it answers if that is short.
+        let mut ids = vec![0i32; text.len() + 2];
+        for _ in 0..2 {
+            let capacity = i32::try_from(ids.len()).map_err(|_| too_long())?;
+            // SAFETY: live model; the text is `len` bytes and the buffer
+            // holds `capacity` ids.
+            let n = unsafe {
+                let vocab = sys::llama_model_get_vocab(self.model.as_ptr());
+                sys::llama_tokenize(
                     vocab,
                     text.as_ptr().cast(),
                     len,
                     ids.as_mut_ptr(),
-                    ids.len() as i32,
+                    capacity,
                     add_special,
-                    false,
-                );
+                    parse_special,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(n) => {
+                    ids.truncate(n);
+                    return Ok(ids.into_iter().map(|i| i as u32).collect());
+                }
+                Err(_) if n != i32::MIN => ids.resize(n.unsigned_abs() as usize, 0),
+                Err(_) => break,
             }
-            let n = usize::try_from(n)
-                .map_err(|_| LlamaCppError::Tokenize("llama_tokenize failed".into()))?;
-            ids.truncate(n);
-            Ok(ids.into_iter().map(|i| i as u32).collect())
         }
+        Err(LlamaCppError::Tokenize("llama_tokenize failed".into()))
+    }
+
+    /// The chat template [`apply_chat_template`](Self::apply_chat_template)
+    /// renders with: the model's own (`tokenizer.chat_template` of the
+    /// file, `llama_model_chat_template(model, NULL)`), else llama.cpp's
+    /// built-in template named after the architecture (`gemma` for
+    /// `gemma3`, whose base model's file has none), else none.
+    pub fn chat_template(&self) -> Option<ChatTemplate> {
+        // SAFETY: live model; llama.cpp returns a NUL-terminated string it
+        // owns (as long as the model), or null.
+        let own = unsafe {
+            let p = sys::llama_model_chat_template(self.model.as_ptr(), std::ptr::null());
+            (!p.is_null()).then(|| c_text(p))
+        };
+        if let Some(text) = own {
+            return Some(ChatTemplate::Model(text));
+        }
+        let builtin = builtin_chat_templates();
+        let arch = self.shape.arch.as_str();
+        let family = arch.trim_end_matches(|c: char| c.is_ascii_digit());
+        [arch, family]
+            .into_iter()
+            .find(|name| !name.is_empty() && builtin.iter().any(|b| b == name))
+            .map(|name| ChatTemplate::Builtin(name.to_string()))
+    }
+
+    /// Renders `messages` (role, content) with the model's
+    /// [`chat_template`](Self::chat_template) through
+    /// `llama_chat_apply_template`, which recognizes the templates it
+    /// knows (ChatML, Gemma, Llama 3, …) by their text or name and renders
+    /// them with its own code, not a Jinja interpreter; `add_assistant`
+    /// ends the text with the opening of the assistant's turn. The text
+    /// holds special-token text, for
+    /// [`tokenize_special`](Self::tokenize_special); no BOS.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[(&str, &str)],
+        add_assistant: bool,
+    ) -> Result<String, LlamaCppError> {
+        let err = |m: String| LlamaCppError::ChatTemplate(m);
+        let template = match self.chat_template() {
+            Some(ChatTemplate::Model(text) | ChatTemplate::Builtin(text)) => text,
+            None => {
+                return Err(err(format!(
+                    "the model has no chat template (tokenizer.chat_template), and llama.cpp \
+                     has no built-in one named after its architecture {:?}",
+                    self.shape.arch
+                )))
+            }
+        };
+        let c_template =
+            CString::new(template).map_err(|_| err("the chat template holds a NUL byte".into()))?;
+        let mut texts = Vec::with_capacity(messages.len());
+        for (i, (role, content)) in messages.iter().enumerate() {
+            let nul = || err(format!("message {i} holds a NUL byte"));
+            texts.push((
+                CString::new(*role).map_err(|_| nul())?,
+                CString::new(*content).map_err(|_| nul())?,
+            ));
+        }
+        let chat: Vec<sys::llama_chat_message> = texts
+            .iter()
+            .map(|(role, content)| sys::llama_chat_message {
+                role: role.as_ptr(),
+                content: content.as_ptr(),
+            })
+            .collect();
+        let chars: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
+        // llama.cpp's advice (twice the characters), and room for the
+        // markers; once more at the length it answers if that is short.
+        let mut length = chars.saturating_mul(2).saturating_add(256);
+        for _ in 0..2 {
+            if length > MAX_CHAT_BYTES {
+                return Err(err(format!(
+                    "the rendered chat would exceed {MAX_CHAT_BYTES} bytes"
+                )));
+            }
+            let mut buf = vec![0u8; length];
+            // SAFETY: the template and every message are NUL-terminated
+            // strings that outlive the call; `chat` holds `chat.len()`
+            // messages and the buffer `length` bytes (< i32::MAX, checked
+            // above).
+            let n = unsafe {
+                sys::llama_chat_apply_template(
+                    c_template.as_ptr(),
+                    chat.as_ptr(),
+                    chat.len(),
+                    add_assistant,
+                    buf.as_mut_ptr().cast(),
+                    length as i32,
+                )
+            };
+            let Ok(n) = usize::try_from(n) else {
+                return Err(err(
+                    "llama.cpp does not know the model's chat template                      (llama_chat_apply_template renders the templates it recognizes)"
+                        .into(),
+                ));
+            };
+            if n <= length {
+                buf.truncate(n);
+                return String::from_utf8(buf)
+                    .map_err(|_| err("the rendered chat is not UTF-8".into()));
+            }
+            length = n;
+        }
+        Err(err("the rendered chat kept growing".into()))
     }
 
     /// The text of token `id` (its piece, special tokens as their text);
@@ -410,37 +538,48 @@ impl<C: TraceConfig> LlamaCpp<C> {
         if id as usize >= self.shape.vocab {
             return format!("<{id}>");
         }
-        // SAFETY: live model, id in range, buffer as long as we say.
-        unsafe {
-            let vocab = sys::llama_model_get_vocab(self.model.as_ptr());
-            let mut buf = vec![0u8; 64];
-            let mut n = sys::llama_token_to_piece(
-                vocab,
-                id as i32,
-                buf.as_mut_ptr().cast(),
-                buf.len() as i32,
-                0,
-                true,
-            );
-            if n < 0 {
-                buf.resize(n.unsigned_abs() as usize, 0);
-                n = sys::llama_token_to_piece(
-                    vocab,
-                    id as i32,
-                    buf.as_mut_ptr().cast(),
-                    buf.len() as i32,
-                    0,
-                    true,
-                );
-            }
-            buf.truncate(usize::try_from(n).unwrap_or(0));
-            String::from_utf8_lossy(&buf).into_owned()
-        }
+        let mut buf = Vec::new();
+        self.push_piece(id, &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
     }
 
-    /// The text of `ids`, their pieces joined.
+    /// Appends the bytes of token `id`'s piece (special tokens as their
+    /// text) to `out`; nothing for an id outside the vocabulary.
+    fn push_piece(&self, id: u32, out: &mut Vec<u8>) {
+        if id as usize >= self.shape.vocab {
+            return;
+        }
+        let start = out.len();
+        out.resize(start + 64, 0);
+        // SAFETY: live model, id in range, the buffer as long as we say.
+        let piece = |out: &mut Vec<u8>| unsafe {
+            let vocab = sys::llama_model_get_vocab(self.model.as_ptr());
+            let room = i32::try_from(out.len() - start).unwrap_or(i32::MAX);
+            sys::llama_token_to_piece(
+                vocab,
+                id as i32,
+                out[start..].as_mut_ptr().cast(),
+                room,
+                0,
+                true,
+            )
+        };
+        let mut n = piece(out);
+        if n < 0 {
+            out.resize(start + n.unsigned_abs() as usize, 0);
+            n = piece(out);
+        }
+        out.truncate(start + usize::try_from(n).unwrap_or(0));
+    }
+
+    /// The text of `ids`: their pieces' bytes joined, then read as UTF-8
+    /// (a character split across tokens is whole again).
     pub fn detokenize(&self, ids: &[u32]) -> String {
-        ids.iter().map(|&id| self.token_text(id)).collect()
+        let mut bytes = Vec::new();
+        for &id in ids {
+            self.push_piece(id, &mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// Whether `id` ends a generation (end of sequence, end of turn).
@@ -766,6 +905,29 @@ impl KvFacts {
             reused_positions: reused,
             computed_positions: 1,
         }
+    }
+}
+
+/// A chat template llama.cpp renders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatTemplate {
+    /// The model file's own (`tokenizer.chat_template`), its text.
+    Model(String),
+    /// None in the file: llama.cpp's built-in template of this name, the
+    /// model's architecture's.
+    Builtin(String),
+}
+
+/// The names of llama.cpp's built-in chat templates
+/// (`llama_chat_builtin_templates`).
+pub fn builtin_chat_templates() -> Vec<String> {
+    // SAFETY: with no room llama.cpp writes nothing and returns the count;
+    // then it writes at most `names.len()` pointers to static strings.
+    unsafe {
+        let n = sys::llama_chat_builtin_templates(std::ptr::null_mut(), 0);
+        let mut names = vec![std::ptr::null::<c_char>(); usize::try_from(n).unwrap_or(0)];
+        sys::llama_chat_builtin_templates(names.as_mut_ptr(), names.len());
+        names.into_iter().map(|p| c_text(p)).collect()
     }
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use model_tracer::{Disabled, Full, JsonlSink, ModelTracer, SinkHandle, Stage, TraceOptions};
-use model_tracer_llama_cpp::{LlamaCpp, LlamaCppOptions};
+use model_tracer_llama_cpp::{ChatTemplate, LlamaCpp, LlamaCppError, LlamaCppOptions};
 use model_tracer_test_support as support;
 
 use common::PROMPT;
@@ -117,4 +117,46 @@ fn full_jsonl_trace_has_a_row_per_position_with_all_18_layers() {
             assert_eq!(row["selected_token"], GREEDY[p + 1 - PROMPT_IDS.len()]);
         }
     }
+}
+
+#[test]
+fn a_chat_is_rendered_with_llama_cpps_gemma_template_and_tokenized_with_its_markers() {
+    let Some(path) = common::gemma3() else {
+        return;
+    };
+    let Ok(m) = LlamaCpp::load(&path, options(), Disabled) else {
+        panic!("loading {path}");
+    };
+    // The base model's file has no template: the architecture's built-in.
+    assert_eq!(
+        m.chat_template(),
+        Some(ChatTemplate::Builtin("gemma".into()))
+    );
+    let chat = [
+        ("system", "Be brief."),
+        ("user", "Hi"),
+        ("assistant", "Hello"),
+    ];
+    let text = m.apply_chat_template(&chat, true).unwrap_or_default();
+    assert_eq!(
+        text,
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n\
+         <start_of_turn>model\n"
+    );
+    let ids = m.tokenize_special(&text, true).unwrap_or_default();
+    assert_eq!(ids[..2], [2, 105], "<bos> <start_of_turn>");
+    assert_eq!(ids.iter().filter(|&&t| t == 105).count(), 3);
+    assert_eq!(
+        ids.iter().filter(|&&t| t == 106).count(),
+        2,
+        "<end_of_turn>"
+    );
+    assert_eq!(m.detokenize(&ids), format!("<bos>{text}"));
+    // Unparsed, the markers are text.
+    let plain = m.tokenize(&text, true).unwrap_or_default();
+    assert!(plain.len() > ids.len() && !plain.contains(&105));
+    assert!(matches!(
+        m.apply_chat_template(&[("user", "a\0b")], true),
+        Err(LlamaCppError::ChatTemplate(_))
+    ));
 }

@@ -9,7 +9,7 @@ use model_tracer::{
     TraceConfig, TraceOptions,
 };
 use model_tracer_llama::model::{Fault, FaultKind};
-use model_tracer_llama_cpp::{LlamaCpp, LlamaCppOptions};
+use model_tracer_llama_cpp::{ChatTemplate, LlamaCpp, LlamaCppOptions};
 
 use common::PROMPT;
 
@@ -363,4 +363,30 @@ fn bad_input_gets_an_error() {
     assert_eq!(m.token_text(u32::MAX), format!("<{}>", u32::MAX));
     // The model still runs after the refusals.
     assert_eq!(m.generate(&PROMPT_IDS, 1, |_| {}), Ok(vec![GREEDY[0]]));
+}
+
+#[test]
+fn a_chat_is_rendered_with_the_files_own_chatml_template() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let m = load(&path, Disabled);
+    assert!(matches!(
+        m.chat_template(),
+        Some(ChatTemplate::Model(t)) if t.contains("<|im_start|>")
+    ));
+    let chat = [("system", "Be brief."), ("user", "Hi")];
+    let text = m.apply_chat_template(&chat, true).unwrap_or_default();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+         <|im_start|>assistant\n"
+    );
+    let ids = m.tokenize_special(&text, true).unwrap_or_default();
+    // No BOS for SmolLM2; <|im_start|> (1) and <|im_end|> (2) as tokens.
+    assert_eq!(ids.first(), Some(&1));
+    assert_eq!(ids.iter().filter(|&&t| t == 1).count(), 3);
+    assert_eq!(ids.iter().filter(|&&t| t == 2).count(), 2);
+    assert_eq!(m.detokenize(&ids), text);
+    assert_eq!(m.tokenize_special(PROMPT, true), Ok(PROMPT_IDS.to_vec()));
 }

@@ -5,9 +5,8 @@ use model_tracer::{ModelTracer, TraceConfig};
 use model_tracer_candle::CandleLlama;
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::model::{Config, Fault, Generation};
-use model_tracer_llama::tokenizer::Tokenizer;
 
-use super::{CacheArgs, Engine, ModelArgs, TraceArgs, DEFAULT_GGUF};
+use super::{CacheArgs, Engine, ModelArgs, Text, TraceArgs, DEFAULT_GGUF};
 
 /// The options the candle model does not take.
 pub(super) fn validate(model: &ModelArgs, trace: &TraceArgs) -> Result<(), String> {
@@ -53,8 +52,8 @@ impl<C: TraceConfig> Engine for CandleLlama<C> {
         &self.config
     }
 
-    fn tokenizer(&self) -> Option<&Tokenizer> {
-        self.tokenizer.as_ref()
+    fn text(&self) -> Option<&dyn Text> {
+        self.tokenizer.as_ref().map(|t| t as &dyn Text)
     }
 
     fn token_text(&self, id: u32) -> String {

@@ -1,11 +1,12 @@
 //! What the program needs of a model, whichever engine runs it: the one
-//! trait the reference decoder and the candle model implement, each in its
-//! own module.
+//! trait the reference decoder, the candle model and llama.cpp implement,
+//! each in its own module, and the text interface through which the
+//! program tokenizes and detokenizes for it.
 
 use model_tracer::{ModelTracer, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::model::{Config, Fault, Generation};
-use model_tracer_llama::tokenizer::Tokenizer;
+use model_tracer_llama::tokenizer::{ChatMessage, Tokenizer};
 
 use super::{CacheArgs, ModelArgs};
 
@@ -37,8 +38,10 @@ pub trait Engine: Sized {
 
     /// Hyperparameters.
     fn config(&self) -> &Config;
-    /// The tokenizer, if the model has one (a synthetic model has none).
-    fn tokenizer(&self) -> Option<&Tokenizer>;
+    /// How the model's text becomes token ids and back, if it has a
+    /// vocabulary (a synthetic model has none): the program's own
+    /// tokenizer for the Rust engines, llama.cpp's for llama.cpp.
+    fn text(&self) -> Option<&dyn Text>;
     /// Text of a token for display: the tokenizer's piece, or `<id>`.
     fn token_text(&self, id: u32) -> String;
     /// The tracer.
@@ -75,4 +78,34 @@ pub trait Engine: Sized {
         max_tokens: usize,
         on_token: impl FnMut(u32),
     ) -> Result<Generation, String>;
+}
+
+/// A model's text: prompts and chats into token ids, ids into text.
+pub trait Text {
+    /// The ids of a raw prompt, special-token text (`<|im_start|>`) parsed.
+    fn encode(&self, prompt: &str) -> Result<Vec<u32>, String>;
+    /// The ids of `messages` rendered with the model's chat template and
+    /// followed by the opening of the assistant's turn.
+    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String>;
+    /// The text of `ids`.
+    fn decode(&self, ids: &[u32]) -> String;
+}
+
+/// The program's own BPE tokenizer: no BOS is added (SmolLM2's vocabulary
+/// asks for none), the ChatML template rendered by the tokenizer.
+impl Text for Tokenizer {
+    fn encode(&self, prompt: &str) -> Result<Vec<u32>, String> {
+        Ok(Tokenizer::encode(self, prompt))
+    }
+
+    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
+        let text = self
+            .apply_chat_template(messages, true)
+            .map_err(|e| e.to_string())?;
+        Ok(Tokenizer::encode(self, &text))
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        Tokenizer::decode(self, ids)
+    }
 }

@@ -1,16 +1,16 @@
 //! llama.cpp itself (`model_tracer_llama_cpp::LlamaCpp`) as an [`Engine`],
-//! behind the `llama-cpp` feature: a GGUF file with a BPE vocabulary (the
-//! program tokenizes prompts with its own tokenizer), llama.cpp's kernels
-//! (no --exact, no --what-if), a KV cache that does not evict.
+//! behind the `llama-cpp` feature: a GGUF file of any architecture
+//! llama.cpp runs, tokenized, rendered as a chat and detokenized by
+//! llama.cpp, llama.cpp's kernels (no --exact, no --what-if), a KV cache
+//! that does not evict.
 
 use model_tracer::{Disabled, Full, Lightweight, ModelTracer, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::gguf::GgufFile;
 use model_tracer_llama::model::{Config, Fault, Generation};
-use model_tracer_llama::tokenizer::Tokenizer;
-use model_tracer_llama_cpp::{LlamaCpp, LlamaCppOptions};
+use model_tracer_llama::tokenizer::ChatMessage;
+use model_tracer_llama_cpp::{ChatTemplate, LlamaCpp, LlamaCppOptions};
 
-use super::{CacheArgs, Engine, ModelArgs, Setup, TraceArgs, WithModel, DEFAULT_GGUF};
+use super::{CacheArgs, Engine, ModelArgs, Setup, Text, TraceArgs, WithModel, DEFAULT_GGUF};
 
 /// The options llama.cpp does not take.
 pub(super) fn validate(model: &ModelArgs, trace: &TraceArgs) -> Result<(), String> {
@@ -32,11 +32,36 @@ pub(super) fn validate(model: &ModelArgs, trace: &TraceArgs) -> Result<(), Strin
     Ok(())
 }
 
-/// llama.cpp with the program's tokenizer and the shape the outputs report.
+/// llama.cpp, and the shape the outputs report.
 pub struct LlamaCppEngine<C: TraceConfig> {
     model: LlamaCpp<C>,
     config: Config,
-    tokenizer: Tokenizer,
+}
+
+/// llama.cpp's own tokenizer and chat templates: a prompt gets the BOS its
+/// vocabulary asks for (Gemma's `<bos>`; none for SmolLM2), and a chat is
+/// rendered by `llama_chat_apply_template` with the model's template.
+impl<C: TraceConfig> Text for LlamaCpp<C> {
+    fn encode(&self, prompt: &str) -> Result<Vec<u32>, String> {
+        self.tokenize_special(prompt, true)
+            .map_err(|e| e.to_string())
+    }
+
+    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
+        let chat: Vec<(&str, &str)> = messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        let text = self
+            .apply_chat_template(&chat, true)
+            .map_err(|e| e.to_string())?;
+        self.tokenize_special(&text, true)
+            .map_err(|e| e.to_string())
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.detokenize(ids)
+    }
 }
 
 impl<C: TraceConfig> Engine for LlamaCppEngine<C> {
@@ -50,7 +75,7 @@ impl<C: TraceConfig> Engine for LlamaCppEngine<C> {
         model: &ModelArgs,
         cache: &CacheArgs,
         trace: C,
-        _notes: &mut dyn FnMut(&str),
+        notes: &mut dyn FnMut(&str),
     ) -> Result<(Self, String), String> {
         let path = model.gguf.clone().unwrap_or_else(|| DEFAULT_GGUF.into());
         if !std::path::Path::new(&path).is_file() {
@@ -59,15 +84,6 @@ impl<C: TraceConfig> Engine for LlamaCppEngine<C> {
                  (98 MB)"
             ));
         }
-        let gguf = GgufFile::open(&path).map_err(|e| format!("{path}: {e}"))?;
-        let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| {
-            format!(
-                "{path}: {e}; the program tokenizes prompts with its own tokenizer (BPE \
-                 vocabularies): trace this model through the model-tracer-llama-cpp crate \
-                 (its `trace` example)"
-            )
-        })?;
-        drop(gguf);
         // Flash attention off at every trace level: a traced context
         // must have it off to see the attention, and `--trace off` then
         // runs the same attention (as llama-cpp-python does).
@@ -77,6 +93,12 @@ impl<C: TraceConfig> Engine for LlamaCppEngine<C> {
             ..LlamaCppOptions::default()
         };
         let llama = LlamaCpp::load(&path, options, trace).map_err(|e| format!("{path}: {e}"))?;
+        if let Some(ChatTemplate::Builtin(name)) = llama.chat_template() {
+            notes(&format!(
+                "{path} has no chat template: a chat is rendered with llama.cpp's built-in \
+                 {name:?} template, its architecture's"
+            ));
+        }
         let s = llama.shape();
         let config = Config {
             n_layers: s.layers,
@@ -94,7 +116,6 @@ impl<C: TraceConfig> Engine for LlamaCppEngine<C> {
         let engine = Self {
             model: llama,
             config,
-            tokenizer,
         };
         Ok((engine, format!("{path} (llama.cpp)")))
     }
@@ -103,8 +124,8 @@ impl<C: TraceConfig> Engine for LlamaCppEngine<C> {
         &self.config
     }
 
-    fn tokenizer(&self) -> Option<&Tokenizer> {
-        Some(&self.tokenizer)
+    fn text(&self) -> Option<&dyn Text> {
+        Some(&self.model)
     }
 
     fn token_text(&self, id: u32) -> String {

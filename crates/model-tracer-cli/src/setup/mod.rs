@@ -20,7 +20,7 @@ use model_tracer_candle::CandleLlama;
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::model::{Fault, Llama, DEFAULT_PREFILL_CHUNK};
 
-pub use engine::Engine;
+pub use engine::{Engine, Text};
 use outputs::Outputs;
 
 /// Where `bash .ci/fetch-model` puts SmolLM2-135M-Instruct.
@@ -32,7 +32,8 @@ const OUTPUT: &str = "Output (each file is created before the model loads)";
 /// The model to load and the engine that runs it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
-    /// Trace a GGUF file (llama architecture), with its tokenizer [default:
+    /// Trace a GGUF file, with its tokenizer: the llama architecture, or
+    /// any architecture llama.cpp runs under --engine llama.cpp [default:
     /// models/SmolLM2-135M-Instruct.Q4_1.gguf when it exists, from `bash
     /// .ci/fetch-model`; otherwise a synthetic model of the same shape]
     #[arg(long, value_name = "PATH", help_heading = "Model")]
@@ -53,8 +54,9 @@ pub struct ModelArgs {
     /// The model that runs: the reference decoder (`Llama`), or the LLaMA
     /// written on candle's ops and quantized matmuls (`CandleLlama`; a
     /// GGUF file, no --synthetic, no --what-if, a KV cache that does not
-    /// evict), or llama.cpp itself (a GGUF file with a BPE vocabulary;
-    /// built with the `llama-cpp` feature)
+    /// evict), or llama.cpp itself (a GGUF file of any architecture it
+    /// runs, tokenized and rendered as a chat by llama.cpp; built with the
+    /// `llama-cpp` feature)
     #[arg(long, default_value = "reference", value_name = "ENGINE",
           value_parser = ["reference", "candle", "llama.cpp"], help_heading = "Model")]
     pub engine: String,

@@ -118,12 +118,12 @@ pub fn report_input<'a, M: Engine>(model: &'a M, tokens: &[u32], name: &str) -> 
 
 /// The run as one JSON document: the model's shape, the trace
 /// configuration, the prompt and generated ids (and text, when the model
-/// has a tokenizer), the timing, the engine unless it is the reference
+/// has a vocabulary), the timing, the engine unless it is the reference
 /// decoder, and (when tracing) the summary and every retained forward.
 pub fn run_json<M: Engine>(model: &M, run: &Finished<'_>) -> serde_json::Value {
     let c = model.config();
     let tracer = model.tracer();
-    let text = |ids: &[u32]| model.tokenizer().map(|t| t.decode(ids));
+    let text = |ids: &[u32]| model.text().map(|t| t.decode(ids));
     let mut doc = serde_json::json!({
         "model": {
             "layers": c.n_layers,

@@ -4,9 +4,8 @@
 use model_tracer::{ModelTracer, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::model::{Config, Fault, Generation, KvCacheOptions, Llama};
-use model_tracer_llama::tokenizer::Tokenizer;
 
-use super::{CacheArgs, Engine, ModelArgs, Source};
+use super::{CacheArgs, Engine, ModelArgs, Source, Text};
 
 impl<C: TraceConfig> Engine for Llama<C> {
     type Trace = C;
@@ -58,8 +57,8 @@ impl<C: TraceConfig> Engine for Llama<C> {
         &self.config
     }
 
-    fn tokenizer(&self) -> Option<&Tokenizer> {
-        self.tokenizer.as_ref()
+    fn text(&self) -> Option<&dyn Text> {
+        self.tokenizer.as_ref().map(|t| t as &dyn Text)
     }
 
     fn token_text(&self, id: u32) -> String {
