@@ -272,6 +272,7 @@ fn configure<C: TraceConfig>(args: &Args, mut model: Llama<C>) -> Result<Llama<C
     if args.model.exact {
         model.set_exact(true);
     }
+    model.set_threads(args.model.threads());
     model.set_prefill_chunk(args.cache.prefill_chunk);
     Ok(model)
 }

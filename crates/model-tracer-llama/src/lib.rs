@@ -24,6 +24,7 @@ pub mod dtype;
 pub mod export;
 pub mod gguf;
 pub mod model;
+pub mod pool;
 pub mod quant;
 #[cfg(feature = "serde")]
 pub mod report;

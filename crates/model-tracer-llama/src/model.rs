@@ -19,6 +19,8 @@ use model_tracer::tracer::ModelTracer;
 use model_tracer::Stage;
 use wide::f32x8;
 
+use crate::pool::Pool;
+
 use super::dtype::GgmlType;
 use super::gguf::{GgufError, GgufFile};
 use super::quant::{
@@ -316,6 +318,36 @@ impl Linear {
         match &self.master {
             Some(m) => m.matmul_f32(x, out),
             None => self.weight.matmul_f32(x, out),
+        }
+    }
+
+    /// [`forward`](Self::forward) on the threads of `pool`, bit for bit.
+    #[inline]
+    pub fn forward_on(&self, pool: &Pool, x: &QuantizedActivations, out: &mut [f32]) {
+        self.weight.matvec_on(pool, x, out);
+    }
+
+    /// [`reference`](Self::reference) on the threads of `pool`, bit for bit.
+    pub fn reference_on(&self, pool: &Pool, x: &[f32], out: &mut [f32]) {
+        match &self.master {
+            Some(m) => m.matvec_f32_on(pool, x, out),
+            None => self.weight.matvec_f32_on(pool, x, out),
+        }
+    }
+
+    /// [`forward_rows`](Self::forward_rows) on the threads of `pool`, bit
+    /// for bit.
+    #[inline]
+    pub fn forward_rows_on(&self, pool: &Pool, x: &QuantizedBatch, out: &mut [f32]) {
+        self.weight.matmul_on(pool, x, out);
+    }
+
+    /// [`reference_rows`](Self::reference_rows) on the threads of `pool`,
+    /// bit for bit.
+    pub fn reference_rows_on(&self, pool: &Pool, x: &[f32], out: &mut [f32]) {
+        match &self.master {
+            Some(m) => m.matmul_f32_on(pool, x, out),
+            None => self.weight.matmul_f32_on(pool, x, out),
         }
     }
 
@@ -889,25 +921,25 @@ struct RowsInput<'a> {
     cols: usize,
     q: &'a mut QuantizedBatch,
     quantized_for: Option<GgmlType>,
-    exact: bool,
+    products: Products<'a>,
 }
 
 impl<'a> RowsInput<'a> {
-    fn new(x: &'a [f32], cols: usize, q: &'a mut QuantizedBatch, exact: bool) -> Self {
+    fn new(x: &'a [f32], cols: usize, q: &'a mut QuantizedBatch, products: Products<'a>) -> Self {
         Self {
             x,
             cols,
             q,
             quantized_for: None,
-            exact,
+            products,
         }
     }
 
     /// `out[t] = W x[t]` for every row, bit for bit [`Input::multiply`] of
     /// each row.
     fn multiply(&mut self, w: &Linear, out: &mut [f32]) {
-        if self.exact {
-            return w.reference_rows(self.x, out);
+        if self.products.exact {
+            return w.reference_rows_on(self.products.pool, self.x, out);
         }
         let ty = w.weight.ty();
         if self.quantized_for != Some(ty) {
@@ -916,7 +948,7 @@ impl<'a> RowsInput<'a> {
             }
             self.quantized_for = Some(ty);
         }
-        w.forward_rows(self.q, out);
+        w.forward_rows_on(self.products.pool, self.q, out);
     }
 }
 
@@ -989,6 +1021,7 @@ pub struct Llama<C: TraceConfig = model_tracer::DefaultTrace> {
     tracer: ModelTracer<C>,
     fault: Option<Fault>,
     exact: bool,
+    pool: Pool,
     steps: usize,
     chunk: ChunkState,
     rows: ChunkRows,
@@ -1001,6 +1034,14 @@ pub struct Llama<C: TraceConfig = model_tracer::DefaultTrace> {
 /// [`Llama::set_prefill_chunk`] says otherwise.
 pub const DEFAULT_PREFILL_CHUNK: usize = 64;
 
+/// How a forward multiplies: on the quantized or the exact f32 path, on
+/// the threads of which pool.
+#[derive(Clone, Copy)]
+struct Products<'a> {
+    exact: bool,
+    pool: &'a Pool,
+}
+
 /// The input of one or more products: `x` and its 8-bit form, quantized
 /// for the weight type a product needs, once per type.
 struct Input<'a> {
@@ -1009,24 +1050,24 @@ struct Input<'a> {
     /// The weight type `q` was quantized for.
     quantized_for: Option<GgmlType>,
     /// The exact f32 path multiplies `x` itself.
-    exact: bool,
+    products: Products<'a>,
 }
 
 impl<'a> Input<'a> {
-    fn new(x: &'a [f32], q: &'a mut QuantizedActivations, exact: bool) -> Self {
+    fn new(x: &'a [f32], q: &'a mut QuantizedActivations, products: Products<'a>) -> Self {
         Self {
             x,
             q,
             quantized_for: None,
-            exact,
+            products,
         }
     }
 
     /// `out = W x`, on the quantized path (weights times 8-bit activations)
     /// or the exact f32 path.
     fn multiply(&mut self, w: &Linear, out: &mut [f32]) {
-        if self.exact {
-            return w.reference(self.x, out);
+        if self.products.exact {
+            return w.reference_on(self.products.pool, self.x, out);
         }
         let ty = w.weight.ty();
         if self.quantized_for != Some(ty) {
@@ -1037,7 +1078,7 @@ impl<'a> Input<'a> {
             }
             self.quantized_for = Some(ty);
         }
-        w.forward(self.q, out);
+        w.forward_on(self.products.pool, self.q, out);
     }
 }
 
@@ -1339,7 +1380,7 @@ fn attention_block<C: TraceConfig>(
     cache: &mut KvCache,
     row: Row,
     fault: Option<Fault>,
-    exact: bool,
+    products: Products<'_>,
 ) {
     let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
     // attention rmsnorm
@@ -1348,7 +1389,7 @@ fn attention_block<C: TraceConfig>(
 
     // q, k, v projections into one buffer [q | k | v]
     let qkv = [&lw.attn_q, &lw.attn_k, &lw.attn_v];
-    let mut xb = Input::new(&s.xb, &mut s.xq, exact);
+    let mut xb = Input::new(&s.xb, &mut s.xq, products);
     project(tracer, BrickId::QkvProjection, l, &qkv, &mut xb, &mut s.qkv);
 
     // RoPE relative positional encoding on q and k
@@ -1364,7 +1405,7 @@ fn attention_block<C: TraceConfig>(
     attention_heads(tracer, c, l, row.pos, q, cache, &mut s.att, &mut s.xb);
 
     // output projection
-    let mut xb = Input::new(&s.xb, &mut s.xq, exact);
+    let mut xb = Input::new(&s.xb, &mut s.xq, products);
     let wo = [&lw.attn_output];
     project(
         tracer,
@@ -1445,14 +1486,14 @@ fn ffn_block<C: TraceConfig>(
     l: usize,
     s: &mut RunState,
     fault: Option<Fault>,
-    exact: bool,
+    products: Products<'_>,
 ) {
     // ffn rmsnorm
     rmsnorm(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps);
     traced!(C, tracer.activation(l, Stage::PostFfnNorm, &s.xb));
 
     // gate and up projections, from one quantized input
-    let mut xb = Input::new(&s.xb, &mut s.xq, exact);
+    let mut xb = Input::new(&s.xb, &mut s.xq, products);
     project(
         tracer,
         BrickId::FfnGate,
@@ -1474,7 +1515,7 @@ fn ffn_block<C: TraceConfig>(
     swiglu(&mut s.hb, &s.hb2);
 
     // down projection
-    let mut hb = Input::new(&s.hb, &mut s.xq, exact);
+    let mut hb = Input::new(&s.hb, &mut s.xq, products);
     project(
         tracer,
         BrickId::FfnDown,
@@ -1525,7 +1566,7 @@ fn attention_block_rows<C: TraceConfig>(
     s: &mut RunState,
     positions: &[usize],
     fault: Option<Fault>,
-    exact: bool,
+    products: Products<'_>,
     attend: impl FnOnce(&mut ModelTracer<C>, &mut ChunkState),
 ) {
     let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
@@ -1534,7 +1575,7 @@ fn attention_block_rows<C: TraceConfig>(
     traced!(C, tracer.activation(l, Stage::PostNorm, &b.xb));
 
     // q, k, v projections, from one quantized chunk
-    let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
+    let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, products);
     xb.multiply(&lw.attn_q, &mut b.q);
     xb.multiply(&lw.attn_k, &mut b.k);
     xb.multiply(&lw.attn_v, &mut b.v);
@@ -1566,7 +1607,7 @@ fn attention_block_rows<C: TraceConfig>(
     attend(tracer, b);
 
     // output projection
-    let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
+    let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, products);
     xb.multiply(&lw.attn_output, &mut b.xb2);
     traced!(
         C,
@@ -1753,7 +1794,7 @@ fn ffn_block_rows<C: TraceConfig>(
     s: &mut RunState,
     positions: &[usize],
     fault: Option<Fault>,
-    exact: bool,
+    products: Products<'_>,
 ) {
     let dim = c.dim;
     // ffn rmsnorm
@@ -1761,7 +1802,7 @@ fn ffn_block_rows<C: TraceConfig>(
     traced!(C, tracer.activation(l, Stage::PostFfnNorm, &b.xb));
 
     // gate and up projections, from one quantized chunk
-    let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, exact);
+    let mut xb = RowsInput::new(&b.xb, dim, &mut b.xq, products);
     xb.multiply(&lw.ffn_gate, &mut b.hb);
     xb.multiply(&lw.ffn_up, &mut b.hb2);
     traced!(C, {
@@ -1783,7 +1824,7 @@ fn ffn_block_rows<C: TraceConfig>(
     swiglu(&mut b.hb, &b.hb2);
 
     // down projection
-    let mut hb = RowsInput::new(&b.hb, c.ffn_dim, &mut b.xq, exact);
+    let mut hb = RowsInput::new(&b.hb, c.ffn_dim, &mut b.xq, products);
     hb.multiply(&lw.ffn_down, &mut b.xb2);
     traced!(
         C,
@@ -1822,7 +1863,7 @@ fn lm_head_rows<C: TraceConfig>(
     r: &ChunkRows,
     steps: &mut usize,
     lens: bool,
-    exact: bool,
+    products: Products<'_>,
 ) {
     let (dim, n_layers) = (c.dim, c.n_layers);
     let rows = r.slots.len();
@@ -1834,7 +1875,7 @@ fn lm_head_rows<C: TraceConfig>(
         if last || traced_logits {
             let out = if last { &mut s.logits } else { &mut b.logits };
             out.resize(c.vocab_size, 0.0);
-            let mut xb = Input::new(&b.xb[i * dim..(i + 1) * dim], &mut s.xq, exact);
+            let mut xb = Input::new(&b.xb[i * dim..(i + 1) * dim], &mut s.xq, products);
             project(tracer, BrickId::LmHead, 0, &[&w.output], &mut xb, out);
             if lens {
                 let hidden = &b.lens_hidden[i * n_layers * dim..(i + 1) * n_layers * dim];
@@ -1849,7 +1890,7 @@ fn lm_head_rows<C: TraceConfig>(
                         &mut s.lens_scratch,
                         &s.lens_layers,
                         out,
-                        exact
+                        products.exact
                     )
                 );
             }
@@ -1916,6 +1957,7 @@ impl<C: TraceConfig> Llama<C> {
             state,
             fault: None,
             exact: false,
+            pool: Pool::default(),
             steps: 0,
             chunk: ChunkState::default(),
             rows: ChunkRows::default(),
@@ -2037,6 +2079,24 @@ impl<C: TraceConfig> Llama<C> {
         self.cache.clear();
     }
 
+    /// Runs the products of every following forward on `threads` threads
+    /// (this one and `threads - 1` workers that live as long as the model;
+    /// 1, the default, runs everything on the calling thread): the
+    /// matmuls split by output rows, or by the rows of a chunk, each row
+    /// computed as on one thread, so logits, tokens, the KV cache and every
+    /// trace record are the same to the bit for any number. The tracer's
+    /// hooks, the norms and the attention run on the calling thread.
+    pub fn set_threads(&mut self, threads: usize) {
+        if threads.clamp(1, crate::pool::MAX_THREADS) != self.pool.threads() {
+            self.pool = Pool::new(threads);
+        }
+    }
+
+    /// Threads the products run on ([`set_threads`](Self::set_threads)).
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
     /// Forgets the conversation: call between independent conversations.
     pub fn clear_kv_cache(&mut self) {
         self.cache.clear();
@@ -2062,10 +2122,14 @@ impl<C: TraceConfig> Llama<C> {
             tracer,
             fault,
             exact,
+            pool,
             steps,
             ..
         } = self;
-        let exact = *exact;
+        let products = Products {
+            exact: *exact,
+            pool,
+        };
         let token = if (token as usize) < c.vocab_size {
             token
         } else {
@@ -2089,9 +2153,9 @@ impl<C: TraceConfig> Llama<C> {
         for (l, lw) in w.layers.iter().enumerate() {
             traced!(C, tracer.activation(l, Stage::Input, &s.x));
             // x += attention(norm(x)), this position's key and value cached
-            attention_block(tracer, c, lw, l, s, cache, row, fault, exact);
+            attention_block(tracer, c, lw, l, s, cache, row, fault, products);
             // x += ffn(norm(x))
-            ffn_block(tracer, c, lw, l, s, fault, exact);
+            ffn_block(tracer, c, lw, l, s, fault, products);
             // The layer's residual ratio from the norms of its input and of
             // both updates, already summarised by the activation hooks.
             traced!(C, tracer.residual_from_stages(l));
@@ -2110,7 +2174,7 @@ impl<C: TraceConfig> Llama<C> {
         traced!(C, tracer.activation(0, Stage::FinalNorm, &s.xb));
 
         // classifier into logits
-        let mut xb = Input::new(&s.xb, &mut s.xq, exact);
+        let mut xb = Input::new(&s.xb, &mut s.xq, products);
         project(
             tracer,
             BrickId::LmHead,
@@ -2134,7 +2198,7 @@ impl<C: TraceConfig> Llama<C> {
                     &mut s.lens_scratch,
                     &s.lens_layers,
                     &s.logits,
-                    exact,
+                    products.exact,
                 );
             }
         );
@@ -2224,10 +2288,17 @@ impl<C: TraceConfig> Llama<C> {
             tracer,
             fault,
             exact,
+            pool,
             steps,
             ..
         } = self;
-        let (exact, fault) = (*exact, *fault);
+        let (products, fault) = (
+            Products {
+                exact: *exact,
+                pool,
+            },
+            *fault,
+        );
         let rows = tokens.len();
         if rows == 0 {
             return;
@@ -2258,9 +2329,20 @@ impl<C: TraceConfig> Llama<C> {
             let attend = |t: &mut ModelTracer<C>, b: &mut ChunkState| {
                 attend_chunk(t, c, l, b, cache, r);
             };
-            attention_block_rows(tracer, c, lw, l, b, s, &r.positions, fault, exact, attend);
+            attention_block_rows(
+                tracer,
+                c,
+                lw,
+                l,
+                b,
+                s,
+                &r.positions,
+                fault,
+                products,
+                attend,
+            );
             // x[i] += ffn(norm(x[i]))
-            ffn_block_rows(tracer, c, lw, l, b, s, &r.positions, fault, exact);
+            ffn_block_rows(tracer, c, lw, l, b, s, &r.positions, fault, products);
             // The layer's residual ratio from the norms of its input and of
             // both updates, already summarised by the activation hooks.
             traced!(C, tracer.residual_from_stages(l));
@@ -2280,7 +2362,7 @@ impl<C: TraceConfig> Llama<C> {
 
         // classifier into logits: the last row, and the rows the tracer
         // asks for; then the KV cache state of each row
-        lm_head_rows(tracer, c, w, b, s, cache, r, steps, lens, exact);
+        lm_head_rows(tracer, c, w, b, s, cache, r, steps, lens, products);
         traced!(C, tracer.end_forward());
     }
 

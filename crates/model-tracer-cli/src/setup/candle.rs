@@ -43,6 +43,12 @@ impl<C: TraceConfig> Engine for CandleLlama<C> {
                  (98 MB)"
             ));
         }
+        // candle's CPU kernels run on as many threads as RAYON_NUM_THREADS
+        // says, read when they first run: set before the model loads (the
+        // program has no other thread yet that reads the environment).
+        if model.threads.is_some() || std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            std::env::set_var("RAYON_NUM_THREADS", model.threads().to_string());
+        }
         let candle = CandleLlama::from_gguf(&path, Some(cache.ctx), trace)
             .map_err(|e| format!("{path}: {e}"))?;
         Ok((candle, format!("{path} (candle)")))

@@ -90,6 +90,7 @@ impl<C: TraceConfig> Engine for LlamaCppEngine<C> {
         let options = LlamaCppOptions {
             context: cache.ctx,
             flash_attention: Some(false),
+            threads: model.threads(),
             ..LlamaCppOptions::default()
         };
         let llama = LlamaCpp::load(&path, options, trace).map_err(|e| format!("{path}: {e}"))?;

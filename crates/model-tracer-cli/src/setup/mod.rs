@@ -60,6 +60,21 @@ pub struct ModelArgs {
     #[arg(long, default_value = "reference", value_name = "ENGINE",
           value_parser = ["reference", "candle", "llama.cpp"], help_heading = "Model")]
     pub engine: String,
+    /// Threads the model runs on: the reference decoder's matmuls split
+    /// by output rows (the results are the same to the bit for any
+    /// number), candle's thread pool (RAYON_NUM_THREADS), llama.cpp's
+    /// n_threads [default: every core the machine has]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256),
+          help_heading = "Model")]
+    pub threads: Option<u16>,
+}
+
+impl ModelArgs {
+    /// Threads the model runs on: `--threads`, or every core.
+    pub fn threads(&self) -> usize {
+        self.threads
+            .map_or_else(model_tracer_llama::pool::available_threads, usize::from)
+    }
 }
 
 /// The KV cache and the prefill: how many positions the model holds and
@@ -312,7 +327,7 @@ impl Setup<'_> {
         let c = model.config();
         notes(&format!(
             "model: {name}\n  {} layers, hidden {}, {} heads / {} KV heads, vocab {}, KV capacity \
-             {} positions{}; loaded in {load_secs:.2} s",
+             {} positions{}; loaded in {load_secs:.2} s; {} thread{}",
             c.n_layers,
             c.dim,
             c.n_heads,
@@ -320,6 +335,8 @@ impl Setup<'_> {
             c.vocab_size,
             model.kv_capacity(),
             if model.evicts() { "" } else { " (no eviction)" },
+            self.model.threads(),
+            if self.model.threads() == 1 { "" } else { "s" },
         ));
         self.configure(&mut model, notes)?;
         Ok(then.call(Loaded {

@@ -44,6 +44,8 @@ impl<C: TraceConfig> Engine for Llama<C> {
                 Llama::new(config, weights, None, options, trace).map_err(|e| e.to_string())?
             }
         };
+        let mut llama = llama;
+        llama.set_threads(model.threads());
         let name = match source {
             Source::File(path) => path,
             Source::Synthetic(shape) => {

@@ -20,7 +20,7 @@ use model_tracer::{traced, Stage};
 
 use super::{
     attention_block_rows, attention_heads_rows, ffn_block_rows, logit_lens, rmsnorm_rows,
-    trace_what_if, ChunkState, KvCache, KvCacheOptions, Llama, RowsInput,
+    trace_what_if, ChunkState, KvCache, KvCacheOptions, Llama, Products, RowsInput,
 };
 
 /// One sequence of a model's forwards over several sequences
@@ -230,10 +230,17 @@ impl<C: TraceConfig> Llama<C> {
             tracer,
             fault,
             exact,
+            pool,
             ..
         } = self;
         let w = &**weights;
-        let (exact, fault) = (*exact, *fault);
+        let (products, fault) = (
+            Products {
+                exact: *exact,
+                pool,
+            },
+            *fault,
+        );
         let (dim, kv_dim, n_layers, vocab) = (c.dim, c.kv_dim(), c.n_layers, c.vocab_size);
         let rows = r.tokens.len();
         b.resize(c, rows, 0);
@@ -276,9 +283,20 @@ impl<C: TraceConfig> Llama<C> {
                     }
                 }
             };
-            attention_block_rows(tracer, c, lw, l, b, s, &r.positions, fault, exact, attend);
+            attention_block_rows(
+                tracer,
+                c,
+                lw,
+                l,
+                b,
+                s,
+                &r.positions,
+                fault,
+                products,
+                attend,
+            );
             // x[i] += ffn(norm(x[i]))
-            ffn_block_rows(tracer, c, lw, l, b, s, &r.positions, fault, exact);
+            ffn_block_rows(tracer, c, lw, l, b, s, &r.positions, fault, products);
             // The layer's residual ratio from the norms of its input and of
             // both updates, already summarised by the activation hooks.
             traced!(C, tracer.residual_from_stages(l));
@@ -315,7 +333,7 @@ impl<C: TraceConfig> Llama<C> {
             }
         }
         r.head_out.resize(r.head_rows.len() * vocab, 0.0);
-        RowsInput::new(&r.head_in, dim, &mut b.xq, exact).multiply(&w.output, &mut r.head_out);
+        RowsInput::new(&r.head_in, dim, &mut b.xq, products).multiply(&w.output, &mut r.head_out);
         traced!(C, {
             for (j, &i) in r.head_rows.iter().enumerate() {
                 let out = &r.head_out[j * vocab..(j + 1) * vocab];
@@ -337,7 +355,7 @@ impl<C: TraceConfig> Llama<C> {
                         &mut s.lens_scratch,
                         &s.lens_layers,
                         out,
-                        exact,
+                        products.exact,
                     );
                 }
                 tracer.final_logits(out);

@@ -12,6 +12,10 @@ use super::dot::*;
 use super::float::{decode_bf16, decode_f16, decode_f32};
 use super::QuantError;
 use crate::dtype::GgmlType;
+use crate::pool::{part, Out, Pool};
+
+/// Output rows a thread takes at least in a product split over threads.
+const MIN_PART_ROWS: usize = 64;
 
 pub(super) mod lens;
 
@@ -385,6 +389,11 @@ impl QMatrix {
             acts.len().checked_mul(self.rows),
             "output length must equal activation rows times matrix rows"
         );
+        self.matmul_acts(acts, out);
+    }
+
+    /// [`matmul`](Self::matmul) of the activation rows `acts`, checked.
+    fn matmul_acts(&self, acts: &[QuantizedActivations], out: &mut [f32]) {
         if self.row_bytes == 0 {
             out.fill(0.0);
             return;
@@ -435,6 +444,124 @@ impl QMatrix {
             }
             _ => self.tiled::<TILE>(out, rows_x, &OneByOneF32 { m, x }),
         }
+    }
+
+    /// [`matvec`](Self::matvec) on the threads of `pool`: each thread
+    /// computes a contiguous range of the output rows with the one-thread
+    /// kernel, so `out` is bit for bit that of [`matvec`](Self::matvec).
+    ///
+    /// # Panics
+    /// As [`matvec`](Self::matvec).
+    pub fn matvec_on(&self, pool: &Pool, x: &QuantizedActivations, out: &mut [f32]) {
+        let parts = pool.parts_for(self.rows, MIN_PART_ROWS);
+        if parts <= 1 {
+            return self.matvec(x, out);
+        }
+        assert_eq!(
+            out.len(),
+            self.rows,
+            "output length must equal the number of rows"
+        );
+        let o = Out::new(out);
+        pool.run(parts, &|k| {
+            let rows = part(self.rows, parts, k);
+            // SAFETY: the parts' row ranges are disjoint.
+            let out = unsafe { o.range(rows.clone()) };
+            self.matvec_rows(rows, x, out);
+        });
+    }
+
+    /// [`matvec_f32`](Self::matvec_f32) on the threads of `pool`, bit for
+    /// bit its result (each thread computes a range of the rows).
+    ///
+    /// # Panics
+    /// As [`matvec_f32`](Self::matvec_f32).
+    pub fn matvec_f32_on(&self, pool: &Pool, x: &[f32], out: &mut [f32]) {
+        let parts = pool.parts_for(self.rows, MIN_PART_ROWS);
+        if parts <= 1 {
+            return self.matvec_f32(x, out);
+        }
+        assert_eq!(
+            out.len(),
+            self.rows,
+            "output length must equal the number of rows"
+        );
+        let o = Out::new(out);
+        pool.run(parts, &|k| {
+            let rows = part(self.rows, parts, k);
+            // SAFETY: the parts' row ranges are disjoint.
+            let out = unsafe { o.range(rows.clone()) };
+            self.matvec_f32_rows(rows, x, out);
+        });
+    }
+
+    /// [`matmul`](Self::matmul) on the threads of `pool`, bit for bit its
+    /// result: each thread multiplies a contiguous range of the activation
+    /// rows (their outputs are contiguous in `out`) by the whole matrix,
+    /// each row's product being that of [`matvec`](Self::matvec) whatever
+    /// the rows beside it; a single row is split by output rows instead
+    /// ([`matvec_on`](Self::matvec_on)).
+    ///
+    /// # Panics
+    /// As [`matmul`](Self::matmul).
+    pub fn matmul_on(&self, pool: &Pool, x: &QuantizedBatch, out: &mut [f32]) {
+        let acts = x.used();
+        if acts.len() == 1 && out.len() == self.rows {
+            return self.matvec_on(pool, &acts[0], out);
+        }
+        let parts = acts.len().min(pool.threads());
+        if parts <= 1 || self.rows * self.cols < MIN_PART_ROWS * 64 {
+            return self.matmul(x, out);
+        }
+        assert_eq!(x.cols(), self.cols, "activation length must equal cols");
+        assert_eq!(
+            Some(x.format()),
+            activation_type(self.ty),
+            "activations quantized as {} cannot multiply {} weights",
+            x.format(),
+            self.ty
+        );
+        assert_eq!(
+            Some(out.len()),
+            acts.len().checked_mul(self.rows),
+            "output length must equal activation rows times matrix rows"
+        );
+        let o = Out::new(out);
+        pool.run(parts, &|k| {
+            let t = part(acts.len(), parts, k);
+            // SAFETY: the parts' activation rows, and so their outputs,
+            // are disjoint.
+            let out = unsafe { o.range(t.start * self.rows..t.end * self.rows) };
+            self.matmul_acts(&acts[t], out);
+        });
+    }
+
+    /// [`matmul_f32`](Self::matmul_f32) on the threads of `pool`, bit for
+    /// bit its result (each thread takes a range of the activation rows).
+    ///
+    /// # Panics
+    /// As [`matmul_f32`](Self::matmul_f32).
+    pub fn matmul_f32_on(&self, pool: &Pool, x: &[f32], out: &mut [f32]) {
+        if self.cols == 0 || x.len() % self.cols != 0 {
+            return self.matmul_f32(x, out);
+        }
+        let rows_x = x.len() / self.cols;
+        if rows_x == 1 && out.len() == self.rows {
+            return self.matvec_f32_on(pool, x, out);
+        }
+        let parts = rows_x.min(pool.threads());
+        if parts <= 1 || Some(out.len()) != rows_x.checked_mul(self.rows) {
+            return self.matmul_f32(x, out);
+        }
+        let o = Out::new(out);
+        let cols = self.cols;
+        pool.run(parts, &|k| {
+            let t = part(rows_x, parts, k);
+            // SAFETY: the parts' activation rows, and so their outputs,
+            // are disjoint.
+            let out = unsafe { o.range(t.start * self.rows..t.end * self.rows) };
+            self.matmul_f32(&x[t.start * cols..t.end * cols], out);
+        });
     }
 
     /// The number of rows of `x` (row-major, `cols` values each) for a
