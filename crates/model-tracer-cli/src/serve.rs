@@ -170,7 +170,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
         slots: args.parallel,
         ..Stats::default()
     });
-    let metrics = Arc::new(ServeMetrics::new(&stats));
+    let metrics = Arc::new(ServeMetrics::new(&stats.running, &stats.queued));
     let context = TraceContext {
         model: ModelInfo {
             kv_capacity: ctx,

@@ -28,7 +28,6 @@ use model_tracer::metrics::prometheus_client::registry::Registry;
 use model_tracer::metrics::{MetricsSink, TraceMetrics};
 
 use super::openai::FinishReason;
-use super::scheduler::Stats;
 
 /// The content type of `GET /metrics`.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -116,9 +115,9 @@ pub struct ServeMetrics {
 
 impl ServeMetrics {
     /// A registry with every family registered, and no series yet; the
-    /// running and waiting gauges are those of `stats`, which `/health`
-    /// reads too.
-    pub fn new(stats: &Stats) -> Self {
+    /// gauges of the running and the waiting requests are `running` and
+    /// `waiting`, which `/health` reads too.
+    pub fn new(running: &Gauge, waiting: &Gauge) -> Self {
         let mut registry = Registry::default();
         let sink = TraceMetrics::register(&mut registry).sink();
         let m = Self {
@@ -159,12 +158,12 @@ impl ServeMetrics {
         registry.register(
             "model_tracer_requests_running",
             "Sequences the model runs now",
-            stats.running.clone(),
+            running.clone(),
         );
         registry.register(
             "model_tracer_requests_waiting",
             "Requests waiting in the queue for a sequence slot",
-            stats.queued.clone(),
+            waiting.clone(),
         );
         registry.register(
             "model_tracer_kv_cache_usage_ratio",
