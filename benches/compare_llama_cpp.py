@@ -71,16 +71,16 @@ def llama_cpp_round(llm, llama_cpp, ids, generate):
     )
 
 
-def program_round(program, gguf, text, generate, engine, ids):
+def program_round(program, gguf, text, generate, engine, ids, threads):
     """One `model-tracer run --trace off`; its own timing."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "run.json")
         cmd = [program, "run", "--gguf", gguf, "--prompt", text, "--trace", "off",
-               "--max-tokens", str(generate), "--ctx", "1024", "--json", path]
+               "--max-tokens", str(generate), "--ctx", "1024", "--json", path,
+               "--threads", str(threads)]
         if engine != "reference":
             cmd += ["--engine", engine]
-        env = dict(os.environ, CANDLE_NUM_THREADS="1")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {proc.stderr[-2000:]}")
         with open(path) as f:
@@ -128,8 +128,7 @@ def program_margin(program, gguf, text, engine, step):
                "--json", json_path]
         if engine != "reference":
             cmd += ["--engine", engine]
-        env = dict(os.environ, CANDLE_NUM_THREADS="1")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {proc.stderr[-2000:]}")
         with open(json_path) as f:
@@ -187,6 +186,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--generate", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads of every engine (llama.cpp's n_threads, model-tracer --threads)")
     ap.add_argument("--engines", default="llama.cpp,reference,candle",
                     help="comma-separated: llama.cpp, reference, candle")
     args = ap.parse_args()
@@ -199,8 +200,8 @@ def main():
         if not os.path.exists(p):
             sys.exit(f"{p} not found (bash .ci/fetch-model; cargo build --release --bin model-tracer)")
 
-    llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=1024, n_batch=512, n_threads=1,
-                          n_threads_batch=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=1024, n_batch=512, n_threads=args.threads,
+                          n_threads_batch=args.threads, verbose=False)
     ids = llm.tokenize(TEXT.encode(), add_bos=False, special=False)
     if len(ids) < args.prompt_len:
         sys.exit(f"the text is {len(ids)} tokens, fewer than {args.prompt_len}")
@@ -211,14 +212,15 @@ def main():
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     results = {e: [] for e in engines}
-    print(f"{len(ids)}-token prompt, {args.generate} generated tokens, one thread, "
+    print(f"{len(ids)}-token prompt, {args.generate} generated tokens, {args.threads} thread(s), "
           f"{args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f} at the start")
     for r in range(args.rounds):
         for e in engines:
             if e == "llama.cpp":
                 res = llama_cpp_round(llm, llama_cpp, ids, args.generate)
             else:
-                res = program_round(args.program, args.gguf, text, args.generate, e, ids)
+                res = program_round(args.program, args.gguf, text, args.generate, e, ids,
+                                    args.threads)
             results[e].append(res)
             pe, pn, ge, gn, _ = res
             print(f"  round {r + 1} {e:9} prompt {pn / pe:7.1f} tokens/s, "
