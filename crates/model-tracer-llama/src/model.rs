@@ -19,7 +19,7 @@ use model_tracer::tracer::ModelTracer;
 use model_tracer::Stage;
 use wide::f32x8;
 
-use crate::pool::Pool;
+use crate::pool::{Out, Pool};
 
 use super::dtype::GgmlType;
 use super::gguf::{GgufError, GgufFile};
@@ -1402,7 +1402,17 @@ fn attention_block<C: TraceConfig>(
     cache.store(l, row.slot, k, v);
 
     // grouped-query attention over the cached positions, into xb
-    attention_heads(tracer, c, l, row.pos, q, cache, &mut s.att, &mut s.xb);
+    attention_heads(
+        tracer,
+        c,
+        l,
+        row.pos,
+        q,
+        cache,
+        &mut s.att,
+        &mut s.xb,
+        products.pool,
+    );
 
     // output projection
     let mut xb = Input::new(&s.xb, &mut s.xq, products);
@@ -1443,24 +1453,24 @@ fn attention_heads<C: TraceConfig>(
     cache: &KvCache,
     att: &mut [f32],
     out: &mut [f32],
+    pool: &Pool,
 ) {
     let (kv_dim, hd) = (c.kv_dim(), c.head_dim);
     let kv_mul = c.n_heads / c.n_kv_heads;
     let (cap, n_ctx) = (cache.capacity, cache.len);
     let layer_off = l * cap * kv_dim;
     let scale = 1.0 / (hd as f32).sqrt();
-    for h in 0..c.n_heads {
+    // One head: its scores over the cached positions, their softmax, and
+    // the weighted sum of the values, into its rows of `att` and `out`.
+    let head = |h: usize, att: &mut [f32], out: &mut [f32]| {
         let q = &q[h * hd..(h + 1) * hd];
         let kv_off = (h / kv_mul) * hd;
-        let att = &mut att[h * cap..h * cap + n_ctx];
         for (t, a) in att.iter_mut().enumerate() {
             let k0 = layer_off + cache.slot(t) * kv_dim + kv_off;
             let k = &cache.key[k0..k0 + hd];
             *a = dot(q, k) * scale;
         }
         softmax(att);
-        traced!(C, tracer.attention(l, h, pos, att));
-        let out = &mut out[h * hd..(h + 1) * hd];
         out.fill(0.0);
         for (t, &a) in att.iter().enumerate() {
             let v0 = layer_off + cache.slot(t) * kv_dim + kv_off;
@@ -1468,8 +1478,41 @@ fn attention_heads<C: TraceConfig>(
                 *o += a * v;
             }
         }
+    };
+    if pool.threads() > 1 && n_ctx * hd >= MIN_POOLED_ATTENTION {
+        // The heads on the pool's threads, each computed as on one.
+        let (a, o) = (Out::new(att), Out::new(out));
+        pool.run(c.n_heads, &|h| {
+            // SAFETY: each head has its own rows of `att` and of `out`.
+            let (att, out) = unsafe {
+                (
+                    a.range(h * cap..h * cap + n_ctx),
+                    o.range(h * hd..(h + 1) * hd),
+                )
+            };
+            head(h, att, out);
+        });
+    } else {
+        for h in 0..c.n_heads {
+            let (att_h, out_h) = (
+                &mut att[h * cap..h * cap + n_ctx],
+                &mut out[h * hd..(h + 1) * hd],
+            );
+            head(h, att_h, out_h);
+        }
+    }
+    for h in 0..c.n_heads {
+        traced!(
+            C,
+            tracer.attention(l, h, pos, &att[h * cap..h * cap + n_ctx])
+        );
     }
 }
+
+/// Cached positions times head width from which a decode step's attention
+/// runs its heads on the pool's threads: below it, handing them over costs
+/// more than it saves.
+const MIN_POOLED_ATTENTION: usize = 64 * 64;
 
 /// The feed-forward block of the one position of [`Llama::forward`] in
 /// layer `l`: `x += W_down · (silu(W_gate · norm(x)) · W_up · norm(x))`.

@@ -1,8 +1,9 @@
 //! Products on several threads: logits, greedy tokens, the KV cache and
 //! every JSON Lines record of the real SmolLM2 are, to the bit, those of
 //! one thread, on 1, 2 and 3 threads (3 is more than a 2-core machine
-//! has, on purpose), for a decode step, a chunked prefill, a batch of
-//! sequences and the exact f32 path.
+//! has, on purpose), for a decode step (its products, and its attention
+//! heads after a long prompt), a chunked prefill, a batch of sequences and
+//! the exact f32 path.
 
 mod common;
 
@@ -60,7 +61,7 @@ fn run<C: TraceConfig>(
     threads: usize,
 ) -> Run {
     let cache = KvCacheOptions {
-        capacity: 64,
+        capacity: 128,
         sinks: 4,
     };
     let mut fresh = Llama::from_shared(
@@ -106,6 +107,12 @@ fn run<C: TraceConfig>(
 
 const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
 
+/// A prompt long enough (70 positions) for a decode step to run its
+/// attention heads on the pool.
+fn long_prompt() -> Vec<u32> {
+    PROMPT.iter().copied().cycle().take(70).collect()
+}
+
 #[test]
 fn smollm2_lightweight_is_the_same_on_one_two_and_three_threads() {
     let Some(path) = common::real_model() else {
@@ -115,7 +122,13 @@ fn smollm2_lightweight_is_the_same_on_one_two_and_three_threads() {
     let one = run(&m, false, &PROMPT, 2, 8, 1);
     assert_eq!(one.tokens[..6], [7042, 30, 198, 198, 504, 1797]);
     assert_eq!(one.rows.lines().count(), PROMPT.len() + 8);
+    let long = run(&m, false, &long_prompt(), 16, 4, 1);
     for threads in [2, 3] {
+        let many = run(&m, false, &long_prompt(), 16, 4, threads);
+        assert!(
+            many == long,
+            "{threads} threads part from one after a long prompt"
+        );
         let many = run(&m, false, &PROMPT, 2, 8, threads);
         assert_eq!(many.tokens, one.tokens, "{threads} threads");
         assert!(many.logits == one.logits, "{threads} threads: logits");
@@ -133,8 +146,12 @@ fn smollm2_full_and_exact_are_the_same_on_one_and_three_threads() {
         return;
     };
     let m = Llama::from_gguf(&path, None, Full).expect("the model loads");
-    let one = run(&m, false, &PROMPT, 5, 2, 1);
-    let three = run(&m, false, &PROMPT, 5, 2, 3);
+    let one = run(&m, false, &long_prompt(), 32, 2, 1);
+    let three = run(&m, false, &long_prompt(), 32, 2, 3);
+    assert!(
+        one.rows.contains("attn_top_positions") || one.rows.contains("attn_"),
+        "Full rows hold attention"
+    );
     assert!(three == one, "Full: 3 threads part from one");
     let one = run(&m, true, &PROMPT, 3, 2, 1);
     let three = run(&m, true, &PROMPT, 3, 2, 3);
