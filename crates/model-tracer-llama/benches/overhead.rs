@@ -286,6 +286,7 @@ fn prefilled_with_chunk<C: TraceConfig>(shape: Shape, trace: C) -> (Box<Llama<C>
 /// the prefill, its tracer's sink a [`MetricsSink`](model_tracer::metrics::MetricsSink)
 /// that folds every forward into the model-health families (the prefill
 /// made every series, as the first forwards of a server do).
+#[cfg_attr(model_tracer_no_hooks, allow(dead_code))]
 fn prefilled_with_metrics<C: TraceConfig>(shape: Shape, trace: C) -> Box<Llama<C>> {
     let config = shape.config();
     let vocab = config.vocab_size;
