@@ -4,8 +4,8 @@ once (1, 2, 4, 8), each asking for 128 greedy tokens, against a server
 with --trace off and one with --trace lightweight, measured in turns (off,
 lightweight, off, ...) so that a change of the machine's load falls on
 both. With --llama-server PATH, llama.cpp's own server on the same file
-(one thread, --parallel as many slots as the most clients, the same
-context per slot) is measured in the same turns. Prints a Markdown table
+(--threads as ours, --parallel as many slots as the most clients, the
+same context per slot) is measured in the same turns. Prints a Markdown table
 of generated tokens per second.
 
     cargo build --release -p model-tracer-cli
@@ -42,10 +42,11 @@ PROMPTS = [
 
 
 class Server:
-    def __init__(self, binary, gguf, trace, parallel):
+    def __init__(self, binary, gguf, trace, parallel, threads):
         self.proc = subprocess.Popen(
             [binary, "serve", "--gguf", gguf, "--port", "0", "--trace", trace,
-             "--parallel", str(parallel), "--ctx", "512", "--keep-traces", "8"],
+             "--parallel", str(parallel), "--ctx", "512", "--keep-traces", "8",
+             "--threads", str(threads)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         deadline = time.time() + 120
         self.url = None
@@ -72,15 +73,17 @@ def free_port():
 
 
 class LlamaServer:
-    """llama.cpp's `llama-server` on 127.0.0.1: one thread, `parallel`
-    slots of 512 positions each, ready once GET /health answers 200."""
+    """llama.cpp's `llama-server` on 127.0.0.1: `threads` threads,
+    `parallel` slots of 512 positions each, ready once GET /health answers
+    200."""
 
-    def __init__(self, binary, gguf, parallel):
+    def __init__(self, binary, gguf, parallel, threads):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
-             "-t", "1", "-tb", "1", "--parallel", str(parallel), "-c", str(512 * parallel),
+             "-t", str(threads), "-tb", str(threads), "--parallel", str(parallel),
+             "-c", str(512 * parallel),
              "--no-webui"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
@@ -126,13 +129,15 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--llama-server", help="llama.cpp's llama-server binary, measured beside")
+    ap.add_argument("--threads", type=int, default=1, help="threads of every server (default 1)")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     levels = ["off", "lightweight"]
-    servers = {lv: Server(args.bin, args.gguf, lv, max(clients)) for lv in levels}
+    servers = {lv: Server(args.bin, args.gguf, lv, max(clients), args.threads) for lv in levels}
     if args.llama_server:
         levels.append("llama-server")
-        servers["llama-server"] = LlamaServer(args.llama_server, args.gguf, max(clients))
+        servers["llama-server"] = LlamaServer(args.llama_server, args.gguf, max(clients),
+                                              args.threads)
     results = {(lv, c): [] for lv in levels for c in clients}
     try:
         for lv in levels:  # warm-up: page in the weights, grow the buffers
@@ -145,7 +150,8 @@ def main():
         for s in servers.values():
             s.stop()
     print(f"{args.tokens} greedy tokens per client, median of {args.rounds} rounds, "
-          "generated tokens/s of all clients together\n")
+          f"{args.threads} thread(s) per server, generated tokens/s of all clients together; "
+          f"load average {os.getloadavg()[0]:.1f} at the end\n")
     llama = "llama-server" in levels
     print("| clients | --trace off | --trace lightweight | lightweight / off |"
           + (" llama-server -t 1 | off / llama-server |" if llama else ""))
