@@ -130,6 +130,12 @@ def queue(url):
     a = serve_http.Stream(url, COMPLETIONS, long)
     serve_http.wait_health(url, lambda h: h["slots"]["busy"] == 1 and h["queued"] == 0,
                            "the first request to run")
+    # Its prompt has run once its first token is out: its cache holds
+    # positions from then on.
+    deadline = time.time() + 60
+    while not a.chunks and time.time() < deadline:
+        time.sleep(0.01)
+    check(bool(a.chunks), "the first request streams a token")
     b = serve_http.Stream(url, COMPLETIONS, long)
     serve_http.wait_health(url, lambda h: h["queued"] == 1, "the second to wait")
     m = serve_http.metrics(url)
