@@ -154,7 +154,7 @@ def main():
           f"load average {os.getloadavg()[0]:.1f} at the end\n")
     llama = "llama-server" in levels
     print("| clients | --trace off | --trace lightweight | lightweight / off |"
-          + (" llama-server -t 1 | off / llama-server |" if llama else ""))
+          + (f" llama-server -t {args.threads} | off / llama-server |" if llama else ""))
     print("| ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if llama else ""))
     one = statistics.median(results[("off", clients[0])])
     for c in clients:
