@@ -43,11 +43,17 @@ impl<C: TraceConfig> Engine for CandleLlama<C> {
                  (98 MB)"
             ));
         }
-        // candle's CPU kernels run on as many threads as RAYON_NUM_THREADS
-        // says, read when they first run: set before the model loads (the
-        // program has no other thread yet that reads the environment).
-        if model.threads.is_some() || std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            std::env::set_var("RAYON_NUM_THREADS", model.threads().to_string());
+        // candle's CPU kernels run on its own spinning pool
+        // (CANDLE_NUM_THREADS, else RAYON_NUM_THREADS) and on a rayon pool
+        // (RAYON_NUM_THREADS), each sized when first used: set before the
+        // model loads (the program has no other thread yet that reads the
+        // environment). --threads sets both; without it, what the
+        // environment says stands, and if it says nothing, every core.
+        const VARS: [&str; 2] = ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"];
+        if model.threads.is_some() || VARS.iter().all(|v| std::env::var_os(v).is_none()) {
+            for v in VARS {
+                std::env::set_var(v, model.threads().to_string());
+            }
         }
         let candle = CandleLlama::from_gguf(&path, Some(cache.ctx), trace)
             .map_err(|e| format!("{path}: {e}"))?;

@@ -62,7 +62,8 @@ pub struct ModelArgs {
     pub engine: String,
     /// Threads the model runs on: the reference decoder's matmuls split
     /// by output rows (the results are the same to the bit for any
-    /// number), candle's thread pool (RAYON_NUM_THREADS), llama.cpp's
+    /// number), candle's thread pools (CANDLE_NUM_THREADS and
+    /// RAYON_NUM_THREADS), llama.cpp's
     /// n_threads [default: every core the machine has]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256),
           help_heading = "Model")]
