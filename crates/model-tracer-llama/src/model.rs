@@ -28,6 +28,7 @@ use super::quant::{
 };
 use super::tokenizer::{Tokenizer, TokenizerError};
 
+mod attention;
 mod batch;
 pub use batch::{Sequence, SequenceStep};
 
@@ -615,7 +616,10 @@ pub struct KvCacheOptions {
 }
 
 /// The KV cache: keys and values of every cached position, per layer,
-/// preallocated as `(layers, capacity, kv_dim)`.
+/// preallocated: values as `(layers, capacity, kv_dim)`, keys in panels of
+/// 8 slots per layer and KV head (`(layers, kv_heads, capacity / 8,
+/// head_dim)` vectors of 8 lanes, see [`attention`]), so that the scores
+/// of a query read its head's keys contiguously, 8 positions a vector.
 ///
 /// When full, the oldest position after the sinks is evicted (StreamingLLM's
 /// policy): slots `0..sinks` hold the first positions forever, the rest is a
@@ -623,10 +627,12 @@ pub struct KvCacheOptions {
 /// position.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    key: Vec<f32>,   // (layer, capacity, kv_dim)
+    key: Vec<f32x8>, // (layer, kv_head, capacity / 8, head_dim) panels
     value: Vec<f32>, // (layer, capacity, kv_dim)
     capacity: usize,
     kv_dim: usize,
+    head_dim: usize,
+    head_panels: usize, // vectors of one layer's and KV head's keys
     sinks: usize,
     len: usize,            // valid positions
     ring_start: usize,     // chronological start of the ring region, as an offset into it
@@ -638,14 +644,18 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    fn new(n_layers: usize, kv_dim: usize, options: KvCacheOptions) -> Self {
+    fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, options: KvCacheOptions) -> Self {
         let capacity = options.capacity.max(2);
         let sinks = options.sinks.min(capacity - 1);
+        let kv_dim = n_kv_heads * head_dim;
+        let head_panels = attention::panels(capacity) * head_dim;
         Self {
-            key: vec![0.0; n_layers * capacity * kv_dim],
+            key: vec![f32x8::splat(0.0); n_layers * n_kv_heads * head_panels],
             value: vec![0.0; n_layers * capacity * kv_dim],
             capacity,
             kv_dim,
+            head_dim,
+            head_panels,
             sinks,
             len: 0,
             ring_start: 0,
@@ -694,10 +704,42 @@ impl KvCache {
     /// position in layer `layer` into `slot`.
     #[inline(always)]
     fn store(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
-        let kv_dim = self.kv_dim;
+        let (kv_dim, hd) = (self.kv_dim, self.head_dim);
         let at = layer * self.capacity * kv_dim + slot * kv_dim;
-        self.key[at..at + kv_dim].copy_from_slice(k);
         self.value[at..at + kv_dim].copy_from_slice(v);
+        let heads = kv_dim / hd;
+        let keys = &mut self.key[layer * heads * self.head_panels..][..heads * self.head_panels];
+        let lanes = attention::panel_floats(keys);
+        let head_lanes = self.head_panels * attention::PANEL;
+        for (lanes, k) in lanes.chunks_exact_mut(head_lanes).zip(k.chunks_exact(hd)) {
+            for (d, &k) in k.iter().enumerate() {
+                lanes[attention::panel_index(slot, d, hd)] = k;
+            }
+        }
+    }
+
+    /// The key panels of KV head `head` in layer `layer`.
+    #[inline(always)]
+    fn key_panels(&self, layer: usize, head: usize) -> &[f32x8] {
+        let heads = self.kv_dim / self.head_dim;
+        &self.key[(layer * heads + head) * self.head_panels..][..self.head_panels]
+    }
+
+    /// The slots of the cached positions in chronological order, into
+    /// `out`: the sinks, then the ring from its oldest entry.
+    fn chronological_slots(&self, out: &mut Vec<usize>) {
+        out.clear();
+        if self.len < self.capacity {
+            // nothing was evicted since the cache was cleared: slot = age
+            out.extend(0..self.len);
+        } else {
+            let start = self.sinks + self.ring_start;
+            out.extend(
+                (0..self.sinks)
+                    .chain(start..self.capacity)
+                    .chain(self.sinks..start),
+            );
+        }
     }
 
     /// The trace of the cache after the one-position step `step` at
@@ -786,9 +828,22 @@ impl KvCache {
     }
 
     /// The key (`[kv_dim]`, rotated) of the `t`-th oldest cached position
-    /// in layer `layer`, if both exist.
-    pub fn key(&self, layer: usize, t: usize) -> Option<&[f32]> {
-        self.entry(&self.key, layer, t)
+    /// in layer `layer`, if both exist, gathered from the panels the cache
+    /// keeps keys in.
+    pub fn key(&self, layer: usize, t: usize) -> Option<Vec<f32>> {
+        let n_layers = self.value.len() / (self.capacity * self.kv_dim).max(1);
+        if t >= self.len || layer >= n_layers {
+            return None;
+        }
+        let (slot, hd) = (self.slot(t), self.head_dim);
+        let heads = self.kv_dim / hd;
+        let key = (0..heads)
+            .flat_map(|h| {
+                let lanes: &[f32] = wide::bytemuck::cast_slice(self.key_panels(layer, h));
+                (0..hd).map(move |d| lanes[attention::panel_index(slot, d, hd)])
+            })
+            .collect();
+        Some(key)
     }
 
     /// The value (`[kv_dim]`) of the `t`-th oldest cached position in
@@ -834,14 +889,16 @@ impl KvCache {
 /// Buffers of one forward pass, allocated once.
 #[derive(Debug, Clone)]
 struct RunState {
-    x: Vec<f32>,      // (dim) residual stream
-    xb: Vec<f32>,     // (dim) normed input of a block; attention output before projection
-    xb2: Vec<f32>,    // (dim) output of a block's last projection
-    qkv: Vec<f32>,    // (dim + 2 kv_dim) query, key, value of the current position
-    att: Vec<f32>,    // (n_heads, capacity) attention scores, then weights
-    hb: Vec<f32>,     // (ffn_dim) gate, then the SwiGLU product
-    hb2: Vec<f32>,    // (ffn_dim) up
-    logits: Vec<f32>, // (vocab)
+    x: Vec<f32>,       // (dim) residual stream
+    xb: Vec<f32>,      // (dim) normed input of a block; attention output before projection
+    xb2: Vec<f32>,     // (dim) output of a block's last projection
+    qkv: Vec<f32>,     // (dim + 2 kv_dim) query, key, value of the current position
+    att: Vec<f32>,     // (n_heads, capacity) attention weights, chronological
+    scores: Vec<f32>,  // (n_heads, capacity in whole key panels) scores, in slot order
+    slots: Vec<usize>, // (cached positions) their slots, chronological
+    hb: Vec<f32>,      // (ffn_dim) gate, then the SwiGLU product
+    hb2: Vec<f32>,     // (ffn_dim) up
+    logits: Vec<f32>,  // (vocab)
     xq: QuantizedActivations,
     lens_hidden: Vec<f32>, // (n_layers, dim) hidden state after each layer, for the logit lens
     lens_x: Vec<f32>,      // (n_layers, dim) the same through the final norm
@@ -861,6 +918,8 @@ impl RunState {
             xb2: vec![0.0; c.dim],
             qkv: vec![0.0; c.dim + 2 * c.kv_dim()],
             att: vec![0.0; c.n_heads * capacity],
+            scores: vec![0.0; c.n_heads * attention::panels(capacity) * attention::PANEL],
+            slots: Vec::with_capacity(capacity),
             hb: vec![0.0; c.ffn_dim],
             hb2: vec![0.0; c.ffn_dim],
             logits: vec![0.0; c.vocab_size],
@@ -878,17 +937,18 @@ impl RunState {
 /// largest chunk run and then reused.
 #[derive(Debug, Clone, Default)]
 struct ChunkState {
-    x: Vec<f32>,           // (T, dim) residual streams
-    xb: Vec<f32>,          // (T, dim) normed inputs; attention outputs before projection
-    xb2: Vec<f32>,         // (T, dim) outputs of a block's last projection
-    q: Vec<f32>,           // (T, dim) queries
-    k: Vec<f32>,           // (T, kv_dim) keys of the chunk, rotated
-    v: Vec<f32>,           // (T, kv_dim) values of the chunk
-    hb: Vec<f32>,          // (T, ffn_dim) gate, then the SwiGLU product
-    hb2: Vec<f32>,         // (T, ffn_dim) up
-    att: Vec<f32>,         // (T, stride) one head's attention rows
-    qt: Vec<f32x8>,        // (head_dim) a tile of queries, one lane per row
-    scores: Vec<[f32; 8]>, // (keys) their scores, one lane per row
+    x: Vec<f32>,          // (T, dim) residual streams
+    xb: Vec<f32>,         // (T, dim) normed inputs; attention outputs before projection
+    xb2: Vec<f32>,        // (T, dim) outputs of a block's last projection
+    q: Vec<f32>,          // (T, dim) queries
+    k: Vec<f32>,          // (T, kv_dim) keys of the chunk, rotated
+    v: Vec<f32>,          // (T, kv_dim) values of the chunk
+    hb: Vec<f32>,         // (T, ffn_dim) gate, then the SwiGLU product
+    hb2: Vec<f32>,        // (T, ffn_dim) up
+    att: Vec<f32>,        // (T, stride) one head's attention rows
+    panels: Vec<f32x8>,   // (T / 8, head_dim) the chunk's keys of one KV head, in panels
+    old_scores: Vec<f32>, // (cached positions, whole panels) a row's scores, slot order
+    new_scores: Vec<f32>, // (T, whole panels) a row's scores against the chunk's keys
     xq: QuantizedBatch,
     lens_hidden: Vec<f32>, // (T, n_layers, dim) hidden states for the logit lens
     logits: Vec<f32>,      // (vocab) logits of a row before the last
@@ -1231,35 +1291,6 @@ fn rope(x: &mut [f32], head_dim: usize, freq: &[f32], pos: usize) {
     }
 }
 
-/// `a · b`, summed in order: the one dot product of attention scores, so
-/// that every path computes them alike.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum::<f32>()
-}
-
-/// Query rows scored at once by [`dot_tile`].
-const SCORE_TILE: usize = 8;
-
-/// Scores of up to 8 queries against 4 keys: `qt[d]` holds dimension `d`
-/// of each query (one lane per query) and lane `r` of result `j` is
-/// `dot(query r, keys[j])`, bit for bit: each lane sums its products in
-/// the order of [`dot`], from the same start, with separate multiplies and
-/// adds. Four keys at once keep four independent chains of additions in
-/// flight, where one [`dot`] waits on each addition.
-#[inline(always)]
-fn dot_tile(qt: &[f32x8], keys: [&[f32]; 4]) -> [f32x8; 4] {
-    // The neutral element `Sum` starts from (-0.0 in today's Rust).
-    let start = f32x8::splat(std::iter::empty::<f32>().sum());
-    let mut acc = [start; 4];
-    for (d, &q) in qt.iter().enumerate() {
-        for (a, k) in acc.iter_mut().zip(&keys) {
-            *a += q * f32x8::splat(k[d]);
-        }
-    }
-    acc
-}
-
 fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
@@ -1409,6 +1440,8 @@ fn attention_block<C: TraceConfig>(
         row.pos,
         q,
         cache,
+        &s.slots,
+        &mut s.scores,
         &mut s.att,
         &mut s.xb,
         products.pool,
@@ -1437,10 +1470,13 @@ fn attention_block<C: TraceConfig>(
 /// Grouped-query attention of one position at `pos` in layer `l`, one head
 /// at a time: head `h` of `q: [n_heads × head_dim]` against the keys of
 /// kv head `h / (n_heads / n_kv_heads)` of the `n = cache.len()` cached
-/// positions in chronological order, scaled by `1/√head_dim` and
+/// positions, scored in slot order into `scores[h·stride..]`
+/// (`scores: [n_heads × stride]`, `stride` whole key panels of the
+/// capacity), scaled by `1/√head_dim`, then taken in chronological order
+/// (`slots`: the slot of each cached position, oldest first) and
 /// softmaxed into `att[h·capacity..][..n]` (`att: [n_heads × capacity]`),
-/// then the values summed with those weights into head `h` of
-/// `out: [n_heads × head_dim]`.
+/// then the values summed with those weights, in the same order, into
+/// head `h` of `out: [n_heads × head_dim]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(model_tracer_no_hooks, allow(unused_variables))]
@@ -1451,6 +1487,8 @@ fn attention_heads<C: TraceConfig>(
     pos: usize,
     q: &[f32],
     cache: &KvCache,
+    slots: &[usize],
+    scores: &mut [f32],
     att: &mut [f32],
     out: &mut [f32],
     pool: &Pool,
@@ -1458,47 +1496,47 @@ fn attention_heads<C: TraceConfig>(
     let (kv_dim, hd) = (c.kv_dim(), c.head_dim);
     let kv_mul = c.n_heads / c.n_kv_heads;
     let (cap, n_ctx) = (cache.capacity, cache.len);
+    let stride = attention::panels(cap) * attention::PANEL;
     let layer_off = l * cap * kv_dim;
     let scale = 1.0 / (hd as f32).sqrt();
     // One head: its scores over the cached positions, their softmax, and
-    // the weighted sum of the values, into its rows of `att` and `out`.
-    let head = |h: usize, att: &mut [f32], out: &mut [f32]| {
+    // the weighted sum of the values, into its rows of `scores`, `att`
+    // and `out`.
+    let head = |h: usize, scores: &mut [f32], att: &mut [f32], out: &mut [f32]| {
         let q = &q[h * hd..(h + 1) * hd];
-        let kv_off = (h / kv_mul) * hd;
-        for (t, a) in att.iter_mut().enumerate() {
-            let k0 = layer_off + cache.slot(t) * kv_dim + kv_off;
-            let k = &cache.key[k0..k0 + hd];
-            *a = dot(q, k) * scale;
+        let kv_head = h / kv_mul;
+        let panels = cache.key_panels(l, kv_head);
+        attention::panel_scores(q, panels, hd, n_ctx, scale, scores);
+        for (a, &slot) in att.iter_mut().zip(slots) {
+            *a = scores[slot];
         }
         softmax(att);
-        out.fill(0.0);
-        for (t, &a) in att.iter().enumerate() {
-            let v0 = layer_off + cache.slot(t) * kv_dim + kv_off;
-            for (o, &v) in out.iter_mut().zip(&cache.value[v0..v0 + hd]) {
-                *o += a * v;
-            }
-        }
+        let values = &cache.value[layer_off + kv_head * hd..];
+        attention::weighted_values(out, att, |t| &values[slots[t] * kv_dim..]);
     };
     if pool.threads() > 1 && n_ctx * hd >= MIN_POOLED_ATTENTION {
         // The heads on the pool's threads, each computed as on one.
-        let (a, o) = (Out::new(att), Out::new(out));
+        let (sc, a, o) = (Out::new(scores), Out::new(att), Out::new(out));
         pool.run(c.n_heads, &|h| {
-            // SAFETY: each head has its own rows of `att` and of `out`.
-            let (att, out) = unsafe {
+            // SAFETY: each head has its own rows of `scores`, `att` and
+            // `out`.
+            let (scores, att, out) = unsafe {
                 (
+                    sc.range(h * stride..(h + 1) * stride),
                     a.range(h * cap..h * cap + n_ctx),
                     o.range(h * hd..(h + 1) * hd),
                 )
             };
-            head(h, att, out);
+            head(h, scores, att, out);
         });
     } else {
         for h in 0..c.n_heads {
-            let (att_h, out_h) = (
+            let (scores_h, att_h, out_h) = (
+                &mut scores[h * stride..(h + 1) * stride],
                 &mut att[h * cap..h * cap + n_ctx],
                 &mut out[h * hd..(h + 1) * hd],
             );
-            head(h, att_h, out_h);
+            head(h, scores_h, att_h, out_h);
         }
     }
     for h in 0..c.n_heads {
@@ -1697,14 +1735,16 @@ fn attend_chunk<C: TraceConfig>(
 /// `old - evicted` positions cached before the chunk that it does not
 /// evict (`old = r.old_slots.len()`, `evicted = (old + i + 1) −
 /// capacity` when positive; the sinks stay), then rows `0..=i` of the
-/// chunk: keys from the cache (`[capacity × kv_dim]` per layer, slots
-/// `r.old_slots`) and from `b.k: [t × kv_dim]`, values likewise from the
-/// cache and `b.v: [t × kv_dim]`. Scores of tiles of [`SCORE_TILE`] rows
-/// of `b.q: [t × n_heads·head_dim]` go through `b.qt: [head_dim]` (a row a
-/// lane) into `b.scores: [keys]`, then row by row into
+/// chunk: keys from the cache's panels (slots `0..old`, which are the
+/// slots `r.old_slots` lists in chronological order) and from
+/// `b.k: [t × kv_dim]` (put in panels of their own, `b.panels`), values
+/// likewise from the cache and `b.v: [t × kv_dim]`. A row's scores
+/// against the cached keys go into `b.old_scores` (slot order), against
+/// the chunk's into `b.new_scores`, then in chronological order into
 /// `b.att: [t × stride]` (`stride = cache.len()`), softmaxed; the weighted
 /// sums of the values go into head `h` of each row of
-/// `b.xb: [t × n_heads·head_dim]`.
+/// `b.xb: [t × n_heads·head_dim]`. Every score and sum is that of the
+/// one-position path ([`attention_heads`]), bit for bit.
 ///
 /// The rows are rows `first..first + rows` of the chunk's buffers (`b.q`,
 /// `b.k`, `b.v`, `b.xb`): one sequence's segment of a forward over several
@@ -1735,55 +1775,32 @@ fn attention_heads_rows<C: TraceConfig>(
         &b.v[first * kv_dim..],
     );
     let scale = 1.0 / (hd as f32).sqrt();
+    let whole = |n: usize| attention::panels(n) * attention::PANEL;
+    b.old_scores.resize(whole(old_len), 0.0);
+    b.new_scores.resize(whole(rows), 0.0);
     for h in 0..c.n_heads {
-        let kv_off = (h / kv_mul) * hd;
-        let key = |t: usize| -> &[f32] {
-            if t < old_len {
-                let k0 = layer_off + old_slots[t] * kv_dim + kv_off;
-                &cache.key[k0..k0 + hd]
-            } else {
-                &k_rows[(t - old_len) * kv_dim + kv_off..][..hd]
+        let kv_head = h / kv_mul;
+        let kv_off = kv_head * hd;
+        if h % kv_mul == 0 {
+            attention::fill_panels(&mut b.panels, k_rows, rows, kv_dim, kv_off, hd);
+        }
+        let old_panels = cache.key_panels(l, kv_head);
+        for i in 0..rows {
+            let q = &q_rows[i * dim + h * hd..][..hd];
+            let evicted = (old_len + i + 1).saturating_sub(cap);
+            let kept = old_len - evicted;
+            attention::panel_scores(q, old_panels, hd, old_len, scale, &mut b.old_scores);
+            attention::panel_scores(q, &b.panels, hd, i + 1, scale, &mut b.new_scores);
+            let att = &mut b.att[i * stride..i * stride + kept + i + 1];
+            for (j, a) in att.iter_mut().enumerate() {
+                *a = if j >= kept {
+                    b.new_scores[j - kept]
+                } else {
+                    let t = if j < sinks { j } else { j + evicted };
+                    b.old_scores[old_slots[t]]
+                };
             }
-        };
-        // scores of tiles of 8 rows against every key one of them
-        // attends (cached keys, then the chunk's), into the rows
-        for i0 in (0..rows).step_by(SCORE_TILE) {
-            let n = SCORE_TILE.min(rows - i0);
-            b.qt.clear();
-            b.qt.extend((0..hd).map(|d| {
-                f32x8::new(std::array::from_fn(|lane| {
-                    if lane < n {
-                        q_rows[(i0 + lane) * dim + h * hd + d]
-                    } else {
-                        0.0
-                    }
-                }))
-            }));
-            let keys = old_len + i0 + n;
-            b.scores.clear();
-            for t in (0..keys).step_by(4) {
-                let ks: [&[f32]; 4] = std::array::from_fn(|j| key((t + j).min(keys - 1)));
-                for s in dot_tile(&b.qt, ks) {
-                    b.scores.push((s * f32x8::splat(scale)).to_array());
-                }
-            }
-            for lane in 0..n {
-                let i = i0 + lane;
-                let evicted = (old_len + i + 1).saturating_sub(cap);
-                let kept = old_len - evicted;
-                let att = &mut b.att[i * stride..i * stride + kept + i + 1];
-                for (j, a) in att.iter_mut().enumerate() {
-                    let t = if j >= kept {
-                        old_len + j - kept
-                    } else if j < sinks {
-                        j
-                    } else {
-                        j + evicted
-                    };
-                    *a = b.scores[t][lane];
-                }
-                softmax(att);
-            }
+            softmax(att);
         }
         // row i holds min(old_len + 1 + i, stride) weights
         traced!(
@@ -1795,24 +1812,21 @@ fn attention_heads_rows<C: TraceConfig>(
                 tracer.attention_rows(l, h, &b.att, old_len + 1);
             }
         );
+        let values = &cache.value[layer_off + kv_off..];
+        let new_values = &v_rows[kv_off..];
         for i in 0..rows {
             let evicted = (old_len + i + 1).saturating_sub(cap);
             let kept = old_len - evicted;
             let att = &b.att[i * stride..i * stride + kept + i + 1];
             let out = &mut b.xb[(first + i) * dim + h * hd..][..hd];
-            out.fill(0.0);
-            for (j, &a) in att.iter().enumerate() {
-                let v = if j < kept {
+            attention::weighted_values(out, att, |j| {
+                if j < kept {
                     let t = if j < sinks { j } else { j + evicted };
-                    let v0 = layer_off + old_slots[t] * kv_dim + kv_off;
-                    &cache.value[v0..v0 + hd]
+                    &values[old_slots[t] * kv_dim..]
                 } else {
-                    &v_rows[(j - kept) * kv_dim + kv_off..][..hd]
-                };
-                for (o, &v) in out.iter_mut().zip(v) {
-                    *o += a * v;
+                    &new_values[(j - kept) * kv_dim..]
                 }
-            }
+            });
         }
     }
 }
@@ -1987,7 +2001,8 @@ impl<C: TraceConfig> Llama<C> {
         let capacity = cache.capacity.clamp(2, config.context_len);
         let cache = KvCache::new(
             config.n_layers,
-            config.kv_dim(),
+            config.n_kv_heads,
+            config.head_dim,
             KvCacheOptions { capacity, ..cache },
         );
         let state = RunState::new(&config, cache.capacity());
@@ -2185,6 +2200,7 @@ impl<C: TraceConfig> Llama<C> {
             pos,
             slot: cache.push(token, pos),
         };
+        cache.chronological_slots(&mut s.slots);
         let fault = fault.filter(|f| f.position.is_none_or(|p| p == pos));
         traced!(C, tracer.begin_forward(pos));
         traced!(C, tracer.input_token(token));

@@ -52,7 +52,7 @@ fn image(cache: &KvCache, layers: usize) -> CacheImage {
     let mut values = Vec::new();
     for l in 0..layers {
         for t in 0..cache.len() {
-            keys.extend(bits(cache.key(l, t).unwrap_or(&[])));
+            keys.extend(bits(&cache.key(l, t).unwrap_or_default()));
             values.extend(bits(cache.value(l, t).unwrap_or(&[])));
         }
     }

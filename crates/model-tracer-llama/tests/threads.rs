@@ -94,8 +94,14 @@ fn run<C: TraceConfig>(
     let rows = out.0.lock().map(|b| b.clone()).unwrap_or_default();
     let cache = model.cache();
     let keys = (0..model.config.n_layers)
-        .flat_map(|l| (0..cache.len()).flat_map(move |t| [cache.key(l, t), cache.value(l, t)]))
-        .flat_map(|kv| bits(kv.unwrap_or(&[])))
+        .flat_map(|l| {
+            (0..cache.len()).flat_map(move |t| {
+                let key = cache.key(l, t).unwrap_or_default();
+                let value = cache.value(l, t).unwrap_or(&[]).to_vec();
+                [key, value]
+            })
+        })
+        .flat_map(|kv| bits(&kv))
         .collect();
     Run {
         logits,

@@ -134,7 +134,8 @@ impl<C: TraceConfig> Llama<C> {
             id,
             cache: KvCache::new(
                 self.config.n_layers,
-                self.config.kv_dim(),
+                self.config.n_kv_heads,
+                self.config.head_dim,
                 KvCacheOptions { capacity, ..cache },
             ),
             logits: Vec::new(),

@@ -1,0 +1,308 @@
+//! The arithmetic of attention: scores of a query against cached keys and
+//! the weighted sum of cached values, with SIMD lanes over positions (keys)
+//! or over dimensions (values), each lane computing exactly the scalar
+//! operations of the plain loops, in their order.
+//!
+//! Keys are stored in *panels*: for one layer and one KV head, the keys of
+//! 8 consecutive cache slots form `head_dim` vectors of 8 lanes, vector
+//! `d` holding dimension `d` of each slot's key (lane `slot % 8`). A score
+//! is then one lane of a running sum over `d`, `acc += q[d] · panel[d]`,
+//! from the neutral element of `f32` summation, one multiply and one add
+//! per dimension: the bits of `Σ_d q[d]·k[d]` summed in order, as the
+//! scalar [`dot`] gives them, with 8 positions a vector and up to 8 panels
+//! (64 positions) in flight, where the scalar loop waits on every addition.
+//! Reading a panel reads `head_dim × 32` contiguous bytes, whichever
+//! position it holds.
+//!
+//! Values keep the layout of a key-value pair per slot (`[kv_dim]` a
+//! slot): the weighted sum of a head runs over positions in chronological
+//! order with the head's `head_dim` sums held in vectors, lane `d` adding
+//! `a_t · v_t[d]` for one position after another from `0.0`, as the scalar
+//! loop does.
+
+use wide::f32x8;
+
+/// Positions a key panel holds.
+pub(super) const PANEL: usize = 8;
+
+/// Panels scored together in one sweep over the dimensions: 8 chains of
+/// additions in flight, 8 accumulators and a broadcast query element in
+/// AVX2's 16 registers.
+const SWEEP: usize = 8;
+
+/// The value `f32` summation starts from (`-0.0` in today's Rust), so that
+/// a lane's sum is bit for bit that of `Iterator::sum`.
+#[inline(always)]
+fn sum_start() -> f32 {
+    std::iter::empty::<f32>().sum()
+}
+
+/// `a · b`, summed in order: the scores' scalar definition, which
+/// [`panel_scores`] equals bit for bit.
+#[cfg(test)]
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum::<f32>()
+}
+
+/// Panels of `capacity` slots (rounded up to whole panels).
+#[inline]
+pub(super) fn panels(capacity: usize) -> usize {
+    capacity.div_ceil(PANEL)
+}
+
+/// Index, in the `f32` view of a panel array of one head
+/// (`[panels × head_dim]` vectors), of dimension `d` of the key in `slot`.
+#[inline(always)]
+pub(super) fn panel_index(slot: usize, d: usize, head_dim: usize) -> usize {
+    ((slot / PANEL) * head_dim + d) * PANEL + slot % PANEL
+}
+
+/// The `f32` view of panels, to write keys into lanes.
+#[inline(always)]
+pub(super) fn panel_floats(panels: &mut [f32x8]) -> &mut [f32] {
+    wide::bytemuck::cast_slice_mut(panels)
+}
+
+/// Writes `keys: [n × stride]` (rows of `head_dim` floats from offset
+/// `at` of each row) into the first `n` slots of `panels`
+/// (`[panels(n) × head_dim]` vectors, grown as needed).
+pub(super) fn fill_panels(
+    panels: &mut Vec<f32x8>,
+    keys: &[f32],
+    n: usize,
+    stride: usize,
+    at: usize,
+    head_dim: usize,
+) {
+    let need = self::panels(n) * head_dim;
+    if panels.len() < need {
+        panels.resize(need, f32x8::splat(0.0));
+    }
+    let lanes = panel_floats(panels);
+    for (slot, key) in keys.chunks_exact(stride).take(n).enumerate() {
+        for (d, &k) in key[at..at + head_dim].iter().enumerate() {
+            lanes[panel_index(slot, d, head_dim)] = k;
+        }
+    }
+}
+
+/// Scores of the query `q: [head_dim]` against the keys of the first `n`
+/// slots of `panels` (`[panels × head_dim]` vectors), times `scale`, into
+/// `out[slot]`; `out` holds whole panels (`panels(n) · 8` values; the
+/// lanes past `n` get the scores of whatever those slots hold).
+///
+/// `out[slot]` is bit for bit `dot(q, key(slot)) * scale`.
+#[inline]
+pub(super) fn panel_scores(
+    q: &[f32],
+    panels: &[f32x8],
+    head_dim: usize,
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let q = &q[..head_dim];
+    let count = self::panels(n);
+    let (panels, out) = (&panels[..count * head_dim], &mut out[..count * PANEL]);
+    let mut p = 0;
+    while p + SWEEP <= count {
+        sweep::<SWEEP>(q, &panels[p * head_dim..], scale, &mut out[p * PANEL..]);
+        p += SWEEP;
+    }
+    let (panels, out) = (&panels[p * head_dim..], &mut out[p * PANEL..]);
+    match count - p {
+        0 => {}
+        1 => sweep::<1>(q, panels, scale, out),
+        2 => sweep::<2>(q, panels, scale, out),
+        3 => sweep::<3>(q, panels, scale, out),
+        4 => sweep::<4>(q, panels, scale, out),
+        5 => sweep::<5>(q, panels, scale, out),
+        6 => sweep::<6>(q, panels, scale, out),
+        _ => sweep::<7>(q, panels, scale, out),
+    }
+}
+
+/// Scores of `q` against `B` consecutive panels, one pass over the
+/// dimensions with `B` accumulators.
+#[inline(always)]
+fn sweep<const B: usize>(q: &[f32], panels: &[f32x8], scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    let panels: [&[f32x8]; B] = std::array::from_fn(|b| &panels[b * hd..(b + 1) * hd]);
+    let mut acc = [f32x8::splat(sum_start()); B];
+    for (d, &qd) in q.iter().enumerate() {
+        let qd = f32x8::splat(qd);
+        for (a, panel) in acc.iter_mut().zip(&panels) {
+            *a += qd * panel[d];
+        }
+    }
+    let scale = f32x8::splat(scale);
+    for (a, out) in acc.iter().zip(out.chunks_exact_mut(PANEL)) {
+        out.copy_from_slice(&(*a * scale).to_array());
+    }
+}
+
+#[inline(always)]
+fn load(v: &[f32]) -> f32x8 {
+    let mut lanes = [0.0; PANEL];
+    lanes.copy_from_slice(&v[..PANEL]);
+    f32x8::new(lanes)
+}
+
+/// `out[d] = Σ_j weights[j] · value(j)[d]` over `j` in order, for the
+/// `out.len()` dimensions of a head (`value(j)` has at least as many):
+/// bit for bit `out.fill(0.0)` and then `out[d] += weights[j] * v[d]`
+/// for one `j` after another.
+#[inline]
+pub(super) fn weighted_values<'v>(
+    out: &mut [f32],
+    weights: &[f32],
+    value: impl Fn(usize) -> &'v [f32] + Copy,
+) {
+    let hd = out.len();
+    let mut d0 = 0;
+    while d0 + 8 * PANEL <= hd {
+        value_block::<8>(&mut out[d0..d0 + 8 * PANEL], weights, value, d0);
+        d0 += 8 * PANEL;
+    }
+    while d0 + PANEL <= hd {
+        value_block::<1>(&mut out[d0..d0 + PANEL], weights, value, d0);
+        d0 += PANEL;
+    }
+    if d0 < hd {
+        let out = &mut out[d0..];
+        out.fill(0.0);
+        for (j, &a) in weights.iter().enumerate() {
+            for (o, &v) in out.iter_mut().zip(&value(j)[d0..]) {
+                *o += a * v;
+            }
+        }
+    }
+}
+
+/// [`weighted_values`] of `V` vectors of dimensions from `d0`.
+#[inline(always)]
+fn value_block<'v, const V: usize>(
+    out: &mut [f32],
+    weights: &[f32],
+    value: impl Fn(usize) -> &'v [f32],
+    d0: usize,
+) {
+    let mut acc = [f32x8::splat(0.0); V];
+    for (j, &a) in weights.iter().enumerate() {
+        let a = f32x8::splat(a);
+        let v = &value(j)[d0..d0 + V * PANEL];
+        for (acc, v) in acc.iter_mut().zip(v.chunks_exact(PANEL)) {
+            *acc += a * load(v);
+        }
+    }
+    for (acc, out) in acc.iter().zip(out.chunks_exact_mut(PANEL)) {
+        out.copy_from_slice(&acc.to_array());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic spread of values with mixed signs and magnitudes,
+    /// and with sums whose order matters in the last bits.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let unit = (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                unit * (1 << (x % 7)) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn panel_scores_equal_the_ordered_scalar_dot_for_every_length() {
+        for head_dim in [1, 7, 8, 64, 65] {
+            for n in [0, 1, 7, 8, 9, 63, 64, 65, 130, 517] {
+                let keys = values(n * head_dim, n as u32 + 3);
+                let q = values(head_dim, 11);
+                let mut panels = Vec::new();
+                fill_panels(&mut panels, &keys, n, head_dim, 0, head_dim);
+                let mut out = vec![f32::NAN; self::panels(n) * PANEL];
+                let scale = 0.125;
+                panel_scores(&q, &panels, head_dim, n, scale, &mut out);
+                for (t, key) in keys.chunks_exact(head_dim).enumerate() {
+                    let want = dot(&q, key) * scale;
+                    assert_eq!(
+                        out[t].to_bits(),
+                        want.to_bits(),
+                        "head_dim {head_dim}, {n} keys, key {t}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panel_scores_keep_non_finite_keys_in_their_own_lanes() {
+        let head_dim = 16;
+        let n = 20;
+        let mut keys = values(n * head_dim, 5);
+        keys[3 * head_dim + 2] = f32::NAN;
+        keys[17 * head_dim] = f32::INFINITY;
+        let q = values(head_dim, 9);
+        let mut panels = Vec::new();
+        fill_panels(&mut panels, &keys, n, head_dim, 0, head_dim);
+        let mut out = vec![0.0; self::panels(n) * PANEL];
+        panel_scores(&q, &panels, head_dim, n, 1.0, &mut out);
+        for (t, key) in keys.chunks_exact(head_dim).enumerate() {
+            let want = dot(&q, key);
+            assert!(
+                out[t].to_bits() == want.to_bits() || (out[t].is_nan() && want.is_nan()),
+                "key {t}: {} against {want}",
+                out[t]
+            );
+        }
+        assert!(out[3].is_nan());
+        assert!(out[17].is_infinite() || out[17].is_nan());
+        assert!(out[4].is_finite() && out[16].is_finite());
+    }
+
+    #[test]
+    fn keys_taken_from_wider_rows_land_in_their_slots() {
+        // rows of 3 heads of 4 dimensions; the panels of the middle head
+        let (head_dim, stride, n) = (4, 12, 10);
+        let rows = values(n * stride, 2);
+        let mut panels = Vec::new();
+        fill_panels(&mut panels, &rows, n, stride, head_dim, head_dim);
+        let lanes: &[f32] = wide::bytemuck::cast_slice(&panels);
+        for slot in 0..n {
+            for d in 0..head_dim {
+                assert_eq!(
+                    lanes[panel_index(slot, d, head_dim)],
+                    rows[slot * stride + head_dim + d]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_values_equal_the_scalar_loop_for_every_width() {
+        for head_dim in [3, 8, 20, 64, 72, 128] {
+            for n in [0, 1, 5, 33] {
+                let stride = head_dim + 5;
+                let vals = values(n * stride, head_dim as u32);
+                let weights = values(n, 77);
+                let mut got = vec![f32::NAN; head_dim];
+                weighted_values(&mut got, &weights, |j| &vals[j * stride + 2..]);
+                let mut want = vec![0.0f32; head_dim];
+                for (j, &a) in weights.iter().enumerate() {
+                    for (o, &v) in want.iter_mut().zip(&vals[j * stride + 2..]) {
+                        *o += a * v;
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "head_dim {head_dim}, {n} values");
+            }
+        }
+    }
+}
