@@ -174,7 +174,7 @@ pub use sequence::{BatchRow, SequenceId};
 #[doc(no_inline)]
 pub use sink::JsonlSink;
 #[doc(no_inline)]
-pub use sink::{ForwardSink, SinkFailure, SinkHandle, SinkStatus};
+pub use sink::{BackgroundSink, ForwardSink, SinkFailure, SinkHandle, SinkStatus};
 #[doc(no_inline)]
 pub use stats::{StatsAccumulator, TensorStats};
 #[doc(no_inline)]

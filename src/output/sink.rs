@@ -45,6 +45,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::forward::ForwardTrace;
 
+mod background;
+pub use background::{BackgroundFlush, BackgroundSink};
+
 /// Receives every completed forward pass of a tracer.
 pub trait ForwardSink: Send {
     /// Takes `forward` (anomaly rules already applied). Called from

@@ -6,6 +6,7 @@
 //! batch forward per level that has work in it, each weight block read
 //! once for all the rows of that level.
 
+use model_tracer::sink::BackgroundFlush;
 use model_tracer::tracer::MAX_SEQUENCES;
 use model_tracer::{Disabled, Full, Lightweight, TraceConfig};
 use model_tracer_llama::model::{KvCacheOptions, Llama, Sequence, SequenceStep};
@@ -31,6 +32,8 @@ pub struct BatchEngine {
     light: Llama<Lightweight>,
     full: Llama<Full>,
     context: TraceContext,
+    /// Waits for the row writers of the Lightweight and Full models.
+    flush: [Option<BackgroundFlush>; 2],
     running: Vec<Entry>,
     next: u64,
 }
@@ -45,13 +48,16 @@ impl BatchEngine {
         context: TraceContext,
     ) -> Self {
         context.install(off.tracer_mut());
-        context.install(light.tracer_mut());
-        context.install(full.tracer_mut());
+        let flush = [
+            context.install(light.tracer_mut()),
+            context.install(full.tracer_mut()),
+        ];
         Self {
             off,
             light,
             full,
             context,
+            flush,
             running: Vec::new(),
             next: 0,
         }
@@ -138,10 +144,21 @@ impl Engine for BatchEngine {
     }
 
     fn finish(&mut self, seq: SeqId) -> TraceOutcome {
-        let rows = lock_rows(&self.context.rows).remove(&seq);
         let Some(at) = self.running.iter().position(|e| e.sequence.id() == seq) else {
+            lock_rows(&self.context.rows).remove(&seq);
             return TraceOutcome::default();
         };
+        let writer = match self.running[at].level {
+            Level::Off => None,
+            Level::Lightweight => self.flush[0].as_ref(),
+            Level::Full => self.flush[1].as_ref(),
+        };
+        if let Some(writer) = writer {
+            // Its last rows may still be queued; the router never fails,
+            // and a writer that stopped has written all it will.
+            let _ = writer.flush();
+        }
+        let rows = lock_rows(&self.context.rows).remove(&seq);
         let Entry { level, sequence } = self.running.swap_remove(at);
         let trace = match level {
             Level::Off => self.off.end_sequence(sequence),

@@ -13,7 +13,9 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use model_tracer::metrics::{MetricsSink, Tee};
+use model_tracer::sink::{BackgroundFlush, BackgroundSink};
 use model_tracer::summary::AnomalySite;
+use model_tracer::tracer::MAX_SEQUENCES;
 use model_tracer::{
     Anomaly, AttentionTraceConfig, ForwardSink, ForwardTrace, JsonlSink, ModelInfo, ModelTracer,
     SequenceId, SinkHandle, TraceConfig, TraceOptions, TraceSummary,
@@ -169,6 +171,10 @@ impl ForwardSink for RowRouter {
     }
 }
 
+/// Forwards queued for the thread that writes the rows: a step of
+/// `MAX_SEQUENCES` rows fits, and the model waits for the writer beyond.
+const ROWS_IN_FLIGHT: usize = 2 * MAX_SEQUENCES;
+
 /// What every sequence's JSON Lines rows say of the model (its shape and
 /// the text of each token id), and where they go.
 #[derive(Clone)]
@@ -190,12 +196,15 @@ impl TraceContext {
     /// Makes `tracer` anew for serving: one forward kept in detail per
     /// sequence (the rows stream out as they end; each sequence's summary
     /// covers them all), and the sink that routes every row to its
-    /// sequence's trace and folds it into the metrics. A tracer that
+    /// sequence's trace and folds it into the metrics. The rows are
+    /// written as JSON on a thread of their own, so the model's step only
+    /// copies each forward; the handle returned waits for that thread
+    /// (call it before taking a finished sequence's rows). A tracer that
     /// records nothing is left as it is: its requests are in no health
     /// family.
-    pub fn install<C: TraceConfig>(&self, tracer: &mut ModelTracer<C>) {
+    pub fn install<C: TraceConfig>(&self, tracer: &mut ModelTracer<C>) -> Option<BackgroundFlush> {
         if !tracer.is_enabled() {
-            return;
+            return None;
         }
         let options = TraceOptions {
             max_forwards: 1,
@@ -206,25 +215,40 @@ impl TraceContext {
             ..TraceOptions::default()
         };
         *tracer = ModelTracer::with_options(tracer.config().clone(), options);
-        let vocab = Arc::clone(&self.vocab);
-        let line = SharedBuf::default();
-        let sink = JsonlSink::new(line.clone())
-            .with_model(self.model.clone())
-            .with_vocabulary(move |id| {
-                vocab
-                    .get(id as usize)
-                    .cloned()
-                    .unwrap_or_else(|| format!("<{id}>"))
-            });
-        let router = RowRouter {
-            sink,
-            line,
-            rows: Arc::clone(&self.rows),
+        let router = || {
+            let vocab = Arc::clone(&self.vocab);
+            let line = SharedBuf::default();
+            let sink = JsonlSink::new(line.clone())
+                .with_model(self.model.clone())
+                .with_vocabulary(move |id| {
+                    vocab
+                        .get(id as usize)
+                        .cloned()
+                        .unwrap_or_else(|| format!("<{id}>"))
+                });
+            RowRouter {
+                sink,
+                line,
+                rows: Arc::clone(&self.rows),
+            }
         };
-        tracer.set_sink(Some(SinkHandle::new(Tee::new(
-            router,
-            self.metrics.clone(),
-        ))));
+        // The metrics fold stays on the model's thread: a sequence's end
+        // is told to them there, after its last forward.
+        match BackgroundSink::new(router(), ROWS_IN_FLIGHT) {
+            Ok(rows) => {
+                let flush = rows.flusher();
+                tracer.set_sink(Some(SinkHandle::new(Tee::new(rows, self.metrics.clone()))));
+                Some(flush)
+            }
+            Err(_) => {
+                // No thread to be had: the rows are written in the step.
+                tracer.set_sink(Some(SinkHandle::new(Tee::new(
+                    router(),
+                    self.metrics.clone(),
+                ))));
+                None
+            }
+        }
     }
 }
 
