@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Prompt evaluation and generation speed of llama.cpp, the reference decoder
 and the candle model, side by side: the same GGUF file, the same 256-token
-prompt, one thread each, interleaved rounds in one run.
+prompt (or prompts of each length `--prompt-len` lists), one thread each,
+interleaved rounds in one run.
 
 llama.cpp runs in this process through the `llama-cpp-python` package
 (`pip install llama-cpp-python`, which builds llama.cpp from source); its
@@ -9,11 +10,15 @@ times are llama.cpp's own performance counters (`llama_perf_context`: prompt
 evaluation and generation separately, as its command-line tools print
 them). The two Rust engines run as `model-tracer run --trace off`, whose
 `--json` output holds the same two times. The prompt is llama.cpp's
-tokenization of a fixed English text, cut to 256 tokens; the script checks
-that `model-tracer` tokenizes the cut text to the same ids.
+tokenization of a fixed English text (repeated as often as a long prompt
+needs), cut to 256 tokens; the script checks that `model-tracer` tokenizes
+the cut text to the same ids. Every engine's context holds the longest
+prompt and the generated tokens.
 
     cargo build --release --bin model-tracer
     python3 benches/compare_llama_cpp.py            # after bash .ci/fetch-model
+    python3 benches/compare_llama_cpp.py --prompt-len 256,1000,4000 \
+        --engines llama.cpp,reference --rounds 3    # generation at long context
 """
 
 import argparse
@@ -71,12 +76,12 @@ def llama_cpp_round(llm, llama_cpp, ids, generate):
     )
 
 
-def program_round(program, gguf, text, generate, engine, ids, threads):
+def program_round(program, gguf, text, generate, engine, ids, threads, ctx):
     """One `model-tracer run --trace off`; its own timing."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "run.json")
         cmd = [program, "run", "--gguf", gguf, "--prompt", text, "--trace", "off",
-               "--max-tokens", str(generate), "--ctx", "1024", "--json", path,
+               "--max-tokens", str(generate), "--ctx", str(ctx), "--json", path,
                "--threads", str(threads)]
         if engine != "reference":
             cmd += ["--engine", engine]
@@ -115,7 +120,7 @@ def llama_cpp_margin(llm, ids, generated, step):
     return top2(logits.tolist())
 
 
-def program_margin(program, gguf, text, engine, step):
+def program_margin(program, gguf, text, engine, step, ctx):
     """The engine's top two tokens and their logits where it chose its
     generated token `step`: the last layer of the logit lens of a `Full`
     trace (the lens tracks the final top 3, and the last layer's row is the
@@ -124,7 +129,7 @@ def program_margin(program, gguf, text, engine, step):
         path = os.path.join(tmp, "run.jsonl")
         json_path = os.path.join(tmp, "run.json")
         cmd = [program, "run", "--gguf", gguf, "--prompt", text, "--trace", "full",
-               "--max-tokens", str(step + 1), "--ctx", "1024", "--jsonl", path,
+               "--max-tokens", str(step + 1), "--ctx", str(ctx), "--jsonl", path,
                "--json", json_path]
         if engine != "reference":
             cmd += ["--engine", engine]
@@ -147,7 +152,7 @@ def program_margin(program, gguf, text, engine, step):
     return t1, l1, t2, l2
 
 
-def agreement(results, engines, args, llm, ids, text):
+def agreement(results, engines, args, llm, ids, text, ctx):
     """Where each pair of engines' greedy tokens part, with both engines'
     top-two margins at that step: a parting at a near-tie (a margin of a few
     hundredths of a logit) is rounding, not a bug. llama.cpp's margin comes
@@ -160,7 +165,8 @@ def agreement(results, engines, args, llm, ids, text):
             if side == "llama.cpp":
                 margins[side, step] = llama_cpp_margin(llm, ids, results[side][0][4], step)
             else:
-                margins[side, step] = program_margin(args.program, args.gguf, text, side, step)
+                margins[side, step] = program_margin(args.program, args.gguf, text, side, step,
+                                                     ctx)
         return margins[side, step]
 
     print()
@@ -179,11 +185,65 @@ def agreement(results, engines, args, llm, ids, text):
                       f"margin {l1 - l2:.3f}")
 
 
+def prompt_of(llm, length):
+    """The first `length` tokens of TEXT (repeated as often as needed) and
+    their text, which must tokenize back to the same ids."""
+    text = TEXT
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    while len(ids) < length:
+        text = text + " " + TEXT
+        ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    ids = ids[:length]
+    cut = llm.detokenize(ids).decode()
+    if llm.tokenize(cut.encode(), add_bos=False, special=False) != ids:
+        sys.exit(f"the text cut to {length} tokens does not tokenize back to the same ids")
+    return ids, cut
+
+
+def compare(args, llm, llama_cpp, length, ctx):
+    """Interleaved rounds of every engine on a prompt of `length` tokens;
+    returns the table's rows."""
+    ids, text = prompt_of(llm, length)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    results = {e: [] for e in engines}
+    print(f"{len(ids)}-token prompt, {args.generate} generated tokens, {args.threads} thread(s), "
+          f"{args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f} at the start")
+    for r in range(args.rounds):
+        for e in engines:
+            if e == "llama.cpp":
+                res = llama_cpp_round(llm, llama_cpp, ids, args.generate)
+            else:
+                res = program_round(args.program, args.gguf, text, args.generate, e, ids,
+                                    args.threads, ctx)
+            results[e].append(res)
+            pe, pn, ge, gn, _ = res
+            print(f"  round {r + 1} {e:9} prompt {pn / pe:7.1f} tokens/s, "
+                  f"generation {gn / ge:6.1f} tokens/s ({1e3 * ge / gn:.2f} ms/token)",
+                  flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    rows = []
+    for e in engines:
+        pr = [pn / pe for pe, pn, _, _, _ in results[e]]
+        gr = [gn / ge for _, _, ge, gn, _ in results[e]]
+        first = results[e][0][4][:6]
+        rows.append(f"| {len(ids)} | {e} | {statistics.median(pr):.1f} ({max(pr):.1f}) | "
+                    f"{statistics.median(gr):.1f} ({max(gr):.1f}) | "
+                    f"{1e3 / statistics.median(gr):.2f} | {first} |")
+    for e in engines:
+        if any(r[4] != results[e][0][4] for r in results[e]):
+            print(f"{e}: the generated tokens differ between rounds")
+    if len(engines) > 1:
+        agreement(results, engines, args, llm, ids, text, ctx)
+    print()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--program", default="target/release/model-tracer")
-    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--prompt-len", default="256",
+                    help="prompt length in tokens, or a comma-separated list of them")
     ap.add_argument("--generate", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1,
@@ -199,47 +259,19 @@ def main():
     for p in (args.gguf, args.program):
         if not os.path.exists(p):
             sys.exit(f"{p} not found (bash .ci/fetch-model; cargo build --release --bin model-tracer)")
-
-    llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=1024, n_batch=512, n_threads=args.threads,
+    lengths = [int(n) for n in args.prompt_len.split(",")]
+    # Room for the longest prompt and the generated tokens, in whole 256s.
+    ctx = max(1024, (max(lengths) + args.generate + 8 + 255) // 256 * 256)
+    llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=ctx, n_batch=512, n_threads=args.threads,
                           n_threads_batch=args.threads, verbose=False)
-    ids = llm.tokenize(TEXT.encode(), add_bos=False, special=False)
-    if len(ids) < args.prompt_len:
-        sys.exit(f"the text is {len(ids)} tokens, fewer than {args.prompt_len}")
-    ids = ids[: args.prompt_len]
-    text = llm.detokenize(ids).decode()
-    if llm.tokenize(text.encode(), add_bos=False, special=False) != ids:
-        sys.exit("the cut text does not tokenize back to the same ids")
-
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    results = {e: [] for e in engines}
-    print(f"{len(ids)}-token prompt, {args.generate} generated tokens, {args.threads} thread(s), "
-          f"{args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f} at the start")
-    for r in range(args.rounds):
-        for e in engines:
-            if e == "llama.cpp":
-                res = llama_cpp_round(llm, llama_cpp, ids, args.generate)
-            else:
-                res = program_round(args.program, args.gguf, text, args.generate, e, ids,
-                                    args.threads)
-            results[e].append(res)
-            pe, pn, ge, gn, _ = res
-            print(f"  round {r + 1} {e:9} prompt {pn / pe:7.1f} tokens/s, "
-                  f"generation {gn / ge:6.1f} tokens/s", flush=True)
-    print(f"load average {os.getloadavg()[0]:.1f} at the end")
-    print()
-    print("| engine | prompt eval tokens/s, median (best) | generation tokens/s, median (best) | first generated ids |")
-    print("|---|---:|---:|---|")
-    for e in engines:
-        pr = [pn / pe for pe, pn, _, _, _ in results[e]]
-        gr = [gn / ge for _, _, ge, gn, _ in results[e]]
-        first = results[e][0][4][:6]
-        print(f"| {e} | {statistics.median(pr):.1f} ({max(pr):.1f}) | "
-              f"{statistics.median(gr):.1f} ({max(gr):.1f}) | {first} |")
-    for e in engines:
-        if any(r[4] != results[e][0][4] for r in results[e]):
-            print(f"{e}: the generated tokens differ between rounds")
-    if len(engines) > 1:
-        agreement(results, engines, args, llm, ids, text)
+    rows = []
+    for length in lengths:
+        rows += compare(args, llm, llama_cpp, length, ctx)
+    print(f"context {ctx} positions in every engine\n")
+    print("| prompt tokens | engine | prompt eval tokens/s, median (best) | "
+          "generation tokens/s, median (best) | ms/token (median) | first generated ids |")
+    print("|---:|---|---:|---:|---:|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
