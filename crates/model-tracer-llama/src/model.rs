@@ -1467,8 +1467,8 @@ fn attention_block<C: TraceConfig>(
     residual_add(&mut s.x, &s.xb2);
 }
 
-/// Grouped-query attention of one position at `pos` in layer `l`, one head
-/// at a time: head `h` of `q: [n_heads × head_dim]` against the keys of
+/// Grouped-query attention of one position at `pos` in layer `l`, one KV
+/// group at a time: head `h` of `q: [n_heads × head_dim]` against the keys of
 /// kv head `h / (n_heads / n_kv_heads)` of the `n = cache.len()` cached
 /// positions, scored in slot order into `scores[h·stride..]`
 /// (`scores: [n_heads × stride]`, `stride` whole key panels of the
@@ -1476,7 +1476,8 @@ fn attention_block<C: TraceConfig>(
 /// (`slots`: the slot of each cached position, oldest first) and
 /// softmaxed into `att[h·capacity..][..n]` (`att: [n_heads × capacity]`),
 /// then the values summed with those weights, in the same order, into
-/// head `h` of `out: [n_heads × head_dim]`.
+/// head `h` of `out: [n_heads × head_dim]` (the heads of a group in one
+/// pass over its values).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(model_tracer_no_hooks, allow(unused_variables))]
@@ -1499,44 +1500,51 @@ fn attention_heads<C: TraceConfig>(
     let stride = attention::panels(cap) * attention::PANEL;
     let layer_off = l * cap * kv_dim;
     let scale = 1.0 / (hd as f32).sqrt();
-    // One head: its scores over the cached positions, their softmax, and
-    // the weighted sum of the values, into its rows of `scores`, `att`
-    // and `out`.
-    let head = |h: usize, scores: &mut [f32], att: &mut [f32], out: &mut [f32]| {
-        let q = &q[h * hd..(h + 1) * hd];
-        let kv_head = h / kv_mul;
-        let panels = cache.key_panels(l, kv_head);
-        attention::panel_scores(q, panels, hd, n_ctx, scale, scores);
-        for (a, &slot) in att.iter_mut().zip(slots) {
-            *a = scores[slot];
+    // One KV group: the scores of each of its query heads over the cached
+    // positions, their softmax, and the weighted sums of the values of
+    // all its heads in one pass over them (each value fetched once), into
+    // the group's rows of `scores`, `att` and `out`.
+    let group = |kv: usize, scores: &mut [f32], att: &mut [f32], out: &mut [f32]| {
+        let q = &q[kv * kv_mul * hd..(kv + 1) * kv_mul * hd];
+        let panels = cache.key_panels(l, kv);
+        for (q, scores) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(stride)) {
+            attention::panel_scores(q, panels, hd, n_ctx, scale, scores);
         }
-        softmax(att);
-        let values = &cache.value[layer_off + kv_head * hd..];
-        attention::weighted_values(out, att, |t| &values[slots[t] * kv_dim..]);
+        for (scores, att) in scores.chunks_exact(stride).zip(att.chunks_exact_mut(cap)) {
+            let att = &mut att[..n_ctx];
+            for (a, &slot) in att.iter_mut().zip(slots) {
+                *a = scores[slot];
+            }
+            softmax(att);
+        }
+        let values = &cache.value[layer_off + kv * hd..];
+        let value = |t: usize| &values[slots[t] * kv_dim..];
+        attention::group_values(out, kv_mul, hd, att, cap, n_ctx, value);
     };
+    let (gs, ga, go) = (kv_mul * stride, kv_mul * cap, kv_mul * hd);
     if pool.threads() > 1 && n_ctx * hd >= MIN_POOLED_ATTENTION {
-        // The heads on the pool's threads, each computed as on one.
+        // The groups on the pool's threads, each computed as on one.
         let (sc, a, o) = (Out::new(scores), Out::new(att), Out::new(out));
-        pool.run(c.n_heads, &|h| {
-            // SAFETY: each head has its own rows of `scores`, `att` and
+        pool.run(c.n_kv_heads, &|kv| {
+            // SAFETY: each group has its own rows of `scores`, `att` and
             // `out`.
             let (scores, att, out) = unsafe {
                 (
-                    sc.range(h * stride..(h + 1) * stride),
-                    a.range(h * cap..h * cap + n_ctx),
-                    o.range(h * hd..(h + 1) * hd),
+                    sc.range(kv * gs..(kv + 1) * gs),
+                    a.range(kv * ga..(kv + 1) * ga),
+                    o.range(kv * go..(kv + 1) * go),
                 )
             };
-            head(h, scores, att, out);
+            group(kv, scores, att, out);
         });
     } else {
-        for h in 0..c.n_heads {
-            let (scores_h, att_h, out_h) = (
-                &mut scores[h * stride..(h + 1) * stride],
-                &mut att[h * cap..h * cap + n_ctx],
-                &mut out[h * hd..(h + 1) * hd],
+        for kv in 0..c.n_kv_heads {
+            group(
+                kv,
+                &mut scores[kv * gs..(kv + 1) * gs],
+                &mut att[kv * ga..(kv + 1) * ga],
+                &mut out[kv * go..(kv + 1) * go],
             );
-            head(h, scores_h, att_h, out_h);
         }
     }
     for h in 0..c.n_heads {

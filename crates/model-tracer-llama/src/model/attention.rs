@@ -200,6 +200,102 @@ fn value_block<'v, const V: usize>(
     }
 }
 
+/// Query heads that [`group_values`] takes in one pass.
+const GROUP: usize = 4;
+
+/// [`weighted_values`] of `g` heads that share their values (one KV
+/// group), each value vector fetched once for all of them: head `i`'s
+/// weights are `att[i·att_stride..][..n]` and its sums go to
+/// `out[i·head_dim..][..head_dim]`. Each head's sums are bit for bit
+/// those [`weighted_values`] gives it alone.
+pub(super) fn group_values<'v>(
+    out: &mut [f32],
+    g: usize,
+    head_dim: usize,
+    att: &[f32],
+    att_stride: usize,
+    n: usize,
+    value: impl Fn(usize) -> &'v [f32] + Copy,
+) {
+    let mut h = 0;
+    while h < g {
+        let take = (g - h).min(GROUP);
+        let out = &mut out[h * head_dim..(h + take) * head_dim];
+        let att = &att[h * att_stride..];
+        match take {
+            1 => weighted_values(out, &att[..n], value),
+            2 => heads_values::<2>(out, head_dim, att, att_stride, n, value),
+            3 => heads_values::<3>(out, head_dim, att, att_stride, n, value),
+            _ => heads_values::<4>(out, head_dim, att, att_stride, n, value),
+        }
+        h += take;
+    }
+}
+
+/// [`group_values`] of `G` heads: passes of 4 vectors of dimensions (two
+/// 64-byte lines of each value), then one vector, then one dimension at a
+/// time.
+#[inline(always)]
+fn heads_values<'v, const G: usize>(
+    out: &mut [f32],
+    head_dim: usize,
+    att: &[f32],
+    att_stride: usize,
+    n: usize,
+    value: impl Fn(usize) -> &'v [f32] + Copy,
+) {
+    let weights: [&[f32]; G] = std::array::from_fn(|i| &att[i * att_stride..][..n]);
+    let mut d0 = 0;
+    while d0 + 4 * PANEL <= head_dim {
+        heads_value_block::<G, 4>(out, head_dim, &weights, value, d0);
+        d0 += 4 * PANEL;
+    }
+    while d0 + PANEL <= head_dim {
+        heads_value_block::<G, 1>(out, head_dim, &weights, value, d0);
+        d0 += PANEL;
+    }
+    if d0 < head_dim {
+        for (i, weights) in weights.iter().enumerate() {
+            let out = &mut out[i * head_dim + d0..(i + 1) * head_dim];
+            out.fill(0.0);
+            for (j, &a) in weights.iter().enumerate() {
+                for (o, &v) in out.iter_mut().zip(&value(j)[d0..]) {
+                    *o += a * v;
+                }
+            }
+        }
+    }
+}
+
+/// `V` vectors of dimensions from `d0` of `G` heads' weighted sums.
+#[inline(always)]
+fn heads_value_block<'v, const G: usize, const V: usize>(
+    out: &mut [f32],
+    head_dim: usize,
+    weights: &[&[f32]; G],
+    value: impl Fn(usize) -> &'v [f32],
+    d0: usize,
+) {
+    let n = weights[0].len();
+    let weights: [&[f32]; G] = std::array::from_fn(|i| &weights[i][..n]);
+    let mut acc = [[f32x8::splat(0.0); V]; G];
+    for j in 0..n {
+        let v = &value(j)[d0..d0 + V * PANEL];
+        for (acc, w) in acc.iter_mut().zip(&weights) {
+            let a = f32x8::splat(w[j]);
+            for (acc, v) in acc.iter_mut().zip(v.chunks_exact(PANEL)) {
+                *acc += a * load(v);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        let out = &mut out[i * head_dim + d0..i * head_dim + d0 + V * PANEL];
+        for (acc, out) in acc.iter().zip(out.chunks_exact_mut(PANEL)) {
+            out.copy_from_slice(&acc.to_array());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,6 +398,32 @@ mod tests {
                 }
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "head_dim {head_dim}, {n} values");
+            }
+        }
+    }
+    #[test]
+    fn group_values_equal_each_heads_own_for_every_group_size() {
+        for head_dim in [3, 8, 20, 64, 72, 128] {
+            for n in [0, 1, 5, 33] {
+                let vstride = head_dim + 5;
+                let vals = values(n * vstride, head_dim as u32);
+                let value = |j: usize| &vals[j * vstride + 2..];
+                for g in 1..=9 {
+                    let att_stride = n + 3;
+                    let att = values(g * att_stride, g as u32 + 7);
+                    let mut got = vec![f32::NAN; g * head_dim];
+                    group_values(&mut got, g, head_dim, &att, att_stride, n, value);
+                    for h in 0..g {
+                        let mut alone = vec![f32::NAN; head_dim];
+                        weighted_values(&mut alone, &att[h * att_stride..][..n], value);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&got[h * head_dim..(h + 1) * head_dim]),
+                            bits(&alone),
+                            "head_dim {head_dim}, {n} values, {g} heads, head {h}"
+                        );
+                    }
+                }
             }
         }
     }
