@@ -233,8 +233,8 @@ pub(super) fn group_values<'v>(
 }
 
 /// [`group_values`] of `G` heads: passes of 4 vectors of dimensions (two
-/// 64-byte lines of each value), then one vector, then one dimension at a
-/// time.
+/// 64-byte lines of each value) for all the heads at once, the rest of
+/// each head's dimensions by [`weighted_values`].
 #[inline(always)]
 fn heads_values<'v, const G: usize>(
     out: &mut [f32],
@@ -250,19 +250,9 @@ fn heads_values<'v, const G: usize>(
         heads_value_block::<G, 4>(out, head_dim, &weights, value, d0);
         d0 += 4 * PANEL;
     }
-    while d0 + PANEL <= head_dim {
-        heads_value_block::<G, 1>(out, head_dim, &weights, value, d0);
-        d0 += PANEL;
-    }
     if d0 < head_dim {
-        for (i, weights) in weights.iter().enumerate() {
-            let out = &mut out[i * head_dim + d0..(i + 1) * head_dim];
-            out.fill(0.0);
-            for (j, &a) in weights.iter().enumerate() {
-                for (o, &v) in out.iter_mut().zip(&value(j)[d0..]) {
-                    *o += a * v;
-                }
-            }
+        for (out, weights) in out.chunks_exact_mut(head_dim).zip(weights) {
+            weighted_values(&mut out[d0..], weights, |j| &value(j)[d0..]);
         }
     }
 }
@@ -401,6 +391,7 @@ mod tests {
             }
         }
     }
+
     #[test]
     fn group_values_equal_each_heads_own_for_every_group_size() {
         for head_dim in [3, 8, 20, 64, 72, 128] {
