@@ -937,18 +937,17 @@ impl RunState {
 /// largest chunk run and then reused.
 #[derive(Debug, Clone, Default)]
 struct ChunkState {
-    x: Vec<f32>,          // (T, dim) residual streams
-    xb: Vec<f32>,         // (T, dim) normed inputs; attention outputs before projection
-    xb2: Vec<f32>,        // (T, dim) outputs of a block's last projection
-    q: Vec<f32>,          // (T, dim) queries
-    k: Vec<f32>,          // (T, kv_dim) keys of the chunk, rotated
-    v: Vec<f32>,          // (T, kv_dim) values of the chunk
-    hb: Vec<f32>,         // (T, ffn_dim) gate, then the SwiGLU product
-    hb2: Vec<f32>,        // (T, ffn_dim) up
-    att: Vec<f32>,        // (T, stride) one head's attention rows
-    panels: Vec<f32x8>,   // (T / 8, head_dim) the chunk's keys of one KV head, in panels
-    old_scores: Vec<f32>, // (cached positions, whole panels) a row's scores, slot order
-    new_scores: Vec<f32>, // (T, whole panels) a row's scores against the chunk's keys
+    x: Vec<f32>,             // (T, dim) residual streams
+    xb: Vec<f32>,            // (T, dim) normed inputs; attention outputs before projection
+    xb2: Vec<f32>,           // (T, dim) outputs of a block's last projection
+    q: Vec<f32>,             // (T, dim) queries
+    k: Vec<f32>,             // (T, kv_dim) keys of the chunk, rotated
+    v: Vec<f32>,             // (T, kv_dim) values of the chunk
+    hb: Vec<f32>,            // (T, ffn_dim) gate, then the SwiGLU product
+    hb2: Vec<f32>,           // (T, ffn_dim) up
+    att: Vec<f32>,           // (n_heads, T, stride) attention rows
+    panels: Vec<Vec<f32x8>>, // (n_kv_heads; T / 8, head_dim) the chunk's keys, in panels
+    scores: Vec<f32>,        // (parts; cached positions + T, whole panels) a row's scores
     xq: QuantizedBatch,
     lens_hidden: Vec<f32>, // (T, n_layers, dim) hidden states for the logit lens
     logits: Vec<f32>,      // (vocab) logits of a row before the last
@@ -966,7 +965,7 @@ impl ChunkState {
             (&mut self.v, kv),
             (&mut self.hb, c.ffn_dim),
             (&mut self.hb2, c.ffn_dim),
-            (&mut self.att, stride),
+            (&mut self.att, c.n_heads * stride),
         ] {
             buf.resize(rows * width, 0.0);
         }
@@ -1728,10 +1727,11 @@ fn attend_chunk<C: TraceConfig>(
     b: &mut ChunkState,
     cache: &mut KvCache,
     r: &ChunkRows,
+    pool: &Pool,
 ) {
     let kv_dim = c.kv_dim();
     let rows = r.slots.len();
-    attention_heads_rows(tracer, c, l, b, cache, 0, rows, &r.old_slots, false);
+    attention_heads_rows(tracer, c, l, b, cache, 0, rows, &r.old_slots, false, pool);
     for (i, &slot) in r.slots.iter().enumerate() {
         let (k, v) = (&b.k[i * kv_dim..][..kv_dim], &b.v[i * kv_dim..][..kv_dim]);
         cache.store(l, slot, k, v);
@@ -1739,20 +1739,28 @@ fn attend_chunk<C: TraceConfig>(
 }
 
 /// Causal grouped-query attention of the `t` rows of a chunk in layer
-/// `l`, one head at a time. Row `i` attends, in chronological order, the
-/// `old - evicted` positions cached before the chunk that it does not
+/// `l`, one KV group at a time. Row `i` attends, in chronological order,
+/// the `old - evicted` positions cached before the chunk that it does not
 /// evict (`old = r.old_slots.len()`, `evicted = (old + i + 1) −
 /// capacity` when positive; the sinks stay), then rows `0..=i` of the
 /// chunk: keys from the cache's panels (slots `0..old`, which are the
 /// slots `r.old_slots` lists in chronological order) and from
-/// `b.k: [t × kv_dim]` (put in panels of their own, `b.panels`), values
-/// likewise from the cache and `b.v: [t × kv_dim]`. A row's scores
-/// against the cached keys go into `b.old_scores` (slot order), against
-/// the chunk's into `b.new_scores`, then in chronological order into
-/// `b.att: [t × stride]` (`stride = cache.len()`), softmaxed; the weighted
-/// sums of the values go into head `h` of each row of
+/// `b.k: [t × kv_dim]` (put in panels of their own, `b.panels`, one set
+/// per KV head), values likewise from the cache and `b.v: [t × kv_dim]`.
+/// A row's scores against the cached keys go into a scratch row of
+/// `b.scores` (slot order), against the chunk's keys after them, then in
+/// chronological order into row `i` of head `h` of
+/// `b.att: [n_heads × t × stride]` (`stride = cache.len()`), softmaxed;
+/// the weighted sums of the values of a group's heads (one pass over the
+/// values) go into those heads of each row of
 /// `b.xb: [t × n_heads·head_dim]`. Every score and sum is that of the
 /// one-position path ([`attention_heads`]), bit for bit.
+///
+/// On a pool of more than one thread the work is split into parts of a
+/// KV group and a range of rows, each computed as on one thread into rows
+/// of `b.att` and `b.xb` of its own: the results do not depend on the
+/// threads. The tracer's hooks run afterwards on the calling thread, head
+/// by head.
 ///
 /// The rows are rows `first..first + rows` of the chunk's buffers (`b.q`,
 /// `b.k`, `b.v`, `b.xb`): one sequence's segment of a forward over several
@@ -1771,6 +1779,7 @@ fn attention_heads_rows<C: TraceConfig>(
     rows: usize,
     old_slots: &[usize],
     segment: bool,
+    pool: &Pool,
 ) {
     let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
     let kv_mul = c.n_heads / c.n_kv_heads;
@@ -1784,50 +1793,76 @@ fn attention_heads_rows<C: TraceConfig>(
     );
     let scale = 1.0 / (hd as f32).sqrt();
     let whole = |n: usize| attention::panels(n) * attention::PANEL;
-    b.old_scores.resize(whole(old_len), 0.0);
-    b.new_scores.resize(whole(rows), 0.0);
-    for h in 0..c.n_heads {
-        let kv_head = h / kv_mul;
-        let kv_off = kv_head * hd;
-        if h % kv_mul == 0 {
-            attention::fill_panels(&mut b.panels, k_rows, rows, kv_dim, kv_off, hd);
-        }
-        let old_panels = cache.key_panels(l, kv_head);
-        for i in 0..rows {
-            let q = &q_rows[i * dim + h * hd..][..hd];
-            let evicted = (old_len + i + 1).saturating_sub(cap);
-            let kept = old_len - evicted;
-            attention::panel_scores(q, old_panels, hd, old_len, scale, &mut b.old_scores);
-            attention::panel_scores(q, &b.panels, hd, i + 1, scale, &mut b.new_scores);
-            let att = &mut b.att[i * stride..i * stride + kept + i + 1];
-            for (j, a) in att.iter_mut().enumerate() {
-                *a = if j >= kept {
-                    b.new_scores[j - kept]
-                } else {
-                    let t = if j < sinks { j } else { j + evicted };
-                    b.old_scores[old_slots[t]]
-                };
+    // The chunk's keys of each KV head in panels.
+    b.panels.resize_with(c.n_kv_heads, Vec::new);
+    for (kv, panels) in b.panels.iter_mut().enumerate() {
+        attention::fill_panels(panels, k_rows, rows, kv_dim, kv * hd, hd);
+    }
+    // Parts: a KV group and a range of its rows each, a few per thread
+    // (rows attend more positions the later they are, so parts that are
+    // taken, not assigned, even the threads out).
+    let threads = pool.threads();
+    let row_parts = if threads > 1 && rows * (old_len + rows) * hd >= MIN_POOLED_ATTENTION {
+        (4 * threads).div_ceil(c.n_kv_heads).clamp(1, rows)
+    } else {
+        1
+    };
+    let parts = c.n_kv_heads * row_parts;
+    let scratch = whole(old_len) + whole(rows);
+    b.scores.resize(parts * scratch, 0.0);
+    let head_att = rows * stride;
+    b.att.resize(c.n_heads * head_att, 0.0);
+    let (att_out, xb_out, scores_out) = (
+        Out::new(&mut b.att),
+        Out::new(&mut b.xb),
+        Out::new(&mut b.scores),
+    );
+    let chunk_panels = &b.panels;
+    // positions of the cache before the chunk that row i evicts, and keeps
+    let evicted = |i: usize| (old_len + i + 1).saturating_sub(cap);
+    let part = |k: usize| {
+        let kv = k / row_parts;
+        let range = crate::pool::part(rows, row_parts, k % row_parts);
+        // SAFETY: each part has its own scratch row of `b.scores`, the rows
+        // `range` of the heads of group `kv` in `b.att` and those heads'
+        // dimensions of the rows `range` in `b.xb`; `chunk_panels`, the
+        // queries, keys, values and the cache are only read.
+        let scores = unsafe { scores_out.range(k * scratch..(k + 1) * scratch) };
+        let (old_scores, new_scores) = scores.split_at_mut(whole(old_len));
+        let (old_panels, new_panels) = (cache.key_panels(l, kv), &chunk_panels[kv]);
+        let att_row = |h: usize, i: usize, n: usize| {
+            let at = h * head_att + i * stride;
+            // SAFETY: as above (row `i` of `range`, head `h` of group `kv`).
+            unsafe { att_out.range(at..at + n) }
+        };
+        for h in kv * kv_mul..(kv + 1) * kv_mul {
+            for i in range.clone() {
+                let q = &q_rows[i * dim + h * hd..][..hd];
+                let (evicted, kept) = (evicted(i), old_len - evicted(i));
+                attention::panel_scores(q, old_panels, hd, old_len, scale, old_scores);
+                attention::panel_scores(q, new_panels, hd, i + 1, scale, new_scores);
+                let att = att_row(h, i, kept + i + 1);
+                for (j, a) in att.iter_mut().enumerate() {
+                    *a = if j >= kept {
+                        new_scores[j - kept]
+                    } else {
+                        let t = if j < sinks { j } else { j + evicted };
+                        old_scores[old_slots[t]]
+                    };
+                }
+                softmax(att);
             }
-            softmax(att);
         }
-        // row i holds min(old_len + 1 + i, stride) weights
-        traced!(
-            C,
-            if segment {
-                let att = &b.att[..rows * stride];
-                tracer.attention_segment(l, h, first, rows, att, old_len + 1);
-            } else {
-                tracer.attention_rows(l, h, &b.att, old_len + 1);
-            }
-        );
-        let values = &cache.value[layer_off + kv_off..];
-        let new_values = &v_rows[kv_off..];
-        for i in 0..rows {
-            let evicted = (old_len + i + 1).saturating_sub(cap);
-            let kept = old_len - evicted;
-            let att = &b.att[i * stride..i * stride + kept + i + 1];
-            let out = &mut b.xb[(first + i) * dim + h * hd..][..hd];
-            attention::weighted_values(out, att, |j| {
+        let values = &cache.value[layer_off + kv * hd..];
+        let new_values = &v_rows[kv * hd..];
+        for i in range {
+            let (evicted, kept) = (evicted(i), old_len - evicted(i));
+            let n = kept + i + 1;
+            let at = (first + i) * dim + kv * kv_mul * hd;
+            // SAFETY: as above.
+            let out = unsafe { xb_out.range(at..at + kv_mul * hd) };
+            let weights = |g: usize| -> &[f32] { att_row(kv * kv_mul + g, i, n) };
+            attention::group_values_by(out, kv_mul, hd, weights, |j| {
                 if j < kept {
                     let t = if j < sinks { j } else { j + evicted };
                     &values[old_slots[t] * kv_dim..]
@@ -1836,6 +1871,18 @@ fn attention_heads_rows<C: TraceConfig>(
                 }
             });
         }
+    };
+    pool.run(parts, &part);
+    // row i of a head holds min(old_len + 1 + i, stride) weights
+    for h in 0..c.n_heads {
+        traced!(C, {
+            let att = &b.att[h * head_att..(h + 1) * head_att];
+            if segment {
+                tracer.attention_segment(l, h, first, rows, att, old_len + 1);
+            } else {
+                tracer.attention_rows(l, h, att, old_len + 1);
+            }
+        });
     }
 }
 
@@ -2394,7 +2441,7 @@ impl<C: TraceConfig> Llama<C> {
             traced!(C, tracer.activation(l, Stage::Input, &b.x));
             // x[i] += attention(norm(x[i])), the chunk's keys and values cached
             let attend = |t: &mut ModelTracer<C>, b: &mut ChunkState| {
-                attend_chunk(t, c, l, b, cache, r);
+                attend_chunk(t, c, l, b, cache, r, pool);
             };
             attention_block_rows(
                 tracer,

@@ -217,16 +217,28 @@ pub(super) fn group_values<'v>(
     n: usize,
     value: impl Fn(usize) -> &'v [f32] + Copy,
 ) {
+    group_values_by(out, g, head_dim, |i| &att[i * att_stride..][..n], value);
+}
+
+/// [`group_values`] with head `i`'s weights `weights(i)` (all of one
+/// length), wherever they are.
+pub(super) fn group_values_by<'w, 'v>(
+    out: &mut [f32],
+    g: usize,
+    head_dim: usize,
+    weights: impl Fn(usize) -> &'w [f32],
+    value: impl Fn(usize) -> &'v [f32] + Copy,
+) {
     let mut h = 0;
     while h < g {
         let take = (g - h).min(GROUP);
         let out = &mut out[h * head_dim..(h + take) * head_dim];
-        let att = &att[h * att_stride..];
+        let w = |i: usize| weights(h + i);
         match take {
-            1 => weighted_values(out, &att[..n], value),
-            2 => heads_values::<2>(out, head_dim, att, att_stride, n, value),
-            3 => heads_values::<3>(out, head_dim, att, att_stride, n, value),
-            _ => heads_values::<4>(out, head_dim, att, att_stride, n, value),
+            1 => weighted_values(out, w(0), value),
+            2 => heads_values::<2>(out, head_dim, std::array::from_fn(w), value),
+            3 => heads_values::<3>(out, head_dim, std::array::from_fn(w), value),
+            _ => heads_values::<4>(out, head_dim, std::array::from_fn(w), value),
         }
         h += take;
     }
@@ -239,12 +251,9 @@ pub(super) fn group_values<'v>(
 fn heads_values<'v, const G: usize>(
     out: &mut [f32],
     head_dim: usize,
-    att: &[f32],
-    att_stride: usize,
-    n: usize,
+    weights: [&[f32]; G],
     value: impl Fn(usize) -> &'v [f32] + Copy,
 ) {
-    let weights: [&[f32]; G] = std::array::from_fn(|i| &att[i * att_stride..][..n]);
     let mut d0 = 0;
     while d0 + 4 * PANEL <= head_dim {
         heads_value_block::<G, 4>(out, head_dim, &weights, value, d0);

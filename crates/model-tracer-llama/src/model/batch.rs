@@ -245,11 +245,11 @@ impl<C: TraceConfig> Llama<C> {
         let (dim, kv_dim, n_layers, vocab) = (c.dim, c.kv_dim(), c.n_layers, c.vocab_size);
         let rows = r.tokens.len();
         b.resize(c, rows, 0);
-        // a segment's attention row i spans min(old_len + i + 1, cap) positions
+        // a segment's attention row i of a head spans min(old_len + i + 1, cap) positions
         let att = r
             .segments
             .iter()
-            .map(|g| g.rows * batch[g.entry].sequence.cache.len)
+            .map(|g| c.n_heads * g.rows * batch[g.entry].sequence.cache.len)
             .max()
             .unwrap_or(0);
         b.att.resize(att, 0.0);
@@ -276,8 +276,7 @@ impl<C: TraceConfig> Llama<C> {
                 for g in &r.segments {
                     let cache = &mut batch[g.entry].sequence.cache;
                     let old = &r.old_slots[g.old..g.old + g.old_len];
-                    b.att.resize(g.rows * cache.len, 0.0);
-                    attention_heads_rows(t, c, l, b, cache, g.first, g.rows, old, true);
+                    attention_heads_rows(t, c, l, b, cache, g.first, g.rows, old, true, pool);
                     for i in g.first..g.first + g.rows {
                         let (k, v) = (&b.k[i * kv_dim..][..kv_dim], &b.v[i * kv_dim..][..kv_dim]);
                         cache.store(l, r.slots[i], k, v);
