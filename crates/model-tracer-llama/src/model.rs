@@ -1002,7 +1002,10 @@ impl<'a> RowsInput<'a> {
         }
         let ty = w.weight.ty();
         if self.quantized_for != Some(ty) {
-            if let Err(e) = self.q.quantize_from(self.x, self.cols, ty) {
+            if let Err(e) = self
+                .q
+                .quantize_from_on(self.products.pool, self.x, self.cols, ty)
+            {
                 unreachable!("activation shapes are validated at load: {e}");
             }
             self.quantized_for = Some(ty);

@@ -322,17 +322,24 @@ pub fn part(len: usize, n: usize, k: usize) -> Range<usize> {
 
 /// A pointer to an output buffer that the parts of a job write in
 /// disjoint ranges.
-#[derive(Clone, Copy)]
-pub(crate) struct Out(*mut f32, usize);
+pub(crate) struct Out<T = f32>(*mut T, usize);
+
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Out<T> {}
 
 // SAFETY: the parts that share an `Out` write disjoint ranges of it
-// (`Out::range`), and the buffer outlives the job (`Pool::run` returns
-// only when every part is done).
-unsafe impl Sync for Out {}
-unsafe impl Send for Out {}
+// (`Out::range`), the buffer outlives the job (`Pool::run` returns only
+// when every part is done), and its elements may go to another thread.
+unsafe impl<T: Send> Sync for Out<T> {}
+unsafe impl<T: Send> Send for Out<T> {}
 
-impl Out {
-    pub(crate) fn new(out: &mut [f32]) -> Self {
+impl<T> Out<T> {
+    pub(crate) fn new(out: &mut [T]) -> Self {
         Self(out.as_mut_ptr(), out.len())
     }
 
@@ -342,7 +349,7 @@ impl Out {
     /// No other part of the job may access those elements while this slice
     /// lives; `range` must lie inside the buffer (checked).
     #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn range(&self, range: Range<usize>) -> &mut [f32] {
+    pub(crate) unsafe fn range(&self, range: Range<usize>) -> &mut [T] {
         assert!(range.start <= range.end && range.end <= self.1);
         // SAFETY: inside the buffer (asserted); exclusive by the caller's
         // contract.

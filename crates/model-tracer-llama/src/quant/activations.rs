@@ -6,6 +6,7 @@ use super::blocks::{q8_activation_block, q8_k_codes};
 use super::float::f32_to_f16;
 use super::QuantError;
 use crate::dtype::GgmlType;
+use crate::pool::{part, Out, Pool};
 
 /// The activation format llama.cpp's CPU path pairs with weights of type
 /// `weights`: `Q8_0` for Q4_0/Q5_0/Q8_0, `Q8_1` (which carries per-block sums
@@ -389,6 +390,30 @@ fn push_codes(out: &mut Vec<u8>, lanes: &[i16x16]) {
     }
 }
 
+/// Rows a thread quantizes at least in a batch split over threads.
+const MIN_PART_ROWS: usize = 4;
+
+/// Row `values` of a batch quantized into `row` for weights of type
+/// `for_weights`, whose activation format `format` is, with the byte
+/// forms the fast kernels read.
+fn quantize_row(
+    row: &mut QuantizedActivations,
+    values: &[f32],
+    for_weights: GgmlType,
+    format: GgmlType,
+) {
+    // The batch's checks are those of a row: this cannot fail.
+    if let Err(e) = row.quantize_from(values, for_weights) {
+        unreachable!("a checked batch row is quantized: {e}");
+    }
+    if format == GgmlType::Q8_1 && Q4_1_BYTE_PRODUCTS {
+        row.fill_pair_bytes();
+    }
+    if format == GgmlType::Q8_0 && Q8_0_BYTE_PRODUCTS {
+        row.fill_code_bytes();
+    }
+}
+
 /// `T` activation rows of one length, each quantized as
 /// [`QuantizedActivations`] quantizes it, for
 /// [`QMatrix::matmul`](super::QMatrix::matmul): the rows of a chunk of
@@ -444,6 +469,62 @@ impl QuantizedBatch {
         cols: usize,
         for_weights: GgmlType,
     ) -> Result<(), QuantError> {
+        let (format, len) = Self::check(x, cols, for_weights)?;
+        if self.rows.len() < len {
+            self.rows.resize_with(len, QuantizedActivations::new);
+        }
+        for (row, values) in self.rows.iter_mut().zip(x.chunks_exact(cols)) {
+            quantize_row(row, values, for_weights, format);
+        }
+        self.format = format;
+        self.cols = cols;
+        self.len = len;
+        Ok(())
+    }
+
+    /// [`quantize_from`](Self::quantize_from) on the threads of `pool`,
+    /// parts of the rows each: every row is quantized as on one thread.
+    ///
+    /// # Errors
+    /// As [`quantize_from`](Self::quantize_from).
+    pub fn quantize_from_on(
+        &mut self,
+        pool: &Pool,
+        x: &[f32],
+        cols: usize,
+        for_weights: GgmlType,
+    ) -> Result<(), QuantError> {
+        let (format, len) = Self::check(x, cols, for_weights)?;
+        let parts = pool.parts_for(len, MIN_PART_ROWS);
+        if parts <= 1 {
+            return self.quantize_from(x, cols, for_weights);
+        }
+        if self.rows.len() < len {
+            self.rows.resize_with(len, QuantizedActivations::new);
+        }
+        let rows = Out::new(&mut self.rows[..len]);
+        pool.run(parts, &|k| {
+            let r = part(len, parts, k);
+            // SAFETY: the parts' rows are disjoint.
+            let rows = unsafe { rows.range(r.clone()) };
+            let values = x[r.start * cols..r.end * cols].chunks_exact(cols);
+            for (row, values) in rows.iter_mut().zip(values) {
+                quantize_row(row, values, for_weights, format);
+            }
+        });
+        self.format = format;
+        self.cols = cols;
+        self.len = len;
+        Ok(())
+    }
+
+    /// The activation format for `for_weights` and the number of rows of
+    /// `cols` values in `x`, if they make a batch.
+    fn check(
+        x: &[f32],
+        cols: usize,
+        for_weights: GgmlType,
+    ) -> Result<(GgmlType, usize), QuantError> {
         let format = activation_type(for_weights).ok_or(QuantError::Unsupported(for_weights))?;
         if cols % format.block_len() != 0 {
             return Err(QuantError::NotWholeBlocks {
@@ -457,23 +538,7 @@ impl QuantizedBatch {
                 values: x.len(),
             });
         }
-        let len = x.len() / cols;
-        if self.rows.len() < len {
-            self.rows.resize_with(len, QuantizedActivations::new);
-        }
-        for (row, values) in self.rows.iter_mut().zip(x.chunks_exact(cols)) {
-            row.quantize_from(values, for_weights)?;
-            if format == GgmlType::Q8_1 && Q4_1_BYTE_PRODUCTS {
-                row.fill_pair_bytes();
-            }
-            if format == GgmlType::Q8_0 && Q8_0_BYTE_PRODUCTS {
-                row.fill_code_bytes();
-            }
-        }
-        self.format = format;
-        self.cols = cols;
-        self.len = len;
-        Ok(())
+        Ok((format, x.len() / cols))
     }
 
     /// The format the rows are held in: `F32`, `Q8_0`, `Q8_1` or `Q8_K`.

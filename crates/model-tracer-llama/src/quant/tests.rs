@@ -1191,6 +1191,36 @@ fn matmul_rows_equal_matvec_bit_for_bit() {
 }
 
 #[test]
+fn batches_quantized_on_threads_multiply_as_on_one() {
+    let mut rng = SplitMix64::new(23);
+    let pool = crate::pool::Pool::new(3);
+    let (mut one, mut many) = (QuantizedBatch::new(), QuantizedBatch::new());
+    for ty in BATCH_TYPES {
+        for cols in batch_cols(ty) {
+            let m = batch_matrix(&mut rng, ty, 19, cols, false);
+            // more rows than before, then fewer (buffers kept), then many
+            for t_rows in [5, 64, 3, 40] {
+                let mut x = batch_values(&mut rng, t_rows, cols);
+                x[cols / 2] = f32::NAN;
+                one.quantize_from(&x, cols, ty).unwrap();
+                many.quantize_from_on(&pool, &x, cols, ty).unwrap();
+                assert_eq!(many.rows(), t_rows);
+                let mut want = vec![0f32; t_rows * 19];
+                let mut got = vec![1f32; t_rows * 19];
+                m.matmul(&one, &mut want);
+                m.matmul(&many, &mut got);
+                assert_same_bits(&got, &want, &format!("{ty} x{cols}, T = {t_rows}"));
+            }
+        }
+    }
+    let bad = many.quantize_from_on(&pool, &[0.0; 48], 32, GgmlType::Q8_0);
+    assert!(
+        matches!(bad, Err(QuantError::NotWholeRows { .. })),
+        "{bad:?}"
+    );
+}
+
+#[test]
 fn matmul_f32_rows_equal_matvec_f32_bit_for_bit() {
     let mut rng = SplitMix64::new(20);
     for ty in BATCH_TYPES {
