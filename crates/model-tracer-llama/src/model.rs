@@ -1131,7 +1131,29 @@ impl<'a> Input<'a> {
         if self.products.exact {
             return w.reference_on(self.products.pool, self.x, out);
         }
-        let ty = w.weight.ty();
+        self.quantize_for(w.weight.ty());
+        w.forward_on(self.products.pool, self.q, out);
+    }
+
+    /// `outs[i] = ws[i] x` for each `i`, in one job of the pool when the
+    /// weights have one type (the products' rows split together), each
+    /// product bit for bit that of [`multiply`](Self::multiply).
+    fn multiply_many<const N: usize>(&mut self, ws: [&Linear; N], mut outs: [&mut [f32]; N]) {
+        let ty = ws.first().map(|w| w.weight.ty());
+        if self.products.exact || ws.iter().any(|w| Some(w.weight.ty()) != ty) {
+            for (w, out) in ws.iter().zip(&mut outs) {
+                self.multiply(w, out);
+            }
+            return;
+        }
+        if let Some(ty) = ty {
+            self.quantize_for(ty);
+        }
+        QMatrix::matvec_many_on(self.products.pool, self.q, ws.map(|w| &w.weight), outs);
+    }
+
+    /// `q` holds `x` quantized for weights of type `ty`.
+    fn quantize_for(&mut self, ty: GgmlType) {
         if self.quantized_for != Some(ty) {
             // The types and lengths were checked when the weights were
             // built, so this cannot fail.
@@ -1140,7 +1162,6 @@ impl<'a> Input<'a> {
             }
             self.quantized_for = Some(ty);
         }
-        w.forward_on(self.products.pool, self.q, out);
     }
 }
 
@@ -1148,20 +1169,37 @@ impl<'a> Input<'a> {
 /// turn (q, k and v into one buffer), and, where the tracer asks for them,
 /// the quantization error of `brick` in `layer` against the f32 reference
 /// and the what-if copies of its weights.
-fn project<C: TraceConfig>(
+fn project<C: TraceConfig, const N: usize>(
+    tracer: &mut ModelTracer<C>,
+    brick: BrickId,
+    layer: usize,
+    weights: [&Linear; N],
+    input: &mut Input<'_>,
+    out: &mut [f32],
+) {
+    let mut rest = &mut *out;
+    let outs = weights.map(|w| {
+        let (this, next) = std::mem::take(&mut rest).split_at_mut(w.rows());
+        rest = next;
+        this
+    });
+    input.multiply_many(weights, outs);
+    trace_product(tracer, brick, layer, &weights, input.x, out);
+}
+
+/// The quantization error of the product `out` of `weights` (stacked) by
+/// `x` of `brick` in `layer`, and its what-if comparisons, where the
+/// tracer asks for them.
+#[inline(always)]
+#[cfg_attr(model_tracer_no_hooks, allow(unused_variables))]
+fn trace_product<C: TraceConfig>(
     tracer: &mut ModelTracer<C>,
     brick: BrickId,
     layer: usize,
     weights: &[&Linear],
-    input: &mut Input<'_>,
-    out: &mut [f32],
+    x: &[f32],
+    out: &[f32],
 ) {
-    let mut at = 0;
-    for w in weights {
-        input.multiply(w, &mut out[at..at + w.rows()]);
-        at += w.rows();
-    }
-    let x = input.x;
     traced!(
         C,
         tracer.quant_error(brick, layer, weights[0].quant_type(), out, |r| {
@@ -1423,7 +1461,7 @@ fn attention_block<C: TraceConfig>(
     // q, k, v projections into one buffer [q | k | v]
     let qkv = [&lw.attn_q, &lw.attn_k, &lw.attn_v];
     let mut xb = Input::new(&s.xb, &mut s.xq, products);
-    project(tracer, BrickId::QkvProjection, l, &qkv, &mut xb, &mut s.qkv);
+    project(tracer, BrickId::QkvProjection, l, qkv, &mut xb, &mut s.qkv);
 
     // RoPE relative positional encoding on q and k
     let (q, kv) = s.qkv.split_at_mut(dim);
@@ -1452,14 +1490,7 @@ fn attention_block<C: TraceConfig>(
     // output projection
     let mut xb = Input::new(&s.xb, &mut s.xq, products);
     let wo = [&lw.attn_output];
-    project(
-        tracer,
-        BrickId::AttentionOutput,
-        l,
-        &wo,
-        &mut xb,
-        &mut s.xb2,
-    );
+    project(tracer, BrickId::AttentionOutput, l, wo, &mut xb, &mut s.xb2);
     if let Some(f) = fault {
         f.apply(l, Stage::PostAttn, &mut s.xb2, hd);
     }
@@ -1583,24 +1614,12 @@ fn ffn_block<C: TraceConfig>(
     rmsnorm(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps);
     traced!(C, tracer.activation(l, Stage::PostFfnNorm, &s.xb));
 
-    // gate and up projections, from one quantized input
+    // gate and up projections, from one quantized input, in one job
     let mut xb = Input::new(&s.xb, &mut s.xq, products);
-    project(
-        tracer,
-        BrickId::FfnGate,
-        l,
-        &[&lw.ffn_gate],
-        &mut xb,
-        &mut s.hb,
-    );
-    project(
-        tracer,
-        BrickId::FfnUp,
-        l,
-        &[&lw.ffn_up],
-        &mut xb,
-        &mut s.hb2,
-    );
+    let (gate, up) = (&lw.ffn_gate, &lw.ffn_up);
+    xb.multiply_many([gate, up], [&mut s.hb, &mut s.hb2]);
+    trace_product(tracer, BrickId::FfnGate, l, &[gate], xb.x, &s.hb);
+    trace_product(tracer, BrickId::FfnUp, l, &[up], xb.x, &s.hb2);
 
     // SwiGLU non-linearity
     swiglu(&mut s.hb, &s.hb2);
@@ -1611,7 +1630,7 @@ fn ffn_block<C: TraceConfig>(
         tracer,
         BrickId::FfnDown,
         l,
-        &[&lw.ffn_down],
+        [&lw.ffn_down],
         &mut hb,
         &mut s.xb2,
     );
@@ -1991,7 +2010,7 @@ fn lm_head_rows<C: TraceConfig>(
             let out = if last { &mut s.logits } else { &mut b.logits };
             out.resize(c.vocab_size, 0.0);
             let mut xb = Input::new(&b.xb[i * dim..(i + 1) * dim], &mut s.xq, products);
-            project(tracer, BrickId::LmHead, 0, &[&w.output], &mut xb, out);
+            project(tracer, BrickId::LmHead, 0, [&w.output], &mut xb, out);
             if lens {
                 let hidden = &b.lens_hidden[i * n_layers * dim..(i + 1) * n_layers * dim];
                 traced!(
@@ -2296,7 +2315,7 @@ impl<C: TraceConfig> Llama<C> {
             tracer,
             BrickId::LmHead,
             0,
-            &[&w.output],
+            [&w.output],
             &mut xb,
             &mut s.logits,
         );

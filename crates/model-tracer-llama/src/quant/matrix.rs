@@ -17,6 +17,10 @@ use crate::pool::{part, Out, Pool};
 /// Output rows a thread takes at least in a product split over threads.
 const MIN_PART_ROWS: usize = 64;
 
+/// Activation rows a part of a batched product takes at least, beyond
+/// one part per thread.
+const MIN_BATCH_PART: usize = 16;
+
 pub(super) mod lens;
 
 /// A row-major matrix of ggml blocks: `rows` rows of `cols` elements, each
@@ -471,6 +475,53 @@ impl QMatrix {
         });
     }
 
+    /// [`matvec`](Self::matvec) of each matrix of `mats` by one input `x`,
+    /// into the output of the same index, in one job on the threads of
+    /// `pool`: the rows of all the matrices, one after another, are split
+    /// into the parts, so that products of a few hundred rows each (q, k
+    /// and v; gate and up) cost one handoff. Each output is bit for bit
+    /// that matrix's [`matvec`](Self::matvec).
+    ///
+    /// # Panics
+    /// As [`matvec`](Self::matvec) for each.
+    pub fn matvec_many_on<const N: usize>(
+        pool: &Pool,
+        x: &QuantizedActivations,
+        mats: [&Self; N],
+        mut outs: [&mut [f32]; N],
+    ) {
+        let total: usize = mats.iter().map(|m| m.rows).sum();
+        let parts = pool.parts_for(total, MIN_PART_ROWS);
+        if parts <= 1 || N <= 1 {
+            for (m, out) in mats.iter().zip(&mut outs) {
+                m.matvec_on(pool, x, out);
+            }
+            return;
+        }
+        for (m, out) in mats.iter().zip(&outs) {
+            assert_eq!(
+                out.len(),
+                m.rows,
+                "output length must equal the number of rows"
+            );
+        }
+        let outs = outs.map(|o| Out::new(o));
+        pool.run(parts, &|k| {
+            let rows = part(total, parts, k);
+            let mut first = 0;
+            for (m, out) in mats.iter().zip(&outs) {
+                let (from, to) = (rows.start.max(first), rows.end.min(first + m.rows));
+                if from < to {
+                    let local = from - first..to - first;
+                    // SAFETY: the parts' row ranges are disjoint.
+                    let out = unsafe { out.range(local.clone()) };
+                    m.matvec_rows(local, x, out);
+                }
+                first += m.rows;
+            }
+        });
+    }
+
     /// [`matvec_f32`](Self::matvec_f32) on the threads of `pool`, bit for
     /// bit its result (each thread computes a range of the rows).
     ///
@@ -496,7 +547,7 @@ impl QMatrix {
     }
 
     /// [`matmul`](Self::matmul) on the threads of `pool`, bit for bit its
-    /// result: each thread multiplies a contiguous range of the activation
+    /// result: each part multiplies a contiguous range of the activation
     /// rows (their outputs are contiguous in `out`) by the whole matrix,
     /// each row's product being that of [`matvec`](Self::matvec) whatever
     /// the rows beside it; a single row is split by output rows instead
@@ -509,7 +560,15 @@ impl QMatrix {
         if acts.len() == 1 && out.len() == self.rows {
             return self.matvec_on(pool, &acts[0], out);
         }
-        let parts = acts.len().min(pool.threads());
+        // Parts of at least MIN_BATCH_PART rows, up to two per thread: a
+        // thread that its core keeps waiting leaves the second half of its
+        // rows to the others.
+        let parts = match pool.threads() {
+            1 => 1,
+            t => (acts.len() / MIN_BATCH_PART)
+                .clamp(t, 2 * t)
+                .min(acts.len()),
+        };
         if parts <= 1 || self.rows * self.cols < MIN_PART_ROWS * 64 {
             return self.matmul(x, out);
         }

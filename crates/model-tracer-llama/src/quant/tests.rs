@@ -1191,6 +1191,37 @@ fn matmul_rows_equal_matvec_bit_for_bit() {
 }
 
 #[test]
+fn products_in_one_job_equal_each_matvec() {
+    let mut rng = SplitMix64::new(29);
+    let mut acts = QuantizedActivations::new();
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K] {
+        let cols = batch_cols(ty)[0];
+        // rows that put part boundaries inside and between the matrices
+        let mats: Vec<QMatrix> = [576, 67, 192]
+            .iter()
+            .map(|&rows| batch_matrix(&mut rng, ty, rows, cols, false))
+            .collect();
+        let x = batch_values(&mut rng, 1, cols);
+        acts.quantize_from(&x, ty).unwrap();
+        for threads in [1, 2, 3] {
+            let pool = crate::pool::Pool::new(threads);
+            let (mut a, mut b, mut c) = (vec![0f32; 576], vec![0f32; 67], vec![0f32; 192]);
+            QMatrix::matvec_many_on(
+                &pool,
+                &acts,
+                [&mats[0], &mats[1], &mats[2]],
+                [&mut a, &mut b, &mut c],
+            );
+            for (m, got) in mats.iter().zip([&a, &b, &c]) {
+                let mut want = vec![f32::NAN; m.rows()];
+                m.matvec(&acts, &mut want);
+                assert_same_bits(got, &want, &format!("{ty}, {threads} threads"));
+            }
+        }
+    }
+}
+
+#[test]
 fn batches_quantized_on_threads_multiply_as_on_one() {
     let mut rng = SplitMix64::new(23);
     let pool = crate::pool::Pool::new(3);
