@@ -30,7 +30,9 @@ use super::tokenizer::{Tokenizer, TokenizerError};
 
 mod attention;
 mod batch;
+mod softmax;
 pub use batch::{Sequence, SequenceStep};
+use softmax::softmax;
 
 /// Why a model could not be built or loaded.
 #[derive(Debug)]
@@ -1329,17 +1331,6 @@ fn rope(x: &mut [f32], head_dim: usize, freq: &[f32], pos: usize) {
             pair[1] = a * sin + b * cos;
         }
     }
-}
-
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Where the one position of [`Llama::forward`] sits: its absolute
