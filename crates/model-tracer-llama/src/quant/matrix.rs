@@ -505,7 +505,7 @@ impl QMatrix {
                 "output length must equal the number of rows"
             );
         }
-        let outs = outs.map(|o| Out::new(o));
+        let outs = outs.map(Out::new);
         pool.run(parts, &|k| {
             let rows = part(total, parts, k);
             let mut first = 0;
