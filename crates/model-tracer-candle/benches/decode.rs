@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use model_tracer::{Disabled, Lightweight, TraceConfig};
 use model_tracer_candle::CandleLlama;
-use model_tracer_llama::model::{KvCacheOptions, Llama};
+use model_tracer_llama::model::{KvCacheOptions, KvType, Llama};
 
 const PROMPT_LEN: usize = 32;
 const STEPS: usize = 48;
@@ -110,6 +110,7 @@ fn main() {
     let cache = Some(KvCacheOptions {
         capacity: 128,
         sinks: 4,
+        kv_type: KvType::F32,
     });
     match Llama::from_gguf(&path, cache, Disabled) {
         Ok(mut m) => report("reference decoder, Disabled (1 thread)", &mut m),

@@ -53,7 +53,7 @@ use std::sync::{Arc, Mutex};
 
 use model_tracer::tracer::MAX_SEQUENCES;
 use model_tracer::{Disabled, Full, Lightweight, ModelInfo, TraceConfig};
-use model_tracer_llama::model::{Fault, KvCacheOptions, Llama};
+use model_tracer_llama::model::{Fault, KvCacheOptions, KvType, Llama};
 
 use crate::setup::outputs::model_info;
 use crate::setup::{CacheArgs, Engine as _, ModelArgs};
@@ -139,6 +139,7 @@ pub fn serve(args: &Args) -> Result<(), String> {
     let small = KvCacheOptions {
         capacity: 2,
         sinks: 0,
+        kv_type: KvType::F32,
     };
     let base = CacheArgs {
         ctx: 2,

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use model_tracer::{Disabled, Lightweight, TraceConfig};
 use model_tracer_llama::model::Config;
-use model_tracer_llama::model::{KvCacheOptions, Llama, SequenceStep, Weights};
+use model_tracer_llama::model::{KvCacheOptions, KvType, Llama, SequenceStep, Weights};
 
 const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
 const STEPS: usize = 32;
@@ -20,6 +20,7 @@ const ROUNDS: usize = 3;
 const CACHE: KvCacheOptions = KvCacheOptions {
     capacity: 256,
     sinks: 4,
+    kv_type: KvType::F32,
 };
 
 /// Seconds per batch step of `k` sequences over `ROUNDS` runs of `STEPS`

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use model_tracer::{Disabled, Full, Lightweight, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama};
+use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, KvType, Llama};
 
 const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
 const STEPS: usize = 48;
@@ -55,6 +55,7 @@ fn main() {
     let cache = Some(KvCacheOptions {
         capacity: 256,
         sinks: 4,
+        kv_type: KvType::F32,
     });
     if path.exists() {
         let name = "SmolLM2-135M-Instruct Q4_1 (file)";
@@ -80,6 +81,7 @@ fn main() {
         let cache = KvCacheOptions {
             capacity: 256,
             sinks: 4,
+            kv_type: KvType::F32,
         };
         Llama::new(config.clone(), weights, None, cache, trace).map_err(|e| e.to_string())
     };

@@ -62,7 +62,7 @@ use model_tracer::{Disabled, Full, Lightweight, Recorder, SinkHandle, TraceConfi
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::gguf::GgufFile;
 use model_tracer_llama::model::{
-    synthetic_weights, Config, KvCacheOptions, Llama, Sequence, SequenceStep, Weights,
+    synthetic_weights, Config, KvCacheOptions, KvType, Llama, Sequence, SequenceStep, Weights,
 };
 use model_tracer_llama::quant::QMatrix;
 use model_tracer_test_support::gguf::GgufWriter;
@@ -260,6 +260,7 @@ fn prefilled<C: TraceConfig>(shape: Shape, trace: C) -> Box<Llama<C>> {
     let cache = KvCacheOptions {
         capacity: CACHE_CAPACITY,
         sinks: 4,
+        kv_type: KvType::F32,
     };
     let mut model = Box::new(or_exit(
         Llama::new(config, read_weights(shape), None, cache, trace),
@@ -293,6 +294,7 @@ fn prefilled_with_metrics<C: TraceConfig>(shape: Shape, trace: C) -> Box<Llama<C
     let cache = KvCacheOptions {
         capacity: CACHE_CAPACITY,
         sinks: 4,
+        kv_type: KvType::F32,
     };
     let mut model = Box::new(or_exit(
         Llama::new(config, read_weights(shape), None, cache, trace),
@@ -322,6 +324,7 @@ fn batched<C: TraceConfig>(
     let cache = KvCacheOptions {
         capacity: CACHE_CAPACITY,
         sinks: 4,
+        kv_type: KvType::F32,
     };
     let mut model = Box::new(or_exit(
         Llama::new(config, read_weights(shape), None, cache, trace),

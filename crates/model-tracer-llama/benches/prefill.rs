@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use model_tracer::Disabled;
-use model_tracer_llama::model::{KvCacheOptions, Llama, DEFAULT_PREFILL_CHUNK};
+use model_tracer_llama::model::{KvCacheOptions, KvType, Llama, DEFAULT_PREFILL_CHUNK};
 
 const PROMPT_LEN: usize = 256;
 const ROUNDS: usize = 5;
@@ -49,6 +49,7 @@ fn main() {
     let cache = Some(KvCacheOptions {
         capacity: 1024,
         sinks: 4,
+        kv_type: KvType::F32,
     });
     let mut m = match Llama::from_gguf(&path, cache, Disabled) {
         Ok(m) => m,

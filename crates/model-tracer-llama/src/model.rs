@@ -31,6 +31,7 @@ use super::tokenizer::{Tokenizer, TokenizerError};
 mod attention;
 mod batch;
 mod softmax;
+use attention::{Element, F16};
 pub use batch::{Sequence, SequenceStep};
 use softmax::softmax;
 
@@ -608,13 +609,75 @@ impl Fault {
     }
 }
 
-/// How the KV cache is sized and evicted.
+/// How the KV cache is sized, stored and evicted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCacheOptions {
     /// Positions the cache holds (at most the model's context length).
     pub capacity: usize,
     /// First positions that are never evicted (attention sinks).
     pub sinks: usize,
+    /// How keys and values are stored.
+    pub kv_type: KvType,
+}
+
+/// How the KV cache stores keys and values.
+///
+/// `F32` keeps them as the model computes them. `F16` (llama.cpp's
+/// default cache type) rounds each to the nearest binary16 value (ties to
+/// even; beyond ±65504, infinity) as it is cached: half the memory, and
+/// half the bytes attention reads per position, which is what decoding at
+/// long context waits on. The rounding changes the model's results (the
+/// attention of every position reads rounded keys and values), the same
+/// way in a one-position step, a chunk of a prefill and a batch of
+/// sequences, on any number of threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvType {
+    /// 32-bit floats, the values computed.
+    #[default]
+    F32,
+    /// IEEE binary16, rounded to nearest.
+    F16,
+}
+
+impl KvType {
+    /// Bytes an element takes.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
+
+    /// `f32` or `f16`, as `--kv-type` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        }
+    }
+
+    /// Parses `f32` or `f16`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "f32" => Ok(KvType::F32),
+            "f16" => Ok(KvType::F16),
+            other => Err(format!("KV cache type {other:?}: expected f32 or f16")),
+        }
+    }
+}
+
+/// The keys (in panels) and values of every layer of a cache, in its
+/// element type.
+#[derive(Debug, Clone)]
+enum KvData {
+    F32 {
+        key: Vec<f32x8>,
+        value: Vec<f32>,
+    },
+    F16 {
+        key: Vec<[F16; attention::PANEL]>,
+        value: Vec<F16>,
+    },
 }
 
 /// The KV cache: keys and values of every cached position, per layer,
@@ -629,8 +692,10 @@ pub struct KvCacheOptions {
 /// position.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    key: Vec<f32x8>, // (layer, kv_head, capacity / 8, head_dim) panels
-    value: Vec<f32>, // (layer, capacity, kv_dim)
+    // keys: (layer, kv_head, capacity / 8, head_dim) panels;
+    // values: (layer, capacity, kv_dim)
+    data: KvData,
+    n_layers: usize,
     capacity: usize,
     kv_dim: usize,
     head_dim: usize,
@@ -651,9 +716,23 @@ impl KvCache {
         let sinks = options.sinks.min(capacity - 1);
         let kv_dim = n_kv_heads * head_dim;
         let head_panels = attention::panels(capacity) * head_dim;
+        let (keys, values) = (
+            n_layers * n_kv_heads * head_panels,
+            n_layers * capacity * kv_dim,
+        );
+        let data = match options.kv_type {
+            KvType::F32 => KvData::F32 {
+                key: vec![f32x8::ZERO; keys],
+                value: vec![0.0; values],
+            },
+            KvType::F16 => KvData::F16 {
+                key: vec![F16::ZERO; keys],
+                value: vec![F16::default(); values],
+            },
+        };
         Self {
-            key: vec![f32x8::splat(0.0); n_layers * n_kv_heads * head_panels],
-            value: vec![0.0; n_layers * capacity * kv_dim],
+            data,
+            n_layers,
             capacity,
             kv_dim,
             head_dim,
@@ -703,28 +782,65 @@ impl KvCache {
     }
 
     /// Writes the key `k` and the value `v` (`[kv_dim]` each) of a
-    /// position in layer `layer` into `slot`.
+    /// position in layer `layer` into `slot`, in the cache's element type.
     #[inline(always)]
     fn store(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
-        let (kv_dim, hd) = (self.kv_dim, self.head_dim);
-        let at = layer * self.capacity * kv_dim + slot * kv_dim;
-        self.value[at..at + kv_dim].copy_from_slice(v);
+        let layout = self.layout();
+        match &mut self.data {
+            KvData::F32 { key, value } => Self::store_in(layout, key, value, layer, slot, k, v),
+            KvData::F16 { key, value } => Self::store_in(layout, key, value, layer, slot, k, v),
+        }
+    }
+
+    /// The widths of the cache: `(capacity, kv_dim, head_dim, head_panels)`.
+    #[inline(always)]
+    fn layout(&self) -> (usize, usize, usize, usize) {
+        (self.capacity, self.kv_dim, self.head_dim, self.head_panels)
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn store_in<E: Element>(
+        (capacity, kv_dim, hd, head_panels): (usize, usize, usize, usize),
+        key: &mut [E::Lanes],
+        value: &mut [E],
+        layer: usize,
+        slot: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let at = layer * capacity * kv_dim + slot * kv_dim;
+        for (to, &v) in value[at..at + kv_dim].iter_mut().zip(v) {
+            *to = E::from_f32(v);
+        }
         let heads = kv_dim / hd;
-        let keys = &mut self.key[layer * heads * self.head_panels..][..heads * self.head_panels];
-        let lanes = attention::panel_floats(keys);
-        let head_lanes = self.head_panels * attention::PANEL;
-        for (lanes, k) in lanes.chunks_exact_mut(head_lanes).zip(k.chunks_exact(hd)) {
+        let keys = &mut key[layer * heads * head_panels..][..heads * head_panels];
+        for (panels, k) in keys.chunks_exact_mut(head_panels).zip(k.chunks_exact(hd)) {
             for (d, &k) in k.iter().enumerate() {
-                lanes[attention::panel_index(slot, d, hd)] = k;
+                attention::set_key(panels, slot, d, hd, E::from_f32(k));
             }
         }
     }
 
-    /// The key panels of KV head `head` in layer `layer`.
+    /// The key panels of KV head `head` in layer `layer`, of a cache whose
+    /// keys are `key`.
     #[inline(always)]
-    fn key_panels(&self, layer: usize, head: usize) -> &[f32x8] {
+    fn key_panels<'a, E: Element>(
+        &self,
+        key: &'a [E::Lanes],
+        layer: usize,
+        head: usize,
+    ) -> &'a [E::Lanes] {
         let heads = self.kv_dim / self.head_dim;
-        &self.key[(layer * heads + head) * self.head_panels..][..self.head_panels]
+        &key[(layer * heads + head) * self.head_panels..][..self.head_panels]
+    }
+
+    /// How keys and values are stored.
+    pub fn kv_type(&self) -> KvType {
+        match self.data {
+            KvData::F32 { .. } => KvType::F32,
+            KvData::F16 { .. } => KvType::F16,
+        }
     }
 
     /// The slots of the cached positions in chronological order, into
@@ -781,7 +897,7 @@ impl KvCache {
             step,
             max_positions: self.capacity,
             valid_positions: n_ctx,
-            cache_size_bytes: 2 * n_layers * n_ctx * self.kv_dim * std::mem::size_of::<f32>(),
+            cache_size_bytes: 2 * n_layers * n_ctx * self.kv_dim * self.kv_type().bytes(),
             cache_hit_rate: reused as f32 / looked_up as f32,
             evictions_this_step: usize::from(old_len + i + 1 > self.capacity),
             reused_positions: reused,
@@ -831,40 +947,46 @@ impl KvCache {
 
     /// The key (`[kv_dim]`, rotated) of the `t`-th oldest cached position
     /// in layer `layer`, if both exist, gathered from the panels the cache
-    /// keeps keys in.
+    /// keeps keys in, as `f32`.
     pub fn key(&self, layer: usize, t: usize) -> Option<Vec<f32>> {
-        let n_layers = self.value.len() / (self.capacity * self.kv_dim).max(1);
-        if t >= self.len || layer >= n_layers {
+        match &self.data {
+            KvData::F32 { key, .. } => self.key_of::<f32>(key, layer, t),
+            KvData::F16 { key, .. } => self.key_of::<F16>(key, layer, t),
+        }
+    }
+
+    fn key_of<E: Element>(&self, key: &[E::Lanes], layer: usize, t: usize) -> Option<Vec<f32>> {
+        if t >= self.len || layer >= self.n_layers {
             return None;
         }
         let (slot, hd) = (self.slot(t), self.head_dim);
         let heads = self.kv_dim / hd;
         let key = (0..heads)
             .flat_map(|h| {
-                let lanes: &[f32] = wide::bytemuck::cast_slice(self.key_panels(layer, h));
-                (0..hd).map(move |d| lanes[attention::panel_index(slot, d, hd)])
+                let panels = self.key_panels::<E>(key, layer, h);
+                (0..hd).map(move |d| attention::get_key::<E>(panels, slot, d, hd).to_f32())
             })
             .collect();
         Some(key)
     }
 
     /// The value (`[kv_dim]`) of the `t`-th oldest cached position in
-    /// layer `layer`, if both exist.
-    pub fn value(&self, layer: usize, t: usize) -> Option<&[f32]> {
-        self.entry(&self.value, layer, t)
-    }
-
-    fn entry<'a>(&self, data: &'a [f32], layer: usize, t: usize) -> Option<&'a [f32]> {
-        if t >= self.len {
+    /// layer `layer`, if both exist, as `f32`.
+    pub fn value(&self, layer: usize, t: usize) -> Option<Vec<f32>> {
+        if t >= self.len || layer >= self.n_layers {
             return None;
         }
         let at = (layer * self.capacity + self.slot(t)) * self.kv_dim;
-        data.get(at..at + self.kv_dim)
+        let range = at..at + self.kv_dim;
+        match &self.data {
+            KvData::F32 { value, .. } => Some(value[range].to_vec()),
+            KvData::F16 { value, .. } => Some(value[range].iter().map(|v| v.to_f32()).collect()),
+        }
     }
 
     /// Bytes held by the valid positions (keys and values, every layer).
     pub fn bytes_in_use(&self, n_layers: usize) -> usize {
-        2 * n_layers * self.len * self.kv_dim * std::mem::size_of::<f32>()
+        2 * n_layers * self.len * self.kv_dim * self.kv_type().bytes()
     }
 
     /// Forgets every position: call between independent conversations.
@@ -949,6 +1071,7 @@ struct ChunkState {
     hb2: Vec<f32>,           // (T, ffn_dim) up
     att: Vec<f32>,           // (n_heads, T, stride) attention rows
     panels: Vec<Vec<f32x8>>, // (n_kv_heads; T / 8, head_dim) the chunk's keys, in panels
+    v16: Vec<F16>,           // (T, kv_dim) the chunk's values, for a cache of f16
     scores: Vec<f32>,        // (parts; cached positions + T, whole panels) a row's scores
     xq: QuantizedBatch,
     lens_hidden: Vec<f32>, // (T, n_layers, dim) hidden states for the logit lens
@@ -1518,6 +1641,32 @@ fn attention_heads<C: TraceConfig>(
     out: &mut [f32],
     pool: &Pool,
 ) {
+    let args = (c, l, q, cache, slots);
+    match &cache.data {
+        KvData::F32 { key, value } => attend_groups(args, key, value, scores, att, out, pool),
+        KvData::F16 { key, value } => attend_groups(args, key, value, scores, att, out, pool),
+    }
+    let (cap, n_ctx) = (cache.capacity, cache.len);
+    for h in 0..c.n_heads {
+        traced!(
+            C,
+            tracer.attention(l, h, pos, &att[h * cap..h * cap + n_ctx])
+        );
+    }
+}
+
+/// The arithmetic of [`attention_heads`] over a cache whose keys and
+/// values are `key` and `value`.
+#[inline(always)]
+fn attend_groups<E: Element>(
+    (c, l, q, cache, slots): (&Config, usize, &[f32], &KvCache, &[usize]),
+    key: &[E::Lanes],
+    value: &[E],
+    scores: &mut [f32],
+    att: &mut [f32],
+    out: &mut [f32],
+    pool: &Pool,
+) {
     let (kv_dim, hd) = (c.kv_dim(), c.head_dim);
     let kv_mul = c.n_heads / c.n_kv_heads;
     let (cap, n_ctx) = (cache.capacity, cache.len);
@@ -1530,9 +1679,9 @@ fn attention_heads<C: TraceConfig>(
     // the group's rows of `scores`, `att` and `out`.
     let group = |kv: usize, scores: &mut [f32], att: &mut [f32], out: &mut [f32]| {
         let q = &q[kv * kv_mul * hd..(kv + 1) * kv_mul * hd];
-        let panels = cache.key_panels(l, kv);
+        let panels = cache.key_panels::<E>(key, l, kv);
         for (q, scores) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(stride)) {
-            attention::panel_scores(q, panels, hd, n_ctx, scale, scores);
+            attention::panel_scores::<E>(q, panels, hd, n_ctx, scale, scores);
         }
         for (scores, att) in scores.chunks_exact(stride).zip(att.chunks_exact_mut(cap)) {
             let att = &mut att[..n_ctx];
@@ -1541,7 +1690,7 @@ fn attention_heads<C: TraceConfig>(
             }
             softmax(att);
         }
-        let values = &cache.value[layer_off + kv * hd..];
+        let values = &value[layer_off + kv * hd..];
         let value = |t: usize| &values[slots[t] * kv_dim..];
         attention::group_values(out, kv_mul, hd, att, cap, n_ctx, value);
     };
@@ -1570,12 +1719,6 @@ fn attention_heads<C: TraceConfig>(
                 &mut out[kv * go..(kv + 1) * go],
             );
         }
-    }
-    for h in 0..c.n_heads {
-        traced!(
-            C,
-            tracer.attention(l, h, pos, &att[h * cap..h * cap + n_ctx])
-        );
     }
 }
 
@@ -1794,22 +1937,50 @@ fn attention_heads_rows<C: TraceConfig>(
     segment: bool,
     pool: &Pool,
 ) {
+    let args = (c, l, cache, first, rows, old_slots);
+    match &cache.data {
+        KvData::F32 { key, value } => attend_rows(args, b, key, value, pool),
+        KvData::F16 { key, value } => attend_rows(args, b, key, value, pool),
+    }
+    // row i of a head holds min(old_len + 1 + i, stride) weights
+    let (head_att, old_len) = (rows * cache.len, old_slots.len());
+    for h in 0..c.n_heads {
+        traced!(C, {
+            let att = &b.att[h * head_att..(h + 1) * head_att];
+            if segment {
+                tracer.attention_segment(l, h, first, rows, att, old_len + 1);
+            } else {
+                tracer.attention_rows(l, h, att, old_len + 1);
+            }
+        });
+    }
+}
+
+/// The arithmetic of [`attention_heads_rows`] over a cache whose keys and
+/// values are `key` and `value`: the chunk's own keys and values are
+/// rounded to the cache's element type first, as caching them would.
+#[inline(always)]
+fn attend_rows<E: Element>(
+    (c, l, cache, first, rows, old_slots): (&Config, usize, &KvCache, usize, usize, &[usize]),
+    b: &mut ChunkState,
+    key: &[E::Lanes],
+    value: &[E],
+    pool: &Pool,
+) {
     let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
     let kv_mul = c.n_heads / c.n_kv_heads;
     let (cap, sinks, stride) = (cache.capacity, cache.sinks, cache.len);
     let old_len = old_slots.len();
     let layer_off = l * cap * kv_dim;
-    let (q_rows, k_rows, v_rows) = (
-        &b.q[first * dim..],
-        &b.k[first * kv_dim..],
-        &b.v[first * kv_dim..],
-    );
+    let span = first * kv_dim..(first + rows) * kv_dim;
+    let q_rows = &b.q[first * dim..];
+    let (k_rows, v_rows) = (&b.k[span.clone()], E::chunk(&b.v[span], &mut b.v16));
     let scale = 1.0 / (hd as f32).sqrt();
     let whole = |n: usize| attention::panels(n) * attention::PANEL;
     // The chunk's keys of each KV head in panels.
     b.panels.resize_with(c.n_kv_heads, Vec::new);
     for (kv, panels) in b.panels.iter_mut().enumerate() {
-        attention::fill_panels(panels, k_rows, rows, kv_dim, kv * hd, hd);
+        attention::fill_panels::<E>(panels, k_rows, rows, kv_dim, kv * hd, hd);
     }
     // Parts: a KV group and a range of its rows each, a few per thread
     // (rows attend more positions the later they are, so parts that are
@@ -1842,7 +2013,7 @@ fn attention_heads_rows<C: TraceConfig>(
         // queries, keys, values and the cache are only read.
         let scores = unsafe { scores_out.range(k * scratch..(k + 1) * scratch) };
         let (old_scores, new_scores) = scores.split_at_mut(whole(old_len));
-        let (old_panels, new_panels) = (cache.key_panels(l, kv), &chunk_panels[kv]);
+        let (old_panels, new_panels) = (cache.key_panels::<E>(key, l, kv), &chunk_panels[kv]);
         let att_row = |h: usize, i: usize, n: usize| {
             let at = h * head_att + i * stride;
             // SAFETY: as above (row `i` of `range`, head `h` of group `kv`).
@@ -1852,8 +2023,8 @@ fn attention_heads_rows<C: TraceConfig>(
             for i in range.clone() {
                 let q = &q_rows[i * dim + h * hd..][..hd];
                 let (evicted, kept) = (evicted(i), old_len - evicted(i));
-                attention::panel_scores(q, old_panels, hd, old_len, scale, old_scores);
-                attention::panel_scores(q, new_panels, hd, i + 1, scale, new_scores);
+                attention::panel_scores::<E>(q, old_panels, hd, old_len, scale, old_scores);
+                attention::panel_scores::<f32>(q, new_panels, hd, i + 1, scale, new_scores);
                 let att = att_row(h, i, kept + i + 1);
                 for (j, a) in att.iter_mut().enumerate() {
                     *a = if j >= kept {
@@ -1866,7 +2037,7 @@ fn attention_heads_rows<C: TraceConfig>(
                 softmax(att);
             }
         }
-        let values = &cache.value[layer_off + kv * hd..];
+        let values = &value[layer_off + kv * hd..];
         let new_values = &v_rows[kv * hd..];
         for i in range {
             let (evicted, kept) = (evicted(i), old_len - evicted(i));
@@ -1886,17 +2057,6 @@ fn attention_heads_rows<C: TraceConfig>(
         }
     };
     pool.run(parts, &part);
-    // row i of a head holds min(old_len + 1 + i, stride) weights
-    for h in 0..c.n_heads {
-        traced!(C, {
-            let att = &b.att[h * head_att..(h + 1) * head_att];
-            if segment {
-                tracer.attention_segment(l, h, first, rows, att, old_len + 1);
-            } else {
-                tracer.attention_rows(l, h, att, old_len + 1);
-            }
-        });
-    }
 }
 
 /// The feed-forward block of the `t` rows of a chunk in layer `l`: for
@@ -2117,6 +2277,7 @@ impl<C: TraceConfig> Llama<C> {
         let cache = cache.unwrap_or(KvCacheOptions {
             capacity: config.context_len.min(4096),
             sinks: 4,
+            kv_type: KvType::F32,
         });
         Self::new(config, weights, Some(tokenizer), cache, trace)
     }
@@ -2781,6 +2942,7 @@ impl<C: TraceConfig> Llama<C> {
         let cache = KvCacheOptions {
             capacity: config.context_len,
             sinks: 4,
+            kv_type: KvType::F32,
         };
         Self::new(config, weights, None, cache, trace)
     }

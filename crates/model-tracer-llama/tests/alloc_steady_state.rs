@@ -7,7 +7,7 @@
 use model_tracer::config::DEFAULT_HISTORY;
 use model_tracer::{Disabled, Full, Lightweight, Recorder, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama};
+use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, KvType, Llama};
 use model_tracer_test_support::{allocations, CountingAllocator};
 
 #[global_allocator]
@@ -20,6 +20,7 @@ fn tiny<C: TraceConfig>(trace: C) -> Llama<C> {
     let cache = KvCacheOptions {
         capacity: 256,
         sinks: 4,
+        kv_type: KvType::F32,
     };
     Llama::new(config, weights, None, cache, trace).expect("tiny model")
 }
@@ -224,7 +225,13 @@ fn batch_allocations_per_step<C: TraceConfig>(trace: C) -> Vec<usize> {
     let mut model = tiny(trace);
     let mut seqs: Vec<_> = [256, 256, 32, 256]
         .into_iter()
-        .map(|capacity| model.new_sequence(KvCacheOptions { capacity, sinks: 4 }))
+        .map(|capacity| {
+            model.new_sequence(KvCacheOptions {
+                capacity,
+                sinks: 4,
+                kv_type: KvType::F32,
+            })
+        })
         .collect();
     let mut step = |model: &mut Llama<C>, position: usize| {
         let tokens: Vec<[u32; 1]> = (0..seqs.len()).map(|i| [token(position + 7 * i)]).collect();

@@ -12,7 +12,7 @@ use model_tracer::{
 };
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::model::{
-    synthetic_weights, Config, Fault, FaultKind, KvCache, KvCacheOptions, Llama, Sequence,
+    synthetic_weights, Config, Fault, FaultKind, KvCache, KvCacheOptions, KvType, Llama, Sequence,
     SequenceStep, Weights,
 };
 use model_tracer_llama::tokenizer::Tokenizer;
@@ -53,7 +53,7 @@ fn image(cache: &KvCache, layers: usize) -> CacheImage {
     for l in 0..layers {
         for t in 0..cache.len() {
             keys.extend(bits(&cache.key(l, t).unwrap_or_default()));
-            values.extend(bits(cache.value(l, t).unwrap_or(&[])));
+            values.extend(bits(&cache.value(l, t).unwrap_or_default()));
         }
     }
     CacheImage {
@@ -88,6 +88,7 @@ fn cache_of(p: &Plan) -> KvCacheOptions {
     KvCacheOptions {
         capacity: p.capacity,
         sinks: 4,
+        kv_type: KvType::F32,
     }
 }
 
@@ -298,6 +299,7 @@ fn batch_model<C: TraceConfig>(
     let cache = KvCacheOptions {
         capacity: 8,
         sinks: 4,
+        kv_type: KvType::F32,
     };
     let mut m = match Llama::from_shared(Arc::clone(w), c.clone(), tokenizer, cache, trace.clone())
     {
@@ -410,6 +412,7 @@ fn sequences_sharing_an_id_or_sitting_out_compute_as_alone() {
     let options = KvCacheOptions {
         capacity: 64,
         sinks: 4,
+        kv_type: KvType::F32,
     };
     let id = model_tracer::SequenceId(7);
     let mut a = m.new_sequence_with_id(id, options);

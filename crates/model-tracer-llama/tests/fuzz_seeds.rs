@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use model_tracer::Full;
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::gguf::{self, GgufError, GgufFile};
-use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama, Weights};
+use model_tracer_llama::model::{
+    synthetic_weights, Config, KvCacheOptions, KvType, Llama, Weights,
+};
 use model_tracer_llama::quant::QMatrix;
 use model_tracer_llama::tokenizer::{self as tk, Tokenizer};
 use model_tracer_test_support::gguf::{GgufWriter, MetadataArray, MetadataValue};
@@ -464,6 +466,7 @@ fn the_micro_llama_seed_loads_and_runs() {
     let cache = KvCacheOptions {
         capacity: 4,
         sinks: 1,
+        kv_type: KvType::F32,
     };
     let mut model = Llama::new(config, weights, None, cache, Full).expect("the model");
     let logits = model.forward(3).to_vec();

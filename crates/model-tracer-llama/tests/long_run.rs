@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use model_tracer::{Full, ModelTracer, TraceOptions};
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama};
+use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, KvType, Llama};
 use model_tracer_test_support::{live_bytes, CountingAllocator};
 
 #[global_allocator]
@@ -25,6 +25,7 @@ fn run_flat(total: usize) {
     let cache = KvCacheOptions {
         capacity: 256,
         sinks: 4,
+        kv_type: KvType::F32,
     };
     let mut model: Llama<Full> = Llama::new(config, weights, None, cache, Full).unwrap();
     let options = TraceOptions {

@@ -5,19 +5,34 @@ mod common;
 
 use model_tracer::{Disabled, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama};
+use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, KvType, Llama};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
 }
 
 fn tiny<C: TraceConfig>(trace: C, ty: GgmlType, capacity: usize, sinks: usize) -> Llama<C> {
+    tiny_of(trace, ty, capacity, sinks, KvType::F32)
+}
+
+fn tiny_of<C: TraceConfig>(
+    trace: C,
+    ty: GgmlType,
+    capacity: usize,
+    sinks: usize,
+    kv_type: KvType,
+) -> Llama<C> {
     let c = Config::tiny();
     let w = match synthetic_weights(&c, ty, 9) {
         Ok(w) => w,
         Err(e) => panic!("synthetic weights: {e}"),
     };
-    match Llama::new(c, w, None, KvCacheOptions { capacity, sinks }, trace) {
+    let cache = KvCacheOptions {
+        capacity,
+        sinks,
+        kv_type,
+    };
+    match Llama::new(c, w, None, cache, trace) {
         Ok(m) => m,
         Err(e) => panic!("model: {e}"),
     }
@@ -47,14 +62,24 @@ fn assert_chunks_equal_positions(
     chunk: usize,
     tokens: &[u32],
 ) {
-    let mut one = tiny(Disabled, ty, capacity, sinks);
-    let mut many = tiny(Disabled, ty, capacity, sinks);
+    assert_chunks_equal_positions_of(ty, (capacity, sinks, KvType::F32), exact, chunk, tokens);
+}
+
+fn assert_chunks_equal_positions_of(
+    ty: GgmlType,
+    (capacity, sinks, kv_type): (usize, usize, KvType),
+    exact: bool,
+    chunk: usize,
+    tokens: &[u32],
+) {
+    let mut one = tiny_of(Disabled, ty, capacity, sinks, kv_type);
+    let mut many = tiny_of(Disabled, ty, capacity, sinks, kv_type);
     one.set_exact(exact);
     many.set_exact(exact);
     one.set_prefill_chunk(1);
     many.set_prefill_chunk(chunk);
     let what = format!(
-        "{ty} cache {capacity}/{sinks} exact {exact} chunk {chunk}, {} tokens",
+        "{ty} cache {capacity}/{sinks} {kv_type:?} exact {exact} chunk {chunk}, {} tokens",
         tokens.len()
     );
     let a = one.generate(tokens, 4, |_| {});
@@ -115,6 +140,71 @@ fn chunked_prefill_evicts_like_one_position_at_a_time() {
             }
         }
     }
+}
+
+#[test]
+fn an_f16_cache_prefills_in_chunks_as_one_position_at_a_time() {
+    for (capacity, sinks) in [(1024, 4), (16, 4), (5, 4), (12, 0)] {
+        for chunk in [3, 64] {
+            for n in [9, 40] {
+                let cache = (capacity, sinks, KvType::F16);
+                assert_chunks_equal_positions_of(GgmlType::Q8_0, cache, false, chunk, &prompt(n));
+            }
+        }
+    }
+    assert_chunks_equal_positions_of(GgmlType::Q4_1, (1024, 4, KvType::F16), true, 8, &prompt(20));
+}
+
+#[test]
+fn an_f16_cache_holds_rounded_keys_and_values_in_half_the_bytes() {
+    let mut f32s = tiny_of(Disabled, GgmlType::Q8_0, 64, 4, KvType::F32);
+    let mut f16s = tiny_of(Disabled, GgmlType::Q8_0, 64, 4, KvType::F16);
+    assert_eq!(f16s.cache().kv_type(), KvType::F16);
+    let tokens = prompt(12);
+    f32s.forward_chunks(&tokens);
+    f16s.forward_chunks(&tokens);
+    let n_layers = Config::tiny().n_layers;
+    assert_eq!(
+        2 * f16s.cache().bytes_in_use(n_layers),
+        f32s.cache().bytes_in_use(n_layers)
+    );
+    // position 0 sees only itself: its key and value are the f32 cache's,
+    // rounded; later positions attend rounded keys, so they part
+    let round = |v: Vec<f32>| -> Vec<u32> {
+        v.iter()
+            .map(|&x| {
+                model_tracer_llama::quant::f16_to_f32(model_tracer_llama::quant::f32_to_f16(x))
+                    .to_bits()
+            })
+            .collect()
+    };
+    for l in 0..n_layers {
+        let (k32, k16) = (
+            f32s.cache().key(l, 0).unwrap(),
+            f16s.cache().key(l, 0).unwrap(),
+        );
+        let (v32, v16) = (
+            f32s.cache().value(l, 0).unwrap(),
+            f16s.cache().value(l, 0).unwrap(),
+        );
+        if l == 0 {
+            assert_eq!(bits(&k16), round(k32.clone()), "layer 0 key");
+            assert_eq!(bits(&v16), round(v32.clone()), "layer 0 value");
+            assert_ne!(bits(&k16), bits(&k32), "rounding changed nothing");
+        }
+        assert_eq!(
+            bits(&k16),
+            round(k16.clone()),
+            "layer {l}: keys are f16 values"
+        );
+        assert_eq!(
+            bits(&v16),
+            round(v16.clone()),
+            "layer {l}: values are f16 values"
+        );
+    }
+    assert_ne!(bits(f32s.logits()), bits(f16s.logits()));
+    assert!(f16s.cache().value(n_layers, 0).is_none() && f16s.cache().key(0, 12).is_none());
 }
 
 #[test]

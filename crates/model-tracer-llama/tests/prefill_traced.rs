@@ -5,7 +5,7 @@
 
 use model_tracer::TraceConfig;
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama};
+use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, KvType, Llama};
 
 fn tiny<C: TraceConfig>(trace: C, ty: GgmlType, capacity: usize, sinks: usize) -> Llama<C> {
     let c = Config::tiny();
@@ -13,7 +13,17 @@ fn tiny<C: TraceConfig>(trace: C, ty: GgmlType, capacity: usize, sinks: usize) -
         Ok(w) => w,
         Err(e) => panic!("synthetic weights: {e}"),
     };
-    match Llama::new(c, w, None, KvCacheOptions { capacity, sinks }, trace) {
+    match Llama::new(
+        c,
+        w,
+        None,
+        KvCacheOptions {
+            capacity,
+            sinks,
+            kv_type: KvType::F32,
+        },
+        trace,
+    ) {
         Ok(m) => m,
         Err(e) => panic!("model: {e}"),
     }

@@ -5,7 +5,7 @@ mod common;
 
 use model_tracer::{AnomalyKind, Disabled, Full, Lightweight, Origin, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{Config, Fault, FaultKind, KvCacheOptions, Llama};
+use model_tracer_llama::model::{Config, Fault, FaultKind, KvCacheOptions, KvType, Llama};
 
 fn tiny<C: TraceConfig>(trace: C) -> Llama<C> {
     match Llama::synthetic(Config::tiny(), GgmlType::Q8_0, 7, trace) {
@@ -37,6 +37,7 @@ fn min_cosine(ty: GgmlType, masters: bool) -> f64 {
         let cache = KvCacheOptions {
             capacity: 64,
             sinks: 4,
+            kv_type: KvType::F32,
         };
         let mut m = Llama::new(c.clone(), w, None, cache, Disabled).unwrap();
         m.set_exact(exact);
@@ -99,6 +100,7 @@ fn kv_eviction_keeps_the_sinks_and_the_recent_window() {
     let cache = KvCacheOptions {
         capacity: 8,
         sinks: 2,
+        kv_type: KvType::F32,
     };
     let mut m = Llama::new(Config::tiny(), weights, None, cache, Lightweight).unwrap();
     for t in 0..20u32 {

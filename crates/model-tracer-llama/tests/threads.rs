@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use model_tracer::{Full, JsonlSink, Lightweight, SinkHandle, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{synthetic_weights, Config, KvCacheOptions, Llama, SequenceStep};
+use model_tracer_llama::model::{
+    synthetic_weights, Config, KvCacheOptions, KvType, Llama, SequenceStep,
+};
 
 #[derive(Clone, Default)]
 struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -63,6 +65,7 @@ fn run<C: TraceConfig>(
     let cache = KvCacheOptions {
         capacity: 128,
         sinks: 4,
+        kv_type: KvType::F32,
     };
     let mut fresh = Llama::from_shared(
         model.shared_weights(),
@@ -97,7 +100,7 @@ fn run<C: TraceConfig>(
         .flat_map(|l| {
             (0..cache.len()).flat_map(move |t| {
                 let key = cache.key(l, t).unwrap_or_default();
-                let value = cache.value(l, t).unwrap_or(&[]).to_vec();
+                let value = cache.value(l, t).unwrap_or_default();
                 [key, value]
             })
         })
@@ -173,6 +176,7 @@ fn a_batch_of_sequences_is_the_same_on_one_and_three_threads() {
     let cache = KvCacheOptions {
         capacity: 64,
         sinks: 4,
+        kv_type: KvType::F32,
     };
     let mut results = Vec::new();
     for threads in [1, 3] {
@@ -218,6 +222,7 @@ fn a_model_dropped_mid_run_and_threads_changed_between_steps() {
     let cache = KvCacheOptions {
         capacity: 32,
         sinks: 4,
+        kv_type: KvType::F32,
     };
     let mut want = Vec::new();
     let mut m = Llama::new(c.clone(), weights.clone(), None, cache, Lightweight).expect("model");

@@ -22,8 +22,137 @@
 
 use wide::f32x8;
 
+use crate::quant::{f16_to_f32, f32_to_f16};
+
 /// Positions a key panel holds.
 pub(super) const PANEL: usize = 8;
+
+/// How the cache stores a key or value element: [`f32`], or [`F16`]
+/// (half the bytes, llama.cpp's default cache type), read as `f32` in
+/// the kernels. Converting an `F16` to `f32` is exact, so a kernel over
+/// `F16` elements computes bit for bit what it computes over the `f32`
+/// values they hold.
+pub(super) trait Element: Copy + Send + Sync + 'static {
+    /// Eight elements: one key panel vector.
+    type Lanes: Copy + Send + Sync;
+    /// A panel vector of zeros.
+    const ZERO: Self::Lanes;
+    /// The element nearest `x` (ties to even).
+    fn from_f32(x: f32) -> Self;
+    /// The element's value.
+    fn to_f32(self) -> f32;
+    /// A panel vector's values.
+    fn lanes(v: Self::Lanes) -> f32x8;
+    /// The first eight values of `v`.
+    fn load(v: &[Self]) -> f32x8;
+    /// Sets lane `lane` of a panel vector to `x`.
+    fn set(v: &mut Self::Lanes, lane: usize, x: Self);
+    /// Lane `lane` of a panel vector.
+    fn get(v: &Self::Lanes, lane: usize) -> Self;
+    /// `values` as elements: themselves for `f32`, converted into
+    /// `scratch` for `F16`.
+    fn chunk<'a>(values: &'a [f32], scratch: &'a mut Vec<F16>) -> &'a [Self];
+    /// `x` rounded to the element type, as `f32`.
+    #[inline(always)]
+    fn round(x: f32) -> f32 {
+        Self::from_f32(x).to_f32()
+    }
+}
+
+impl Element for f32 {
+    type Lanes = f32x8;
+    const ZERO: f32x8 = f32x8::ZERO;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn lanes(v: f32x8) -> f32x8 {
+        v
+    }
+    #[inline(always)]
+    fn load(v: &[f32]) -> f32x8 {
+        let mut lanes = [0.0; PANEL];
+        lanes.copy_from_slice(&v[..PANEL]);
+        f32x8::new(lanes)
+    }
+    #[inline(always)]
+    fn set(v: &mut f32x8, lane: usize, x: f32) {
+        wide::bytemuck::cast_mut::<f32x8, [f32; PANEL]>(v)[lane] = x;
+    }
+    #[inline(always)]
+    fn get(v: &f32x8, lane: usize) -> f32 {
+        wide::bytemuck::cast_ref::<f32x8, [f32; PANEL]>(v)[lane]
+    }
+    #[inline(always)]
+    fn chunk<'a>(values: &'a [f32], _: &'a mut Vec<F16>) -> &'a [f32] {
+        values
+    }
+}
+
+/// An IEEE binary16 element of the cache (its bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(transparent)]
+pub(super) struct F16(pub u16);
+
+impl Element for F16 {
+    type Lanes = [F16; PANEL];
+    const ZERO: [F16; PANEL] = [F16(0); PANEL];
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        F16(f32_to_f16(x))
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16_to_f32(self.0)
+    }
+    #[inline(always)]
+    fn lanes(v: [F16; PANEL]) -> f32x8 {
+        widen(&v)
+    }
+    #[inline(always)]
+    fn load(v: &[F16]) -> f32x8 {
+        let mut lanes = [F16(0); PANEL];
+        lanes.copy_from_slice(&v[..PANEL]);
+        widen(&lanes)
+    }
+    #[inline(always)]
+    fn set(v: &mut [F16; PANEL], lane: usize, x: F16) {
+        v[lane] = x;
+    }
+    #[inline(always)]
+    fn get(v: &[F16; PANEL], lane: usize) -> F16 {
+        v[lane]
+    }
+    fn chunk<'a>(values: &'a [f32], scratch: &'a mut Vec<F16>) -> &'a [F16] {
+        scratch.clear();
+        scratch.extend(values.iter().map(|&v| F16::from_f32(v)));
+        scratch
+    }
+}
+
+/// Eight f16 values as `f32`: one instruction where the target has F16C
+/// (every x86-64-v3 machine), else lane by lane; the same values either
+/// way (the conversion is exact), NaN payloads aside.
+#[inline(always)]
+#[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
+fn widen(v: &[F16; PANEL]) -> f32x8 {
+    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm_loadu_si128};
+    // SAFETY: F16C is enabled at compile time; the unaligned load reads
+    // the 16 bytes of `v`.
+    let wide = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().cast::<__m128i>())) };
+    wide::bytemuck::cast(wide)
+}
+
+#[inline(always)]
+#[cfg(not(all(target_arch = "x86_64", target_feature = "f16c")))]
+fn widen(v: &[F16; PANEL]) -> f32x8 {
+    f32x8::new(v.map(|h| f16_to_f32(h.0)))
+}
 
 /// Panels scored together in one sweep over the dimensions: 8 chains of
 /// additions in flight, 8 accumulators and a broadcast query element in
@@ -57,16 +186,36 @@ pub(super) fn panel_index(slot: usize, d: usize, head_dim: usize) -> usize {
     ((slot / PANEL) * head_dim + d) * PANEL + slot % PANEL
 }
 
-/// The `f32` view of panels, to write keys into lanes.
+/// Sets dimension `d` of the key in `slot` of one head's panels to `k`.
 #[inline(always)]
-pub(super) fn panel_floats(panels: &mut [f32x8]) -> &mut [f32] {
-    wide::bytemuck::cast_slice_mut(panels)
+pub(super) fn set_key<E: Element>(
+    panels: &mut [E::Lanes],
+    slot: usize,
+    d: usize,
+    head_dim: usize,
+    k: E,
+) {
+    let i = panel_index(slot, d, head_dim);
+    E::set(&mut panels[i / PANEL], i % PANEL, k);
+}
+
+/// Dimension `d` of the key in `slot` of one head's panels.
+#[inline(always)]
+pub(super) fn get_key<E: Element>(
+    panels: &[E::Lanes],
+    slot: usize,
+    d: usize,
+    head_dim: usize,
+) -> E {
+    let i = panel_index(slot, d, head_dim);
+    E::get(&panels[i / PANEL], i % PANEL)
 }
 
 /// Writes `keys: [n × stride]` (rows of `head_dim` floats from offset
-/// `at` of each row) into the first `n` slots of `panels`
+/// `at` of each row), rounded to the element type `E` (the cache's), into
+/// the first `n` slots of `panels`
 /// (`[panels(n) × head_dim]` vectors, grown as needed).
-pub(super) fn fill_panels(
+pub(super) fn fill_panels<E: Element>(
     panels: &mut Vec<f32x8>,
     keys: &[f32],
     n: usize,
@@ -78,10 +227,9 @@ pub(super) fn fill_panels(
     if panels.len() < need {
         panels.resize(need, f32x8::splat(0.0));
     }
-    let lanes = panel_floats(panels);
     for (slot, key) in keys.chunks_exact(stride).take(n).enumerate() {
         for (d, &k) in key[at..at + head_dim].iter().enumerate() {
-            lanes[panel_index(slot, d, head_dim)] = k;
+            set_key::<f32>(panels, slot, d, head_dim, E::round(k));
         }
     }
 }
@@ -93,9 +241,9 @@ pub(super) fn fill_panels(
 ///
 /// `out[slot]` is bit for bit `dot(q, key(slot)) * scale`.
 #[inline]
-pub(super) fn panel_scores(
+pub(super) fn panel_scores<E: Element>(
     q: &[f32],
-    panels: &[f32x8],
+    panels: &[E::Lanes],
     head_dim: usize,
     n: usize,
     scale: f32,
@@ -106,33 +254,33 @@ pub(super) fn panel_scores(
     let (panels, out) = (&panels[..count * head_dim], &mut out[..count * PANEL]);
     let mut p = 0;
     while p + SWEEP <= count {
-        sweep::<SWEEP>(q, &panels[p * head_dim..], scale, &mut out[p * PANEL..]);
+        sweep::<E, SWEEP>(q, &panels[p * head_dim..], scale, &mut out[p * PANEL..]);
         p += SWEEP;
     }
     let (panels, out) = (&panels[p * head_dim..], &mut out[p * PANEL..]);
     match count - p {
         0 => {}
-        1 => sweep::<1>(q, panels, scale, out),
-        2 => sweep::<2>(q, panels, scale, out),
-        3 => sweep::<3>(q, panels, scale, out),
-        4 => sweep::<4>(q, panels, scale, out),
-        5 => sweep::<5>(q, panels, scale, out),
-        6 => sweep::<6>(q, panels, scale, out),
-        _ => sweep::<7>(q, panels, scale, out),
+        1 => sweep::<E, 1>(q, panels, scale, out),
+        2 => sweep::<E, 2>(q, panels, scale, out),
+        3 => sweep::<E, 3>(q, panels, scale, out),
+        4 => sweep::<E, 4>(q, panels, scale, out),
+        5 => sweep::<E, 5>(q, panels, scale, out),
+        6 => sweep::<E, 6>(q, panels, scale, out),
+        _ => sweep::<E, 7>(q, panels, scale, out),
     }
 }
 
 /// Scores of `q` against `B` consecutive panels, one pass over the
 /// dimensions with `B` accumulators.
 #[inline(always)]
-fn sweep<const B: usize>(q: &[f32], panels: &[f32x8], scale: f32, out: &mut [f32]) {
+fn sweep<E: Element, const B: usize>(q: &[f32], panels: &[E::Lanes], scale: f32, out: &mut [f32]) {
     let hd = q.len();
-    let panels: [&[f32x8]; B] = std::array::from_fn(|b| &panels[b * hd..(b + 1) * hd]);
+    let panels: [&[E::Lanes]; B] = std::array::from_fn(|b| &panels[b * hd..(b + 1) * hd]);
     let mut acc = [f32x8::splat(sum_start()); B];
     for (d, &qd) in q.iter().enumerate() {
         let qd = f32x8::splat(qd);
         for (a, panel) in acc.iter_mut().zip(&panels) {
-            *a += qd * panel[d];
+            *a += qd * E::lanes(panel[d]);
         }
     }
     let scale = f32x8::splat(scale);
@@ -141,31 +289,24 @@ fn sweep<const B: usize>(q: &[f32], panels: &[f32x8], scale: f32, out: &mut [f32
     }
 }
 
-#[inline(always)]
-fn load(v: &[f32]) -> f32x8 {
-    let mut lanes = [0.0; PANEL];
-    lanes.copy_from_slice(&v[..PANEL]);
-    f32x8::new(lanes)
-}
-
 /// `out[d] = Σ_j weights[j] · value(j)[d]` over `j` in order, for the
 /// `out.len()` dimensions of a head (`value(j)` has at least as many):
 /// bit for bit `out.fill(0.0)` and then `out[d] += weights[j] * v[d]`
 /// for one `j` after another.
 #[inline]
-pub(super) fn weighted_values<'v>(
+pub(super) fn weighted_values<'v, E: Element>(
     out: &mut [f32],
     weights: &[f32],
-    value: impl Fn(usize) -> &'v [f32] + Copy,
+    value: impl Fn(usize) -> &'v [E] + Copy,
 ) {
     let hd = out.len();
     let mut d0 = 0;
     while d0 + 8 * PANEL <= hd {
-        value_block::<8>(&mut out[d0..d0 + 8 * PANEL], weights, value, d0);
+        value_block::<E, 8>(&mut out[d0..d0 + 8 * PANEL], weights, value, d0);
         d0 += 8 * PANEL;
     }
     while d0 + PANEL <= hd {
-        value_block::<1>(&mut out[d0..d0 + PANEL], weights, value, d0);
+        value_block::<E, 1>(&mut out[d0..d0 + PANEL], weights, value, d0);
         d0 += PANEL;
     }
     if d0 < hd {
@@ -173,7 +314,7 @@ pub(super) fn weighted_values<'v>(
         out.fill(0.0);
         for (j, &a) in weights.iter().enumerate() {
             for (o, &v) in out.iter_mut().zip(&value(j)[d0..]) {
-                *o += a * v;
+                *o += a * v.to_f32();
             }
         }
     }
@@ -181,10 +322,10 @@ pub(super) fn weighted_values<'v>(
 
 /// [`weighted_values`] of `V` vectors of dimensions from `d0`.
 #[inline(always)]
-fn value_block<'v, const V: usize>(
+fn value_block<'v, E: Element, const V: usize>(
     out: &mut [f32],
     weights: &[f32],
-    value: impl Fn(usize) -> &'v [f32],
+    value: impl Fn(usize) -> &'v [E],
     d0: usize,
 ) {
     let mut acc = [f32x8::splat(0.0); V];
@@ -192,7 +333,7 @@ fn value_block<'v, const V: usize>(
         let a = f32x8::splat(a);
         let v = &value(j)[d0..d0 + V * PANEL];
         for (acc, v) in acc.iter_mut().zip(v.chunks_exact(PANEL)) {
-            *acc += a * load(v);
+            *acc += a * E::load(v);
         }
     }
     for (acc, out) in acc.iter().zip(out.chunks_exact_mut(PANEL)) {
@@ -208,26 +349,26 @@ const GROUP: usize = 4;
 /// weights are `att[i·att_stride..][..n]` and its sums go to
 /// `out[i·head_dim..][..head_dim]`. Each head's sums are bit for bit
 /// those [`weighted_values`] gives it alone.
-pub(super) fn group_values<'v>(
+pub(super) fn group_values<'v, E: Element>(
     out: &mut [f32],
     g: usize,
     head_dim: usize,
     att: &[f32],
     att_stride: usize,
     n: usize,
-    value: impl Fn(usize) -> &'v [f32] + Copy,
+    value: impl Fn(usize) -> &'v [E] + Copy,
 ) {
     group_values_by(out, g, head_dim, |i| &att[i * att_stride..][..n], value);
 }
 
 /// [`group_values`] with head `i`'s weights `weights(i)` (all of one
 /// length), wherever they are.
-pub(super) fn group_values_by<'w, 'v>(
+pub(super) fn group_values_by<'w, 'v, E: Element>(
     out: &mut [f32],
     g: usize,
     head_dim: usize,
     weights: impl Fn(usize) -> &'w [f32],
-    value: impl Fn(usize) -> &'v [f32] + Copy,
+    value: impl Fn(usize) -> &'v [E] + Copy,
 ) {
     let mut h = 0;
     while h < g {
@@ -236,9 +377,9 @@ pub(super) fn group_values_by<'w, 'v>(
         let w = |i: usize| weights(h + i);
         match take {
             1 => weighted_values(out, w(0), value),
-            2 => heads_values::<2>(out, head_dim, std::array::from_fn(w), value),
-            3 => heads_values::<3>(out, head_dim, std::array::from_fn(w), value),
-            _ => heads_values::<4>(out, head_dim, std::array::from_fn(w), value),
+            2 => heads_values::<E, 2>(out, head_dim, std::array::from_fn(w), value),
+            3 => heads_values::<E, 3>(out, head_dim, std::array::from_fn(w), value),
+            _ => heads_values::<E, 4>(out, head_dim, std::array::from_fn(w), value),
         }
         h += take;
     }
@@ -248,15 +389,15 @@ pub(super) fn group_values_by<'w, 'v>(
 /// 64-byte lines of each value) for all the heads at once, the rest of
 /// each head's dimensions by [`weighted_values`].
 #[inline(always)]
-fn heads_values<'v, const G: usize>(
+fn heads_values<'v, E: Element, const G: usize>(
     out: &mut [f32],
     head_dim: usize,
     weights: [&[f32]; G],
-    value: impl Fn(usize) -> &'v [f32] + Copy,
+    value: impl Fn(usize) -> &'v [E] + Copy,
 ) {
     let mut d0 = 0;
     while d0 + 4 * PANEL <= head_dim {
-        heads_value_block::<G, 4>(out, head_dim, &weights, value, d0);
+        heads_value_block::<E, G, 4>(out, head_dim, &weights, value, d0);
         d0 += 4 * PANEL;
     }
     if d0 < head_dim {
@@ -268,11 +409,11 @@ fn heads_values<'v, const G: usize>(
 
 /// `V` vectors of dimensions from `d0` of `G` heads' weighted sums.
 #[inline(always)]
-fn heads_value_block<'v, const G: usize, const V: usize>(
+fn heads_value_block<'v, E: Element, const G: usize, const V: usize>(
     out: &mut [f32],
     head_dim: usize,
     weights: &[&[f32]; G],
-    value: impl Fn(usize) -> &'v [f32],
+    value: impl Fn(usize) -> &'v [E],
     d0: usize,
 ) {
     let n = weights[0].len();
@@ -283,7 +424,7 @@ fn heads_value_block<'v, const G: usize, const V: usize>(
         for (acc, w) in acc.iter_mut().zip(&weights) {
             let a = f32x8::splat(w[j]);
             for (acc, v) in acc.iter_mut().zip(v.chunks_exact(PANEL)) {
-                *acc += a * load(v);
+                *acc += a * E::load(v);
             }
         }
     }
@@ -321,10 +462,10 @@ mod tests {
                 let keys = values(n * head_dim, n as u32 + 3);
                 let q = values(head_dim, 11);
                 let mut panels = Vec::new();
-                fill_panels(&mut panels, &keys, n, head_dim, 0, head_dim);
+                fill_panels::<f32>(&mut panels, &keys, n, head_dim, 0, head_dim);
                 let mut out = vec![f32::NAN; self::panels(n) * PANEL];
                 let scale = 0.125;
-                panel_scores(&q, &panels, head_dim, n, scale, &mut out);
+                panel_scores::<f32>(&q, &panels, head_dim, n, scale, &mut out);
                 for (t, key) in keys.chunks_exact(head_dim).enumerate() {
                     let want = dot(&q, key) * scale;
                     assert_eq!(
@@ -346,9 +487,9 @@ mod tests {
         keys[17 * head_dim] = f32::INFINITY;
         let q = values(head_dim, 9);
         let mut panels = Vec::new();
-        fill_panels(&mut panels, &keys, n, head_dim, 0, head_dim);
+        fill_panels::<f32>(&mut panels, &keys, n, head_dim, 0, head_dim);
         let mut out = vec![0.0; self::panels(n) * PANEL];
-        panel_scores(&q, &panels, head_dim, n, 1.0, &mut out);
+        panel_scores::<f32>(&q, &panels, head_dim, n, 1.0, &mut out);
         for (t, key) in keys.chunks_exact(head_dim).enumerate() {
             let want = dot(&q, key);
             assert!(
@@ -368,7 +509,7 @@ mod tests {
         let (head_dim, stride, n) = (4, 12, 10);
         let rows = values(n * stride, 2);
         let mut panels = Vec::new();
-        fill_panels(&mut panels, &rows, n, stride, head_dim, head_dim);
+        fill_panels::<f32>(&mut panels, &rows, n, stride, head_dim, head_dim);
         let lanes: &[f32] = wide::bytemuck::cast_slice(&panels);
         for slot in 0..n {
             for d in 0..head_dim {
@@ -426,5 +567,69 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `x` as f16 elements, and as the f32 values they hold.
+    fn halves(x: &[f32]) -> (Vec<F16>, Vec<f32>) {
+        let h: Vec<F16> = x.iter().map(|&v| F16::from_f32(v)).collect();
+        let f = h.iter().map(|v| v.to_f32()).collect();
+        (h, f)
+    }
+
+    #[test]
+    fn f16_keys_score_as_the_f32_values_they_hold() {
+        let head_dim = 64;
+        for n in [1, 9, 64, 130] {
+            let (keys16, keys) = halves(&values(n * head_dim, n as u32));
+            let q = values(head_dim, 4);
+            // f16 panels, written lane by lane as the cache writes them
+            let mut panels16 = vec![F16::ZERO; self::panels(n) * head_dim];
+            for (slot, key) in keys16.chunks_exact(head_dim).enumerate() {
+                for (d, &k) in key.iter().enumerate() {
+                    set_key::<F16>(&mut panels16, slot, d, head_dim, k);
+                    assert_eq!(get_key::<F16>(&panels16, slot, d, head_dim), k);
+                }
+            }
+            // f32 panels of the original keys, rounded on the way in
+            let mut rounded = Vec::new();
+            let unrounded: Vec<f32> = values(n * head_dim, n as u32);
+            fill_panels::<F16>(&mut rounded, &unrounded, n, head_dim, 0, head_dim);
+            let mut a = vec![f32::NAN; self::panels(n) * PANEL];
+            let mut b = a.clone();
+            panel_scores::<F16>(&q, &panels16, head_dim, n, 0.125, &mut a);
+            panel_scores::<f32>(&q, &rounded, head_dim, n, 0.125, &mut b);
+            for (t, key) in keys.chunks_exact(head_dim).enumerate() {
+                let want = (dot(&q, key) * 0.125).to_bits();
+                assert_eq!(a[t].to_bits(), want, "{n} keys, key {t}");
+                assert_eq!(b[t].to_bits(), want, "{n} keys, key {t} (rounded f32)");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_values_sum_as_the_f32_values_they_hold() {
+        for head_dim in [20, 64] {
+            let (n, g) = (37, 3);
+            let (vals16, vals) = halves(&values(n * head_dim, 8));
+            let att = values(g * n, 5);
+            let mut a = vec![f32::NAN; g * head_dim];
+            let mut b = a.clone();
+            group_values(&mut a, g, head_dim, &att, n, n, |j| &vals16[j * head_dim..]);
+            group_values(&mut b, g, head_dim, &att, n, n, |j| &vals[j * head_dim..]);
+            assert_eq!(bits(&a), bits(&b), "head_dim {head_dim}");
+        }
+        // every finite f16 widens to its value, eight at a time
+        for first in (0..=0xffffu32).step_by(8) {
+            let lanes: [F16; PANEL] = std::array::from_fn(|i| F16((first as usize + i) as u16));
+            let got = F16::lanes(lanes).to_array();
+            for (i, h) in lanes.iter().enumerate() {
+                let want = h.to_f32();
+                assert!(got[i].to_bits() == want.to_bits() || (got[i].is_nan() && want.is_nan()));
+            }
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use model_tracer::{ModelTracer, QuantSampling, TraceConfig, TraceOptions};
 use model_tracer_llama::dtype::GgmlType;
 use model_tracer_llama::model::{
-    synthetic_weights, Config, Fault, FaultKind, KvCacheOptions, Llama,
+    synthetic_weights, Config, Fault, FaultKind, KvCacheOptions, KvType, Llama,
 };
 
 #[allow(unused_imports)]
@@ -22,7 +22,11 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 pub fn tiny_model<C: TraceConfig>(trace: C, capacity: usize) -> Llama<C> {
     let config = Config::tiny();
     let weights = synthetic_weights(&config, GgmlType::Q8_0, 5).unwrap();
-    let cache = KvCacheOptions { capacity, sinks: 4 };
+    let cache = KvCacheOptions {
+        capacity,
+        sinks: 4,
+        kv_type: KvType::F32,
+    };
     let mut model = Llama::new(config, weights, None, cache, trace.clone()).unwrap();
     let options = TraceOptions {
         max_forwards: 1024,
