@@ -62,10 +62,21 @@ fn run<C: TraceConfig>(
     steps: usize,
     threads: usize,
 ) -> Run {
+    run_of(model, exact, prompt, (chunk, steps, threads), KvType::F32)
+}
+
+/// [`run`] with a KV cache of `kv_type`.
+fn run_of<C: TraceConfig>(
+    model: &Llama<C>,
+    exact: bool,
+    prompt: &[u32],
+    (chunk, steps, threads): (usize, usize, usize),
+    kv_type: KvType,
+) -> Run {
     let cache = KvCacheOptions {
         capacity: 128,
         sinks: 4,
-        kv_type: KvType::F32,
+        kv_type,
     };
     let mut fresh = Llama::from_shared(
         model.shared_weights(),
@@ -147,6 +158,44 @@ fn smollm2_lightweight_is_the_same_on_one_two_and_three_threads() {
         }
         assert!(many == one, "{threads} threads part from one");
     }
+}
+
+#[test]
+fn smollm2_with_an_f16_cache_answers_like_llama_cpp_on_any_number_of_threads() {
+    let Some(path) = common::real_model() else {
+        return;
+    };
+    let m = Llama::from_gguf(&path, None, Lightweight).expect("the model loads");
+    // llama.cpp's cache type, llama.cpp's greedy continuation
+    let one = run_of(&m, false, &PROMPT, (2, 8, 1), KvType::F16);
+    assert_eq!(one.tokens[..6], [7042, 30, 198, 198, 504, 1797]);
+    let f32s = run(&m, false, &PROMPT, 2, 8, 1);
+    assert!(one.keys != f32s.keys, "the f16 cache holds the f32 keys");
+    assert!(
+        one.logits != f32s.logits,
+        "rounding the cache changed nothing"
+    );
+    let long = run_of(&m, false, &long_prompt(), (16, 4, 1), KvType::F16);
+    for threads in [2, 3] {
+        let many = run_of(&m, false, &PROMPT, (2, 8, threads), KvType::F16);
+        assert!(many == one, "f16 cache: {threads} threads part from one");
+        let many = run_of(&m, false, &long_prompt(), (16, 4, threads), KvType::F16);
+        assert!(
+            many == long,
+            "f16 cache: {threads} threads part from one after a long prompt"
+        );
+    }
+    // chunked or one position at a time, the same logits, tokens and cache
+    let single = run_of(&m, false, &long_prompt(), (1, 4, 2), KvType::F16);
+    assert!(
+        single.logits == long.logits,
+        "f16 cache, single positions: logits"
+    );
+    assert!(
+        single.keys == long.keys,
+        "f16 cache, single positions: cache"
+    );
+    assert_eq!(single.tokens, long.tokens);
 }
 
 #[test]

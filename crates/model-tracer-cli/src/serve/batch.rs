@@ -9,7 +9,7 @@
 use model_tracer::sink::BackgroundFlush;
 use model_tracer::tracer::MAX_SEQUENCES;
 use model_tracer::{Disabled, Full, Lightweight, TraceConfig};
-use model_tracer_llama::model::{KvCacheOptions, KvType, Llama, Sequence, SequenceStep};
+use model_tracer_llama::model::{KvCacheOptions, Llama, Sequence, SequenceStep};
 
 use super::engine::{
     lock_rows, outcome_of, Engine, Level, SeqId, StepWork, TraceContext, TraceOutcome,
@@ -103,7 +103,8 @@ impl Engine for BatchEngine {
         let cache = KvCacheOptions {
             capacity: positions.max(2),
             sinks: SINKS,
-            kv_type: KvType::F32,
+            // the cache type --kv-type gave the models
+            kv_type: self.light.cache().kv_type(),
         };
         let sequence = match level {
             Level::Off => self.off.new_sequence_with_id(id, cache),

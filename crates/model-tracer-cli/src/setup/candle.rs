@@ -4,7 +4,7 @@
 use model_tracer::{ModelTracer, TraceConfig};
 use model_tracer_candle::CandleLlama;
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{Config, Fault, Generation};
+use model_tracer_llama::model::{Config, Fault, Generation, KvType};
 
 use super::{CacheArgs, Engine, ModelArgs, Text, TraceArgs, DEFAULT_GGUF};
 
@@ -36,6 +36,7 @@ impl<C: TraceConfig> Engine for CandleLlama<C> {
         trace: C,
         _notes: &mut dyn FnMut(&str),
     ) -> Result<(Self, String), String> {
+        cache.only_kv_type("candle", KvType::F32)?;
         let path = model.gguf.clone().unwrap_or_else(|| DEFAULT_GGUF.into());
         if !std::path::Path::new(&path).is_file() {
             return Err(format!(

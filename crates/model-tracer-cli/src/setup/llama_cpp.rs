@@ -6,7 +6,7 @@
 
 use model_tracer::{Disabled, Full, Lightweight, ModelTracer, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{Config, Fault, Generation};
+use model_tracer_llama::model::{Config, Fault, Generation, KvType};
 use model_tracer_llama::tokenizer::ChatMessage;
 use model_tracer_llama_cpp::{ChatTemplate, LlamaCpp, LlamaCppOptions};
 
@@ -77,6 +77,7 @@ impl<C: TraceConfig> Engine for LlamaCppEngine<C> {
         trace: C,
         notes: &mut dyn FnMut(&str),
     ) -> Result<(Self, String), String> {
+        cache.only_kv_type("llama.cpp", KvType::F16)?;
         let path = model.gguf.clone().unwrap_or_else(|| DEFAULT_GGUF.into());
         if !std::path::Path::new(&path).is_file() {
             return Err(format!(

@@ -18,7 +18,7 @@ use model_tracer::{
 };
 use model_tracer_candle::CandleLlama;
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{Fault, Llama, DEFAULT_PREFILL_CHUNK};
+use model_tracer_llama::model::{Fault, KvType, Llama, DEFAULT_PREFILL_CHUNK};
 
 pub use engine::{Engine, Text};
 use outputs::Outputs;
@@ -91,6 +91,28 @@ pub struct CacheArgs {
     /// to the bit either way
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK, value_name = "N", help_heading = "Model")]
     pub prefill_chunk: usize,
+    /// How the reference decoder's KV cache stores keys and values: f32
+    /// (the values computed; the default) or f16 (llama.cpp's default
+    /// cache type: half the memory and half the bytes attention reads per
+    /// position, results rounded accordingly). candle's cache is f32 and
+    /// llama.cpp's f16, which is all they take
+    #[arg(long, value_name = "TYPE", value_parser = KvType::parse, help_heading = "Model")]
+    pub kv_type: Option<KvType>,
+}
+
+impl CacheArgs {
+    /// Refuses a `--kv-type` other than `own`, the one cache type of an
+    /// engine named `engine`.
+    pub fn only_kv_type(&self, engine: &str, own: KvType) -> Result<(), String> {
+        match self.kv_type {
+            Some(t) if t != own => Err(format!(
+                "--kv-type {}: {engine}'s KV cache is {}",
+                t.name(),
+                own.name()
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What the tracer records, and the faults it is shown.
@@ -328,13 +350,16 @@ impl Setup<'_> {
         let c = model.config();
         notes(&format!(
             "model: {name}\n  {} layers, hidden {}, {} heads / {} KV heads, vocab {}, KV capacity \
-             {} positions{}; loaded in {load_secs:.2} s; {} thread{}",
+             {} positions{}{}; loaded in {load_secs:.2} s; {} thread{}",
             c.n_layers,
             c.dim,
             c.n_heads,
             c.n_kv_heads,
             c.vocab_size,
             model.kv_capacity(),
+            self.cache
+                .kv_type
+                .map_or(String::new(), |t| format!(" of {}", t.name())),
             if model.evicts() { "" } else { " (no eviction)" },
             self.model.threads(),
             if self.model.threads() == 1 { "" } else { "s" },

@@ -3,7 +3,7 @@
 
 use model_tracer::{ModelTracer, TraceConfig};
 use model_tracer_llama::dtype::GgmlType;
-use model_tracer_llama::model::{Config, Fault, Generation, KvCacheOptions, KvType, Llama};
+use model_tracer_llama::model::{Config, Fault, Generation, KvCacheOptions, Llama};
 
 use super::{CacheArgs, Engine, ModelArgs, Source, Text};
 
@@ -23,7 +23,7 @@ impl<C: TraceConfig> Engine for Llama<C> {
         let options = KvCacheOptions {
             capacity: cache.ctx,
             sinks: 4,
-            kv_type: KvType::F32,
+            kv_type: cache.kv_type.unwrap_or_default(),
         };
         let source = Source::of(model, notes);
         let llama = match &source {
