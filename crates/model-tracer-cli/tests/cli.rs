@@ -52,6 +52,53 @@ fn trace_outputs_with_tracing_off_are_refused_before_the_model_loads() {
 }
 
 #[test]
+fn an_f16_kv_cache_holds_the_positions_in_half_the_bytes() {
+    let dir = scratch_dir("cli-kv-type");
+    let mut bytes = Vec::new();
+    for kv in ["f32", "f16"] {
+        let json = dir.join(format!("{kv}.json"));
+        let json = json.to_string_lossy();
+        let args = [
+            "--synthetic",
+            "tiny",
+            "--trace",
+            "lightweight",
+            "--max-tokens",
+            "3",
+        ];
+        let out = run(
+            &[&args[..], &["--kv-type", kv, "--json", &json]].concat(),
+            &dir,
+        );
+        assert!(out.status.success(), "{kv}: {}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains(&format!("positions of {kv}")), "{stdout}");
+        let doc: serde_json::Value = match std::fs::read(json.as_ref()) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            Err(e) => panic!("{json}: {e}"),
+        };
+        let last = doc["forwards"].as_array().and_then(|f| f.last()).cloned();
+        let last = last.unwrap_or_default();
+        bytes.push(last["kv_cache"]["cache_size_bytes"].as_u64().unwrap_or(0));
+    }
+    assert!(bytes[1] > 0 && bytes[0] == 2 * bytes[1], "{bytes:?}");
+    let out = run(&["--synthetic", "tiny", "--kv-type", "q8_0"], &dir);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("expected f32 or f16"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["--engine", "candle", "--kv-type", "f16"], &dir);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("candle's KV cache is f32"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn an_output_in_a_missing_directory_is_an_error_before_the_run() {
     let dir = scratch_dir("cli-missing-dir");
     let target = dir.join("no-such-dir").join("x.json");
