@@ -18,7 +18,7 @@ prompt and the generated tokens.
     cargo build --release --bin model-tracer
     python3 benches/compare_llama_cpp.py            # after bash .ci/fetch-model
     python3 benches/compare_llama_cpp.py --prompt-len 256,1000,4000 \
-        --engines llama.cpp,reference --rounds 3    # generation at long context
+        --engines llama.cpp,reference,reference-f16 --rounds 3   # long context
 """
 
 import argparse
@@ -76,15 +76,24 @@ def llama_cpp_round(llm, llama_cpp, ids, generate):
     )
 
 
+def engine_args(engine):
+    """model-tracer's flags for an engine name: `reference`, `reference-f16`
+    (the reference decoder with an f16 KV cache, llama.cpp's cache type),
+    `candle`."""
+    if engine == "reference":
+        return []
+    if engine == "reference-f16":
+        return ["--kv-type", "f16"]
+    return ["--engine", engine]
+
+
 def program_round(program, gguf, text, generate, engine, ids, threads, ctx):
     """One `model-tracer run --trace off`; its own timing."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "run.json")
         cmd = [program, "run", "--gguf", gguf, "--prompt", text, "--trace", "off",
                "--max-tokens", str(generate), "--ctx", str(ctx), "--json", path,
-               "--threads", str(threads)]
-        if engine != "reference":
-            cmd += ["--engine", engine]
+               "--threads", str(threads)] + engine_args(engine)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -131,8 +140,7 @@ def program_margin(program, gguf, text, engine, step, ctx):
         cmd = [program, "run", "--gguf", gguf, "--prompt", text, "--trace", "full",
                "--max-tokens", str(step + 1), "--ctx", str(ctx), "--jsonl", path,
                "--json", json_path]
-        if engine != "reference":
-            cmd += ["--engine", engine]
+        cmd += engine_args(engine)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -249,7 +257,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1,
                     help="threads of every engine (llama.cpp's n_threads, model-tracer --threads)")
     ap.add_argument("--engines", default="llama.cpp,reference,candle",
-                    help="comma-separated: llama.cpp, reference, candle")
+                    help="comma-separated: llama.cpp, reference, reference-f16 (an f16 KV "
+                    "cache, llama.cpp's type), candle")
     args = ap.parse_args()
 
     try:
