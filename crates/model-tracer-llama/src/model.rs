@@ -1673,6 +1673,8 @@ fn attend_groups<E: Element>(
     let stride = attention::panels(cap) * attention::PANEL;
     let layer_off = l * cap * kv_dim;
     let scale = 1.0 / (hd as f32).sqrt();
+    // slot t holds the t-th oldest position (nothing evicted yet)
+    let in_order = is_identity(&slots[..n_ctx]);
     // One KV group: the scores of each of its query heads over the cached
     // positions, their softmax, and the weighted sums of the values of
     // all its heads in one pass over them (each value fetched once), into
@@ -1685,8 +1687,12 @@ fn attend_groups<E: Element>(
         }
         for (scores, att) in scores.chunks_exact(stride).zip(att.chunks_exact_mut(cap)) {
             let att = &mut att[..n_ctx];
-            for (a, &slot) in att.iter_mut().zip(slots) {
-                *a = scores[slot];
+            if in_order {
+                att.copy_from_slice(&scores[..n_ctx]);
+            } else {
+                for (a, &slot) in att.iter_mut().zip(slots) {
+                    *a = scores[slot];
+                }
             }
             softmax(att);
         }
@@ -1720,6 +1726,12 @@ fn attend_groups<E: Element>(
             );
         }
     }
+}
+
+/// Whether `slots[t] == t` for every `t`: the cache's slots in
+/// chronological order, so that scores in slot order are in that order.
+fn is_identity(slots: &[usize]) -> bool {
+    slots.iter().enumerate().all(|(t, &s)| s == t)
 }
 
 /// Cached positions times head width from which a decode step's attention
@@ -2002,6 +2014,8 @@ fn attend_rows<E: Element>(
         Out::new(&mut b.scores),
     );
     let chunk_panels = &b.panels;
+    // slot t holds the t-th oldest position cached before the chunk
+    let in_order = is_identity(old_slots);
     // positions of the cache before the chunk that row i evicts, and keeps
     let evicted = |i: usize| (old_len + i + 1).saturating_sub(cap);
     let part = |k: usize| {
@@ -2026,14 +2040,16 @@ fn attend_rows<E: Element>(
                 attention::panel_scores::<E>(q, old_panels, hd, old_len, scale, old_scores);
                 attention::panel_scores::<f32>(q, new_panels, hd, i + 1, scale, new_scores);
                 let att = att_row(h, i, kept + i + 1);
-                for (j, a) in att.iter_mut().enumerate() {
-                    *a = if j >= kept {
-                        new_scores[j - kept]
-                    } else {
+                let (old, new) = att.split_at_mut(kept);
+                if in_order && evicted == 0 {
+                    old.copy_from_slice(&old_scores[..kept]);
+                } else {
+                    for (j, a) in old.iter_mut().enumerate() {
                         let t = if j < sinks { j } else { j + evicted };
-                        old_scores[old_slots[t]]
-                    };
+                        *a = old_scores[old_slots[t]];
+                    }
                 }
+                new.copy_from_slice(&new_scores[..i + 1]);
                 softmax(att);
             }
         }
