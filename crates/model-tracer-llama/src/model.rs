@@ -1682,9 +1682,7 @@ fn attend_groups<E: Element>(
     let group = |kv: usize, scores: &mut [f32], att: &mut [f32], out: &mut [f32]| {
         let q = &q[kv * kv_mul * hd..(kv + 1) * kv_mul * hd];
         let panels = cache.key_panels::<E>(key, l, kv);
-        for (q, scores) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(stride)) {
-            attention::panel_scores::<E>(q, panels, hd, n_ctx, scale, scores);
-        }
+        attention::group_scores::<E>(q, kv_mul, (panels, hd, n_ctx), scale, scores, stride);
         for (scores, att) in scores.chunks_exact(stride).zip(att.chunks_exact_mut(cap)) {
             let att = &mut att[..n_ctx];
             if in_order {

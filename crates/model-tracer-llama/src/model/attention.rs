@@ -270,6 +270,113 @@ pub(super) fn panel_scores<E: Element>(
     }
 }
 
+/// [`panel_scores`] of the `g` query heads of one KV group,
+/// `q: [g × head_dim]`, against the same keys, into
+/// `out[h·out_stride..]` for head `h`: each key vector is read (and
+/// widened) once for the heads of the group. Every score is bit for bit
+/// what [`panel_scores`] gives its head alone.
+pub(super) fn group_scores<E: Element>(
+    q: &[f32],
+    g: usize,
+    (panels, head_dim, n): (&[E::Lanes], usize, usize),
+    scale: f32,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    match g {
+        2 => heads_scores::<E, 2>(q, panels, head_dim, n, scale, out, out_stride),
+        3 => heads_scores::<E, 3>(q, panels, head_dim, n, scale, out, out_stride),
+        4 => heads_scores::<E, 4>(q, panels, head_dim, n, scale, out, out_stride),
+        _ => {
+            for (q, out) in q
+                .chunks_exact(head_dim)
+                .zip(out.chunks_mut(out_stride))
+                .take(g)
+            {
+                panel_scores::<E>(q, panels, head_dim, n, scale, out);
+            }
+        }
+    }
+}
+
+/// Panels a sweep of [`heads_scores`] takes: `G × HEAD_SWEEP`
+/// accumulators, the widened keys and a broadcast query element in
+/// AVX2's 16 registers for `G` up to 3.
+const HEAD_SWEEP: usize = 4;
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn heads_scores<E: Element, const G: usize>(
+    q: &[f32],
+    panels: &[E::Lanes],
+    head_dim: usize,
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let count = self::panels(n);
+    let mut p = 0;
+    while p + HEAD_SWEEP <= count {
+        let at = p * PANEL;
+        sweep_heads::<E, G, HEAD_SWEEP>(
+            q,
+            &panels[p * head_dim..],
+            head_dim,
+            scale,
+            out,
+            (out_stride, at),
+        );
+        p += HEAD_SWEEP;
+    }
+    if p < count {
+        // the last panels head by head
+        for (h, q) in q.chunks_exact(head_dim).take(G).enumerate() {
+            let out = &mut out[h * out_stride + p * PANEL..];
+            panel_scores::<E>(
+                q,
+                &panels[p * head_dim..],
+                head_dim,
+                n - p * PANEL,
+                scale,
+                out,
+            );
+        }
+    }
+}
+
+/// Scores of `G` heads against `B` consecutive panels, one pass over the
+/// dimensions, into `out[h·out_stride + at..]`.
+#[inline(always)]
+fn sweep_heads<E: Element, const G: usize, const B: usize>(
+    q: &[f32],
+    panels: &[E::Lanes],
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+    (out_stride, at): (usize, usize),
+) {
+    let panels: [&[E::Lanes]; B] = std::array::from_fn(|b| &panels[b * hd..(b + 1) * hd]);
+    let qs: [&[f32]; G] = std::array::from_fn(|h| &q[h * hd..(h + 1) * hd]);
+    let mut acc = [[f32x8::splat(sum_start()); B]; G];
+    for d in 0..hd {
+        let k: [f32x8; B] = std::array::from_fn(|b| E::lanes(panels[b][d]));
+        for (acc, q) in acc.iter_mut().zip(&qs) {
+            let qd = f32x8::splat(q[d]);
+            for (a, k) in acc.iter_mut().zip(&k) {
+                *a += qd * *k;
+            }
+        }
+    }
+    let scale = f32x8::splat(scale);
+    for (h, acc) in acc.iter().enumerate() {
+        let out = &mut out[h * out_stride + at..][..B * PANEL];
+        for (a, out) in acc.iter().zip(out.chunks_exact_mut(PANEL)) {
+            out.copy_from_slice(&(*a * scale).to_array());
+        }
+    }
+}
+
 /// Scores of `q` against `B` consecutive panels, one pass over the
 /// dimensions with `B` accumulators.
 #[inline(always)]
@@ -625,6 +732,50 @@ mod tests {
             for (i, h) in lanes.iter().enumerate() {
                 let want = h.to_f32();
                 assert!(got[i].to_bits() == want.to_bits() || (got[i].is_nan() && want.is_nan()));
+            }
+        }
+    }
+
+    #[test]
+    fn group_scores_equal_each_heads_own_for_every_group_and_length() {
+        for head_dim in [8, 64] {
+            for n in [1, 8, 31, 32, 33, 64, 100, 517] {
+                let (keys16, _) = halves(&values(n * head_dim, n as u32 + 1));
+                let keys = values(n * head_dim, n as u32 + 1);
+                let mut p32 = Vec::new();
+                fill_panels::<f32>(&mut p32, &keys, n, head_dim, 0, head_dim);
+                let mut p16 = vec![F16::ZERO; self::panels(n) * head_dim];
+                for (slot, key) in keys16.chunks_exact(head_dim).enumerate() {
+                    for (d, &k) in key.iter().enumerate() {
+                        set_key::<F16>(&mut p16, slot, d, head_dim, k);
+                    }
+                }
+                let stride = self::panels(n) * PANEL + 8;
+                for g in 1..=5 {
+                    let q = values(g * head_dim, g as u32 + 40);
+                    let (mut a, mut b) = (vec![f32::NAN; g * stride], vec![f32::NAN; g * stride]);
+                    group_scores::<f32>(&q, g, (&p32, head_dim, n), 0.125, &mut a, stride);
+                    for (h, q) in q.chunks_exact(head_dim).enumerate() {
+                        panel_scores::<f32>(q, &p32, head_dim, n, 0.125, &mut b[h * stride..]);
+                    }
+                    let what = format!("f32, head_dim {head_dim}, {n} keys, {g} heads");
+                    for h in 0..g {
+                        let (a, b) = (&a[h * stride..][..n], &b[h * stride..][..n]);
+                        assert_eq!(bits(a), bits(b), "{what}, head {h}");
+                    }
+                    group_scores::<F16>(&q, g, (&p16, head_dim, n), 0.125, &mut a, stride);
+                    for (h, q) in q.chunks_exact(head_dim).enumerate() {
+                        panel_scores::<F16>(q, &p16, head_dim, n, 0.125, &mut b[h * stride..]);
+                    }
+                    for h in 0..g {
+                        let (a, b) = (&a[h * stride..][..n], &b[h * stride..][..n]);
+                        assert_eq!(
+                            bits(a),
+                            bits(b),
+                            "f16, head_dim {head_dim}, {n} keys, {g} heads"
+                        );
+                    }
+                }
             }
         }
     }
