@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use model_tracer::Full;
 use model_tracer_llama::gguf::GgufFile;
-use model_tracer_llama::model::{Config, KvCacheOptions, Llama, Weights};
+use model_tracer_llama::model::{Config, KvCacheOptions, KvType, Llama, Weights};
 use model_tracer_llama::quant::{dequantize, QMatrix};
 
 fuzz_target!(|data: &[u8]| {
@@ -54,6 +54,7 @@ fuzz_target!(|data: &[u8]| {
     let cache = KvCacheOptions {
         capacity: 4,
         sinks: 1,
+        kv_type: KvType::F32,
     };
     if let Ok(mut model) = Llama::new(config, weights, None, cache, Full) {
         let _ = model.forward(0);
