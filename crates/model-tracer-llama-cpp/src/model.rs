@@ -31,6 +31,10 @@ pub struct LlamaCppOptions {
     /// backend). Tracing attention turns it off whatever this says: with
     /// it the probabilities are never a tensor of the graph.
     pub flash_attention: Option<bool>,
+    /// A KV cache of f32 keys and values (`type_k` = `type_v` = F32)
+    /// instead of llama.cpp's default f16: the reference decoder's
+    /// default cache, for comparing the two without the cache's rounding.
+    pub f32_cache: bool,
 }
 
 impl Default for LlamaCppOptions {
@@ -40,6 +44,7 @@ impl Default for LlamaCppOptions {
             batch: 512,
             threads: 1,
             flash_attention: None,
+            f32_cache: false,
         }
     }
 }
@@ -240,6 +245,10 @@ impl<C: TraceConfig> LlamaCpp<C> {
             cp.n_seq_max = 1;
             cp.n_threads = threads;
             cp.n_threads_batch = threads;
+            if options.f32_cache {
+                cp.type_k = sys::GGML_TYPE_F32;
+                cp.type_v = sys::GGML_TYPE_F32;
+            }
             let flash_attention_off = attention_traced || options.flash_attention == Some(false);
             cp.flash_attn_type = if flash_attention_off {
                 sys::LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -761,7 +770,7 @@ impl<C: TraceConfig> LlamaCpp<C> {
             bytes_per_position: self.shape.layers
                 * self.shape.kv_heads
                 * (self.shape.head_dim + self.shape.value_dim)
-                * 2,
+                * if self.options().f32_cache { 4 } else { 2 },
         };
         let streamed = plan.streamed();
         for row in 0..streamed {

@@ -84,6 +84,36 @@ fn greedy_tokens_equal_llama_cpp_python_traced_or_not() {
 }
 
 #[test]
+fn an_f32_cache_holds_twice_the_bytes_and_tips_the_near_tie() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let (mut bytes, mut sixth) = (Vec::new(), Vec::new());
+    for f32_cache in [false, true] {
+        let options = LlamaCppOptions {
+            f32_cache,
+            ..options()
+        };
+        let mut m = match LlamaCpp::load(&path, options, Lightweight) {
+            Ok(m) => m,
+            Err(e) => panic!("loading {path} (f32 cache {f32_cache}): {e}"),
+        };
+        let prompt = m.tokenize(PROMPT, true).unwrap_or_default();
+        let tokens = m.generate(&prompt, 6, |_| {}).unwrap_or_default();
+        assert_eq!(tokens[..5], GREEDY[..5], "f32 cache {f32_cache}");
+        sixth.push(tokens[5]);
+        let last = m.tracer().forwards().last().map(|f| f.kv_cache);
+        bytes.push(last.flatten().map_or(0, |k| k.cache_size_bytes));
+    }
+    assert!(bytes[0] > 0 && bytes[1] == 2 * bytes[0], "{bytes:?}");
+    // The sixth token is a near-tie (its two best within a few hundredths
+    // of a logit): llama.cpp's f16 cache gives llama-cpp-python's 1797,
+    // the f32 cache tips it to 2988; that the cache type reaches llama.cpp
+    // shows in the tokens.
+    assert_eq!(sixth, [GREEDY[5], 2988]);
+}
+
+#[test]
 fn flash_attention_is_turned_off_only_to_trace_attention() {
     let Some(path) = common::smollm2() else {
         return;

@@ -77,7 +77,6 @@ impl<C: TraceConfig> Engine for LlamaCppEngine<C> {
         trace: C,
         notes: &mut dyn FnMut(&str),
     ) -> Result<(Self, String), String> {
-        cache.only_kv_type("llama.cpp", KvType::F16)?;
         let path = model.gguf.clone().unwrap_or_else(|| DEFAULT_GGUF.into());
         if !std::path::Path::new(&path).is_file() {
             return Err(format!(
@@ -92,6 +91,7 @@ impl<C: TraceConfig> Engine for LlamaCppEngine<C> {
             context: cache.ctx,
             flash_attention: Some(false),
             threads: model.threads(),
+            f32_cache: cache.kv_type == Some(KvType::F32),
             ..LlamaCppOptions::default()
         };
         let llama = LlamaCpp::load(&path, options, trace).map_err(|e| format!("{path}: {e}"))?;

@@ -91,11 +91,11 @@ pub struct CacheArgs {
     /// to the bit either way
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK, value_name = "N", help_heading = "Model")]
     pub prefill_chunk: usize,
-    /// How the reference decoder's KV cache stores keys and values: f32
-    /// (the values computed; the default) or f16 (llama.cpp's default
-    /// cache type: half the memory and half the bytes attention reads per
-    /// position, results rounded accordingly). candle's cache is f32 and
-    /// llama.cpp's f16, which is all they take
+    /// How the KV cache stores keys and values: f32 (the values computed;
+    /// the reference decoder's default) or f16 (llama.cpp's default: half
+    /// the memory and half the bytes attention reads per position, results
+    /// rounded accordingly). llama.cpp takes both (`type_k`, `type_v`);
+    /// candle's cache is f32, which is all it takes
     #[arg(long, value_name = "TYPE", value_parser = KvType::parse, help_heading = "Model")]
     pub kv_type: Option<KvType>,
 }
