@@ -681,10 +681,11 @@ enum KvData {
 }
 
 /// The KV cache: keys and values of every cached position, per layer,
-/// preallocated: values as `(layers, capacity, kv_dim)`, keys in panels of
-/// 8 slots per layer and KV head (`(layers, kv_heads, capacity / 8,
-/// head_dim)` vectors of 8 lanes, the layout of the attention kernels), so that the scores
-/// of a query read its head's keys contiguously, 8 positions a vector.
+/// preallocated, as `f32` or f16 ([`KvType`]): values as `(layers,
+/// capacity, kv_dim)`, keys in panels of 8 slots per layer and KV head
+/// (`(layers, kv_heads, capacity / 8, head_dim)` vectors of 8 lanes, the
+/// layout of the attention kernels), so that the scores of a query read
+/// its head's keys contiguously, 8 positions a vector.
 ///
 /// When full, the oldest position after the sinks is evicted (StreamingLLM's
 /// policy): slots `0..sinks` hold the first positions forever, the rest is a
